@@ -1,0 +1,237 @@
+"""Isometry statistics of Gram matrices: pure functions on tensors (SPEC §1).
+
+Every function is batched over any leading dimensions: a Gram argument is shaped
+``(..., n, n)`` and a feature argument ``(..., n, d)`` with the ``n`` items as rows. Results are
+float64 tensors shaped ``(...)``, whatever the input dtype: half-precision and float32 inputs
+give the float64 answer of their own values.
+
+Definitions (Joudaki, Daneshmand & Bach 2023, Definition 1 and §3):
+
+* isometry            ``I(G) = det(G)^(1/n) / (tr(G)/n)``, geometric over arithmetic mean of
+                      the eigenvalues, in ``[0, 1]``;
+* isometry gap        ``-log I(G) = log(mean λ) - mean(log λ)``, in ``[0, +inf]``;
+* orthogonality gap   ``‖G/tr(G) - I/n‖_F`` (Daneshmand et al. 2021);
+* Lyapunov potential  ``γ(G) = max_{i≠j} |Ĝ_ij| / (1 - |Ĝ_ij|)`` on the cosine matrix
+                      ``Ĝ_ij = G_ij / sqrt(G_ii G_jj)`` (Joudaki et al., Definition 4);
+* norm-variation factor ``1 + (1/n) Σ_i (a_i - ā)² / ā²`` of the item norms ``a_i = ‖x_i‖``
+                      (Theorem 1, eq. 5);
+* effective rank      ``exp(-Σ p_i log p_i)`` with ``p = λ / Σ λ``.
+
+Numerics. The spectral part runs in float64: a Cholesky log-determinant where ``G`` is safely
+positive definite, the eigenvalues where it is not. ``G`` counts as singular when its numerical
+rank (eigenvalues above ``rtol · λ_max``; by default ``rtol = n · eps`` of ``G``'s own dtype, the
+convention of ``numpy.linalg.matrix_rank``) is below ``n``; a singular ``G`` (``n > d`` among
+them) has isometry exactly 0 and gap exactly ``+inf``, never NaN nor a huge finite number.
+A zero Gram (all items zero) counts as singular too. Non-finite entries give NaN results;
+that is the one documented source of NaN and callers that record statistics flag it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "SpectralStats",
+    "effective_rank",
+    "gram",
+    "isometry",
+    "isometry_gap",
+    "lyapunov_gamma",
+    "norm_variation_factor",
+    "numerical_rank",
+    "orthogonality_gap",
+    "spectral_stats",
+]
+
+# Cholesky is trusted only when its smallest pivot is this many rank tolerances above zero;
+# below that the eigenvalues decide (pivots bound λ_min from above, not from below).
+_CHOLESKY_MARGIN = 1e4
+
+
+def _require_tensor(x: object, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise ValueError(f"{what} must be real, got dtype {x.dtype}")
+    return x
+
+
+def _check_features(X: torch.Tensor) -> torch.Tensor:
+    X = _require_tensor(X, "X")
+    if X.ndim < 2:
+        raise ValueError(
+            f"X must be shaped (..., n, d) with items as rows, got shape {tuple(X.shape)}"
+        )
+    if X.shape[-2] < 2:
+        raise ValueError(
+            f"isometry needs at least n = 2 items, got X of shape {tuple(X.shape)} (n = {X.shape[-2]})"
+        )
+    return X
+
+
+def _check_gram(G: torch.Tensor) -> torch.Tensor:
+    G = _require_tensor(G, "G")
+    if G.ndim < 2 or G.shape[-1] != G.shape[-2]:
+        raise ValueError(f"G must be square, shaped (..., n, n); got shape {tuple(G.shape)}")
+    if G.shape[-1] < 2:
+        raise ValueError(f"isometry needs at least n = 2 items, got G of shape {tuple(G.shape)}")
+    return G
+
+
+def _default_rtol(G: torch.Tensor) -> float:
+    eps = torch.finfo(G.dtype).eps if G.dtype.is_floating_point else torch.finfo(torch.float64).eps
+    return G.shape[-1] * eps
+
+
+def gram(X: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gram matrix ``G = X Xᵀ`` of items stacked as rows: ``(..., n, d) -> (..., n, n)``.
+
+    Accumulated in float32 or better: half-precision (and integer) inputs are promoted to
+    float32, float32 and float64 stay. ``dtype`` forces the accumulation dtype (e.g. float64 for
+    a reference).
+    """
+    X = _check_features(X)
+    if dtype is None:
+        dtype = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
+    Xa = X.to(dtype)
+    return Xa @ Xa.mT
+
+
+class SpectralStats(NamedTuple):
+    """What every isometry statistic of a Gram needs, computed once, all float64 ``(...)``.
+
+    ``log_mean_eig = log(tr(G)/n)``; ``mean_log_eig = log det(G) / n`` (``-inf`` if singular);
+    ``rank`` the numerical rank (``n`` on the Cholesky path, which proves full rank).
+    """
+
+    log_mean_eig: torch.Tensor
+    mean_log_eig: torch.Tensor
+    rank: torch.Tensor
+
+
+def _eigen_stats(
+    G64: torch.Tensor, rtol: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean log eigenvalue, numerical rank) from eigenvalues; -inf where rank < n."""
+    eig = torch.linalg.eigvalsh(G64)
+    lam_max = eig[..., -1:].clamp_min(0)
+    tol = rtol * lam_max
+    if bool((eig < -tol * _CHOLESKY_MARGIN).any()):
+        worst = eig[..., 0].min().item()
+        raise ValueError(
+            f"G is not positive semi-definite (eigenvalue {worst:.3e} below zero beyond rounding); "
+            "pass a Gram matrix X Xᵀ"
+        )
+    above = eig > tol
+    rank = above.sum(-1)
+    n = G64.shape[-1]
+    mean_log = torch.where(above, eig, torch.ones_like(eig)).log().sum(-1) / n
+    mean_log = torch.where(rank == n, mean_log, torch.full_like(mean_log, -torch.inf))
+    return mean_log, rank
+
+
+def spectral_stats(G: torch.Tensor, rtol: float | None = None) -> SpectralStats:
+    """Float64 log mean and mean log of the eigenvalues of ``G``, and its numerical rank.
+
+    Cholesky log-determinant (``log det G = 2 Σ log L_ii``) where the factorisation succeeds
+    with a smallest pivot well above the rank tolerance, eigenvalues elsewhere.
+    """
+    G = _check_gram(G)
+    if rtol is None:
+        rtol = _default_rtol(G)
+    G64 = G.to(torch.float64)
+    n = G64.shape[-1]
+    finite = torch.isfinite(G64).flatten(-2).all(-1)
+    G64 = torch.where(finite[..., None, None], G64, torch.eye(n, dtype=G64.dtype, device=G64.device))
+    diag = G64.diagonal(dim1=-2, dim2=-1)
+    trace = diag.sum(-1)
+    log_mean = (trace / n).log()
+
+    L, info = torch.linalg.cholesky_ex(G64)
+    pivots = L.diagonal(dim1=-2, dim2=-1).square()
+    scale = diag.amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    trusted = (info == 0) & (pivots.amin(-1) > _CHOLESKY_MARGIN * rtol * scale)
+    mean_log = torch.where(trusted, pivots.log().sum(-1) / n, torch.zeros_like(trace))
+    rank = torch.full_like(info, n, dtype=torch.int64)
+
+    untrusted = ~trusted
+    if bool(untrusted.any()):
+        eig_mean_log, eig_rank = _eigen_stats(G64[untrusted], rtol)
+        mean_log = mean_log.masked_scatter(untrusted, eig_mean_log)
+        rank = rank.masked_scatter(untrusted, eig_rank)
+
+    nan = torch.full_like(trace, torch.nan)
+    log_mean = torch.where(finite, log_mean, nan)
+    mean_log = torch.where(finite, mean_log, nan)
+    return SpectralStats(log_mean, mean_log, rank)
+
+
+def isometry_gap(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+    """Isometry gap ``-log I(G) = log(tr(G)/n) - log det(G)/n`` (Joudaki et al., §3).
+
+    ``(..., n, n) -> (...)`` float64, in ``[0, +inf]``; ``+inf`` exactly when ``G`` is singular
+    (numerical rank below ``n``, see the module docstring for ``rtol``).
+    """
+    stats = spectral_stats(G, rtol)
+    gap = stats.log_mean_eig - stats.mean_log_eig
+    # rounding can put a perfect isometry a hair below zero; a zero G is singular (rank 0)
+    gap = torch.where(gap < 0, torch.zeros_like(gap), gap)
+    return torch.where(stats.rank < G.shape[-1], torch.full_like(gap, torch.inf), gap)
+
+
+def isometry(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+    """Isometry ``I(G) = det(G)^(1/n) / (tr(G)/n)`` (Joudaki et al., Definition 1), in [0, 1]."""
+    return torch.exp(-isometry_gap(G, rtol))
+
+
+def numerical_rank(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+    """Number of eigenvalues of ``G`` above ``rtol · λ_max`` (default ``rtol = n · eps``), int64."""
+    G = _check_gram(G)
+    if rtol is None:
+        rtol = _default_rtol(G)
+    eig = torch.linalg.eigvalsh(G.to(torch.float64))
+    return (eig > rtol * eig[..., -1:].clamp_min(0)).sum(-1)
+
+
+def orthogonality_gap(G: torch.Tensor) -> torch.Tensor:
+    """Orthogonality gap ``‖G/tr(G) - I_n/n‖_F`` (Daneshmand et al. 2021). NaN for a zero G."""
+    G64 = _check_gram(G).to(torch.float64)
+    n = G64.shape[-1]
+    trace = G64.diagonal(dim1=-2, dim2=-1).sum(-1)
+    eye = torch.eye(n, dtype=torch.float64, device=G64.device)
+    return torch.linalg.matrix_norm(G64 / trace[..., None, None] - eye / n)
+
+
+def lyapunov_gamma(G: torch.Tensor) -> torch.Tensor:
+    """Lyapunov potential ``γ(G) = max_{i≠j} |Ĝ_ij| / (1 - |Ĝ_ij|)`` (Joudaki et al., Def. 4).
+
+    ``Ĝ`` is the cosine matrix. Two parallel items give ``+inf``; a zero item gives NaN.
+    """
+    G64 = _check_gram(G).to(torch.float64)
+    n = G64.shape[-1]
+    d = G64.diagonal(dim1=-2, dim2=-1).sqrt()
+    cos = (G64 / (d[..., :, None] * d[..., None, :])).abs()
+    off = ~torch.eye(n, dtype=torch.bool, device=G64.device)
+    m = cos[..., off].amax(-1).clamp(max=1.0)  # |cos| > 1 only by rounding
+    return m / (1 - m)
+
+
+def norm_variation_factor(X: torch.Tensor) -> torch.Tensor:
+    """Norm-variation factor ``1 + (1/n) Σ_i (a_i - ā)² / ā²``, ``a_i = ‖x_i‖`` (Theorem 1, eq. 5).
+
+    ``X`` shaped ``(..., n, d)``, items as rows; float64 ``(...)``, at least 1 (NaN if all
+    items are zero).
+    """
+    a = torch.linalg.vector_norm(_check_features(X).to(torch.float64), dim=-1)
+    a_bar = a.mean(-1)
+    return 1 + ((a - a_bar[..., None]) ** 2).mean(-1) / a_bar**2
+
+
+def effective_rank(G: torch.Tensor) -> torch.Tensor:
+    """Effective rank ``exp(-Σ p_i log p_i)``, ``p = λ / Σλ`` (Roy & Vetterli 2007), in [1, n]."""
+    eig = torch.linalg.eigvalsh(_check_gram(G).to(torch.float64)).clamp_min(0)
+    p = eig / eig.sum(-1, keepdim=True)
+    plogp = torch.where(p > 0, p * p.log(), torch.zeros_like(p))
+    return torch.exp(-plogp.sum(-1))
