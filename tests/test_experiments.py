@@ -21,6 +21,7 @@ from isoprobe.experiments.base import (
     new_figure,
     plot_depth_curves,
     resolve_names,
+    run_curves,
 )
 
 JOUDAKI = ["table2", "fig2", "fig3", "fig4", "fig5", "fig6", "fig8a", "fig8b", "fig9", "figB1",
@@ -137,6 +138,43 @@ def test_collapsed_and_overflowed_grams_are_counted_never_dropped():
     assert "2 collapsed" in ax.get_legend_handles_labels()[1][0]
 
 
+def test_a_curve_collapsed_everywhere_is_drawn_at_the_top_and_counted():
+    import io
+
+    fig, (ax, ax2) = new_figure(2)
+    assert plot_depth_curves(ax, np.full((3, 5), np.inf), label="x") == 15  # log axis, nothing finite
+    assert "15 collapsed" in ax.get_legend_handles_labels()[1][0]
+    tops = [ln for ln in ax.get_lines() if ln.get_marker() == "^"]
+    assert len(tops) == 1 and list(tops[0].get_xdata()) == [0, 1, 2, 3, 4]
+    assert np.allclose(tops[0].get_ydata(), 0.97)  # axes fraction: the top edge
+    # on shared axes, a finite curve drawn after it still gets its log axis
+    assert plot_depth_curves(ax2, np.full((2, 4), np.inf), label="collapsed") == 8
+    assert plot_depth_curves(ax2, np.full((2, 4), 0.5), label="finite") == 0
+    assert ax2.get_yscale() == "log"
+    fig.savefig(io.BytesIO(), format="png")  # drawing used to fail: "Data cannot be log-scaled"
+
+
+def test_run_curves_places_rows_by_run_and_index():
+    rows = [dict(s="a", run=1, layer=2, gap=5.0), dict(s="a", run=0, layer=0, gap=1.0),
+            dict(s="a", run="", layer=1, gap=7.0), dict(s="b", run=0, layer=3, gap=9.0)]
+    got = run_curves(rows, s="a")
+    want = np.array([[1.0, np.nan, np.nan], [np.nan, np.nan, 5.0], [np.nan, 7.0, np.nan]])  # theory run last
+    np.testing.assert_array_equal(got, want)
+    assert run_curves(rows, "gap", length=5, s="b").shape == (1, 5)
+    with pytest.raises(KeyError):
+        run_curves(rows, s="c")
+
+
+def test_norm_sites_compare_each_norm_with_the_site_before_it():
+    order = joudaki.site_order(2)
+    assert order == [(0, "input"), (0, "norm"), (1, "fc"), (1, "act"), (1, "norm"), (2, "fc"), (2, "act"),
+                     (2, "norm")]
+    values = np.arange(2 * len(order), dtype=float).reshape(2, len(order))
+    before, after = joudaki.norm_site_gaps(values, order)
+    np.testing.assert_array_equal(before, [0, 3, 6, 8, 11, 14])
+    np.testing.assert_array_equal(after, [1, 4, 7, 9, 12, 15])
+
+
 # --- decision rules on fabricated data ----------------------------------------------------------
 
 
@@ -184,11 +222,11 @@ def _fig2_rows(act, run, depth, norm_gap):
 @pytest.mark.parametrize("norm_gap, held", [(1.4, True), (1.6, False)])
 def test_fig2_rule_fails_when_a_norm_raises_the_gap(tmp_path, norm_gap, held):
     cols = ["act", "beta", "run", "layer", "site", "gap", "theorem1_holds"]
-    units = {f"{a}|0": _fig2_rows(a, 0, 10, norm_gap) for a in joudaki._FIG2_ACTS}
+    units = {f"{a}|0": _fig2_rows(a, 0, 10, norm_gap) for a in joudaki.FIG7_ACTS}
     _fabricate(tmp_path, "fig2", cols, units, quick=True, runs=1, data="synthetic")
     (summary,) = run_reproductions(["fig2"], quick=True, runs=1, out_dir=tmp_path, data="synthetic", **_quiet())
     assert summary["held"] is held
-    assert summary["measured"]["norm_sites_raising_gap"] == (0 if held else 10 * len(joudaki._FIG2_ACTS))
+    assert summary["measured"]["norm_sites_raising_gap"] == (0 if held else 10 * len(joudaki.FIG7_ACTS))
 
 
 def test_fig9_rule_fails_when_layer_norm_error_accumulates(tmp_path):

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from isoprobe import distributed
+from isoprobe.experiments.joudaki import rule_norms_never_raise
 from isoprobe.experiments.training import (
     rule_depth_independent,
     rule_fig7,
     rule_near_orthogonal,
-    rule_norms_never_raise,
     spearman,
 )
 from isoprobe.nets import BNMLP, LNMLP
@@ -447,8 +447,10 @@ def test_reproduction_runs_and_decides(toy_registry, tmp_path, name):
     (summary,) = run_reproductions([name], quick=True, runs=2, out_dir=tmp_path, show_progress=False,
                                    echo=lambda _m: None)
     assert isinstance(summary["held"], bool) and summary["rule"]
-    for suffix in (".csv", ".png", ".json", ".ckpt.pt"):
+    for suffix in (".csv", ".png", ".json"):
         assert (tmp_path / f"{name}{suffix}").exists()
+    # the checkpoint only serves to resume: gone once the results are written
+    assert not any(p.name.startswith(f"{name}.ckpt") for p in tmp_path.iterdir())
     assert json.loads((tmp_path / f"{name}.json").read_text())["config"]["epochs"] == 2
 
 
@@ -477,9 +479,11 @@ def test_interrupted_reproduction_resumes_to_the_same_csv(toy_registry, tmp_path
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut")
     assert not (tmp_path / "cut" / "fig2-trained.json").exists()
+    assert (tmp_path / "cut" / "fig2-trained.ckpt.pt").exists()  # kept to resume from
     monkeypatch.setattr(exp, "train", real)
     resumed = run(tmp_path / "cut")
     assert any("resumed training after epoch 1" in n for n in resumed["notes"])
+    assert not any(p.name.startswith("fig2-trained.ckpt") for p in (tmp_path / "cut").iterdir())
     a = (tmp_path / "whole" / "fig2-trained.csv").read_text()
     assert a == (tmp_path / "cut" / "fig2-trained.csv").read_text()
     assert resumed["measured"] == whole["measured"] and resumed["held"] == whole["held"]

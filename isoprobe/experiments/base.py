@@ -44,7 +44,9 @@ in ``rule``; never drop a collapsed representation (``gap = +inf``): count it
 
 Resume: units finished before an interruption are read back from ``NAME.csv`` (their list is
 kept in ``NAME.units.json`` until the reproduction completes); a reproduction whose JSON,
-CSV and PNG exist with the same config is skipped.
+CSV and PNG exist with the same config is skipped. Other files needed only to resume (a
+training checkpoint) are named by :meth:`RunContext.scratch_path` and removed once the JSON is
+written.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ __all__ = [
     "register",
     "reproduction",
     "resolve_names",
+    "run_curves",
     "run_reproductions",
 ]
 
@@ -254,6 +257,7 @@ class RunContext:
     notes: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     _table: TidyTable | None = None
+    _scratch: list[Path] = field(default_factory=list)
 
     def n_runs(self, default: int, quick: int) -> int:
         """``--runs`` if given, else ``quick`` under ``--quick``, else the paper's ``default``."""
@@ -261,6 +265,21 @@ class RunContext:
 
     def path(self, suffix: str) -> Path:
         return Path(self.out_dir) / f"{self.name}{suffix}"
+
+    def scratch_path(self, suffix: str) -> Path:
+        """``NAME<suffix>``, a file needed only to resume an interrupted run (e.g. a training
+        checkpoint): it is kept while the reproduction runs and removed once its JSON is written."""
+        path = self.path(suffix)
+        if path not in self._scratch:
+            self._scratch.append(path)
+        return path
+
+    def finish(self) -> None:
+        """After the JSON is written: drop the resume state (units list, scratch files)."""
+        if self._table is not None:
+            self._table.finish()
+        for path in self._scratch:
+            path.unlink(missing_ok=True)
 
     def table(self, columns: Sequence[str]) -> TidyTable:
         """The reproduction's tidy CSV (``NAME.csv``), resumed where a previous run stopped."""
@@ -331,6 +350,27 @@ def mean_curve(values: np.ndarray) -> np.ndarray:
     return np.where(np.isinf(values).any(axis=0), np.inf, m)
 
 
+def run_curves(rows: Sequence[dict], value: str = "gap", index: str = "layer", length: int | None = None,
+               **match: Any) -> np.ndarray:
+    """``(runs, length)`` array of column ``value`` of the tidy ``rows`` that match ``match``.
+
+    Row ``r`` goes to line ``r["run"]`` (runs sorted; a deterministic curve, ``run = ""``,
+    comes last) and column ``int(r[index])``; ``length`` defaults to the largest index + 1.
+    Missing entries are NaN. ``KeyError`` if no row matches.
+    """
+    sel = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    if not sel:
+        raise KeyError(f"no rows match {match}")
+    runs = sorted({r["run"] for r in sel}, key=lambda v: (isinstance(v, str), v))
+    line = {run: i for i, run in enumerate(runs)}
+    if length is None:
+        length = max(int(r[index]) for r in sel) + 1
+    out = np.full((len(runs), length), np.nan)
+    for r in sel:
+        out[line[r["run"]], int(r[index])] = float(r[value])
+    return out
+
+
 def _jsonable(obj: Any) -> Any:
     """Plain JSON values: numpy scalars/arrays to Python, ``±inf``/NaN to strings."""
     if isinstance(obj, dict):
@@ -387,7 +427,9 @@ def plot_depth_curves(
     ``bound`` is drawn dashed in the same colour. Collapsed values (``+inf``) are never
     dropped: each layer that has some is marked at the top edge of the axes with a triangle,
     the legend entry says how many there are, and the mean line stops there. Returns the
-    number of collapsed values.
+    number of collapsed values. ``log``: a log y axis, once the axes hold a positive finite
+    value (while every value so far has collapsed there is nothing to log-scale, and the
+    axis stays linear).
     """
     values = np.atleast_2d(np.asarray(values, dtype=np.float64))
     x = np.arange(values.shape[1]) if layers is None else np.asarray(layers)
@@ -408,7 +450,7 @@ def plot_depth_curves(
                 transform=ax.get_xaxis_transform())
     if bound is not None:
         ax.plot(x[: len(bound)], bound, "--", color=color, lw=1.2, label=bound_label)
-    if log:
+    if log and ax.dataLim.y1 > 0 and np.isfinite(ax.dataLim.y1):
         ax.set_yscale("log")
     ax.set_xlabel(r"layer $\ell$")
     ax.set_ylabel(ylabel)
@@ -508,8 +550,7 @@ def run_reproductions(
             }
         )
         ctx.path(".json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-        if ctx._table is not None:
-            ctx._table.finish()
+        ctx.finish()
         verdict = "held" if outcome.held else "did NOT hold"
         echo(f"{name}: claim {verdict} ({summary['elapsed_s']:.1f} s) -> {ctx.path('.json')}")
         summaries.append(summary)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import torch
 
-from isoprobe.experiments.base import Outcome, RunContext, new_figure, plot_depth_curves, reproduction
+from isoprobe.experiments.base import Outcome, RunContext, new_figure, plot_depth_curves, reproduction, run_curves
 from isoprobe.experiments.meterez import fit_slope, log_axes_with_ticks, run_generator, single_thread
 from isoprobe.metrics import gram, orthogonality_gap
 from isoprobe.nets.bn_mlp import BNMLP
@@ -85,11 +86,8 @@ def daneshmand_orth(ctx: RunContext, cfg: dict) -> Outcome:
     curves: dict[tuple[bool, int], np.ndarray] = {}
     combos = [(bn, w) for bn in (True, False) for w in cfg["widths"]]
     for bn, width in ctx.progress(combos, desc="BN × width"):
-        rows = table.unit(f"bn={int(bn)} width={width}", lambda: compute(bn, width))
-        c = np.full((cfg["runs"], L + 1), np.nan)
-        for r in rows:
-            c[r["run"], r["layer"]] = r["orth_gap"]
-        curves[(bn, width)] = c
+        rows = table.unit(f"bn={int(bn)} width={width}", partial(compute, bn, width))
+        curves[(bn, width)] = run_curves(rows, "orth_gap", length=L + 1)
     widths = cfg["widths"]
     floor = [float(curves[(True, w)][:, L // 2 + 1 :].mean()) for w in widths]
     final = [float(curves[(False, w)][:, -1].mean()) for w in widths]

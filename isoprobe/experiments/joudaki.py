@@ -14,6 +14,7 @@ JSON; where the measurements contradict the paper, the reproduction says so.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,12 +22,15 @@ import torch
 
 from isoprobe.experiments.base import (
     Outcome,
+    Reproduction,
     RunContext,
     gap_curves,
     mean_curve,
     new_figure,
     plot_depth_curves,
+    register,
     reproduction,
+    run_curves,
 )
 from isoprobe.hermite import activation_stats, isometry_strength
 from isoprobe.metrics import gram, isometry_gap, lyapunov_gamma
@@ -38,10 +42,23 @@ from isoprobe.theory import (
     theorem4_bound,
 )
 
-__all__: list[str] = []
+__all__ = [
+    "FIG7_ACTS",
+    "NORM_RISE_TOL",
+    "PAPER",
+    "draw_site_axis",
+    "norm_site_gaps",
+    "rule_norms_never_raise",
+    "site_gaps",
+    "site_order",
+]
 
 PAPER = "Joudaki, Daneshmand & Bach, NeurIPS 2023 (arXiv 2305.18399)"
 _FIG_ACTS = ["relu", "tanh", "sigmoid", "exp"]  # Figs. 4-6
+#: the activations of the paper's Fig. 7, by β (Fig. 2 uses them too, at initialisation and trained)
+FIG7_ACTS = ["sigmoid", "selu", "elu", "tanh", "silu", "relu", "gelu"]
+#: Fig. 2's tolerance for a norm layer "not raising" the gap: a relative rise a log-scale plot cannot show
+NORM_RISE_TOL = 1e-2
 
 
 # --- shared pieces ---------------------------------------------------------------------------
@@ -83,20 +100,6 @@ def _run_rows(gaps: np.ndarray, value: str = "gap", **series) -> list[dict]:
 def _curve_rows(curve: np.ndarray, value: str = "gap", **series) -> list[dict]:
     """Rows of a deterministic curve (theory): ``run`` is empty."""
     return [{**series, "run": "", "layer": ell, value: float(v)} for ell, v in enumerate(curve)]
-
-
-def _collect(rows: list[dict], value: str = "gap", **match) -> np.ndarray:
-    """``(runs, L + 1)`` array of the simulation rows matching ``match`` (or the one theory curve)."""
-    sel = [r for r in rows if all(r[k] == v for k, v in match.items())]
-    if not sel:
-        raise KeyError(f"no rows match {match}")
-    runs = sorted({r["run"] for r in sel}, key=lambda v: (isinstance(v, str), v))
-    layers = max(r["layer"] for r in sel) + 1
-    out = np.full((len(runs), layers), np.nan)
-    index = {run: i for i, run in enumerate(runs)}
-    for r in sel:
-        out[index[r["run"]], r["layer"]] = r[value]
-    return out
 
 
 def _final(values: np.ndarray) -> float:
@@ -175,18 +178,16 @@ def _table2(ctx: RunContext, cfg: dict) -> Outcome:
 
 # --- Fig. 2 (at initialisation): every fc/act/norm site of the real network ---------------------
 
-_FIG2_ACTS = ["sigmoid", "selu", "elu", "tanh", "silu", "relu", "gelu"]  # Fig. 7's list, by β
-_FIG2_TOL = 1e-2  # "stable": a relative change a log-scale plot cannot show
-
-
 def _fig2_config(ctx: RunContext) -> dict:
     big = not ctx.quick
-    return {"acts": _FIG2_ACTS, "depth": 10, "width": 1000 if big else 256, "batch": 512 if big else 128,
-            "data": "cifar10", "runs": ctx.n_runs(10, 2), "tolerance": _FIG2_TOL}
+    return {"acts": FIG7_ACTS, "depth": 10, "width": 1000 if big else 256, "batch": 512 if big else 128,
+            "data": "cifar10", "runs": ctx.n_runs(10, 2), "tolerance": NORM_RISE_TOL}
 
 
-def _site_gaps(net, x: torch.Tensor) -> list[dict]:
-    """Gaps of every site of one forward: fc from the net's own hooks, norms from the Probe."""
+def site_gaps(net, x: torch.Tensor) -> list[dict]:
+    """Gaps of every site of one forward of an :class:`~isoprobe.nets.LNMLP`: rows ``{layer,
+    site, gap, theorem1_holds}`` (fc from the net's own hooks, the rest from the Probe; a
+    collapsed site has ``gap = +inf``)."""
     from isoprobe.hooks import Probe
 
     with torch.no_grad(), Probe(net, sites="norm") as probe:
@@ -210,6 +211,51 @@ def _site_gaps(net, x: torch.Tensor) -> list[dict]:
     return [{**r, "gap": math.inf if r["gap"] is None else r["gap"]} for r in rows]
 
 
+def site_order(depth: int) -> list[tuple[int, str]]:
+    """The plotted sites ``(layer, site)`` of a depth-``depth`` LN-MLP, in forward order: the
+    input and its norm, then fc, act and norm of every layer (each norm follows its input)."""
+    return [(0, "input"), (0, "norm")] + [(ell, s) for ell in range(1, depth + 1) for s in ("fc", "act", "norm")]
+
+
+def draw_site_axis(ax, order: Sequence[tuple[int, str]], fontsize: float = 7) -> None:
+    """Shade the norm (blue) and activation (green) columns of a plot over ``order``
+    (:func:`site_order`) and label its x ticks ``input, norm-0, fc-1, act-1, norm-1, …``."""
+    for i, (_, s) in enumerate(order):
+        if s in ("norm", "act"):
+            ax.axvspan(i - 0.5, i + 0.5, color="tab:blue" if s == "norm" else "tab:green", alpha=0.12, lw=0)
+    names = [s if ell == 0 and s == "input" else f"{s}-{ell}" for ell, s in order]
+    ax.set_xticks(np.arange(len(order)), names, rotation=90, fontsize=fontsize)
+    ax.set_xlabel("site (blue: layer norm, green: activation)")
+
+
+def norm_site_gaps(values: np.ndarray, order: Sequence[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(before, after)``: the gaps into and out of every norm site of ``values`` (``(..., sites)``
+    in :func:`site_order`; a norm's input is the site just before it), flattened."""
+    cols = [i for i, (_, s) in enumerate(order) if s == "norm"]
+    values = np.asarray(values, dtype=np.float64)
+    return values[..., [i - 1 for i in cols]].ravel(), values[..., cols].ravel()
+
+
+def rule_norms_never_raise(
+    before: Sequence[float], after: Sequence[float], tol: float = NORM_RISE_TOL
+) -> tuple[bool, int, float]:
+    """``(held, rises, worst)`` for norm layers with input gaps ``before`` and output gaps ``after``
+    (Corollary 2: projecting onto the sphere never lowers isometry).
+
+    ``rises`` counts outputs above their input; ``worst`` is the largest relative rise
+    ``(after − before)/before`` (``inf`` when a finite gap becomes ``+inf``; a collapsed input,
+    ``before = +inf``, cannot be raised). Holds iff ``worst ≤ tol``; NaN anywhere does not hold.
+    """
+    b, a = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if b.shape != a.shape or b.size == 0 or np.isnan(b).any() or np.isnan(a).any():
+        return False, 0, math.nan
+    up = (a > b) & np.isfinite(b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(up, np.where(b > 0, (a - b) / np.where(b > 0, b, 1.0), np.inf), 0.0)
+    worst = float(rel.max())
+    return bool(worst <= tol), int(up.sum()), worst
+
+
 @reproduction(
     "fig2",
     paper=PAPER,
@@ -230,35 +276,24 @@ def _fig2(ctx: RunContext, cfg: dict) -> Outcome:
         def compute(act: str = act, run: int = run) -> list[dict]:
             spec = LNMLPSpec(act, depth=cfg["depth"], width=cfg["width"])
             net = LNMLP(spec, x.shape[1], seed=ctx.seed, run=run, device=ctx.device)
-            return [{"act": act, "beta": spec.beta, "run": run, **r} for r in _site_gaps(net, x.to(ctx.device))]
+            return [{"act": act, "beta": spec.beta, "run": run, **r} for r in site_gaps(net, x.to(ctx.device))]
 
         rows += table.unit(f"{act}|{run}", compute)
 
-    order = [(0, "input"), (0, "norm")]
-    order += [(ell, s) for ell in range(1, cfg["depth"] + 1) for s in ("fc", "act", "norm")]
-    names = [s if ell == 0 and s == "input" else f"{s}-{ell}" for ell, s in order]
+    order = site_order(cfg["depth"])
     fig, (ax,) = new_figure(1, size=(11.0, 4.2))
-    for i, (ell, s) in enumerate(order):
-        if s == "norm":
-            ax.axvspan(i - 0.5, i + 0.5, color="tab:blue", alpha=0.12, lw=0)
-        elif s == "act":
-            ax.axvspan(i - 0.5, i + 0.5, color="tab:green", alpha=0.12, lw=0)
-    rises, worst, t1_fail = 0, 0.0, 0
+    before, after, t1_fail = [], [], 0
     for act in sorted(cfg["acts"], key=_beta):
         sel = [r for r in rows if r["act"] == act]
         gap = {(r["run"], r["layer"], r["site"]): r["gap"] for r in sel}
         vals = np.array([[gap[run, ell, s] for ell, s in order] for run in range(cfg["runs"])])
         plot_depth_curves(ax, vals, label=_label(act), layers=np.arange(len(order)))
-        for run in range(cfg["runs"]):
-            for i, (ell, s) in enumerate(order):
-                if s == "norm":
-                    before, after = vals[run, i - 1], vals[run, i]
-                    if after > before:
-                        rises += 1
-                        worst = max(worst, (after - before) / before if math.isfinite(before) else 0.0)
+        b, a = norm_site_gaps(vals, order)
+        before.append(b)
+        after.append(a)
         t1_fail += sum(1 for r in sel if r["site"] == "norm:normalized" and r["theorem1_holds"] == 0)
-    ax.set_xticks(np.arange(len(order)), names, rotation=90, fontsize=7)
-    ax.set_xlabel("site (blue: layer norm, green: activation)")
+    ok, rises, worst = rule_norms_never_raise(np.concatenate(before), np.concatenate(after), cfg["tolerance"])
+    draw_site_axis(ax, order)
     ax.set_title(f"LN-MLP at initialisation, {batch.description.split(':')[0]} batch of {cfg['batch']}, "
                  f"width {cfg['width']}")
     ax.legend(fontsize=7, ncol=2)
@@ -268,7 +303,7 @@ def _fig2(ctx: RunContext, cfg: dict) -> Outcome:
         measured={"norm_sites": n_norm, "norm_sites_raising_gap": rises, "max_relative_rise": worst,
                   "theorem1_failures": t1_fail, "data": batch.description},
         theory={"corollary_2": "projection onto the sphere never lowers isometry; centering carries no guarantee"},
-        held=worst <= cfg["tolerance"] and t1_fail == 0,
+        held=ok and t1_fail == 0,
         rule=(f"held if no norm layer raises the gap of its input by more than {cfg['tolerance']:g} (relative) and "
               "the projection step satisfies Theorem 1 at every norm site (Probe's check); smaller rises, from "
               "centering, are counted in norm_sites_raising_gap"),
@@ -311,9 +346,9 @@ def _fig3(ctx: RunContext, cfg: dict) -> Outcome:
     fig, axes = new_figure(len(cfg["acts"]))
     measured, theory, below, ratios = {}, {}, {}, {}
     for ax, act in zip(axes, cfg["acts"]):
-        sim = _collect(rows, act=act, series="simulation")
-        bound = _collect(rows, act=act, series="theorem4_C1")[0]
-        mf = _collect(rows, act=act, series="mean-field")[0]
+        sim = run_curves(rows, act=act, series="simulation")
+        bound = run_curves(rows, act=act, series="theorem4_C1")[0]
+        mf = run_curves(rows, act=act, series="mean-field")[0]
         plot_depth_curves(ax, sim, label="simulation (mean, min–max)", color="tab:blue",
                           bound=bound, bound_label="Theorem 4, C = 1")
         ax.plot(mf, ":", color="tab:gray", label="mean field")
@@ -365,7 +400,7 @@ def _run_variants(ctx: RunContext, cfg: dict, variants: list[_Variant]) -> dict[
             spec = LNMLPSpec(act, depth=cfg["depth"], width=cfg["width"], **v.switches)
             return _run_rows(_sim_gaps(ctx, spec, X0, cfg["runs"]), act=act, variant=v.key, beta=_beta(act))
 
-        curves[act, v.key] = _collect(table.unit(f"{act}|{v.key}", compute))
+        curves[act, v.key] = run_curves(table.unit(f"{act}|{v.key}", compute))
     return curves
 
 
@@ -381,8 +416,25 @@ def _plot_variants(ctx: RunContext, cfg: dict, variants: list[_Variant], curves:
     ctx.save_figure(fig)
 
 
-def _final_table(cfg: dict, variants: list[_Variant], curves: dict) -> dict:
-    return {act: {v.key: _final(curves[act, v.key]) for v in variants} for act in cfg["acts"]}
+def _variants_reproduction(
+    name: str, *, figure: str, claim: str, acts: list[str], variants: list[_Variant], title: str
+) -> Callable[[Callable[[dict, dict, dict], Outcome]], Callable[[dict, dict, dict], Outcome]]:
+    """Register a two-variant comparison: sample every (activation, variant), plot one panel per
+    activation, and decide with ``verdict(cfg, finals, curves)``, where ``finals[act][variant]``
+    is the final-depth mean gap (reported as ``measured["final_gap"]``) and ``curves`` the gaps."""
+
+    def deco(verdict: Callable[[dict, dict, dict], Outcome]) -> Callable[[dict, dict, dict], Outcome]:
+        def run(ctx: RunContext, cfg: dict) -> Outcome:
+            curves = _run_variants(ctx, cfg, variants)
+            _plot_variants(ctx, cfg, variants, curves, title)
+            finals = {act: {v.key: _final(curves[act, v.key]) for v in variants} for act in cfg["acts"]}
+            out = verdict(cfg, finals, curves)
+            return Outcome({"final_gap": finals, **out.measured}, out.theory, out.held, out.rule)
+
+        register(Reproduction(name, PAPER, figure, claim, lambda ctx: _variants_config(ctx, acts), run))
+        return verdict
+
+    return deco
 
 
 _CENTERING = [
@@ -391,20 +443,18 @@ _CENTERING = [
 ]
 
 
-@reproduction(
+@_variants_reproduction(
     "fig4",
-    paper=PAPER,
     figure="Fig. 4",
     claim="subtracting the activation's offset c₀ (mean-field centering) replaces layer centering",
-    config=lambda ctx: _variants_config(ctx, _FIG_ACTS),
+    acts=_FIG_ACTS,
+    variants=_CENTERING,
+    title="Layer vs mean-field centering",
 )
-def _fig4(ctx: RunContext, cfg: dict) -> Outcome:
-    curves = _run_variants(ctx, cfg, _CENTERING)
-    _plot_variants(ctx, cfg, _CENTERING, curves, "Layer vs mean-field centering")
-    finals = _final_table(cfg, _CENTERING, curves)
+def _fig4(cfg: dict, finals: dict, curves: dict) -> Outcome:
     ratio = {a: _ratio(max(f.values()), min(f.values())) for a, f in finals.items()}
     return Outcome(
-        measured={"final_gap": finals, "ratio_larger_to_smaller": ratio},
+        measured={"ratio_larger_to_smaller": ratio},
         theory={"mean_field": "layer centering converges to subtracting c₀ as d → ∞"},
         held=all(r <= 2 for r in ratio.values()),
         rule="held if, for every activation, the two final-depth mean gaps agree within a factor 2",
@@ -417,21 +467,19 @@ _PROJECTION_NONE = [
 ]
 
 
-@reproduction(
+@_variants_reproduction(
     "fig5",
-    paper=PAPER,
     figure="Fig. 5",
     claim="projection (normalising the norms) is needed: without it the isometry gap does not decay and may increase",
-    config=lambda ctx: _variants_config(ctx, _FIG_ACTS),
+    acts=_FIG_ACTS,
+    variants=_PROJECTION_NONE,
+    title="With vs without projection",
 )
-def _fig5(ctx: RunContext, cfg: dict) -> Outcome:
-    curves = _run_variants(ctx, cfg, _PROJECTION_NONE)
-    _plot_variants(ctx, cfg, _PROJECTION_NONE, curves, "With vs without projection")
-    finals = _final_table(cfg, _PROJECTION_NONE, curves)
+def _fig5(cfg: dict, finals: dict, curves: dict) -> Outcome:
     lower = {a: f["layer"] < f["none"] for a, f in finals.items()}
     increased = {a: _final(curves[a, "none"]) > float(curves[a, "none"][:, 0].mean()) for a in cfg["acts"]}
     return Outcome(
-        measured={"final_gap": finals, "projection_lower": lower, "gap_increased_without_projection": increased},
+        measured={"projection_lower": lower, "gap_increased_without_projection": increased},
         theory={"theorem4": "needs centering and projection"},
         held=all(lower.values()) and any(increased.values()),
         rule=("held if, for every activation, the final mean gap with layer projection is below the one "
@@ -446,22 +494,20 @@ _PROJECTION_MF = [
 ]
 
 
-@reproduction(
+@_variants_reproduction(
     "fig6",
-    paper=PAPER,
     figure="Fig. 6",
     claim="the constant scaling 1/√σ̄(1) matches layer projection for tanh, sigmoid and ReLU, but not for exp",
-    config=lambda ctx: _variants_config(ctx, _FIG_ACTS),
+    acts=_FIG_ACTS,
+    variants=_PROJECTION_MF,
+    title="Layer vs mean-field projection",
 )
-def _fig6(ctx: RunContext, cfg: dict) -> Outcome:
-    curves = _run_variants(ctx, cfg, _PROJECTION_MF)
-    _plot_variants(ctx, cfg, _PROJECTION_MF, curves, "Layer vs mean-field projection")
-    finals = _final_table(cfg, _PROJECTION_MF, curves)
+def _fig6(cfg: dict, finals: dict, curves: dict) -> Outcome:
     ratio = {a: _ratio(f["mean-field"], f["layer"]) for a, f in finals.items()}
     comparable = {a: 0.5 <= r <= 2 for a, r in ratio.items() if a != "exp"}
     exp_fails = ratio.get("exp", math.inf) > 2
     return Outcome(
-        measured={"final_gap": finals, "ratio_meanfield_to_layer": ratio, "comparable": comparable,
+        measured={"ratio_meanfield_to_layer": ratio, "comparable": comparable,
                   "exp_not_effective": exp_fails},
         theory={"mean_field": "LN(a − c₀) converges to (a − c₀)/√σ̄(1) as d → ∞"},
         held=all(comparable.values()) and exp_fails,
@@ -477,22 +523,20 @@ _SELF_NORMALISING = [
 ]
 
 
-@reproduction(
+@_variants_reproduction(
     "fig8a",
-    paper=PAPER,
     figure="Fig. 8a",
     claim="SELU and tanh reach isometry with offset and scale only (no layer norm); ReLU needs layer norm",
-    config=lambda ctx: _variants_config(ctx, ["selu", "tanh", "relu"]),
+    acts=["selu", "tanh", "relu"],
+    variants=_SELF_NORMALISING,
+    title="Self-normalising activations",
 )
-def _fig8a(ctx: RunContext, cfg: dict) -> Outcome:
-    curves = _run_variants(ctx, cfg, _SELF_NORMALISING)
-    _plot_variants(ctx, cfg, _SELF_NORMALISING, curves, "Self-normalising activations")
-    finals = _final_table(cfg, _SELF_NORMALISING, curves)
+def _fig8a(cfg: dict, finals: dict, curves: dict) -> Outcome:
     ratio = {a: _ratio(f["offset-scale"], f["LN"]) for a, f in finals.items()}
     self_norm = {a: ratio[a] <= 2 for a in ("selu", "tanh") if a in ratio}
     relu_needs_ln = ratio.get("relu", 0.0) > 2
     return Outcome(
-        measured={"final_gap": finals, "ratio_offsetscale_to_LN": ratio, "self_normalising": self_norm,
+        measured={"ratio_offsetscale_to_LN": ratio, "self_normalising": self_norm,
                   "relu_needs_LN": relu_needs_ln},
         theory={"offset": {a: float(activation_stats(a).c0) for a in cfg["acts"]},
                 "scale": {a: float(activation_stats(a).var) for a in cfg["acts"]}},
@@ -508,23 +552,21 @@ _ORDER = [
 ]
 
 
-@reproduction(
+@_variants_reproduction(
     "fig8b",
-    paper=PAPER,
     figure="Fig. 8b",
     claim="the order matters: norm then activation leaves a non-isotropic Gram when the activation has an "
           "offset c₀ ≠ 0",
-    config=lambda ctx: _variants_config(ctx, ["relu", "tanh", "sigmoid"]),
+    acts=["relu", "tanh", "sigmoid"],
+    variants=_ORDER,
+    title="Order of activation and normalisation",
 )
-def _fig8b(ctx: RunContext, cfg: dict) -> Outcome:
-    curves = _run_variants(ctx, cfg, _ORDER)
-    _plot_variants(ctx, cfg, _ORDER, curves, "Order of activation and normalisation")
-    finals = _final_table(cfg, _ORDER, curves)
+def _fig8b(cfg: dict, finals: dict, curves: dict) -> Outcome:
     ratio = {a: _ratio(f["norm-act"], f["act-norm"]) for a, f in finals.items()}
     offset = {a: float(activation_stats(a).c0) for a in cfg["acts"]}
     verdict = {a: (ratio[a] >= 10 if abs(offset[a]) > 1e-8 else 0.5 <= ratio[a] <= 2) for a in cfg["acts"]}
     return Outcome(
-        measured={"final_gap": finals, "ratio_normact_to_actnorm": ratio, "as_predicted": verdict},
+        measured={"ratio_normact_to_actnorm": ratio, "as_predicted": verdict},
         theory={"offset_c0": offset},
         held=all(verdict.values()),
         rule=("held if norm-then-activation ends at least 10× above activation-then-norm (or collapses) for "
@@ -570,7 +612,7 @@ def _fig9(ctx: RunContext, cfg: dict) -> Outcome:
             return [dict(width=d, variant=v.key, run=r, layer=ell, mf_error=float(err[r, ell]), gap=float(gaps[r, ell]))
                     for r in range(err.shape[0]) for ell in range(err.shape[1])]
 
-        errs[d, v.key] = _collect(table.unit(f"{d}|{v.key}", compute), value="mf_error")
+        errs[d, v.key] = run_curves(table.unit(f"{d}|{v.key}", compute), value="mf_error")
     fig, axes = new_figure(len(cfg["widths"]))
     third = cfg["depth"] // 3
     measured, checks = {}, {}
@@ -636,9 +678,9 @@ def _figB1(ctx: RunContext, cfg: dict) -> Outcome:
     fig, axes = new_figure(len(cfg["acts"]))
     measured, theory, held = {}, {}, True
     for ax, act in zip(axes, cfg["acts"]):
-        sim = _collect(rows, value="gamma", act=act, series="simulation")
-        mf = _collect(rows, value="gamma", act=act, series="mean-field")[0]
-        bound = _collect(rows, value="gamma", act=act, series="corollary_B2")[0]
+        sim = run_curves(rows, value="gamma", act=act, series="simulation")
+        mf = run_curves(rows, value="gamma", act=act, series="mean-field")[0]
+        bound = run_curves(rows, value="gamma", act=act, series="corollary_B2")[0]
         plot_depth_curves(ax, sim, label="simulation (mean, min–max)", color="tab:blue", bound=bound,
                           bound_label="Corollary B.2: γ(G₀) β^(−ℓ)", ylabel="Lyapunov potential γ(G_ℓ)")
         ax.plot(mf, ":", color="tab:gray", label="mean field")
@@ -765,8 +807,8 @@ def _figC2(ctx: RunContext, cfg: dict) -> Outcome:
     depth_to_tenth, ordered, betas = {}, {}, {}
     for ax, act in zip(axes, cfg["acts"]):
         for g in cfg["gains"]:
-            sim = _collect(rows, act=act, gain=g, series="simulation")
-            mf = _collect(rows, act=act, gain=g, series="mean-field")[0]
+            sim = run_curves(rows, act=act, gain=g, series="simulation")
+            mf = run_curves(rows, act=act, gain=g, series="mean-field")[0]
             b = _beta(act, g)
             betas[f"{act}@{g}"] = b
             plot_depth_curves(ax, sim, label=f"α = {g:g} (β = {b:.3f})")
@@ -779,7 +821,7 @@ def _figC2(ctx: RunContext, cfg: dict) -> Outcome:
         tenth = [depth_to_tenth[f"{act}@{g}"] for g in by_beta]
         ordered[act] = all(a >= b for a, b in zip(tenth, tenth[1:]))
     ctx.save_figure(fig)
-    relu_curves = [mean_curve(_collect(rows, act="relu", gain=g, series="simulation")) for g in cfg["gains"]]
+    relu_curves = [mean_curve(run_curves(rows, act="relu", gain=g, series="simulation")) for g in cfg["gains"]]
     relu_diff = float(max(np.max(np.abs(c - relu_curves[0]) / relu_curves[0]) for c in relu_curves))
     rate_acts = [a for a in cfg["acts"] if a != "relu"]
     return Outcome(
@@ -803,25 +845,23 @@ _XAVIER = [
 ]
 
 
-@reproduction(
+@_variants_reproduction(
     "figC3",
-    paper=PAPER,
     figure="Fig. C.3",
     claim="mean-field centering and scale give more isometry than Xavier initialisation, markedly for ReLU and "
           "leaky ReLU",
-    config=lambda ctx: _variants_config(ctx, ["relu", "leaky_relu", "tanh", "selu"]),
+    acts=["relu", "leaky_relu", "tanh", "selu"],
+    variants=_XAVIER,
+    title="Mean-field gains vs Xavier",
 )
-def _figC3(ctx: RunContext, cfg: dict) -> Outcome:
-    curves = _run_variants(ctx, cfg, _XAVIER)
-    _plot_variants(ctx, cfg, _XAVIER, curves, "Mean-field gains vs Xavier")
-    finals = _final_table(cfg, _XAVIER, curves)
+def _figC3(cfg: dict, finals: dict, curves: dict) -> Outcome:
     gain = {a: _ratio(f["xavier"], f["mean-field"]) for a, f in finals.items()}
     better = {a: g > 1 for a, g in gain.items()}
     marked = {"relu", "leaky_relu"}
     others = [gain[a] for a in cfg["acts"] if a not in marked]
     markedly = all(gain[a] > max(others, default=0.0) for a in marked if a in gain)
     return Outcome(
-        measured={"final_gap": finals, "improvement_xavier_over_meanfield": gain, "mean_field_better": better,
+        measured={"improvement_xavier_over_meanfield": gain, "mean_field_better": better,
                   "relu_leaky_relu_improve_most": markedly},
         theory={"offset_c0": {a: float(activation_stats(a).c0) for a in cfg["acts"]}},
         held=all(better.values()) and markedly,
@@ -863,7 +903,7 @@ def _figC4(ctx: RunContext, cfg: dict) -> Outcome:
             spec = LNMLPSpec(cfg["act"], depth=cfg["depth"], width=cfg["width"], widths=sched)
             return _run_rows(_sim_gaps(ctx, spec, X0, cfg["runs"]), data=name, schedule=sched)
 
-        curves[name, sched] = _collect(table.unit(f"{name}|{sched}", compute))
+        curves[name, sched] = run_curves(table.unit(f"{name}|{sched}", compute))
     fig, axes = new_figure(len(loaded))
     measured, ok = {}, True
     for ax, name in zip(axes, loaded):

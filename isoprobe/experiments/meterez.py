@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from isoprobe.experiments.base import (
     new_figure,
     plot_depth_curves,
     reproduction,
+    run_curves,
 )
 from isoprobe.metrics import gram, numerical_rank
 from isoprobe.nets.bn_mlp import BNMLP, first_layer_grad_log_norms
@@ -133,6 +135,12 @@ def _deep(depths: Sequence[int]) -> np.ndarray:
     return d >= d.max() / 10
 
 
+def _deep_window(depths: Sequence[int]) -> list[int]:
+    """``[first, last]`` depth of the deep window."""
+    d = np.asarray(depths)[_deep(depths)]
+    return [int(d.min()), int(d.max())]
+
+
 def _image_pool(ctx: RunContext, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened float64 images and labels to draw batches from (CIFAR10 as in the paper)."""
     batch = ctx.images("cifar10", limit=max(cfg["pool"], cfg["batch"]))
@@ -149,6 +157,17 @@ def _batch(
     k = 2 * dup_pairs
     x[1:k:2], labels[1:k:2] = x[0:k:2], labels[0:k:2]
     return x, labels
+
+
+def _grad_series(ctx: RunContext, cfg: dict, series: dict[str, dict], desc: str) -> list[dict]:
+    """Rows (series, run, depth, log_grad_norm) of every series ``name -> keyword arguments of
+    _grad_rows`` (``n_dup`` and the net's), one resumable unit each, on the images of :func:`_image_pool`."""
+    table = ctx.table(["series", "run", "depth", "log_grad_norm"])
+    pool = _image_pool(ctx, cfg)
+    rows = []
+    for name, kw in ctx.progress(series.items(), desc=desc, total=len(series)):
+        rows += table.unit(name, partial(_grad_rows, ctx, cfg, pool, name, **kw))
+    return rows
 
 
 def _grad_rows(
@@ -188,8 +207,8 @@ def _deep_slope(curves: np.ndarray, depths: Sequence[int]) -> float:
 
 
 def _span(depths: Sequence[int]) -> float:
-    d = np.asarray(depths)[_deep(depths)]
-    return float(d.max() - d.min())
+    first, last = _deep_window(depths)
+    return float(last - first)
 
 
 def log_axes_with_ticks(ax, xticks: Sequence[float]) -> None:
@@ -266,10 +285,7 @@ def meterez_fig1(ctx: RunContext, cfg: dict) -> Outcome:
 
     curves, rates, rate_sd, bound_ok = {}, [], [], []
     for width in ctx.progress(cfg["widths"], desc="widths"):
-        rows = table.unit(f"width={width}", lambda: compute(width))
-        c = np.full((cfg["runs"], L + 1), np.nan)
-        for r in rows:
-            c[r["run"], r["layer"]] = r["gap"]
+        c = run_curves(table.unit(f"width={width}", partial(compute, width)), "gap", length=L + 1)
         curves[width] = c
         per_run = np.array([_fit_rate(g, cfg["fit_window"]) for g in c])
         rates.append(float(np.mean(per_run)))
@@ -345,13 +361,9 @@ def _fig2_config(ctx: RunContext) -> dict:
     config=_fig2_config,
 )
 def meterez_fig2(ctx: RunContext, cfg: dict) -> Outcome:
-    table = ctx.table(["series", "run", "depth", "log_grad_norm"])
-    pool = _image_pool(ctx, cfg)
     depths = cfg["depths"]
     series = {"distinct samples": 0, **{f"{k} duplicated pairs": k for k in cfg["duplicated_pairs"]}}
-    rows = []
-    for name, k in ctx.progress(series.items(), desc="series", total=len(series)):
-        rows += table.unit(name, lambda: _grad_rows(ctx, cfg, pool, name, n_dup=k))
+    rows = _grad_series(ctx, cfg, {name: {"n_dup": k} for name, k in series.items()}, desc="series")
     slopes = {s: _deep_slope(_curves(rows, s, depths), depths) for s in series}
     span = _span(depths)
     verdicts = {s: explosion_contrast(slopes[s], slopes["distinct samples"], span)
@@ -361,7 +373,7 @@ def meterez_fig2(ctx: RunContext, cfg: dict) -> Outcome:
                       f"orthogonal BN MLP, d = n = {cfg['width']}: degenerate vs distinct inputs")
     ctx.save_figure(fig)
     return Outcome(
-        measured={"deep_slope_per_layer": slopes, "deep_window": [min(np.asarray(depths)[_deep(depths)]), max(depths)],
+        measured={"deep_slope_per_layer": slopes, "deep_window": _deep_window(depths),
                   "explodes_vs_distinct": verdicts},
         theory={"statement": "Theorem 5 needs linearly independent samples; with duplicates the BN Jacobian "
                              "bound 1/λ_min is infinite and the paper observes exponential explosion (Fig. 2)",
@@ -386,12 +398,8 @@ def _fig3_config(ctx: RunContext) -> dict:
     config=_fig3_config,
 )
 def meterez_fig3(ctx: RunContext, cfg: dict) -> Outcome:
-    table = ctx.table(["series", "run", "depth", "log_grad_norm"])
-    pool = _image_pool(ctx, cfg)
     depths = cfg["depths"]
-    rows = []
-    for weights in ctx.progress(["orthogonal", "gaussian"], desc="weights"):
-        rows += table.unit(weights, lambda: _grad_rows(ctx, cfg, pool, weights, weights=weights))
+    rows = _grad_series(ctx, cfg, {w: {"weights": w} for w in ("orthogonal", "gaussian")}, desc="weights")
     slopes = {w: _deep_slope(_curves(rows, w, depths), depths) for w in ("orthogonal", "gaussian")}
     held = explosion_contrast(slopes["gaussian"], slopes["orthogonal"], _span(depths))
     fig, (ax,) = new_figure(1)
@@ -399,8 +407,7 @@ def meterez_fig3(ctx: RunContext, cfg: dict) -> Outcome:
                       f"BN MLP (no mean reduction), d = n = {cfg['width']}")
     ctx.save_figure(fig)
     return Outcome(
-        measured={"deep_slope_per_layer": slopes,
-                  "deep_window": [min(np.asarray(depths)[_deep(depths)]), max(depths)]},
+        measured={"deep_slope_per_layer": slopes, "deep_window": _deep_window(depths)},
         theory={"orthogonal": "bounded at any depth (Theorem 5): slope 0",
                 "gaussian": "exponential explosion in depth (Yang et al. 2019, Theorem 3.9): positive slope"},
         held=held,
@@ -425,17 +432,13 @@ def _fig5_config(ctx: RunContext) -> dict:
     config=_fig5_config,
 )
 def meterez_fig5(ctx: RunContext, cfg: dict) -> Outcome:
-    table = ctx.table(["series", "run", "depth", "log_grad_norm"])
-    pool = _image_pool(ctx, cfg)
     depths = cfg["depths"]
     span = _span(depths)
-    rows, slopes, verdicts = [], {}, {}
-    combos = [(a, k) for a in cfg["activations"] for k in cfg["gain_exponents"]]
-    for act, k in ctx.progress(combos, desc="activation × exponent"):
-        name = f"{act}, k = {k:g}"
-        rows += table.unit(name, lambda: _grad_rows(ctx, cfg, pool, name, activation=act, gain_exponent=k,
-                                                    norm=cfg["norm"]))
-        slopes[name] = _deep_slope(_curves(rows, name, depths), depths)
+    series = {f"{a}, k = {k:g}": {"activation": a, "gain_exponent": k, "norm": cfg["norm"]}
+              for a in cfg["activations"] for k in cfg["gain_exponents"]}
+    rows = _grad_series(ctx, cfg, series, desc="activation × exponent")
+    slopes = {name: _deep_slope(_curves(rows, name, depths), depths) for name in series}
+    verdicts = {}
     for act in cfg["activations"]:
         base = slopes[f"{act}, k = 0"]
         for k in cfg["gain_exponents"]:
@@ -517,7 +520,7 @@ def meterez_tabled1(ctx: RunContext, cfg: dict) -> Outcome:
 
     rows = []
     for i, (name, data) in enumerate(ctx.progress(used, desc="datasets")):
-        rows += table.unit(name, lambda: compute(i, name, data.X.flatten(1).to(F64)))
+        rows += table.unit(name, partial(compute, i, name, data.X.flatten(1).to(F64)))
     shares, mean_rank, sd_rank, dims = {}, {}, {}, {}
     for name, _ in used:
         for n in sorted({r["batch_size"] for r in rows if r["dataset"] == name}):

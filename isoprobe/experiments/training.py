@@ -4,8 +4,9 @@ Each reproduction trains all its variants × runs as one batched computation, an
 :class:`~isoprobe.training.Ensemble` (stacked parameters under ``vmap``; one loss, one backward,
 one SGD step for all models), with a tqdm bar on stderr, a checkpoint after every epoch
 (``NAME.ckpt.pt`` in the output directory: an interrupted run resumes after its last finished
-epoch and gives the same numbers) and the CSV written epoch by epoch. Under ``torchrun`` each
-rank trains a share of the runs (:mod:`isoprobe.distributed`).
+epoch and gives the same numbers; it is removed once the reproduction's JSON is written) and
+the CSV written epoch by epoch. Under ``torchrun`` each rank trains a share of the runs
+(:mod:`isoprobe.distributed`).
 
 Data: the paper's data set (CIFAR10) by default; ``--quick`` defaults to the built-in synthetic
 set (2000 class-structured 1×28×28 images); ``--data NAME`` takes any source of
@@ -40,8 +41,17 @@ import torch
 from torch import nn
 
 from isoprobe.distributed import agree_min, gather_rows, shard_runs
-from isoprobe.experiments.base import Outcome, RunContext, new_figure, plot_depth_curves, reproduction
-from isoprobe.experiments.joudaki import _FIG2_TOL, _site_gaps
+from isoprobe.experiments import joudaki, meterez
+from isoprobe.experiments.base import Outcome, RunContext, new_figure, plot_depth_curves, reproduction, run_curves
+from isoprobe.experiments.joudaki import (
+    FIG7_ACTS,
+    NORM_RISE_TOL,
+    draw_site_axis,
+    norm_site_gaps,
+    rule_norms_never_raise,
+    site_gaps,
+    site_order,
+)
 from isoprobe.experiments.meterez import log_axes_with_ticks, single_thread
 from isoprobe.hermite import isometry_strength
 from isoprobe.metrics import isometry_gap
@@ -54,13 +64,7 @@ __all__ = [
     "rule_depth_independent",
     "rule_fig7",
     "rule_near_orthogonal",
-    "rule_norms_never_raise",
 ]
-
-JOUDAKI = "Joudaki, Daneshmand & Bach, NeurIPS 2023 (arXiv 2305.18399)"
-METEREZ = "Meterez et al. 2024"
-_FIG7_ACTS = ["sigmoid", "selu", "elu", "tanh", "silu", "relu", "gelu"]  # the paper's Fig. 7, by β
-_NORM_TOL = _FIG2_TOL  # the tolerance of Fig. 2 at initialisation (isoprobe.experiments.joudaki)
 
 
 # --- decision rules: pure functions of measured numbers ----------------------------------------
@@ -104,25 +108,6 @@ def rule_fig7(betas: Sequence[float], final_losses: Sequence[float]) -> tuple[bo
         return False, math.nan
     rho = spearman(b, loss)
     return bool(math.isfinite(rho) and rho < 0), rho
-
-
-def rule_norms_never_raise(
-    before: Sequence[float], after: Sequence[float], tol: float = _NORM_TOL
-) -> tuple[bool, int, float]:
-    """``(held, rises, worst)`` for norm layers with input gaps ``before`` and output gaps ``after``.
-
-    ``rises`` counts outputs above their input; ``worst`` is the largest relative rise
-    ``(after − before)/before`` (``inf`` when a finite gap becomes ``+inf``; a collapsed input,
-    ``before = +inf``, cannot be raised). Holds iff ``worst ≤ tol``; NaN anywhere does not hold.
-    """
-    b, a = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
-    if b.shape != a.shape or b.size == 0 or np.isnan(b).any() or np.isnan(a).any():
-        return False, 0, math.nan
-    up = (a > b) & np.isfinite(b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(up, np.where(b > 0, (a - b) / np.where(b > 0, b, 1.0), np.inf), 0.0)
-    worst = float(rel.max())
-    return bool(worst <= tol), int(up.sum()), worst
 
 
 def rule_depth_independent(
@@ -216,57 +201,72 @@ def _fit(
     """Train the ensemble of ``build(run)`` over this rank's runs; the CSV's rows of every rank.
 
     One CSV unit per epoch (its loss rows and hook rows, every rank's, sorted by ``sort_key``).
-    Skips training when every epoch's unit is already in the CSV.
+    Skips training when every epoch's unit is already in the CSV. Builds and trains under
+    :func:`_threads`. The checkpoint ``NAME.ckpt.pt`` resumes an interrupted run; it is removed
+    when the reproduction completes.
     """
     table = ctx.table(columns)
+    # the checkpoint (and train's fallback PATH.prev) only serves to resume: removed once the JSON is written
+    checkpoint = ctx.scratch_path(".ckpt.pt")
+    previous = ctx.scratch_path(".ckpt.pt.prev")
     keys = [f"epoch {e}" for e in range(cfg["epochs"] + 1)]
     if agree_min(int(all(table.done(k) for k in keys))):
         return table.rows()
-    runs = shard_runs(cfg["runs"])
-    if not runs:
-        raise ValueError(f"{cfg['runs']} run(s) cannot be shared among more ranks; use --runs ≥ the world size")
-    groups: dict[str, list[nn.Module]] = {}
-    for r in runs:
-        for name, model in build(r).items():
-            groups.setdefault(name, []).append(model)
-    ens = Ensemble(groups, run_ids=runs, device=ctx.device)
-    del groups  # the ensemble holds stacked copies
-    if prepare is not None:
-        prepare(ens)
-    out: list[dict] = []
-    handled = 0
+    with _threads(ctx):  # building the models too
+        runs = shard_runs(cfg["runs"])
+        if not runs:
+            raise ValueError(f"{cfg['runs']} run(s) cannot be shared among more ranks; "
+                             "use --runs ≥ the world size")
+        groups: dict[str, list[nn.Module]] = {}
+        for r in runs:
+            for name, model in build(r).items():
+                groups.setdefault(name, []).append(model)
+        ens = Ensemble(groups, run_ids=runs, device=ctx.device)
+        del groups  # the ensemble holds stacked copies
+        if prepare is not None:
+            prepare(ens)
+        out: list[dict] = []
+        handled = 0
 
-    def flush(logs: list[EpochLog]) -> None:  # a collective under torchrun: all ranks, same logs
-        nonlocal handled
-        for log in logs[handled:]:
-            mine = [loss_row(g, r, log, log.loss[i][j]) for i, g in enumerate(ens.names)
-                    for j, r in enumerate(ens.run_ids)] + log.rows
-            rows = sorted(gather_rows(mine), key=sort_key)
-            out.extend(table.unit(f"epoch {log.epoch}", lambda rows=rows: rows))
-        handled = len(logs)
+        def flush(logs: list[EpochLog]) -> None:  # a collective under torchrun: all ranks, same logs
+            nonlocal handled
+            for log in logs[handled:]:
+                mine = [loss_row(g, r, log, log.loss[i][j]) for i, g in enumerate(ens.names)
+                        for j, r in enumerate(ens.run_ids)] + log.rows
+                rows = sorted(gather_rows(mine), key=sort_key)
+                out.extend(table.unit(f"epoch {log.epoch}", lambda rows=rows: rows))
+            handled = len(logs)
 
-    tcfg = TrainConfig(epochs=cfg["epochs"], batch_size=cfg["batch"], lr=cfg["lr"], seed=ctx.seed)
-    result = train(ens, *data, tcfg, on_epoch=flush, checkpoint=ctx.path(".ckpt.pt"), tag=cfg,
-                   progress=ctx.show_progress, desc=ctx.name, **hooks)
-    flush(result.logs)
-    if result.resumed_from:
-        ctx.note(f"resumed training after epoch {result.resumed_from} from {ctx.path('.ckpt.pt')}")
-    ctx.path(".ckpt.pt.prev").unlink(missing_ok=True)
-    return out
+        tcfg = TrainConfig(epochs=cfg["epochs"], batch_size=cfg["batch"], lr=cfg["lr"], seed=ctx.seed)
+        result = train(ens, *data, tcfg, on_epoch=flush, checkpoint=checkpoint, tag=cfg,
+                       progress=ctx.show_progress, desc=ctx.name, **hooks)
+        flush(result.logs)
+        if result.resumed_from:
+            ctx.note(f"resumed training after epoch {result.resumed_from} from {checkpoint}")
+        previous.unlink(missing_ok=True)
+        return out
+
+
+def _fit_ln(
+    ctx: RunContext,
+    cfg: dict,
+    data: tuple[torch.Tensor, torch.Tensor],
+    classes: int,
+    columns: Sequence[str],
+    loss_row: Callable[[str, int, EpochLog, float], dict],
+    **hooks,
+) -> list[dict]:
+    """:func:`_fit` for one LN-MLP classifier (:func:`_ln_classifier`) per activation of
+    ``cfg["acts"]``, rows sorted by activation then run; ``columns`` must include ``act``."""
+    acts = cfg["acts"]
+    order = {a: i for i, a in enumerate(acts)}
+    d_in = data[0].shape[1]
+    return _fit(ctx, cfg, lambda r: {a: _ln_classifier(a, cfg, d_in, classes, ctx.seed, r) for a in acts},
+                data, columns, loss_row, sort_key=lambda r: (order[r["act"]], r["run"]), **hooks)
 
 
 def _select(rows: list[dict], **match) -> list[dict]:
     return [r for r in rows if all(r[k] == v for k, v in match.items())]
-
-
-def _loss_curves(rows: list[dict], group_col: str, group: str, epochs: int, **match) -> np.ndarray:
-    """``(runs, epochs + 1)`` training losses of one group (NaN: diverged)."""
-    sel = _select(rows, **{group_col: group}, **match)
-    runs = sorted({r["run"] for r in sel})
-    out = np.full((len(runs), epochs + 1), np.nan)
-    for r in sel:
-        out[runs.index(r["run"]), int(r["epoch"])] = float(r["loss"] if "loss" in r else r["value"])
-    return out
 
 
 def _beta_colors(betas: dict[str, float]) -> dict[str, tuple]:
@@ -287,7 +287,7 @@ def _training_config(ctx: RunContext, quick: dict, full: dict) -> dict:
 
 
 def _fig7_config(ctx: RunContext) -> dict:
-    full = {"acts": _FIG7_ACTS, "depth": 10, "width": 1000, "batch": 512, "lr": 0.01, "epochs": 20,
+    full = {"acts": FIG7_ACTS, "depth": 10, "width": 1000, "batch": 512, "lr": 0.01, "epochs": 20,
             "runs": ctx.n_runs(default=5, quick=2), "dataset": "cifar10", "train_size": None}
     quick = {**full, "width": 128, "batch": 64, "epochs": 5, "train_size": 2000}
     return _training_config(ctx, quick, full)
@@ -299,23 +299,17 @@ def _ln_loss_row(group: str, run: int, log: EpochLog, loss: float) -> dict:
 
 @reproduction(
     "fig7",
-    paper=JOUDAKI,
+    paper=joudaki.PAPER,
     figure="Fig. 7",
     claim="SGD trains the LayerNorm MLP faster for activations with a larger isometry strength β",
     config=_fig7_config,
 )
 def _fig7(ctx: RunContext, cfg: dict) -> Outcome:
-    (X, y), _, classes = _data(ctx, cfg)
+    data, _, classes = _data(ctx, cfg)
     acts = cfg["acts"]
-    order = {a: i for i, a in enumerate(acts)}
-    with _threads(ctx):
-        rows = _fit(
-            ctx, cfg, lambda r: {a: _ln_classifier(a, cfg, X.shape[1], classes, ctx.seed, r) for a in acts},
-            (X, y), ["act", "beta", "run", "epoch", "loss"], _ln_loss_row,
-            sort_key=lambda r: (order[r["act"]], r["run"]),
-        )
+    rows = _fit_ln(ctx, cfg, data, classes, ["act", "beta", "run", "epoch", "loss"], _ln_loss_row)
     betas = {a: isometry_strength(a) for a in acts}
-    curves = {a: _loss_curves(rows, "act", a, cfg["epochs"]) for a in acts}
+    curves = {a: run_curves(rows, "loss", "epoch", cfg["epochs"] + 1, act=a) for a in acts}  # NaN: diverged
     final = {a: float(np.mean(_diverged_as_inf(c[:, -1]))) for a, c in curves.items()}
     mean_loss = {a: float(np.mean(_diverged_as_inf(c[:, 1:]))) for a, c in curves.items()}
     held, rho = rule_fig7([betas[a] for a in acts], [final[a] for a in acts])
@@ -347,22 +341,18 @@ def _fig7(ctx: RunContext, cfg: dict) -> Outcome:
 
 
 def _fig2t_config(ctx: RunContext) -> dict:
-    full = {"acts": _FIG7_ACTS, "depth": 10, "width": 1000, "batch": 512, "lr": 0.01, "epochs": 20,
+    full = {"acts": FIG7_ACTS, "depth": 10, "width": 1000, "batch": 512, "lr": 0.01, "epochs": 20,
             "runs": ctx.n_runs(default=5, quick=1), "dataset": "cifar10", "train_size": None,
-            "probe_every": 100, "probe_batch": 512, "tolerance": _NORM_TOL}
+            "probe_every": 100, "probe_batch": 512, "tolerance": NORM_RISE_TOL}
     # probe batch < width: a centred representation of d features has rank ≤ d − 1
     quick = {**full, "width": 128, "batch": 64, "epochs": 3, "train_size": 2000, "probe_every": 15,
              "probe_batch": 64}
     return _training_config(ctx, quick, full)
 
 
-def _site_order(depth: int) -> list[tuple[int, str]]:
-    return [(0, "input"), (0, "norm")] + [(ell, s) for ell in range(1, depth + 1) for s in ("fc", "act", "norm")]
-
-
 @reproduction(
     "fig2-trained",
-    paper=JOUDAKI,
+    paper=joudaki.PAPER,
     figure="Fig. 2 (right, after training)",
     claim="after SGD training too, layer-norm layers never raise the isometry gap (Corollary 2 holds for "
           "any weights)",
@@ -371,7 +361,6 @@ def _site_order(depth: int) -> list[tuple[int, str]]:
 def _fig2_trained(ctx: RunContext, cfg: dict) -> Outcome:
     (X, y), _, classes = _data(ctx, cfg)
     acts = cfg["acts"]
-    order = {a: i for i, a in enumerate(acts)}
     gen = torch.Generator().manual_seed(ctx.seed + 77)
     probe_x = X[torch.randperm(X.shape[0], generator=gen)[: cfg["probe_batch"]]].to(ctx.device)
 
@@ -380,7 +369,7 @@ def _fig2_trained(ctx: RunContext, cfg: dict) -> Outcome:
         for a in ens.names:
             for i, run in enumerate(ens.run_ids):
                 body = ens.member(a, i).body
-                for r in _site_gaps(body, probe_x):
+                for r in site_gaps(body, probe_x):
                     rows.append({"act": a, "beta": isometry_strength(a), "run": run, "epoch": epoch, "step": step,
                                  "quantity": "gap", "layer": r["layer"], "site": r["site"], "value": r["gap"],
                                  "theorem1_holds": r["theorem1_holds"]})
@@ -391,14 +380,11 @@ def _fig2_trained(ctx: RunContext, cfg: dict) -> Outcome:
                 "quantity": "loss", "layer": "", "site": "", "value": loss, "theorem1_holds": ""}
 
     columns = ["act", "beta", "run", "epoch", "step", "quantity", "layer", "site", "value", "theorem1_holds"]
-    with _threads(ctx):
-        rows = _fit(ctx, cfg, lambda r: {a: _ln_classifier(a, cfg, X.shape[1], classes, ctx.seed, r) for a in acts},
-                    (X, y), columns, loss_row, sort_key=lambda r: (order[r["act"]], r["run"]),
-                    measure=measure, every=cfg["probe_every"])
+    rows = _fit_ln(ctx, cfg, (X, y), classes, columns, loss_row, measure=measure, every=cfg["probe_every"])
 
     gaps = [r for r in rows if r["quantity"] == "gap"]
     steps = sorted({r["step"] for r in gaps})
-    sites = _site_order(cfg["depth"])
+    sites = site_order(cfg["depth"])
     index = {s: i for i, s in enumerate(sites)}
     runs = sorted({r["run"] for r in gaps})
     # values[act][step] : (runs, sites) gaps of the sites in plotting order
@@ -410,11 +396,9 @@ def _fig2_trained(ctx: RunContext, cfg: dict) -> Outcome:
             values[r["act"]][r["step"]][runs.index(r["run"]), index[key]] = float(r["value"])
         if r["site"] == "norm:normalized" and r["theorem1_holds"] == 0:
             t1_fail["init" if r["step"] == 0 else "trained"] += 1
-    norm_cols = [i for i, (_, s) in enumerate(sites) if s == "norm"]
     verdicts = {}
     for phase, chosen in (("init", [0]), ("trained", [s for s in steps if s > 0])):
-        before = np.concatenate([values[a][s][:, [i - 1 for i in norm_cols]].ravel() for a in acts for s in chosen])
-        after = np.concatenate([values[a][s][:, norm_cols].ravel() for a in acts for s in chosen])
+        before, after = norm_site_gaps(np.stack([values[a][s] for a in acts for s in chosen]), sites)
         ok, rises, worst = rule_norms_never_raise(before, after, cfg["tolerance"])
         verdicts[phase] = {"held": ok and t1_fail[phase] == 0, "norm_sites": int(before.size),
                            "norm_sites_raising_gap": rises, "max_relative_rise": worst,
@@ -422,18 +406,13 @@ def _fig2_trained(ctx: RunContext, cfg: dict) -> Outcome:
 
     betas = {a: isometry_strength(a) for a in acts}
     colors = _beta_colors(betas)
-    names = [s if ell == 0 and s == "input" else f"{s}-{ell}" for ell, s in sites]
     fig, axes = new_figure(3, ncols=3, size=(6.0, 4.0))
     last = steps[-1]
     for ax, step, title in ((axes[0], 0, "at initialisation"), (axes[1], last, f"after training (step {last})")):
-        for i, (_, s) in enumerate(sites):
-            if s in ("norm", "act"):
-                ax.axvspan(i - 0.5, i + 0.5, color="tab:blue" if s == "norm" else "tab:green", alpha=0.12, lw=0)
         for a in sorted(acts, key=betas.get):
             plot_depth_curves(ax, values[a][step], label=f"{a}, β = {betas[a]:.2f}", color=colors[a],
                               layers=np.arange(len(sites)))
-        ax.set_xticks(np.arange(len(sites)), names, rotation=90, fontsize=6)
-        ax.set_xlabel("site (blue: layer norm, green: activation)")
+        draw_site_axis(ax, sites, fontsize=6)
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=6)
     out_col = index[(cfg["depth"], "norm")]
@@ -474,7 +453,7 @@ def _bn_group(weights: str, depth: int) -> str:
 
 @reproduction(
     "meterez-fig4",
-    paper=METEREZ,
+    paper=meterez.PAPER,
     figure="Fig. 4",
     claim="with orthogonal weights and batch norm, SGD reaches a test accuracy that does not depend on depth",
     config=_m4_config,
@@ -483,7 +462,8 @@ def _meterez_fig4(ctx: RunContext, cfg: dict) -> Outcome:
     train_xy, (Xt, yt), classes = _data(ctx, cfg, n_test=cfg["test_size"])
     Xt, yt = Xt.to(ctx.device), yt.to(ctx.device)
     combos = [(w, L) for w in cfg["weights"] for L in cfg["depths"]]
-    order = {_bn_group(w, L): i for i, (w, L) in enumerate(combos)}
+    group = {_bn_group(w, L): (w, L) for w, L in combos}
+    order = {g: i for i, g in enumerate(group)}
     d_in = train_xy[0].shape[1]
 
     def build(run: int) -> dict[str, nn.Module]:
@@ -505,29 +485,22 @@ def _meterez_fig4(ctx: RunContext, cfg: dict) -> Outcome:
                     finite[g] &= torch.isfinite(logits).flatten(1).all(-1)
         rows = []
         for g in ens.names:
-            w, L = next((w, L) for w, L in combos if _bn_group(w, L) == g)
+            w, L = group[g]
             acc = torch.where(finite[g], hits[g] / nb, torch.nan).tolist()
             rows += [{"weights": w, "depth": L, "run": run, "epoch": epoch, "quantity": "test_accuracy",
                       "value": a} for run, a in zip(ens.run_ids, acc)]
         return rows
 
-    def loss_row(group: str, run: int, log: EpochLog, loss: float) -> dict:
-        w, L = next((w, L) for w, L in combos if _bn_group(w, L) == group)
+    def loss_row(name: str, run: int, log: EpochLog, loss: float) -> dict:
+        w, L = group[name]
         return {"weights": w, "depth": L, "run": run, "epoch": log.epoch, "quantity": "train_loss", "value": loss}
 
-    with _threads(ctx):
-        rows = _fit(ctx, cfg, build, train_xy, ["weights", "depth", "run", "epoch", "quantity", "value"], loss_row,
-                    sort_key=lambda r: (order[_bn_group(r["weights"], r["depth"])], r["run"]), evaluate=evaluate)
+    rows = _fit(ctx, cfg, build, train_xy, ["weights", "depth", "run", "epoch", "quantity", "value"], loss_row,
+                sort_key=lambda r: (order[_bn_group(r["weights"], r["depth"])], r["run"]), evaluate=evaluate)
 
     E = cfg["epochs"]
-    acc = {}
-    for w, L in combos:
-        sel = _select(rows, weights=w, depth=L, quantity="test_accuracy")
-        runs = sorted({r["run"] for r in sel})
-        a = np.full((len(runs), E + 1), np.nan)
-        for r in sel:
-            a[runs.index(r["run"]), int(r["epoch"])] = float(r["value"])
-        acc[w, L] = a
+    acc = {(w, L): run_curves(rows, "value", "epoch", E + 1, weights=w, depth=L, quantity="test_accuracy")
+           for w, L in combos}
     final = {w: {L: float(np.mean(acc[w, L][:, -1])) for L in cfg["depths"]} for w in cfg["weights"]}
     diverged = {w: int(sum(np.isnan(acc[w, L][:, -1]).sum() for L in cfg["depths"])) for w in cfg["weights"]}
     chance = 1.0 / classes
@@ -585,7 +558,7 @@ def _weight_gram(W: torch.Tensor) -> torch.Tensor:
 
 @reproduction(
     "meterez-fig6",
-    paper=METEREZ,
+    paper=meterez.PAPER,
     figure="Fig. 6 (App. F)",
     claim="during SGD the middle layers' weights of a deep orthogonal batch-norm MLP stay near-orthogonal, "
           "although their gradients are not negligible",
@@ -632,10 +605,9 @@ def _meterez_fig6(ctx: RunContext, cfg: dict) -> Outcome:
         return {"series": group, "run": run, "epoch": log.epoch, "step": log.step, "layer": "",
                 "quantity": "train_loss", "value": loss}
 
-    with _threads(ctx):
-        rows = _fit(ctx, cfg, build, (X, y), ["series", "run", "epoch", "step", "layer", "quantity", "value"],
-                    loss_row, sort_key=lambda r: (order[r["series"]], r["run"]), prepare=prepare,
-                    measure=measure, every=cfg["record_every"])
+    rows = _fit(ctx, cfg, build, (X, y), ["series", "run", "epoch", "step", "layer", "quantity", "value"],
+                loss_row, sort_key=lambda r: (order[r["series"]], r["run"]), prepare=prepare,
+                measure=measure, every=cfg["record_every"])
 
     steps = sorted({r["step"] for r in rows if r["quantity"] == "wtw_minus_i"})
     mid = [ell for ell in range(1, L + 1) if L / 3 <= ell <= 2 * L / 3]
@@ -664,7 +636,7 @@ def _meterez_fig6(ctx: RunContext, cfg: dict) -> Outcome:
         mid_defect = float(np.max(defect[:, mid_i]))
         mid_move = float(np.mean(move[:, mid_i, -1]))
         all_move = float(np.mean(move[:, hid_i, -1]))
-        loss = _loss_curves([r for r in rows if r["quantity"] == "train_loss"], "series", name, cfg["epochs"])
+        loss = run_curves(rows, "value", "epoch", cfg["epochs"] + 1, series=name, quantity="train_loss")
         loss_ratio = float(np.mean(loss[:, -1]) / np.mean(loss[:, 0]))
         ok = rule_near_orthogonal(mid_defect, mid_move, all_move, loss_ratio, cfg["max_defect"],
                                   cfg["min_move_ratio"], cfg["max_loss_ratio"])
