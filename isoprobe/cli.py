@@ -21,3 +21,190 @@ def main() -> None:
 
 
 # Each command is registered below by its own section; keep sections independent.
+
+
+# --- repro: paper reproductions, one command each (isoprobe.experiments) -----------------------
+
+
+def _repro_list() -> str:
+    from isoprobe.experiments import REGISTRY
+
+    lines, paper = [], None
+    width = max(len(r.name) for r in REGISTRY.values())
+    fig_width = max(len(r.figure) for r in REGISTRY.values())
+    for rep in REGISTRY.values():
+        if rep.paper != paper:
+            paper = rep.paper
+            lines.append(("" if not lines else "\n") + paper)
+        lines.append(f"  {rep.name:<{width}}  {rep.figure:<{fig_width}}  {rep.claim}")
+    return "\n".join(lines)
+
+
+@main.command("repro")
+@click.argument("names", nargs=-1)
+@click.option("--list", "show_list", is_flag=True, help="List the reproductions: name, figure, claim, by paper.")
+@click.option("--quick", is_flag=True, help="Smaller sizes and fewer runs; the claims stay decidable.")
+@click.option("--runs", type=click.IntRange(min=1), default=None,
+              help="Independent runs per series (default: the paper's, usually 10; fewer with --quick).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights and inputs.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results", show_default=True,
+              help="Output directory; a partly filled one is resumed, finished reproductions are skipped.")
+@click.option("--data", default="auto", show_default=True,
+              help="Image data for fig2/figC4 and the like: auto (the paper's data set, else the built-in "
+                   "synthetic set, said so), synthetic, digits, mnist, fashion_mnist, cifar10, cifar100.")
+@click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
+def repro_command(names: tuple[str, ...], show_list: bool, quick: bool, runs: int | None, seed: int,
+                  device: str, out_dir: str, data: str, no_progress: bool) -> None:
+    """Reproduce figures and tables of the papers: NAME... or all.
+
+    Each reproduction writes OUT/NAME.csv (tidy data), OUT/NAME.png (the figure) and
+    OUT/NAME.json (claim, measured, theory, held, the rule deciding it, config, elapsed_s).
+
+    \b
+    Examples:
+      isoprobe repro --list
+      isoprobe repro fig3 fig4 --quick --out results/
+      isoprobe repro all --quick --data synthetic
+    """
+    from isoprobe import experiments
+    from isoprobe.data import IMAGE_SOURCES, DataUnavailable, is_image_source
+
+    if show_list:
+        click.echo(_repro_list())
+        return
+    if data != "auto" and not is_image_source(data):
+        raise click.UsageError(f"--data must be auto, one of {', '.join(IMAGE_SOURCES)}, or a path to a .npz "
+                               f"file or an image folder; got {data!r}")
+    try:
+        summaries = experiments.run_reproductions(
+            names, quick=quick, runs=runs, seed=seed, device=device, out_dir=out_dir, data=data,
+            show_progress=not no_progress, echo=lambda msg: click.echo(msg, err=True),
+        )
+    except experiments.ReproductionOptionError as exc:  # unknown name, no CUDA: checked before running
+        raise click.UsageError(str(exc)) from exc
+    except DataUnavailable as exc:  # --data NAME that cannot be had here
+        raise click.ClickException(str(exc)) from exc
+    failed = [s["name"] for s in summaries if not s["held"]]
+    click.echo(f"{len(summaries)} reproduction(s) in {out_dir}: {len(summaries) - len(failed)} held"
+               + (f", did not hold: {', '.join(failed)}" if failed else ""))
+
+
+# --- beta: Hermite statistics and isometry strength of activations (SPEC §3) -------------------
+
+
+@main.command("beta")
+@click.argument("activations", nargs=-1)
+@click.option("--gain", "gains", type=float, multiple=True,
+              help="Pre-activation gain α: σ(α x) (repeatable; default 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--list", "show_list", is_flag=True,
+              help="Show the registry: name, formula, kinks, whether β has a closed form.")
+def beta_command(activations: tuple[str, ...], gains: tuple[float, ...], as_json: bool, show_list: bool) -> None:
+    """Isometry strength β = 2 − c1²/σ̄(1) of activations, by exact quadrature.
+
+    For each ACTIVATION (a registry name) and gain: c0 = E σ(αz), c1 = E[z σ(αz)],
+    σ̄(1) = Var σ(αz), β (Joudaki et al. 2023, Definition 3) and β's closed form where one
+    exists (Table 2, Table C.1).
+
+    \b
+    Examples:
+      isoprobe beta relu tanh sin --gain 1 --gain 2
+      isoprobe beta exp --gain 0.5 --json
+      isoprobe beta --list
+    """
+    from isoprobe import activations as registry
+    from isoprobe import hermite
+
+    if show_list:
+        click.echo(registry.registry_report(as_json))
+        return
+    if not activations:
+        raise click.UsageError(
+            "name at least one activation, e.g. `isoprobe beta relu tanh --gain 1 --gain 2` "
+            "(`isoprobe beta --list` shows them all)"
+        )
+    try:
+        click.echo(hermite.beta_report(activations, gains or (1.0,), as_json))
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+
+
+# --- gpt2 and inspect: isometry of a transformer's tokens at every norm and activation --------
+
+
+def _text_probe_options(command):
+    """Options shared by ``gpt2`` and ``inspect`` (see isoprobe.models.run_gpt2/run_inspect)."""
+    options = [
+        click.option("--text", "texts", multiple=True, help="A text to probe (repeatable)."),
+        click.option("--text-file", "text_files", multiple=True, type=click.Path(dir_okay=False),
+                     help="A file of texts, separated by blank lines (repeatable)."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+                     default="float32", show_default=True, help="The model's dtype."),
+        click.option("--sites", default=None,
+                     help="Comma-separated: norm, activation, or globs on module names "
+                          "(e.g. 'transformer.h.*.ln_*'). Default: all."),
+        click.option("--out", type=click.Path(file_okay=False), default=None,
+                     help="Write table.txt, records.csv, records.json and plot.png to this folder."),
+        click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
+                     default="table", show_default=True, help="What to print."),
+        click.option("--plot", type=click.Path(dir_okay=False), default=None,
+                     help="Save the gap-along-depth plot (PNG) here."),
+        click.option("--train-mode", is_flag=True,
+                     help="Run with dropout on, as the paper's notebook did (default: eval mode)."),
+        click.option("--stride", type=int, default=None,
+                     help="Probe texts longer than the context in windows starting every STRIDE "
+                          "tokens (default: truncate, with a warning)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option("--gram-dtype", type=click.Choice(["float64", "float32"]), default="float64",
+                     show_default=True,
+                     help="Gram dtype (float32: less exact near collapse, and on CPU not faster)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _run_text_probe(job_name: str, **options) -> None:
+    from isoprobe import models
+
+    try:
+        output = getattr(models, job_name)(notify=lambda m: click.echo(m, err=True), **options)
+    except (ValueError, models.ModelLoadError) as error:
+        raise click.UsageError(str(error)) from None
+    click.echo(output)
+
+
+@main.command("gpt2")
+@click.option("--model", default="gpt2", show_default=True,
+              help="gpt2, another Hub id of a causal LM, or a local checkpoint PATH.")
+@click.option("--init", type=click.Choice(["pretrained", "random"]), default="pretrained",
+              show_default=True, help="random: GPT-2 small's config with random weights (offline).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --init random and of dropout.")
+@_text_probe_options
+def gpt2_command(**options) -> None:
+    """Token isometry before and after every LayerNorm and activation of GPT-2.
+
+    One Gram per text over its tokens (Joudaki et al., App. C.4 / Fig. C.5); for every
+    LayerNorm the Theorem 1 bound I(normalized) >= I(centered) * norm-variation factor.
+
+    \b
+    Example:
+      isoprobe gpt2 --init random --text "The quick brown fox jumps over the lazy dog."
+    """
+    _run_text_probe("run_gpt2", **options)
+
+
+@main.command("inspect")
+@click.option("--model", required=True, help="A Hub id or local PATH of any transformers AutoModel.")
+@click.option("--dataset", default=None,
+              help="Read texts from a datasets dataset: Hub name, saved directory or csv/json/parquet/txt file.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--column", default="text", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=16, show_default=True, help="Rows to read.")
+@_text_probe_options
+def inspect_command(**options) -> None:
+    """Token isometry at every norm and activation of any transformers model (BERT, GPT-2,
+    Llama-style, ...), with the Theorem 1 check at every norm."""
+    _run_text_probe("run_inspect", **options)

@@ -1,0 +1,124 @@
+"""Probe in training code: a HuggingFace ``TrainerCallback`` and a TensorBoard helper.
+
+    from isoprobe.integrations import ProbeCallback, tensorboard_writer
+    callback = ProbeCallback(sites="norm", every=50, writer=tensorboard_writer("runs/iso"))
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+    callback.history   # one row per (recorded step, site, point): mean/std of the isometry gap
+
+``every`` counts forward calls of the model (with gradient accumulation, several per optimizer
+step; evaluation forwards count too and are probed as well). TensorBoard is optional:
+:func:`tensorboard_writer` says how to install it when it is missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from transformers import TrainerCallback
+
+from isoprobe.hooks import Probe, View
+from isoprobe.records import summarize
+
+__all__ = ["ProbeCallback", "log_summary", "tensorboard_writer"]
+
+
+class ScalarWriter(Protocol):
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int) -> Any: ...
+
+
+def tensorboard_writer(log_dir: str | Path) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` for ``log_dir``; needs ``tensorboard``."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ImportError(
+            "the TensorBoard helper needs the tensorboard package: pip install tensorboard "
+            "(or pass any object with add_scalar(tag, value, step) as the writer)"
+        ) from error
+    return SummaryWriter(str(log_dir))
+
+
+def log_summary(
+    writer: ScalarWriter,
+    rows: Sequence[dict[str, Any]],
+    step: int,
+    prefix: str = "isoprobe",
+) -> int:
+    """Write summary rows (:func:`records.summarize`, ``probe.summary()``) as scalars.
+
+    Tags: ``{prefix}/isometry/{site}:{point}`` (mean isometry), ``{prefix}/gap/{site}:{point}``
+    (mean gap, left out when infinite) and ``{prefix}/theorem1_violations/{site}``. Returns the
+    number of scalars written.
+    """
+    written = 0
+    for row in rows:
+        key = f"{row['site']}:{row['point']}"
+        if row["isometry_mean"] is not None:
+            writer.add_scalar(f"{prefix}/isometry/{key}", row["isometry_mean"], step)
+            written += 1
+        if row["gap_mean"] is not None and math.isfinite(row["gap_mean"]):
+            writer.add_scalar(f"{prefix}/gap/{key}", row["gap_mean"], step)
+            written += 1
+        if row["theorem1_checked"]:
+            writer.add_scalar(f"{prefix}/theorem1_violations/{row['site']}", row["theorem1_violations"], step)
+            written += 1
+    return written
+
+
+class ProbeCallback(TrainerCallback):
+    """Probe the model while a HuggingFace ``Trainer`` trains it.
+
+    On train begin a :class:`~isoprobe.hooks.Probe` (``sites``, ``view``, ``every``,
+    ``gram_dtype``) is attached to the model; after every optimizer step its new records are
+    summarised per (site, point) (:func:`records.summarize`) and appended to ``history`` with
+    the ``global_step``, and written to ``writer`` if one is given; on train end the hooks are
+    removed. Call :meth:`close` yourself if training stops with an exception.
+    """
+
+    def __init__(
+        self,
+        sites: str | Sequence[str] | None = None,
+        view: View = "auto",
+        every: int = 50,
+        gram_dtype: torch.dtype = torch.float64,
+        writer: ScalarWriter | None = None,
+    ) -> None:
+        self.probe_options = dict(sites=sites, view=view, every=every, gram_dtype=gram_dtype)
+        self.writer = writer
+        self.history: list[dict[str, Any]] = []
+        self.probe: Probe | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
+                       **kwargs: Any) -> None:
+        if model is None:
+            raise ValueError("ProbeCallback needs the model: the Trainer passes it to on_train_begin")
+        self.close()
+        self.probe = Probe(model, **self.probe_options).attach()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._collect(state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._collect(state.global_step)
+        self.close()
+
+    def close(self) -> None:
+        """Remove the probe's hooks (idempotent)."""
+        if self.probe is not None:
+            self.probe.detach()
+            self.probe = None
+
+    def _collect(self, step: int) -> None:
+        if self.probe is None:
+            return
+        records = self.probe.pop_records()
+        if not records:
+            return
+        rows = summarize(records)
+        self.history += [{"global_step": step, **row} for row in rows]
+        if self.writer is not None:
+            log_summary(self.writer, rows, step)

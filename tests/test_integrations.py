@@ -1,0 +1,110 @@
+"""ProbeCallback driven like a Trainer drives it, the TensorBoard helper, and the examples."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import TrainerControl, TrainerState
+
+from isoprobe.integrations import ProbeCallback, log_summary, tensorboard_writer
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+class FakeWriter:
+    def __init__(self):
+        self.scalars: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+
+def test_callback_records_every_nth_forward_and_removes_hooks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    writer = FakeWriter()
+    callback = ProbeCallback(sites="norm", every=2, writer=writer)
+    state, control = TrainerState(), TrainerControl()
+    callback.on_train_begin(None, state, control, model=model)
+    for step in range(1, 7):
+        loss = model(torch.randn(16, 24)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        state.global_step = step
+        callback.on_step_end(None, state, control)
+    callback.on_train_end(None, state, control)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    assert sorted({row["global_step"] for row in callback.history}) == [1, 3, 5]
+    assert {(row["site"], row["point"]) for row in callback.history} == {
+        ("1", p) for p in ("pre", "centered", "normalized", "post")
+    }
+    logged = {(tag, step): value for tag, value, step in writer.scalars}
+    for row in callback.history:
+        key = f"{row['site']}:{row['point']}"
+        assert logged[(f"isoprobe/isometry/{key}", row["global_step"])] == row["isometry_mean"]
+        assert logged[(f"isoprobe/gap/{key}", row["global_step"])] == row["gap_mean"]
+    assert logged[("isoprobe/theorem1_violations/1", 5)] == 0
+
+
+def test_log_summary_skips_infinite_gaps():
+    rows = [{"site": "s", "point": "pre", "isometry_mean": 0.0, "gap_mean": float("inf"),
+             "theorem1_checked": 0, "theorem1_violations": 0}]
+    writer = FakeWriter()
+    assert log_summary(writer, rows, 7, prefix="p") == 1
+    assert writer.scalars == [("p/isometry/s:pre", 0.0, 7)]
+
+
+def test_callback_needs_the_model():
+    with pytest.raises(ValueError, match="needs the model"):
+        ProbeCallback().on_train_begin(None, TrainerState(), TrainerControl())
+
+
+def test_tensorboard_missing_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        tensorboard_writer("runs/x")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
+def test_tensorboard_writer_writes_event_file(tmp_path):
+    writer = tensorboard_writer(tmp_path)
+    writer.add_scalar("x", 1.0, 0)
+    writer.close()
+    assert any(p.name.startswith("events.out") for p in tmp_path.iterdir())
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), EXAMPLES / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_hf_model(tmp_path, capsys):
+    load_example("probe_hf_model.py").main(tmp_path)
+    out = capsys.readouterr().out
+    assert "transformer.h.3.ln_1:normalized" in out and out.count("yes 2/2") == 9
+    assert (tmp_path / "plot.png").exists() and (tmp_path / "records.csv").exists()
+
+
+def test_example_training_loop(capsys):
+    load_example("probe_training_loop.py").main(steps=41, every=20)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert len(lines) == 3 and all(line.endswith("Theorem 1 held: True") for line in lines)
+
+
+def test_example_trainer(capsys):
+    example = load_example("probe_trainer.py")
+    if importlib.util.find_spec("accelerate") is None:
+        with pytest.raises(SystemExit, match="accelerate"):
+            example.main()
+    else:
+        example.main(steps=8)
+        assert "Theorem 1 violations 0/" in capsys.readouterr().out
