@@ -11,7 +11,9 @@
 attribute, whose output does not change when its input is scaled: it is LayerNorm-like if it
 also ignores a constant shift, RMSNorm-like otherwise), torch activation modules
 (``torch.nn.modules.activation`` except the softmax/attention family) and HuggingFace's
-(``transformers.activations``). A site's name is its qualified module name; a record's key is
+(``transformers.activations``), and any module that declares itself with an ``isoprobe_site``
+attribute (``"activation"``, or ``"norm"`` with ``norm_rule`` and ``eps``; isoprobe's own
+networks do). A site's name is its qualified module name; a record's key is
 ``"site:point"``, e.g. ``"transformer.h.3.ln_1:pre"``.
 
 **Points.** Every site has ``pre`` (module input) and ``post`` (module output). A norm site
@@ -104,18 +106,19 @@ class NormSpec:
 
     ``rule``: ``"layer"`` (centre and scale over the last ``dims`` dimensions), ``"rms"`` (scale
     only, over the last ``dims``), ``"group"`` (GroupNorm: per sample and group of channels),
-    ``"batch"`` (per channel over batch and spatial positions). ``eps`` is the module's own
+    ``"batch"`` (per channel over batch and spatial positions), ``"batch-rms"`` (per channel
+    over the batch, scale only: Meterez et al.'s batch norm). ``eps`` is the module's own
     (``None`` for a torch RMSNorm without eps: the input dtype's machine epsilon).
     """
 
-    rule: Literal["layer", "rms", "group", "batch"]
+    rule: Literal["layer", "rms", "group", "batch", "batch-rms"]
     eps: float | None
     dims: int = 1
     groups: int = 1
 
     @property
     def centers(self) -> bool:
-        return self.rule != "rms"
+        return self.rule not in ("rms", "batch-rms")
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,10 +137,20 @@ _EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
 
 
 def _is_activation(module: nn.Module) -> bool:
+    if getattr(module, "isoprobe_site", None) == "activation":
+        return True
     cls = type(module)
     if cls.__module__ == "transformers.activations":
         return True
     return cls.__module__ == nn.modules.activation.__name__ and cls.__name__ not in _SOFTMAX_FAMILY
+
+
+def _declared_norm_spec(module: nn.Module) -> NormSpec | None:
+    """A module that declares itself a norm site: ``isoprobe_site = "norm"``, ``norm_rule`` (a
+    :class:`NormSpec` rule) and ``eps`` attributes (how isoprobe's own networks are seen)."""
+    if getattr(module, "isoprobe_site", None) != "norm":
+        return None
+    return NormSpec(module.norm_rule, float(module.eps))
 
 
 def _torch_norm_spec(module: nn.Module) -> NormSpec | None:
@@ -189,7 +202,7 @@ def discover_sites(model: nn.Module) -> list[Site]:
     """Every norm and activation module of ``model``, in ``named_modules`` order."""
     sites = []
     for name, module in model.named_modules():
-        spec = _torch_norm_spec(module) or _foreign_norm_spec(module)
+        spec = _declared_norm_spec(module) or _torch_norm_spec(module) or _foreign_norm_spec(module)
         if spec is not None:
             sites.append(Site(name, "norm", module, spec))
         elif _is_activation(module):
@@ -262,7 +275,7 @@ def _normalize_parts(x: torch.Tensor, spec: NormSpec) -> tuple[torch.Tensor, tor
     if spec.rule == "group":
         x = x.reshape(shape[0], spec.groups, -1)
         dims: tuple[int, ...] = (-1,)
-    elif spec.rule == "batch":
+    elif spec.rule in ("batch", "batch-rms"):
         dims = (0, *range(2, x.ndim))
     else:
         dims = tuple(range(-spec.dims, 0))
@@ -689,7 +702,7 @@ class Probe:
         if self.view != "auto":
             return self.view
         spec = site.norm
-        if spec is not None and spec.rule == "batch":
+        if spec is not None and spec.rule in ("batch", "batch-rms"):
             return "feature"
         if spec is not None and (spec.rule == "group" or spec.dims == x.ndim - 1):
             return "sample"

@@ -47,7 +47,7 @@ __all__ = [
 
 # Cholesky is trusted only when its smallest pivot is this many rank tolerances above zero;
 # below that the eigenvalues decide (pivots bound λ_min from above, not from below).
-_CHOLESKY_MARGIN = 1e4
+_CHOLESKY_MARGIN = 100.0
 
 
 def _require_tensor(x: object, what: str) -> torch.Tensor:

@@ -632,3 +632,33 @@ def test_cuda_matches_cpu():
         model(x.cuda())
     for a, b in zip(cpu.records, gpu.records):
         assert a.key == b.key and b.isometry_gap == pytest.approx(a.isometry_gap, rel=1e-6)
+
+
+def test_probe_sees_isoprobe_own_networks():
+    """The papers' nets declare their sites: LN-MLP activations and Meterez's RMS batch norm,
+    whose feature-view Corollary 3 check must hold and whose normalized point must equal the
+    module's own output (no affine part)."""
+    from isoprobe.nets import BNMLP, LNMLP
+    from isoprobe.theory import LNMLPSpec
+
+    ln = LNMLP(LNMLPSpec("tanh", depth=3, width=32), in_features=16, seed=0)
+    with Probe(ln) as probe:
+        ln(torch.randn(8, 16))
+    kinds = {(r.site, r.kind) for r in probe.records}
+    assert ("layers.0.act", "activation") in kinds and ("layers.0.norm", "norm") in kinds
+
+    bn = BNMLP(16, 32, 4, weights="orthogonal", norm="rms", activation="identity",
+               generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(24, 16, dtype=torch.float64)
+    with Probe(bn, sites="norm") as probe:
+        bn(x)
+    norm_records = [r for r in probe.records if r.kind == "norm"]
+    assert norm_records and all(r.view == "feature" for r in norm_records)
+    checks = [r for r in norm_records if r.point == "normalized"]
+    assert checks and all(r.theorem1_holds for r in checks)
+    by_site = {}
+    for r in norm_records:
+        by_site.setdefault(r.site, {})[r.point] = r.isometry_gap
+    for points in by_site.values():
+        assert points["normalized"] == pytest.approx(points["post"], rel=1e-9)
+        assert points["centered"] == pytest.approx(points["pre"], rel=1e-12)

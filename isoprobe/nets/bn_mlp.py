@@ -113,6 +113,9 @@ class RMSBatchNorm(nn.Module):
     direction to keep: it stays zero and passes a zero gradient, rather than turning into NaN.
     """
 
+    isoprobe_site = "norm"  # seen by isoprobe.Probe as a feature-view norm (Corollary 3)
+    norm_rule = "batch-rms"
+
     def __init__(self, eps: float = 0.0) -> None:
         super().__init__()
         if not eps >= 0:
@@ -134,6 +137,8 @@ class RMSBatchNorm(nn.Module):
 
 class ShapedActivation(nn.Module):
     """``σ(γ x)`` with a fixed pre-activation gain ``γ`` (Meterez et al., §5 and App. E)."""
+
+    isoprobe_site = "activation"  # seen by isoprobe.Probe
 
     def __init__(self, activation: ActivationLike, gain: float = 1.0) -> None:
         super().__init__()

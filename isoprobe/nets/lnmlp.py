@@ -34,6 +34,8 @@ __all__ = ["Act", "LNBlock", "LNMLP", "Norm"]
 class Act(nn.Module):
     """``σ(α x)`` of a spec, elementwise."""
 
+    isoprobe_site = "activation"  # seen by isoprobe.Probe
+
     def __init__(self, spec: LNMLPSpec) -> None:
         super().__init__()
         self.spec = spec
