@@ -29,15 +29,16 @@ def main() -> None:
 def _repro_list() -> str:
     from isoprobe.experiments import REGISTRY
 
-    lines, paper = [], None
+    by_paper: dict[str, list] = {}
+    for rep in REGISTRY.values():  # papers in order of first registration, each listed once
+        by_paper.setdefault(rep.paper, []).append(rep)
     width = max(len(r.name) for r in REGISTRY.values())
     fig_width = max(len(r.figure) for r in REGISTRY.values())
-    for rep in REGISTRY.values():
-        if rep.paper != paper:
-            paper = rep.paper
-            lines.append(("" if not lines else "\n") + paper)
-        lines.append(f"  {rep.name:<{width}}  {rep.figure:<{fig_width}}  {rep.claim}")
-    return "\n".join(lines)
+    blocks = [
+        "\n".join([paper] + [f"  {r.name:<{width}}  {r.figure:<{fig_width}}  {r.claim}" for r in reps])
+        for paper, reps in by_paper.items()
+    ]
+    return "\n\n".join(blocks)
 
 
 @main.command("repro")
