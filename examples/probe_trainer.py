@@ -3,7 +3,7 @@
 A tiny random GPT-2 learns a toy token sequence for a few steps, offline. The callback keeps one
 summary row per (recorded step, site, point) in ``callback.history``; pass
 ``writer=tensorboard_writer("runs/iso")`` to log them to TensorBoard (needs ``tensorboard``).
-The Trainer itself needs ``accelerate`` (``pip install accelerate``).
+The Trainer itself needs ``accelerate`` (``pip install "isoprobe[trainer]"``, i.e. accelerate ≥ 1.1).
 
     python examples/probe_trainer.py
 """
