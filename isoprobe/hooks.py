@@ -87,6 +87,7 @@ import torch
 from torch import nn
 
 from isoprobe import records as _rec
+from isoprobe.distributed import all_gather_features
 from isoprobe.metrics import gram, isometry_gap, norm_variation_factor, orthogonality_gap
 from isoprobe.records import Record
 
@@ -571,6 +572,13 @@ class Probe:
         the one the model's forward receives.
     gram_dtype: ``torch.float64`` (default) or ``torch.float32`` (cheaper Grams, but not accurate
         near collapse: its rank tolerance flags more Grams as singular; see "Numerics" above).
+    gather: under ``torch.distributed`` (e.g. DistributedDataParallel), form the sample and
+        feature views over the global batch: every rank all-gathers each site's input and output
+        (:func:`isoprobe.distributed.all_gather_features`, no gradient) and records the same
+        global statistics; token Grams stay per rank. Every rank must run the probed forwards.
+        Without a process group it changes nothing.
+    equal_batches: with ``gather``, promise that every rank's batch has the same size (DDP with
+        ``drop_last``), which skips the size exchange and its host synchronisation on a GPU.
 
     Records are made during calls of ``model``; ``probe.records`` lists them in forward order.
     Use as a context manager, or ``attach()``/``detach()`` (e.g. from a training callback).
@@ -589,6 +597,8 @@ class Probe:
         *,
         attention_mask: torch.Tensor | None = None,
         gram_dtype: torch.dtype = torch.float64,
+        gather: bool = False,
+        equal_batches: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -609,6 +619,8 @@ class Probe:
         self.every = every
         self.attention_mask = attention_mask
         self.gram_dtype = gram_dtype
+        self.gather = gather
+        self.equal_batches = equal_batches
         self._tol = math.sqrt(torch.finfo(gram_dtype).eps)
         self._forward_sig = _mask_signature(model)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -683,6 +695,9 @@ class Probe:
                 return
             view = self._view_for(site, x)
             with torch.no_grad(), _no_autocast(x.device):
+                if self.gather and view != "token":  # the global batch under DistributedDataParallel
+                    x = all_gather_features(x, same_size=self.equal_batches)
+                    y = all_gather_features(y, same_size=self.equal_batches)
                 mask = self._mask_for(site, x) if view == "token" else None
                 pending = _measure(site, x.detach(), y.detach(), view, mask, self.gram_dtype, self._step)
                 if not _defer(x.device):

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from isoprobe import distributed
+from isoprobe import Probe, distributed
 from isoprobe.experiments.joudaki import rule_norms_never_raise
 from isoprobe.experiments.training import (
     rule_depth_independent,
@@ -312,6 +312,10 @@ def _worker(rank: int, world: int, init: str, tmp: str) -> None:
         out["gathered"], out["grad"] = gathered, gathered.requires_grad
         out["gram"] = distributed.global_sample_gram(x)
         out["same"] = distributed.all_gather_features(torch.full((2, 3), float(rank)), same_size=True)
+        net = _probe_net()
+        with Probe(net, gather=True) as probe:  # ragged shares of one global batch
+            net(_probe_batch()[sum(_PROBE_SHARES[:rank]): sum(_PROBE_SHARES[: rank + 1])])
+        out["probe"] = [(r.key, r.isometry_gap) for r in probe.records]
         # each rank trains its share of 3 runs; then rank 1 loses its last checkpoint (a crash
         # between the two ranks' saves) and both resume together from epoch 1
         X, y = _data()
@@ -336,6 +340,19 @@ def _worker(rank: int, world: int, init: str, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+_PROBE_SHARES = (5, 7)
+
+
+def _probe_net() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.BatchNorm1d(32), torch.nn.Tanh(),
+                               torch.nn.Linear(32, 16), torch.nn.LayerNorm(16)).eval()  # per-sample maps
+
+
+def _probe_batch() -> torch.Tensor:
+    return torch.randn(sum(_PROBE_SHARES), 6, generator=torch.Generator().manual_seed(2))
+
+
 def test_gather_and_sharded_training_under_gloo(tmp_path):
     world = 2
     mp.spawn(_worker, args=(world, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=world, join=True)
@@ -344,6 +361,10 @@ def test_gather_and_sharded_training_under_gloo(tmp_path):
     cat = torch.cat(xs)
     ref_gram = torch.from_numpy(cat.reshape(len(cat), -1).numpy().astype(np.float64)
                                 @ cat.reshape(len(cat), -1).numpy().astype(np.float64).T)
+    net = _probe_net()
+    with Probe(net) as reference:
+        net(_probe_batch())
+    expected = [(rec.key, rec.isometry_gap) for rec in reference.records]
     for r, out in enumerate(outs):
         assert out["rank_world"] == (r, world)
         assert out["rows"] == [{"rank": 0, "i": 0}, {"rank": 1, "i": 0}, {"rank": 1, "i": 1}]
@@ -351,6 +372,9 @@ def test_gather_and_sharded_training_under_gloo(tmp_path):
         assert torch.equal(out["gathered"], cat) and not out["grad"]
         torch.testing.assert_close(out["gram"], ref_gram, rtol=1e-15, atol=0)
         assert torch.equal(out["same"], torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 2))
+        # the Probe under DDP: every rank records the statistics of the whole batch
+        assert [k for k, _ in out["probe"]] == [k for k, _ in expected]
+        assert [g for _, g in out["probe"]] == pytest.approx([g for _, g in expected], rel=1e-9)
         assert out["resumed_from"] == (1, 1)
     # the sharded, interrupted, resumed training equals one process training all 3 runs
     X, y = _data()
