@@ -86,6 +86,8 @@ def repro_command(names: tuple[str, ...], show_list: bool, quick: bool, runs: in
         raise click.UsageError(str(exc)) from exc
     except DataUnavailable as exc:  # --data NAME that cannot be had here
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # --out not writable
+        raise click.ClickException(f"cannot write {exc.filename or out_dir}: {exc.strerror or exc}") from None
     failed = [s["name"] for s in summaries if not s["held"]]
     click.echo(f"{len(summaries)} reproduction(s) in {out_dir}: {len(summaries) - len(failed)} held"
                + (f", did not hold: {', '.join(failed)}" if failed else ""))
@@ -174,6 +176,8 @@ def _run_text_probe(job_name: str, **options) -> None:
         output = getattr(models, job_name)(notify=lambda m: click.echo(m, err=True), **options)
     except (ValueError, models.ModelLoadError) as error:
         raise click.UsageError(str(error)) from None
+    except OSError as error:  # --out / --plot not writable
+        raise click.ClickException(f"cannot write {error.filename or 'output'}: {error.strerror or error}") from None
     click.echo(output)
 
 

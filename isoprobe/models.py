@@ -96,6 +96,8 @@ def _load(loader: Callable[..., Any], name: str, what: str, hint: str) -> Any:
     except Exception as local_error:  # not cached (OSError), or not a checkpoint directory
         if Path(name).exists():
             raise ModelLoadError(f"cannot load {what} from {name!r}: {_first_line(local_error)}") from None
+        if name.startswith((".", "~")) or os.sep in name:  # meant as a path, and there is none
+            raise ModelLoadError(f"cannot load {what} from {name!r}: no such directory. {hint}") from None
     if not hub_reachable():
         raise ModelLoadError(
             f"cannot load {what} {name!r}: it is not in the local cache and the Hugging Face Hub "
@@ -453,7 +455,8 @@ def _emit(report: TextProbeReport, fmt: str, out: str | Path | None, plot: str |
     table = format_table(report.records)
     t1 = report.theorem1
     footer = (f"Theorem 1 (I(normalized) >= I(centered) * norm-variation factor): "
-              f"{t1['checked'] - t1['violations']}/{t1['checked']} checks held")
+              + (f"{t1['checked'] - t1['violations']}/{t1['checked']} checks held" if t1["checked"]
+                 else "nothing to check (no sequence of at least 2 tokens)"))
     count = len(report.tokens)
     header = (f"model: {report.model}; {count} sequence{'s' * (count != 1)}, "
               f"{sum(report.tokens)} tokens")

@@ -115,7 +115,7 @@ def test_one_token_text_is_reported_undefined(tiny_gpt2_dir):
     assert "single token" in result.stderr
     rows = result.stdout.splitlines()[3:-1]
     assert rows and all("undefined" in row for row in rows)
-    assert result.stdout.splitlines()[-1].endswith("0/0 checks held")
+    assert result.stdout.splitlines()[-1].endswith("nothing to check (no sequence of at least 2 tokens)")
 
 
 def test_long_text_truncated_or_windowed(tiny_gpt2_dir):
@@ -192,3 +192,17 @@ def test_inspect_llama_style_model(minilm_path, tmp_path):
     pre = {(r["site"], r["item"]): r["isometry_gap"] for r in obj["records"] if r["point"] == "pre"}
     centered = {(r["site"], r["item"]): r["isometry_gap"] for r in obj["records"] if r["point"] == "centered"}
     assert all(centered[k] == pre[k] for k in centered)  # RMSNorm: no centering
+
+
+def test_unwritable_outputs_and_missing_paths_give_clean_errors(tiny_gpt2_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for extra in (["--out", str(blocker / "sub")], ["--plot", str(blocker / "sub" / "p.png")]):
+        result = CliRunner().invoke(main, ["gpt2", "--model", str(tiny_gpt2_dir), "--init", "random",
+                                           "--text", "hello there world", *extra])
+        assert result.exit_code == 1 and "cannot write" in result.output, result.output
+        assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["gpt2", "--model", str(tmp_path / "missing"), "--text", "hi there"])
+    assert result.exit_code == 2 and "no such directory" in result.output
+    result = CliRunner().invoke(main, ["repro", "table2", "--out", str(blocker / "sub")])
+    assert result.exit_code == 1 and "cannot write" in result.output
