@@ -170,15 +170,27 @@ def decay_rates(curves: np.ndarray, floor: float) -> tuple[float, float, int]:
     return float(np.mean(slopes)), se, depths
 
 
-def _mark_floor(ax, rows: list[dict], mean: np.ndarray, color: str, **match) -> int:
-    """Hollow circles on ``mean`` at the layers where some run is ``below_floor``; their count."""
-    flagged = run_curves(rows, value="below_floor", **match).max(axis=0) > 0
-    if flagged.any():
-        x = np.nonzero(flagged)[0]
+def _optional_curves(rows: list[dict], value: str, **match) -> np.ndarray | None:
+    """``run_curves`` of a column that rows from another protocol may leave empty (``None`` then)."""
+    sel = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    if not sel or any(r.get(value, "") == "" for r in sel):
+        return None
+    return run_curves(sel, value=value)
+
+
+def _flagged_layers(rows: list[dict], **match) -> np.ndarray:
+    """Layers where some run is ``below_floor`` (none when the rows do not say)."""
+    flags = _optional_curves(rows, "below_floor", **match)
+    return np.zeros(0, dtype=int) if flags is None else np.nonzero(flags.max(axis=0) > 0)[0]
+
+
+def _mark_floor(ax, rows: list[dict], mean: np.ndarray, color: str, **match) -> None:
+    """Hollow circles on ``mean`` at the layers where some run is ``below_floor``."""
+    x = _flagged_layers(rows, **match)
+    if len(x):
         ax.plot(x, np.where(np.isinf(mean[x]), np.nan, mean[x]), "o", mfc="white", mec=color, ms=4, lw=0,
                 label=f"○ RMS < {RESOLUTION:g}·ε·|c₀|: σ(h) − c₀ below float64 resolution if subtracted "
                       "(computed here without cancellation)")
-    return int(flagged.sum())
 
 
 def _one_thread(fn: Callable[..., list[dict]], *args) -> Callable[[], list[dict]]:
@@ -491,8 +503,7 @@ def _finals(rows: list[dict], cfg: dict) -> dict:
 
 def _floor_counts(rows: list[dict], cfg: dict) -> dict:
     """Layers (of the mean curve) where some run is below the float64 resolution of σ(h) − c₀."""
-    return {f"{a}|{v}": int((_curves(rows, a, v, "below_floor").max(axis=0) > 0).sum())
-            for a in cfg["acts"] for v in cfg["variants"]}
+    return {f"{a}|{v}": len(_flagged_layers(rows, act=a, variant=v)) for a in cfg["acts"] for v in cfg["variants"]}
 
 
 def _variants_draw(title: str) -> Callable[[list[dict], dict], object]:
@@ -593,6 +604,21 @@ def _depth_marks(cfg: dict) -> list[int]:
     return sorted({max(1, L // 3), max(1, 2 * L // 3), L})
 
 
+def _fig6_reason(act: str, ratios: dict, slope: float, spread: dict) -> str:
+    """Why ``act``'s two projections part: the measured ratios, and the mechanism where the
+    squared-norm map is neutral (slope 1) at its fixed point."""
+    out = (f"{act}: mean-field / layer projection gap ratio "
+           f"{', '.join(f'{v:.3g}× at ℓ = {k}' for k, v in ratios.items())}; slope of the squared-norm map at its "
+           f"fixed point {slope:.4f}")
+    if spread:
+        out += f"; spread of the squared norms (std/mean) {', '.join(f'{v:.2f}' for v in spread.values())}"
+    if abs(slope - 1) < 1e-3:
+        out += (". Under mean-field projection a slope of exactly 1 (ReLU is positively homogeneous) leaves the "
+                "O(1/√d) per-layer fluctuations of the items' norms uncorrected: they random-walk, their spread "
+                "grows with depth, and by Theorem 1 unequal norms cost isometry")
+    return out
+
+
 def _fig6_verdict(rows: list[dict], cfg: dict) -> Verdict:
     marks = _depth_marks(cfg)
     ratios, spread = {}, {}
@@ -600,22 +626,17 @@ def _fig6_verdict(rows: list[dict], cfg: dict) -> Verdict:
         mf = mean_curve(_curves(rows, act, "mean-field-projection"))
         lay = mean_curve(_curves(rows, act, "layer-projection"))
         ratios[act] = {str(ell): _ratio(mf[ell], lay[ell]) for ell in marks}
-        cv = mean_curve(_curves(rows, act, "mean-field-projection", "norm_cv"))
-        spread[act] = {str(ell): float(cv[ell]) for ell in marks}
+        cv = _optional_curves(rows, "norm_cv", act=act, variant="mean-field-projection")
+        spread[act] = {} if cv is None else {str(ell): float(mean_curve(cv)[ell]) for ell in marks}
     final = {a: ratios[a][str(cfg["depth"])] for a in cfg["acts"]}
     comparable = {a: 0.5 <= r <= 2 for a, r in final.items() if a != "exp"}
     exp_fails = final.get("exp", math.inf) > 2
     slope = {a: _norm_map_slope(a) for a in cfg["acts"] if a != "exp"}
     held = all(comparable.values()) and exp_fails
     failing = [a for a, ok in comparable.items() if not ok]
-    reason = "" if held else "; ".join(
-        f"{a}: mean-field / layer projection gap ratio {', '.join(f'{v:.3g}× at ℓ = {k}' for k, v in ratios[a].items())}"
-        f" (slope of the squared-norm map at its fixed point: {slope[a]:.4f}; the spread of squared norms, "
-        f"std/mean, grows {', '.join(f'{v:.2f}' for v in spread[a].values())})" for a in failing
-    ) + (". Under mean-field projection a slope exactly 1 (ReLU is positively homogeneous) leaves the O(1/√d) "
-         "per-layer fluctuations of the items' norms uncorrected: they random-walk, the norm spread grows with "
-         "depth, and by Theorem 1 unequal norms cost isometry" if failing else "") + (
-        "" if exp_fails else "exp's mean-field projection does not end more than 2× above layer projection")
+    reason = "; ".join([*(_fig6_reason(a, ratios[a], slope[a], spread[a]) for a in failing),
+                        *([] if exp_fails else ["exp's mean-field projection does not end more than 2× above "
+                                                "layer projection"])])
     return Verdict(
         "held" if held else "not held",
         rule="held if the final mean gaps of the two projections agree within a factor 2 for every activation but "
