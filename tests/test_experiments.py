@@ -356,6 +356,14 @@ def test_figC2_ties_are_undecided_not_ordered():
     assert v.measured["rates"]["tanh@0.5"]["depth_to_tenth_of_input_gap"] == math.inf
 
 
+def test_figC2_a_gap_at_the_floor_after_one_layer_is_a_lower_bound_on_its_rate():
+    fast = _c2_rows(lambda b: math.log(b) if b < 1.5 else 8.0)  # sin at α = 2 falls to ~0 in one layer
+    v = _verdict("figC2", fast, _C2_CFG)
+    assert v.measured["rates"]["sin@2.0"]["censored"] and v.verdict == "held"
+    slow = _c2_rows(lambda b: 8.0 if b < 1.1 else math.log(b))  # the smallest β falls fastest
+    assert _verdict("figC2", slow, _C2_CFG).verdict in ("not held", "undecided")
+
+
 def test_figC2_fails_when_a_larger_beta_decays_slower():
     assert _verdict("figC2", _c2_rows(lambda b: 0.3 / b**4), _C2_CFG).verdict == "not held"
 
