@@ -65,7 +65,7 @@ from isoprobe.theory import (
     theorem4_min_depth,
 )
 
-__all__ = ["GAP_FLOOR", "INPUTS", "PAPER", "RESOLUTION", "correlated_inputs", "decay_rates", "make_inputs"]
+__all__ = ["GAP_FLOOR", "INPUTS", "PAPER", "RESOLUTION", "VARIANTS", "correlated_inputs", "decay_rates", "make_inputs"]
 
 _FIG_ACTS = ["relu", "tanh", "sigmoid", "exp"]  # Figs. 4-6
 #: isometry gaps below this are float64 rounding, not a measurement
@@ -638,7 +638,7 @@ def _fig6_verdict(rows: list[dict], cfg: dict) -> Verdict:
     final = {a: ratios[a][str(cfg["depth"])] for a in cfg["acts"]}
     comparable = {a: 0.5 <= r <= 2 for a, r in final.items() if a != "exp"}
     exp_fails = final.get("exp", math.inf) > 2
-    slope = {a: _norm_map_slope(a) for a in cfg["acts"] if a != "exp"}
+    slope = {a: _norm_map_slope(a) for a in cfg["acts"]}
     held = all(comparable.values()) and exp_fails
     failing = [a for a, ok in comparable.items() if not ok]
     reason = "; ".join([*(_fig6_reason(a, ratios[a], slope[a], spread[a]) for a in failing),
