@@ -204,8 +204,13 @@ def _one_thread(fn: Callable[..., list[dict]], *args) -> Callable[[], list[dict]
 
 
 def _declare(name: str, figure: str, claim: str, columns: Sequence[str], config, units, verdict, draw,
-             **kw) -> Reproduction:
-    return register(Reproduction(name, PAPER, figure, claim, tuple(columns), config, units, verdict, draw, **kw))
+             wrap: Callable[..., dict] | None = None, **kw) -> Reproduction:
+    """Register a Joudaki reproduction; ``wrap(name, columns=, config=, units=, verdict=, draw=)``, if
+    given, returns the fields to register instead (a protocol that extends the declaration)."""
+    fields = dict(columns=tuple(columns), config=config, units=units, verdict=verdict, draw=draw)
+    if wrap is not None:
+        fields = wrap(name, **fields)
+    return register(Reproduction(name, PAPER, figure, claim, **fields, **kw))
 
 
 # --- Table 2: β in closed form vs exact quadrature ------------------------------------------
@@ -527,8 +532,8 @@ def _variants_draw(title: str) -> Callable[[list[dict], dict], object]:
 
 def _declare_variants(name: str, figure: str, claim: str, acts: list[str], variants: list[str], verdict,
                       title: str, **kw) -> Reproduction:
-    return _declare(name, figure, claim, _VARIANT_COLUMNS, kw.pop("config", _variants_config(acts, variants)),
-                    _variants_units, verdict, _variants_draw(title), **kw)
+    return _declare(name, figure, claim, _VARIANT_COLUMNS, _variants_config(acts, variants), _variants_units,
+                    verdict, _variants_draw(title), **kw)
 
 
 def _fig4_verdict(rows: list[dict], cfg: dict) -> Verdict:
