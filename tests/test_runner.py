@@ -227,6 +227,18 @@ def test_paper_data_is_not_labelled_and_a_named_missing_set_fails_before_work(to
     assert CALLS == []
 
 
+def test_several_paper_sets_keep_those_that_load_and_add_the_fallbacks(monkeypatch):
+    _offline(monkeypatch, available=("cifar10", "synthetic"))
+    notes: list[str] = []
+    request = data_request(["mnist", "cifar10"], fallback=["synthetic", "cifar10"], limit=10)
+    provenance, images = base.resolve_data(request, "auto", 0, notes.append)
+    assert list(images) == ["cifar10", "synthetic"] and all(b.X.shape[0] == 10 for b in images.values())
+    assert provenance == {"paper": ["mnist", "cifar10"], "asked": "auto", "used": ["cifar10", "synthetic"],
+                          "substitute": True, "limit": 10}
+    assert "offline: using synthetic in place of mnist" in notes
+    assert base.data_label(provenance) == "on substitute data: synthetic, not MNIST"
+
+
 def test_summary_counts_verdicts_and_keeps_substitute_data_apart():
     sub = {"substitute": True}
     rows = [dict(name="a", verdict="held"), dict(name="b", verdict="not held"),
