@@ -375,9 +375,13 @@ def _contrast_verdict(rows: list[dict], cfg: dict, bounded: list[str], exploding
                       theory: dict) -> Verdict:
     growth = _growth(rows, cfg, bounded + exploding)
     verdict, reason = contrast({s: growth[s]["class"] for s in bounded}, {s: growth[s]["class"] for s in exploding})
+    creeping = [f"{s} rises in every run ({min(g['rise_per_run']):.2f} to {max(g['rise_per_run']):.2f} nats over "
+                "the deep window): bounded by the rule's tolerance, yet a slow residual growth"
+                for s, g in growth.items() if s in bounded and g["class"] == "bounded"
+                and min(g["rise_per_run"]) > 0 and g["mean_rise"] > RISE_TOL / 2]
     return Verdict(verdict, reason=reason, measured=_growth_measured(growth, cfg["depths"]), theory=theory,
                    rule=f"{_GROWTH_RULE}; held iff {', '.join(bounded)} bounded and {', '.join(exploding)} "
-                        "explode(s)")
+                        "explode(s)", notes=tuple(creeping))
 
 
 def _fig2_verdict(rows: list[dict], cfg: dict) -> Verdict:
@@ -463,14 +467,23 @@ def _fig5_verdict(rows: list[dict], cfg: dict) -> Verdict:
                     "extracted text; form and exponent from App. E's prose and the authors' notebook)"})
     others = {s: g for s, g in out.measured["growth"].items() if s not in shaped + unshaped}
     notes = (f"other exponents, reported and not judged: {others}",) if others else ()
-    return Verdict(out.verdict, out.rule, out.measured, out.theory, out.reason, notes)
+    return Verdict(out.verdict, out.rule, out.measured, out.theory, out.reason, out.notes + notes)
 
 
 def _fig5_draw(rows: list[dict], cfg: dict):
-    fig, axes = new_figure(len(cfg["activations"]))
-    for ax, act in zip(axes, cfg["activations"]):
-        _plot_grad_series(ax, rows, [_fig5_name(act, k) for k in cfg["gain_exponents"]], cfg["depths"],
+    acts, depths = cfg["activations"], cfg["depths"]
+    fig, axes = new_figure(2 * len(acts), ncols=len(acts))
+    for ax, zoom, act in zip(axes, axes[len(acts):], acts):
+        _plot_grad_series(ax, rows, [_fig5_name(act, k) for k in cfg["gain_exponents"]], depths,
                           rf"{act}$(\ell^{{-k}} x)$, orthogonal, BatchNorm1d, d = n = {cfg['width']}")
+        shaped = [_fig5_name(act, k) for k in cfg["gain_exponents"] if k > 0]
+        _plot_grad_series(zoom, rows, shaped, depths, f"{act}, shaped only (zoom)")
+        judged = _curves(rows, _fig5_name(act, cfg["judged_exponent"]), depths)
+        first = _deep_window(depths)[0]
+        start = float(np.mean(judged[:, list(depths).index(first)]))
+        zoom.fill_between([first, max(depths)], start - RISE_TOL, start + RISE_TOL, color="tab:green", alpha=0.12,
+                          lw=0, label=f"bounded: within ±{RISE_TOL:g} nats")
+        zoom.legend(fontsize=7)
     return fig
 
 
