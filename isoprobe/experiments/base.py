@@ -554,7 +554,8 @@ def _compute(units: list[Unit], table: TidyTable | None, env: Env) -> list[dict]
     rounds = [todo[i : i + world] for i in range(0, len(todo), world)]
     for batch in env.progress(rounds, desc="units", total=len(rounds)):
         mine = batch[rank] if rank < len(batch) else None
-        result = (mine[0], mine[1]()) if mine else None
+        with distributed.local_only():  # a unit is one rank's work: no collective inside it
+            result = (mine[0], mine[1]()) if mine else None
         for part in distributed.gather_rows([result]) if world > 1 else [result]:
             if part is not None and table is not None:
                 table.add(*part)

@@ -360,6 +360,17 @@ register(Reproduction(
 # --- Figs. 2 and 3: explosion against boundedness -------------------------------------------------
 
 
+def _one_panel(series: Callable[[dict], dict[str, dict]], title: Callable[[dict], str]) -> Callable:
+    """The figure function of a one-panel gradient figure: every series of ``series(cfg)``."""
+
+    def draw(rows: list[dict], cfg: dict):
+        fig, (ax,) = new_figure(1)
+        _plot_grad_series(ax, rows, list(series(cfg)), cfg["depths"], title(cfg))
+        return fig
+
+    return draw
+
+
 def _fig2_config(opt: Options) -> dict:
     cfg = _grad_config(opt, width=32, quick_width=16, runs=10, quick_runs=3)
     cfg["duplicated_pairs"] = [cfg["batch"] // 8, cfg["batch"] // 2]
@@ -392,19 +403,13 @@ def _fig2_verdict(rows: list[dict], cfg: dict) -> Verdict:
         "distinct_samples_rise": 0.0})
 
 
-def _fig2_draw(rows: list[dict], cfg: dict):
-    fig, (ax,) = new_figure(1)
-    _plot_grad_series(ax, rows, list(_fig2_series(cfg)), cfg["depths"],
-                      f"orthogonal BN MLP, d = n = {cfg['width']}: degenerate vs distinct inputs")
-    return fig
-
-
 register(Reproduction(
     "meterez-fig2", paper=PAPER, figure="Fig. 2",
     claim="duplicated (degenerate) input samples make the gradient explode in depth even with orthogonal "
           "weights, while distinct samples keep it bounded",
     columns=("series", "run", "depth", "log_grad_norm"), config=_fig2_config, units=_grad_units(_fig2_series),
-    verdict=_fig2_verdict, draw=_fig2_draw, uses_data=True,
+    verdict=_fig2_verdict, uses_data=True,
+    draw=_one_panel(_fig2_series, lambda cfg: f"orthogonal BN MLP, d = n = {cfg['width']}: degenerate vs distinct"),
 ))
 
 
@@ -418,20 +423,14 @@ def _fig3_verdict(rows: list[dict], cfg: dict) -> Verdict:
         "gaussian": "exponential explosion in depth (Yang et al. 2019, Theorem 3.9): a linear rise of the log-norm"})
 
 
-def _fig3_draw(rows: list[dict], cfg: dict):
-    fig, (ax,) = new_figure(1)
-    _plot_grad_series(ax, rows, list(_fig3_series(cfg)), cfg["depths"],
-                      f"BN MLP (no mean reduction), d = n = {cfg['width']}")
-    return fig
-
-
 register(Reproduction(
     "meterez-fig3", paper=PAPER, figure="Fig. 3 (Theorem 5)",
     claim="the log-norm of the first layer's gradient stays bounded in depth (to 1000) with orthogonal "
           "weights and grows linearly with Gaussian weights",
     columns=("series", "run", "depth", "log_grad_norm"),
     config=lambda opt: _grad_config(opt, width=100, quick_width=32, runs=10, quick_runs=3),
-    units=_grad_units(_fig3_series), verdict=_fig3_verdict, draw=_fig3_draw, uses_data=True,
+    units=_grad_units(_fig3_series), verdict=_fig3_verdict, uses_data=True,
+    draw=_one_panel(_fig3_series, lambda cfg: f"BN MLP (no mean reduction), d = n = {cfg['width']}"),
 ))
 
 # --- Fig. 5 -----------------------------------------------------------------------------------
