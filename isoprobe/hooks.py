@@ -3,7 +3,7 @@
     with Probe(model, sites=None, view="auto", every=1) as probe:
         model(**batch)
     probe.records      # list[Record] in forward order
-    probe.summary()    # one row per (site, point)
+    probe.summary()    # one row per (site, call, point)
 
 **Sites** are found without changing the model: torch norms (``LayerNorm``, ``RMSNorm``,
 ``GroupNorm``, every ``BatchNorm``), norm classes of other libraries found by class and behaviour
@@ -14,7 +14,10 @@ also ignores a constant shift, RMSNorm-like otherwise), torch activation modules
 (``transformers.activations``), and any module that declares itself with an ``isoprobe_site``
 attribute (``"activation"``, or ``"norm"`` with ``norm_rule`` and ``eps``; isoprobe's own
 networks do). A site's name is its qualified module name; a record's key is
-``"site:point"``, e.g. ``"transformer.h.3.ln_1:pre"``.
+``"site:point"``, e.g. ``"transformer.h.3.ln_1:pre"``. A module called more than once in one
+forward gives one record per call, told apart by ``Record.call`` (0, 1, ...); the k-th call's key
+is ``"site@k:point"`` (k ≥ 1), and ``probe["site@k:point"]`` selects it (``probe["site:point"]``
+selects every call).
 
 **Points.** Every site has ``pre`` (module input) and ``post`` (module output). A norm site
 also has ``centered`` (``x - mean``, over what the module normalises) and ``normalized``
@@ -330,6 +333,7 @@ class _Pending:
     site: Site
     view: str
     step: int
+    call: int  # k-th call of the site's module in this forward
     dim: int
     n: torch.Tensor  # (g,) items per Gram
     token_items: bool
@@ -351,6 +355,7 @@ class _Finished:
     site: Site
     view: str
     step: int
+    call: int
     dim: int
     token_items: bool
     points: tuple[str, ...]
@@ -368,8 +373,10 @@ def _measure(
     mask: torch.Tensor | None,
     gram_dtype: torch.dtype,
     step: int,
+    call: int = 0,
 ) -> _Pending:
-    """Everything of one site call that needs no host synchronisation.
+    """Everything of one site call (the ``call``-th of its module in forward ``step``) that
+    needs no host synchronisation.
 
     Items are converted to ``gram_dtype`` one tensor at a time (the output only once the input's
     Grams are formed) to keep the extra memory near one float64 copy of one activation. Nothing
@@ -390,7 +397,8 @@ def _measure(
         n = torch.full((g,), N, dtype=torch.int64, device=X.device)
         pad = None
     spec = site.norm
-    common = dict(site=site, view=view, step=step, dim=m, n=n, token_items=view == "token", pad=pad)
+    common = dict(site=site, view=view, step=step, call=call, dim=m, n=n, token_items=view == "token",
+                  pad=pad)
     padded = pad is not None
     points = ("pre", "post") if spec is None else ("pre", "centered", "normalized", "post")
     if N < 2:  # one item per Gram: nothing is defined (records are flagged)
@@ -474,7 +482,7 @@ def _finish(p: _Pending, tol: float) -> _Finished:
     for q in p.points:
         rows += [gaps[q].to(torch.float64), p.og[q].to(torch.float64)]
         rows += extra.get(q, [nan, nan, nan])
-    return _Finished(p.site, p.view, p.step, p.dim, p.token_items, p.points, torch.stack(rows))
+    return _Finished(p.site, p.view, p.step, p.call, p.dim, p.token_items, p.points, torch.stack(rows))
 
 
 def _to_host(tables: list[torch.Tensor]) -> list[list[list[float]]]:
@@ -507,7 +515,7 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
             n = int(n)
             base = dict(
                 site=f.site.name, kind=f.site.kind, point=point, view=f.view,
-                item=i if f.token_items else None, step=f.step, n=n, dim=f.dim,
+                item=i if f.token_items else None, step=f.step, call=f.call, n=n, dim=f.dim,
             )
             gap = gap_row[i]
             if n < 2:
@@ -633,6 +641,7 @@ class Probe:
         self._mask: torch.Tensor | None = None
         self._masks_by_device: dict[torch.device, torch.Tensor] = {}
         self._warned: set[str] = set()
+        self._site_calls: dict[str, int] = {}  # site -> calls of its module in this forward
 
     # -- lifecycle
     def attach(self) -> Probe:
@@ -672,6 +681,7 @@ class Probe:
         self._step = self._calls
         self._calls += 1
         self._recording = self._step % self.every == 0
+        self._site_calls = {}
         self._masks_by_device = {}
         mask = self.attention_mask
         if mask is None:
@@ -689,6 +699,8 @@ class Probe:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if not self._recording:
                 return
+            call = self._site_calls.get(site.name, 0)
+            self._site_calls[site.name] = call + 1
             x = _first_tensor(args, kwargs)
             y = _first_tensor(output if isinstance(output, (tuple, list)) else (output,), {})
             if x is None or y is None or not x.is_floating_point():
@@ -699,7 +711,7 @@ class Probe:
                     x = all_gather_features(x, same_size=self.equal_batches)
                     y = all_gather_features(y, same_size=self.equal_batches)
                 mask = self._mask_for(site, x) if view == "token" else None
-                pending = _measure(site, x.detach(), y.detach(), view, mask, self.gram_dtype, self._step)
+                pending = _measure(site, x.detach(), y.detach(), view, mask, self.gram_dtype, self._step, call)
                 if not _defer(x.device):
                     self._pending.append(_finish(pending, self._tol))
                     return
@@ -770,11 +782,14 @@ class Probe:
         return out
 
     def __getitem__(self, key: str) -> list[Record]:
-        """Records whose ``"site:point"`` key matches ``key`` (a glob), e.g. ``probe["*.ln_1:pre"]``."""
-        return [r for r in self.records if fnmatch.fnmatchcase(r.key, key)]
+        """Records whose key matches the glob ``key`` (:meth:`Record.matches`): ``"site:point"``
+        for every call of the module, e.g. ``probe["*.ln_1:pre"]``; ``"site@k:point"`` for its
+        k-th call in each forward only (``probe["blocks.act@1:pre"]``; ``@0`` the first)."""
+        return [r for r in self.records if r.matches(key)]
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per (site, point): mean/std over items and steps (:func:`records.summarize`)."""
+        """One row per (site, call, point): mean/std over items and steps
+        (:func:`records.summarize`); the calls of a module used twice in a forward are not mixed."""
         return _rec.summarize(self.records)
 
     def to_csv(self, path: str | Path) -> Path:

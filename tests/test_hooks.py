@@ -16,6 +16,7 @@ from torch import nn
 
 from isoprobe import Probe
 from isoprobe.hooks import discover_sites
+from isoprobe.records import format_table
 
 # ----------------------------------------------------------------------------- reference
 
@@ -468,6 +469,49 @@ def test_pop_records_and_summary():
     (pre,) = [row for row in rows if row["point"] == "pre"]
     assert pre["count"] == 3 and pre["gap_mean"] == pytest.approx(np.mean(gaps))
     assert pre["gap_std"] == pytest.approx(np.std(gaps))
+
+
+class SharedGelu(nn.Module):
+    """One GELU module applied after two linear layers: two calls per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(12, 24), nn.Linear(24, 20), nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.fc2(self.act(self.fc1(x))))
+
+
+def test_module_called_twice_records_each_call_apart():
+    torch.manual_seed(0)
+    model = SharedGelu()
+    capture = Capture(model, ["act"])  # two (input, output) pairs per forward, in call order
+    with torch.no_grad(), Probe(model) as probe:
+        for _ in range(3):
+            model(torch.randn(2, 9, 12))
+    capture.close()
+    records = probe.records
+    assert {(r.step, r.call) for r in records} == {(s, c) for s in range(3) for c in (0, 1)}
+    for r in records:  # every value against the reference of that very call
+        x, y = capture.data["act"][2 * r.step + r.call]
+        Z = (x if r.point == "pre" else y)[r.item]
+        gap, og = ref_stats(Z)
+        assert r.dim == (24 if r.call == 0 else 20)
+        assert r.isometry_gap == pytest.approx(gap, rel=1e-7) and r.orthogonality_gap == pytest.approx(og, rel=1e-7)
+    # lookups: no "@" = every call; "@k" = the k-th call only
+    assert len(probe["act:pre"]) == 3 * 2 * 2
+    assert {r.call for r in probe["act@1:pre"]} == {1} and len(probe["act@1:pre"]) == 3 * 2
+    assert {r.call for r in probe["act@0:*"]} == {0} and len(probe["act@0:*"]) == 3 * 2 * 2
+    assert {r.key for r in records} == {"act:pre", "act:post", "act@1:pre", "act@1:post"}
+    # the summary keeps the calls apart: its means are those of each call's own records
+    rows = {(row["site"], row["call"], row["point"]): row for row in probe.summary()}
+    assert sorted(rows) == [("act", c, p) for c in (0, 1) for p in ("post", "pre")]
+    for (site, call, point), row in rows.items():
+        own = [r.isometry_gap for r in records if (r.call, r.point) == (call, point)]
+        assert row["count"] == 6 and row["gap_mean"] == pytest.approx(np.mean(own))
+        assert row["key"] == (f"act:{point}" if call == 0 else f"act@1:{point}")
+    table = format_table(records).splitlines()
+    assert [line.split()[0] for line in table[2:]] == ["act", "act@1"]
 
 
 # ---------------------------------------------------------------------- numerics
