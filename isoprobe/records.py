@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from isoprobe.names import match_name
+
 __all__ = [
     "POINTS",
     "Record",
@@ -94,12 +96,17 @@ class Record:
         return record_key(self.site, self.point, self.call)
 
     def matches(self, pattern: str) -> bool:
-        """Does the glob ``pattern`` match this record's key? A pattern without ``@`` matches
-        every call (``"*.act:pre"``), one with ``@`` names calls (``"*.act@1:pre"``,
-        ``"*.act@0:pre"`` for the first call only)."""
-        if "@" in pattern:
-            return fnmatch.fnmatchcase(f"{self.site}@{self.call}:{self.point}", pattern)
-        return fnmatch.fnmatchcase(f"{self.site}:{self.point}", pattern)
+        """Does ``pattern`` (``"site[@call][:point]"``) select this record? ``site`` is a glob on
+        dotted names (:func:`isoprobe.names.match_name`: ``"*.ln_1"``, ``"transformer.h.*.attn"``),
+        ``point`` an :mod:`fnmatch` glob (every point when left out); without ``@`` every call of
+        the module matches, ``@1`` only its second call in each forward, ``@0`` its first."""
+        site, _, point = pattern.rpartition(":") if ":" in pattern else (pattern, "", "*")
+        site, at, call = site.partition("@")
+        return (
+            match_name(self.site, site)
+            and fnmatch.fnmatchcase(self.point, point)
+            and (not at or fnmatch.fnmatchcase(str(self.call), call))
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -46,7 +46,8 @@ def ref_theorem1(Xc: np.ndarray, Xn: np.ndarray) -> tuple[float, bool]:
 
 
 class Capture:
-    """Plain forward hooks keeping (input, output) of named modules as float64 numpy, per call."""
+    """Plain forward hooks keeping (input, output) of named modules as float64 numpy, per call;
+    the output of a module returning a tuple is its first entry."""
 
     def __init__(self, model: nn.Module, names: list[str]):
         modules = dict(model.named_modules())
@@ -55,8 +56,9 @@ class Capture:
 
     def _hook(self, name):
         def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
             self.data[name].append(
-                (args[0].detach().double().cpu().numpy(), output.detach().double().cpu().numpy())
+                (args[0].detach().double().cpu().numpy(), out.detach().double().cpu().numpy())
             )
 
         return hook
@@ -346,13 +348,15 @@ def test_site_selection_and_messages(gpt2_small):
     assert len(probe.sites) == 24 and all(s.kind == "norm" for s in probe.sites)
     assert len(Probe(gpt2_small, sites="activation").sites) == 12
     assert len(Probe(gpt2_small, sites=["transformer.ln_f", "activation"]).sites) == 13
-    with pytest.raises(ValueError, match="matches none of the sites"):
+    with pytest.raises(ValueError, match="matches none of the module names"):
         Probe(gpt2_small, sites="transformer.h.*.ln1")
     with pytest.raises(ValueError, match="selects no site; the model has only: norm"):
         Probe(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), sites="activation")
-    no_site = "no site found in Sequential: searched .*LayerNorm.*transformers.activations"
+    no_site = "no site found in Sequential: searched .*LayerNorm.*probe input.*select any module by name"
+    linear = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     with pytest.raises(ValueError, match=no_site):
-        Probe(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)))
+        Probe(linear)
+    assert [(s.name, s.kind) for s in Probe(linear, sites="1").sites] == [("1", "module")]
     with pytest.raises(ValueError, match="view must be one of"):
         Probe(gpt2_small, view="tokens")
     with pytest.raises(ValueError, match="every must be a positive integer"):
