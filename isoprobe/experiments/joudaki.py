@@ -204,13 +204,8 @@ def _one_thread(fn: Callable[..., list[dict]], *args) -> Callable[[], list[dict]
 
 
 def _declare(name: str, figure: str, claim: str, columns: Sequence[str], config, units, verdict, draw,
-             wrap: Callable[..., dict] | None = None, **kw) -> Reproduction:
-    """Register a Joudaki reproduction; ``wrap(name, columns=, config=, units=, verdict=, draw=)``, if
-    given, returns the fields to register instead (a protocol that extends the declaration)."""
-    fields = dict(columns=tuple(columns), config=config, units=units, verdict=verdict, draw=draw)
-    if wrap is not None:
-        fields = wrap(name, **fields)
-    return register(Reproduction(name, PAPER, figure, claim, **fields, **kw))
+             **kw) -> Reproduction:
+    return register(Reproduction(name, PAPER, figure, claim, tuple(columns), config, units, verdict, draw, **kw))
 
 
 # --- Table 2: β in closed form vs exact quadrature ------------------------------------------
