@@ -500,12 +500,14 @@ def resolve_data(request: dict, asked: str, seed: int, note: Callable[[str], Non
 
 
 def data_label(data: dict | None) -> str:
-    """``"on substitute data: digits, not CIFAR10"`` for substitute provenance, else ``""``."""
+    """``"on substitute data: digits, not CIFAR10"`` (the sets used in place of the paper's ones) for
+    substitute provenance, else ``""``."""
     if not data or not data.get("substitute"):
         return ""
-    used = ", ".join(_DISPLAY.get(n, n) for n in _names(data["used"]))
-    paper = ", ".join(_DISPLAY.get(n, n) for n in _names(data["paper"]))
-    return f"on substitute data: {used}, not {paper}"
+    used, paper = _names(data["used"]), _names(data["paper"])
+    subs = ", ".join(_DISPLAY.get(n, n) for n in used if n not in paper)
+    missing = ", ".join(_DISPLAY.get(n, n) for n in paper if n not in used)
+    return f"on substitute data: {subs}, not {missing}"
 
 
 # --- running one declared reproduction ------------------------------------------------------------
