@@ -341,7 +341,9 @@ def _m4(orth: dict[int, list[list[float]]]) -> list[dict]:
 def test_verdict_meterez_fig4():
     cfg = {"depths": [4, 64], "weights": ["orthogonal", "gaussian"], "epochs": 3, "max_spread": 0.05}
     fast, slow = [0.1, 0.6, 0.8, 0.9], [0.1, 0.2, 0.3, 0.4]
-    assert verdict_meterez_fig4(_m4({4: [fast, fast], 64: [fast, [0.1, 0.58, 0.8, 0.9]]}), cfg).verdict == "held"
+    held = verdict_meterez_fig4(_m4({4: [fast, fast], 64: [fast, [0.1, 0.58, 0.8, 0.9]]}), cfg)
+    assert held.verdict == "held" and held.measured["spread_over_depths"]["orthogonal"] == pytest.approx(0.01 / 3)
+    assert "Gaussian weights are as depth-independent" in held.notes[0]  # the control passes too: said
     deep_slow = verdict_meterez_fig4(_m4({4: [fast, fast], 64: [slow, slow]}), cfg)
     assert deep_slow.verdict == "not held" and "depth 64" in deep_slow.reason
     # the same final accuracy, reached later: the final number alone would call it depth-independent
@@ -418,7 +420,7 @@ def test_the_control_keeps_the_displacement_and_predicts_eps_squared():
 
 
 def test_shard_runs_partitions_in_order():
-    for runs in range(0, 9):
+    for runs in range(9):
         for world in range(1, 5):
             shares = [distributed.shard_runs(runs, r, world) for r in range(world)]
             assert [i for s in shares for i in s] == list(range(runs))

@@ -578,18 +578,24 @@ def verdict_meterez_fig4(rows: Sequence[dict], cfg: dict) -> Verdict:
             f"{cfg['max_spread']:g} across depths {cfg['depths']} and every depth reaches ≥ 2× chance; not held when "
             "the spread is larger and the best and worst depths' runs do not overlap")
     s = stats["orthogonal"]
+    gauss = stats.get("gaussian", {}).get("spread", math.nan)
+    same = (f"Gaussian weights are as depth-independent at these depths (spread {gauss:.3f}): "
+            "the run does not show that orthogonality is what matters")
+    notes = (same,) if gauss <= cfg["max_spread"] else ()
     if math.isnan(s["spread"]):
-        return Verdict("not held", rule, measured, reason="a depth diverged (NaN accuracy)")
+        return Verdict("not held", rule, measured, notes=notes, reason="a depth diverged (NaN accuracy)")
     if max(final.values()) < 2 * chance:
-        return Verdict("undecided", rule, measured, reason="no depth learned (final accuracy < 2× chance)")
+        return Verdict("undecided", rule, measured, notes=notes,
+                       reason="no depth learned (final accuracy < 2× chance)")
     if min(float(np.min(c[:, 1])) for c in orth.values()) >= 0.99:
-        return Verdict("undecided", rule, measured, reason="every depth is saturated after one epoch")
+        return Verdict("undecided", rule, measured, notes=notes, reason="every depth is saturated after one epoch")
     if s["spread"] <= cfg["max_spread"] and min(final.values()) >= 2 * chance:
-        return Verdict("held", rule, measured)
+        return Verdict("held", rule, measured, notes=notes)
     if s["separated"] or min(final.values()) < 2 * chance:
-        return Verdict("not held", rule, measured, reason=(
+        return Verdict("not held", rule, measured, notes=notes, reason=(
             f"depth {s['worst_depth']} trains slower than depth {s['best_depth']} in every run"))
-    return Verdict("undecided", rule, measured, reason="the spread over depths lies within the seed-to-seed range")
+    return Verdict("undecided", rule, measured, notes=notes,
+                   reason="the spread over depths lies within the seed-to-seed range")
 
 
 def figure_meterez_fig4(rows: Sequence[dict], cfg: dict):
