@@ -300,6 +300,18 @@ def test_fig8b_rule(relu_rate, verdict):
     assert _verdict("fig8b", _variant_rows(spec), cfg).verdict == verdict
 
 
+def test_collapsed_runs_are_counted_and_explained():
+    cfg = _vcfg("fig8b")
+    spec = {a: {"act-norm": (0.5, 0.2), "norm-act": (0.5, 0.2 if a == "tanh" else -0.1)} for a in cfg["acts"]}
+    rows = _variant_rows(spec)
+    for r in rows:
+        if r["act"] == "sigmoid" and r["variant"] == "norm-act" and r["layer"] >= 7:
+            r["gap"] = math.inf
+    v = _verdict("fig8b", rows, cfg)
+    assert v.verdict == "held" and v.measured["ratio_normact_to_actnorm"]["sigmoid"] == math.inf
+    assert len(v.notes) == 1 and "sigmoid, norm-act: from layer 7" in v.notes[0]
+
+
 def test_figC3_rule_reports_gain_one_beside_torch_gain():
     cfg = _vcfg("figC3")
     rates = {"relu": 0.01, "leaky_relu": 0.01, "tanh": 0.15, "selu": 0.15}

@@ -504,6 +504,19 @@ def _finals(rows: list[dict], cfg: dict) -> dict:
     return {a: {v: _final(_curves(rows, a, v)) for v in cfg["variants"]} for a in cfg["acts"]}
 
 
+def _collapse_notes(rows: list[dict], cfg: dict) -> tuple[str, ...]:
+    """One note per (activation, variant) with collapsed runs: from which layer, and what it means."""
+    out = []
+    for a in cfg["acts"]:
+        for v in cfg["variants"]:
+            inf = np.isinf(_curves(rows, a, v)).any(axis=0)
+            if inf.any():
+                out.append(f"{a}, {v}: from layer {int(np.argmax(inf))} some Grams are numerically singular (an "
+                           "eigenvalue ratio below float64's ε, or an overflow): counted as collapsed (+inf), drawn "
+                           "at the top; the exact gap there is beyond what float64 resolves")
+    return tuple(out)
+
+
 def _floor_counts(rows: list[dict], cfg: dict) -> dict:
     """Layers (of the mean curve) where some run is below the float64 resolution of σ(h) − c₀."""
     return {f"{a}|{v}": len(_flagged_layers(rows, act=a, variant=v)) for a in cfg["acts"] for v in cfg["variants"]}
@@ -655,7 +668,7 @@ def _fig6_verdict(rows: list[dict], cfg: dict) -> Verdict:
                   "squared_norm_spread_meanfield": spread, "comparable": comparable, "exp_not_effective": exp_fails},
         theory={"mean_field": "LN(a − c₀) converges to (a − c₀)/√σ̄(1) as d → ∞",
                 "squared_norm_map_slope_at_fixed_point": slope},
-        reason=reason,
+        reason=reason, notes=_collapse_notes(rows, cfg),
     )
 
 
@@ -703,6 +716,7 @@ def _fig8b_verdict(rows: list[dict], cfg: dict) -> Verdict:
         measured={"final_gap": finals, "ratio_normact_to_actnorm": ratio, "as_predicted": ok},
         theory={"offset_c0": offset},
         reason="" if held else f"not as predicted for {', '.join(a for a in ok if not ok[a])}",
+        notes=_collapse_notes(rows, cfg),
     )
 
 
