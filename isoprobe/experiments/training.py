@@ -289,10 +289,12 @@ def verdict_fig7(rows: Sequence[dict], cfg: dict) -> Verdict:
                 "spearman_beta_area_per_run": rho, "spearman_beta_area_of_means": spearman(b, mean_area),
                 "final_loss": dict(zip(betas, final.mean(axis=1))), "spearman_beta_final_loss_per_run": rho_final,
                 "slowest": max(betas, key=lambda a: mean_area[list(betas).index(a)]),
+                "sign_test_p": 0.5 ** len(rho),
                 "diverged_runs": int(np.isinf(area).sum())}
     rule = ("per run (activations share the run's weights and data order): Spearman ρ between β and the loss "
             "area (mean training loss over all SGD steps of epochs 1..E, a diverged run +inf); held iff ρ < 0 in "
-            "every run, not held iff ρ > 0 in every run, else undecided")
+            "every run, not held iff ρ > 0 in every run, else undecided (with no relation each run's sign is a coin "
+            "flip: one sign in all R runs by chance with probability 2^-R, sign_test_p)")
     sign = sign_stability(rho) if len(rho) >= 2 else "unstable"
     if sign == "negative":
         return Verdict("held", rule, measured)
