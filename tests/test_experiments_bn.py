@@ -110,7 +110,8 @@ def test_single_thread_restores_the_setting():
 
 
 def _cfg(name: str, substitute: bool = False, **over) -> dict:
-    cfg = {"quick": True, "seed": 0, "device": "cpu", "protocol": "isoprobe", **REGISTRY[name].config(Options(quick=True))}
+    cfg = {"quick": True, "seed": 0, "device": "cpu", "protocol": "isoprobe",
+           **REGISTRY[name].config(Options(quick=True))}
     if REGISTRY[name].uses_data:
         cfg["data"] = {"paper": "cifar10", "asked": "auto", "used": "synthetic" if substitute else "cifar10",
                        "substitute": substitute, "limit": None}

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from isoprobe import distributed
 from isoprobe.data import DataUnavailable, load_images
 from isoprobe.experiments import base
 from isoprobe.experiments.base import (
@@ -39,6 +40,7 @@ def _config(opt: Options, uses_data: bool = False, reads: tuple[str, ...] = ()) 
 
 def _rows(cfg: dict, env: base.Env, i: int) -> list[dict]:
     CALLS.append(f"u{i}")
+    assert distributed.agree_min(i) == i  # a unit is one rank's work: collectives inside it are local
     if env.images is not None:  # a unit sees what the runner loaded
         assert env.images.X.shape[0] <= 20
     return [dict(unit=i, run=r, value=0.5 * i + r, rank=env.rank) for r in range(cfg["runs"])]
@@ -286,8 +288,6 @@ def test_units_are_dealt_round_robin_and_rank0_alone_writes(tmp_path):
 
 def test_torchrun_group_outside_torchrun_opens_nothing(monkeypatch):
     import torch.distributed as dist
-
-    from isoprobe import distributed
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with distributed.torchrun_group() as (rank, world):
