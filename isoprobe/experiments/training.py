@@ -7,6 +7,12 @@ checkpoint after every epoch (a scratch file of the runner), so an interrupted u
 its last finished epoch with the same numbers. Under ``torchrun`` the runs are split into one
 unit per rank.
 
+Data: the papers' CIFAR10 where it loads; offline, scikit-learn's digits (real images, 1797 of
+8×8, a substitute the JSON names as such) for fig7 and meterez-fig4/6, the built-in synthetic set
+for fig2-trained (its probe batch of 512 needs more than the digits' 64 input dimensions: a
+centred batch of n ≥ d samples is singular). On the CPU ``--quick`` runs torch single-threaded
+(:func:`~isoprobe.experiments.common.single_thread`).
+
 Images are flattened, values in [0, 1]: the LN-MLP normalises each input (its ``input_norm``) and
 a batch-norm net's first block normalises each feature, so no further input normalisation
 changes these networks. Meterez et al.'s test accuracy is measured on a seeded held-out part of
