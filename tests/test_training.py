@@ -616,10 +616,11 @@ def test_reproduction_runs_and_decides(toy_registry, tmp_path, name):
 
     from isoprobe.experiments import run_reproductions
 
-    (summary,) = run_reproductions([name], quick=True, runs=2, out_dir=tmp_path, show_progress=False,
+    data = "synthetic" if name == "fig2-trained" else "digits"  # the offline fallbacks, without the hub probe
+    (summary,) = run_reproductions([name], quick=True, runs=2, data=data, out_dir=tmp_path, show_progress=False,
                                    echo=lambda _m: None)
     assert summary["verdict"] in ("held", "not held", "undecided") and summary["rule"]
-    assert summary["data"]["substitute"] and summary["data"]["used"] in ("digits", "synthetic")
+    assert summary["data"] == {"paper": "cifar10", "asked": data, "used": data, "substitute": True, "limit": 256}
     for suffix in (".csv", ".png", ".json"):
         assert (tmp_path / f"{name}{suffix}").exists()
     # the checkpoints only serve to resume: gone once the results are written
@@ -632,8 +633,8 @@ def test_interrupted_reproduction_resumes_to_the_same_csv(toy_registry, tmp_path
     from isoprobe.experiments import run_reproductions
 
     def run(out):
-        return run_reproductions(["fig2-trained"], quick=True, runs=2, out_dir=out, show_progress=False,
-                                 echo=lambda _m: None)[0]
+        return run_reproductions(["fig2-trained"], quick=True, runs=2, data="synthetic", out_dir=out,
+                                 show_progress=False, echo=lambda _m: None)[0]
 
     whole = run(tmp_path / "whole")
     real = exp.train

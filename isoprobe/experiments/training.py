@@ -7,6 +7,12 @@ checkpoint after every epoch (a scratch file of the runner), so an interrupted u
 its last finished epoch with the same numbers. Under ``torchrun`` the runs are split into one
 unit per rank.
 
+Data: the papers' CIFAR10 where it loads; offline, scikit-learn's digits (real images, 1797 of
+8×8, a substitute the JSON names as such) for fig7 and meterez-fig4/6, the built-in synthetic set
+for fig2-trained (its probe batch of 512 needs more than the digits' 64 input dimensions: a
+centred batch of n ≥ d samples is singular). On the CPU ``--quick`` runs torch single-threaded
+(:func:`~isoprobe.experiments.common.single_thread`).
+
 Images are flattened, values in [0, 1]: the LN-MLP normalises each input (its ``input_norm``) and
 a batch-norm net's first block normalises each feature, so no further input normalisation
 changes these networks. Meterez et al.'s test accuracy is measured on a seeded held-out part of
@@ -289,10 +295,12 @@ def verdict_fig7(rows: Sequence[dict], cfg: dict) -> Verdict:
                 "spearman_beta_area_per_run": rho, "spearman_beta_area_of_means": spearman(b, mean_area),
                 "final_loss": dict(zip(betas, final.mean(axis=1))), "spearman_beta_final_loss_per_run": rho_final,
                 "slowest": max(betas, key=lambda a: mean_area[list(betas).index(a)]),
+                "sign_test_p": 0.5 ** len(rho),
                 "diverged_runs": int(np.isinf(area).sum())}
     rule = ("per run (activations share the run's weights and data order): Spearman ρ between β and the loss "
             "area (mean training loss over all SGD steps of epochs 1..E, a diverged run +inf); held iff ρ < 0 in "
-            "every run, not held iff ρ > 0 in every run, else undecided")
+            "every run, not held iff ρ > 0 in every run, else undecided (with no relation each run's sign is a coin "
+            "flip: one sign in all R runs by chance with probability 2^-R, sign_test_p)")
     sign = sign_stability(rho) if len(rho) >= 2 else "unstable"
     if sign == "negative":
         return Verdict("held", rule, measured)
