@@ -52,45 +52,54 @@ def _repro_list() -> str:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results", show_default=True,
               help="Output directory; a partly filled one is resumed, finished reproductions are skipped.")
 @click.option("--data", default="auto", show_default=True,
-              help="Image data for fig2/figC4 and the like: auto (the paper's data set, else the built-in "
-                   "synthetic set, said so), synthetic, digits, mnist, fashion_mnist, cifar10, cifar100.")
+              help="Image data for fig2/figC4 and the like: auto (the paper's data set, else a substitute, "
+                   "labelled as such), synthetic, digits, mnist, fashion_mnist, cifar10, cifar100, or a path.")
+@click.option("--protocol", type=click.Choice(["isoprobe", "paper"]), default="isoprobe", show_default=True,
+              help="paper: Joudaki et al.'s notebook protocol (inputs, aggregation, sizes), written as "
+                   "NAME.paper.*; with `all`, only the reproductions that have it run.")
+@click.option("--model", default=None, help="figC5: a pretrained model (gpt2, a Hub id or a local path).")
+@click.option("--text-file", "text_file", type=click.Path(dir_okay=False), default=None,
+              help="figC5: a file of texts, separated by blank lines.")
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
 def repro_command(names: tuple[str, ...], show_list: bool, quick: bool, runs: int | None, seed: int,
-                  device: str, out_dir: str, data: str, no_progress: bool) -> None:
+                  device: str, out_dir: str, data: str, protocol: str, model: str | None, text_file: str | None,
+                  no_progress: bool) -> None:
     """Reproduce figures and tables of the papers: NAME... or all.
 
-    Each reproduction writes OUT/NAME.csv (tidy data), OUT/NAME.png (the figure) and
-    OUT/NAME.json (claim, measured, theory, held, the rule deciding it, config, elapsed_s).
+    Each reproduction writes OUT/STEM.csv (tidy data), OUT/STEM.png (the figure) and
+    OUT/STEM.json (claim, verdict: held / not held / undecided, the rule deciding it,
+    measured, theory, config, data used), STEM = NAME (NAME.paper with --protocol paper).
+    Under torchrun (`torchrun --nproc_per_node=N -m isoprobe repro ...`) the work is
+    shared over the ranks and rank 0 writes.
 
     \b
     Examples:
       isoprobe repro --list
       isoprobe repro fig3 fig4 --quick --out results/
       isoprobe repro all --quick --data synthetic
+      isoprobe repro fig4 --protocol paper --quick
     """
-    from isoprobe import experiments
-    from isoprobe.data import IMAGE_SOURCES, DataUnavailable, is_image_source
+    from isoprobe import distributed, experiments
+    from isoprobe.data import DataUnavailable
 
     if show_list:
         click.echo(_repro_list())
         return
-    if data != "auto" and not is_image_source(data):
-        raise click.UsageError(f"--data must be auto, one of {', '.join(IMAGE_SOURCES)}, or a path to a .npz "
-                               f"file or an image folder; got {data!r}")
+    options = experiments.Options(quick=quick, runs=runs, seed=seed, device=device, data=data, protocol=protocol,
+                                  model=model, text_file=text_file)
     try:
-        summaries = experiments.run_reproductions(
-            names, quick=quick, runs=runs, seed=seed, device=device, out_dir=out_dir, data=data,
-            show_progress=not no_progress, echo=lambda msg: click.echo(msg, err=True),
-        )
-    except experiments.ReproductionOptionError as exc:  # unknown name, no CUDA: checked before running
+        with distributed.torchrun_group() as (rank, _world):
+            summaries = experiments.run_reproductions(
+                names, options, out_dir, show_progress=not no_progress, echo=lambda msg: click.echo(msg, err=True),
+            )
+    except experiments.ReproductionOptionError as exc:  # bad name or option: checked before running
         raise click.UsageError(str(exc)) from exc
     except DataUnavailable as exc:  # --data NAME that cannot be had here
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:  # --out not writable
         raise click.ClickException(f"cannot write {exc.filename or out_dir}: {exc.strerror or exc}") from None
-    failed = [s["name"] for s in summaries if not s["held"]]
-    click.echo(f"{len(summaries)} reproduction(s) in {out_dir}: {len(summaries) - len(failed)} held"
-               + (f", did not hold: {', '.join(failed)}" if failed else ""))
+    if rank == 0:
+        click.echo(experiments.summarize(summaries, out_dir))
 
 
 # --- beta: Hermite statistics and isometry strength of activations (SPEC §3) -------------------

@@ -1,22 +1,20 @@
 """Beyond one GPU: runs spread over ranks (torchrun), and the sample Gram of a global batch.
 
-Run the training reproductions on several GPUs or machines with ``torchrun``::
+Run the reproductions on several GPUs or machines with ``torchrun`` and ``isoprobe repro``
+(``python -m isoprobe`` is the same command line)::
 
-    torchrun --nproc_per_node=4 -m isoprobe.distributed fig7 fig2-trained --out results/
+    torchrun --nproc_per_node=4 -m isoprobe repro fig7 fig2-trained --out results/
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        -m isoprobe.distributed all --out results/
+        -m isoprobe repro all --out results/
 
-(options as ``isoprobe repro``: ``--quick``, ``--runs``, ``--seed``, ``--data``). Each rank
-takes a share of the runs (:func:`shard_runs`) and trains them as one batched ensemble on its
-own GPU (``cuda:LOCAL_RANK``; gloo on CPU-only hosts). The rows every rank produced are
-all-gathered (:func:`gather_rows`), so every rank decides the same verdict; rank 0 writes
-``NAME.csv/png/json`` into ``--out``, rank ``r > 0`` writes its identical copy and its
-checkpoints into ``--out/.rank{r}/``. Sharding does not change the computation: a run's
+The command line opens the process group (:func:`torchrun_group`: nccl on ``cuda:LOCAL_RANK``,
+gloo on CPU-only hosts). The reproduction runner deals a reproduction's units round-robin
+to the ranks, gathers their rows on rank 0 (:func:`gather_rows`), and rank 0 alone writes
+``STEM.csv/png/json``; a training reproduction may instead shard its runs itself
+(:func:`shard_runs`, :func:`agree_min`). Sharding does not change the computation: a run's
 weights and data order depend on its global run index only (:mod:`isoprobe.training`); the
-numbers can differ only by the rounding of batched kernels of another batch count (on the CPU,
-2 ranks gave byte-identical CSVs to 1 process in our check). A reproduction
-that trains nothing runs whole on every rank. Resuming after an interruption needs the same
-world size (the checkpoints are per rank).
+numbers can differ only by the rounding of batched kernels of another batch count. Resuming
+after an interruption needs the same world size (checkpoints are per rank).
 
 **Global-batch Gram under DistributedDataParallel.** Each rank sees ``n`` of the batch's
 ``world · n`` samples; the paper's sample Gram is over the whole batch.
@@ -25,7 +23,7 @@ per-rank batch sizes allowed) and :func:`global_sample_gram` forms the Gram of t
 batch. Where a :class:`~isoprobe.hooks.Probe` should use it: in its site hook, replace the
 activation and output by ``all_gather_features(x, same_size=...)`` before forming the items of
 the sample (or feature) view, on every rank; every rank then records the same sites at the
-same steps, as the gathers are collective. (The Probe does not do this yet.)
+same steps, as the gathers are collective. ``Probe(model, gather=True)`` does this.
 
 Outside ``torchrun`` (no process group) every function is the single-process identity:
 rank 0 of 1, all runs here, rows and features unchanged.
@@ -34,7 +32,9 @@ rank 0 of 1, all runs here, rows and features unchanged.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,11 +44,12 @@ from isoprobe.metrics import gram
 __all__ = [
     "agree_min",
     "all_gather_features",
+    "broadcast_object",
     "gather_rows",
     "global_sample_gram",
-    "main",
     "rank_world",
     "shard_runs",
+    "torchrun_group",
 ]
 
 
@@ -92,6 +93,15 @@ def gather_rows(rows: Sequence[dict]) -> list[dict]:
     parts: list[list[dict] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, rows)
     return [r for part in parts for r in (part or [])]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``broadcast_object_list``); ``obj`` itself without a group."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def agree_min(value: int) -> int:
@@ -145,36 +155,19 @@ def global_sample_gram(x: torch.Tensor, dtype: torch.dtype = torch.float64, same
     return gram(xs.reshape(xs.shape[0], -1), dtype=dtype)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``torchrun ... -m isoprobe.distributed NAME... --out DIR``: reproductions with runs sharded."""
-    import argparse
-    from pathlib import Path
-
-    from isoprobe.experiments import run_reproductions
-
-    p = argparse.ArgumentParser(prog="torchrun ... -m isoprobe.distributed", description=main.__doc__)
-    p.add_argument("names", nargs="+", help="reproduction names (or all)")
-    p.add_argument("--out", default="results")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--runs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default="auto")
-    args = p.parse_args(argv)
-    if "RANK" not in os.environ:
-        p.error("start it with torchrun (RANK/WORLD_SIZE unset); on one process use `isoprobe repro`")
+@contextmanager
+def torchrun_group() -> Iterator[tuple[int, int]]:
+    """Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) open the default process
+    group for the body and close it after: nccl on ``cuda:LOCAL_RANK`` where CUDA is available,
+    else gloo. Yields ``(rank, world)``; ``(0, 1)`` and nothing opened outside torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _active():
+        yield rank_world()
+        return
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
-        rank, _ = rank_world()
-        out = Path(args.out) if rank == 0 else Path(args.out) / f".rank{rank}"
-        run_reproductions(args.names, quick=args.quick, runs=args.runs, seed=args.seed, data=args.data,
-                          device="cuda" if cuda else "cpu", out_dir=out, show_progress=rank == 0,
-                          echo=print if rank == 0 else (lambda _msg: None))
+        yield rank_world()
     finally:
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -8,10 +8,14 @@ from isoprobe.experiments import daneshmand, meterez  # noqa: F401  (registers m
 from isoprobe.experiments import training  # noqa: F401  (registers fig7, fig2-trained, meterez-fig4, -fig6)
 from isoprobe.experiments.base import (
     REGISTRY,
+    Options,
     Reproduction,
     ReproductionOptionError,
+    Verdict,
     resolve_names,
     run_reproductions,
+    summarize,
 )
 
-__all__ = ["REGISTRY", "Reproduction", "ReproductionOptionError", "resolve_names", "run_reproductions"]
+__all__ = ["REGISTRY", "Options", "Reproduction", "ReproductionOptionError", "Verdict", "resolve_names",
+           "run_reproductions", "summarize"]

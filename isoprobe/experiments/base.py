@@ -1,62 +1,58 @@
-"""The reproduction framework: registry, run context, resumable tidy CSV, JSON verdict, plots.
+"""The reproduction framework: a reproduction is a declaration; the runner does the rest.
 
 A *reproduction* re-runs one figure or table of a paper and decides, by a rule stated in
 advance, whether the paper's claim held. ``isoprobe repro NAME`` runs it and writes, in the
-output directory::
+output directory, under ``STEM = NAME`` (``NAME.paper`` with ``--protocol paper``)::
 
-    NAME.csv    tidy data, one row per run × layer × series (written as it goes)
-    NAME.png    the figure
-    NAME.json   {name, paper, figure, claim, measured, theory, held, rule, config, elapsed_s, notes}
+    STEM.csv    tidy data: the rows of every unit (written unit by unit, so a run resumes)
+    STEM.png    the figure, drawn from the rows alone
+    STEM.json   {name, paper, figure, claim, verdict, held, rule, measured, theory, reason,
+                 notes, config, data (when the reproduction reads images), elapsed_s}
 
 How to add a reproduction
 -------------------------
-Write a module ``isoprobe/experiments/<paper>.py`` and import it in
-``isoprobe/experiments/__init__.py`` (registration happens at import). In it::
+Write a module ``isoprobe/experiments/<paper>.py`` (it imports this module and
+:mod:`isoprobe.experiments.common`, never another paper module) and import it in
+``isoprobe/experiments/__init__.py``. In it, declare::
 
-    from isoprobe.experiments.base import Outcome, RunContext, reproduction
+    def config(opt: Options) -> dict:          # every size resolved, JSON-able
+        return {"widths": [8, 16] if opt.quick else [25, 50], "runs": opt.n_runs(10, 3)}
 
-    def _config(ctx: RunContext) -> dict:
-        # every size the run uses, resolved for --quick; the JSON records it and a rerun with
-        # --out on the same directory skips the reproduction if it matches
-        return {"depth": 10 if ctx.quick else 30, "runs": ctx.n_runs(default=10, quick=3)}
+    def units(cfg: dict, env: Env) -> list[Unit]:   # pure, resumable pieces: (key, () -> rows)
+        return [(f"width={w}", partial(_rows, cfg, w)) for w in cfg["widths"]]
 
-    @reproduction("fig1", paper="Meterez et al. 2024", figure="Fig. 1",
-                  claim="the isometry gap decays exponentially in depth", config=_config)
-    def fig1(ctx: RunContext, cfg: dict) -> Outcome:
-        table = ctx.table(["width", "run", "layer", "gap"])
-        for width in ctx.progress([50, 100], desc="widths"):
-            # a *unit* is computed once: on a resumed run its rows come back from the CSV
-            rows = table.unit(f"width={width}", lambda: [dict(width=width, run=r, layer=l, gap=g) ...])
-        fig, ax = new_figure(1)
-        plot_depth_curves(ax[0], values, label="d = 50", bound=..., bound_label="Theorem 1")
-        ctx.save_figure(fig)
-        return Outcome(measured={...}, theory={...}, held=bool(...), rule="what was compared, how")
+    def verdict(rows: list[dict], cfg: dict) -> Verdict:   # a pure function of the rows
+        ...
+        return Verdict("held" if ok else "not held", rule="what was compared, thresholds",
+                       measured={...}, theory={...})
 
-``ctx`` gives ``quick``, ``runs`` (the user's ``--runs`` or ``None``; use ``ctx.n_runs``),
-``seed``, ``device``, ``out_dir``, ``data`` (``--data``: ``"auto"`` or a
-:mod:`isoprobe.data` name; use :meth:`RunContext.images`), ``progress`` (a tqdm bar to stderr)
-and ``note`` (a line for the console and the JSON's ``notes``).
+    def draw(rows: list[dict], cfg: dict) -> Figure:       # drawn from the rows alone
+        ...
 
-Rules for an honest verdict: decide ``held`` from the measured numbers by the rule you state
-in ``rule``; never drop a collapsed representation (``gap = +inf``): count it
-(:func:`gap_curves`, :func:`plot_depth_curves` draw them at the top of the plot). Keep
-``--quick`` small enough that every reproduction takes seconds and still decides its claim.
+    register(Reproduction("meterez-fig1", paper=..., figure="Fig. 1", claim="as the paper states it",
+                          columns=("width", "run", "layer", "gap"), config=config, units=units,
+                          verdict=verdict, draw=draw))
 
-Resume: units finished before an interruption are read back from ``NAME.csv`` (their list is
-kept in ``NAME.units.json`` until the reproduction completes); a reproduction whose JSON,
-CSV and PNG exist with the same config is skipped. Other files needed only to resume (a
-training checkpoint) are named by :meth:`RunContext.scratch_path` and removed once the JSON is
-written.
+The runner (:func:`run_reproductions`) validates the options before any work, resolves the
+data (``uses_data``), computes the units not yet in ``STEM.csv`` (rows are read back from the
+CSV on a resumed run, so verdict and figure always see the same row values), decides, draws,
+writes the JSON and removes the resume state. Under ``torchrun`` (world size > 1) it deals the
+units round-robin to the ranks, gathers their rows on rank 0, and rank 0 alone writes files.
+
+Rules for an honest verdict: ``held`` / ``not held`` only by the stated rule on the quantity
+the paper plots; ``undecided`` (with ``reason``) when the run cannot decide, e.g. a claim about
+a named data set run on substitute data (``cfg["data"]["substitute"]``). A collapsed
+representation (``gap = +inf``) is counted, never dropped.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,55 +61,128 @@ from typing import Any
 import numpy as np
 import torch
 
-from isoprobe.data import DataUnavailable, ImageBatch, load_images
-from isoprobe.metrics import isometry_gap
+from isoprobe import distributed
+from isoprobe.data import IMAGE_SOURCES, DataUnavailable, ImageBatch, is_image_source, load_images
+
+# transitional re-exports: the helpers moved to isoprobe.experiments.common
+from isoprobe.experiments.common import gap_curves, mean_curve, new_figure, plot_depth_curves, run_curves
 
 __all__ = [
-    "Outcome",
+    "Env",
+    "Options",
+    "PROTOCOLS",
     "REGISTRY",
     "Reproduction",
     "ReproductionOptionError",
-    "RunContext",
     "TidyTable",
+    "Unit",
     "UnknownReproduction",
+    "VERDICTS",
+    "Verdict",
+    "check_options",
+    "register",
+    "resolve_names",
+    "run_reproductions",
+    "select",
+    "stem",
+    "summarize",
+    # transitional (old decorator API), removed once every paper module is ported:
+    "LegacyReproduction",
+    "Outcome",
+    "RunContext",
     "gap_curves",
     "make_context",
     "mean_curve",
     "new_figure",
     "plot_depth_curves",
-    "register",
     "reproduction",
-    "resolve_names",
     "run_curves",
-    "run_reproductions",
 ]
 
-# --- records ----------------------------------------------------------------------------------
+VERDICTS = ("held", "not held", "undecided")
+PROTOCOLS = ("isoprobe", "paper")
+
+# --- declarations -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """What a run function returns: the verdict and the numbers behind it (JSON-able values)."""
+class Verdict:
+    """The decision of a reproduction: ``verdict`` by ``rule`` on the ``measured`` numbers.
 
-    measured: dict
-    theory: dict
-    held: bool
+    ``reason`` is required for ``"undecided"`` (why the run cannot decide) and, for
+    ``"not held"``, gives the mechanism where it is known. ``held`` mirrors ``verdict``.
+    """
+
+    verdict: str
     rule: str
+    measured: dict
+    theory: dict = field(default_factory=dict)
+    reason: str = ""
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(map(repr, VERDICTS))}, got {self.verdict!r}")
+        if not self.rule:
+            raise ValueError("a verdict states its rule")
+        if self.verdict == "undecided" and not self.reason:
+            raise ValueError("an undecided verdict needs its reason")
+        object.__setattr__(self, "notes", tuple(self.notes))
+
+    @property
+    def held(self) -> bool | None:
+        """``True`` / ``False`` / ``None`` for held / not held / undecided."""
+        return {"held": True, "not held": False, "undecided": None}[self.verdict]
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user asked on the command line (checked by :func:`check_options`)."""
+
+    quick: bool = False
+    runs: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    data: str = "auto"
+    protocol: str = "isoprobe"
+    model: str | None = None
+    text_file: str | None = None
+
+    def n_runs(self, default: int, quick: int) -> int:
+        """``--runs`` if given, else ``quick`` under ``--quick``, else the paper's ``default``."""
+        return self.runs if self.runs is not None else (quick if self.quick else default)
+
+
+#: a resumable piece of a reproduction: a stable key and a pure computation of its rows
+Unit = tuple[str, Callable[[], list[dict]]]
 
 
 @dataclass(frozen=True)
 class Reproduction:
-    """One registered reproduction: ``run(ctx, config(ctx)) -> Outcome``."""
+    """One reproduction, declared: sizes, units of computation, verdict and figure of the rows.
+
+    ``uses_data``: the config declares the images it reads as ``"data": {"paper": NAME or
+    [NAMES], "fallback": NAME or [NAMES], "limit": N or None}`` (:func:`data_request`); the
+    runner loads them and replaces the entry by what was used (:func:`resolve_data`).
+    ``reads``: the options beyond the common ones that it reads (``"model"``, ``"text_file"``);
+    giving one that no selected reproduction reads is an error.
+    """
 
     name: str
     paper: str
     figure: str
     claim: str
-    config: Callable[["RunContext"], dict]
-    run: Callable[["RunContext", dict], Outcome]
+    columns: tuple[str, ...]
+    config: Callable[[Options], dict]
+    units: Callable[[dict, "Env"], Iterable[Unit]]
+    verdict: Callable[[list[dict], dict], Verdict]
+    draw: Callable[[list[dict], dict], Any]
+    uses_data: bool = False
+    protocols: tuple[str, ...] = ("isoprobe",)
+    reads: tuple[str, ...] = ()
 
 
-REGISTRY: dict[str, Reproduction] = {}
+REGISTRY: dict[str, "Reproduction | LegacyReproduction"] = {}
 
 
 class ReproductionOptionError(ValueError):
@@ -124,24 +193,66 @@ class UnknownReproduction(ReproductionOptionError):
     """An unknown reproduction name; the message lists the valid ones."""
 
 
-def register(rep: Reproduction) -> Reproduction:
+def register(rep: "Reproduction | LegacyReproduction") -> "Reproduction | LegacyReproduction":
     """Add ``rep`` to the registry (a name may be registered once)."""
     if rep.name in REGISTRY or rep.name == "all":
         raise ValueError(f"reproduction name {rep.name!r} is taken")
+    if isinstance(rep, Reproduction) and not set(rep.protocols) <= set(PROTOCOLS):
+        raise ValueError(f"{rep.name}: protocols must be among {PROTOCOLS}, got {rep.protocols}")
     REGISTRY[rep.name] = rep
     return rep
 
 
-def reproduction(
-    name: str, *, paper: str, figure: str, claim: str, config: Callable[["RunContext"], dict]
-) -> Callable[[Callable[["RunContext", dict], Outcome]], Callable[["RunContext", dict], Outcome]]:
-    """Decorator form of :func:`register` for a run function."""
+def stem(name: str, protocol: str = "isoprobe") -> str:
+    """The file stem of reproduction ``name`` under ``protocol``: ``name`` or ``name.paper``."""
+    return name if protocol == "isoprobe" else f"{name}.{protocol}"
 
-    def deco(run: Callable[["RunContext", dict], Outcome]) -> Callable[["RunContext", dict], Outcome]:
-        register(Reproduction(name, paper, figure, claim, config, run))
-        return run
 
-    return deco
+# --- what units get from the runner --------------------------------------------------------------
+
+
+class Env:
+    """What units get from the runner: device, rank, the loaded images, progress, scratch, notes.
+
+    Not pure data: never put it (or anything from it but numbers) into the config.
+    ``images`` is the one loaded image set (``None`` when none or several were loaded);
+    ``image_sets`` maps every loaded set's name to its images.
+    """
+
+    def __init__(self, stem: str, out_dir: Path, device: torch.device, rank: int = 0, world: int = 1,
+                 show_progress: bool = True, echo: Callable[[str], None] = print) -> None:
+        self.stem, self.out_dir, self.device, self.rank, self.world = stem, Path(out_dir), device, rank, world
+        self.images: ImageBatch | None = None
+        self.image_sets: dict[str, ImageBatch] = {}
+        self.notes: list[str] = []
+        self._show, self.echo = show_progress and rank == 0, echo if rank == 0 else (lambda _m: None)
+        self._scratch: list[Path] = []
+
+    def progress(self, iterable: Iterable, desc: str = "", total: int | None = None) -> Iterable:
+        """A tqdm progress bar on stderr (silent when progress is off, and on ranks > 0)."""
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=f"{self.stem} {desc}".strip(), total=total, file=sys.stderr,
+                    disable=not self._show, leave=False, dynamic_ncols=True)
+
+    def scratch_path(self, name: str) -> Path:
+        """``OUT/STEM.name`` (``OUT/.rankR/STEM.name`` on rank ``R > 0``): a file needed only to
+        resume an interrupted run (a checkpoint); removed once the JSON is written."""
+        folder = self.out_dir if self.rank == 0 else self.out_dir / f".rank{self.rank}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.stem}.{name.lstrip('.')}"
+        if path not in self._scratch:
+            self._scratch.append(path)
+        return path
+
+    def note(self, line: str) -> None:
+        """A line for the console and the JSON's ``notes``."""
+        self.notes.append(line)
+        self.echo(f"{self.stem}: {line}")
+
+    def clean(self) -> None:
+        for path in self._scratch:
+            path.unlink(missing_ok=True)
 
 
 # --- resumable tidy CSV -----------------------------------------------------------------------
@@ -156,12 +267,17 @@ def _parse(value: str) -> Any:
     return value
 
 
+def _read_rows(f: Iterable[str]) -> list[dict]:
+    return [{k: _parse(v) for k, v in r.items()} for r in csv.DictReader(f) if None not in r.values()]
+
+
 class TidyTable:
-    """``NAME.csv`` written unit by unit; finished units survive an interruption.
+    """``STEM.csv`` written unit by unit; finished units survive an interruption.
 
     A unit is a group of rows computed together (e.g. one series, all runs). Its rows are
-    appended and flushed, then its key is recorded in ``NAME.units.json`` with the config;
+    appended and flushed, then its key is recorded in ``STEM.units.json`` with the config;
     on reopening with the same config the finished units' rows are kept and the rest dropped.
+    The rows it hands back are always the CSV's values (parsed back), fresh or resumed.
     """
 
     def __init__(self, csv_path: Path, columns: Sequence[str], config: dict) -> None:
@@ -180,13 +296,12 @@ class TidyTable:
                 state = json.loads(self.units_path.read_text())
             except json.JSONDecodeError:
                 state = {}
-            if state.get("config") == _jsonable(self.config) and state.get("columns") == self.columns:
+            if state.get("config") == jsonable(self.config) and state.get("columns") == self.columns:
                 done = state.get("done", [])
         rows: list[dict] = []
         if done:
             with self.csv_path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                rows = [{k: _parse(v) for k, v in r.items()} for r in reader if None not in r.values()]
+                rows = _read_rows(f)
         start = 0
         for key, count in done:
             if start + count > len(rows):
@@ -207,7 +322,7 @@ class TidyTable:
 
     def _write_state(self) -> None:
         state = {
-            "config": _jsonable(self.config),
+            "config": jsonable(self.config),
             "columns": self.columns,
             "done": [[k, len(v)] for k, v in self._rows.items()],
         }
@@ -216,171 +331,41 @@ class TidyTable:
     def done(self, key: str) -> bool:
         return key in self._rows
 
-    def unit(self, key: str, compute: Callable[[], list[dict]]) -> list[dict]:
-        """The rows of unit ``key``: read back if finished before, else ``compute()``d and appended."""
-        if key in self._rows:
-            return self._rows[key]
-        rows = compute()
+    def add(self, key: str, rows: list[dict]) -> list[dict]:
+        """Append the rows of unit ``key`` (keys must be the columns) and record it as finished."""
         for r in rows:
             if set(r) != set(self.columns):
-                raise ValueError(f"row keys {sorted(r)} differ from the table's columns {self.columns}")
+                raise ValueError(f"unit {key!r}: row keys {sorted(r)} differ from the table's columns {self.columns}")
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=self.columns).writerows(rows)
         with self.csv_path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns).writerows(rows)
+            f.write(buf.getvalue())
             f.flush()
-        self._rows[key] = rows
+        buf.seek(0)
+        self._rows[key] = _read_rows(io.StringIO(",".join(self.columns) + "\r\n" + buf.getvalue()))
         self._write_state()
-        return rows
+        return self._rows[key]
 
-    def rows(self) -> list[dict]:
-        return [r for rows in self._rows.values() for r in rows]
+    def unit(self, key: str, compute: Callable[[], list[dict]]) -> list[dict]:
+        """The rows of unit ``key``: read back if finished before, else ``compute()``d and added."""
+        return self._rows[key] if key in self._rows else self.add(key, compute())
+
+    def rows(self, keys: Sequence[str] | None = None) -> list[dict]:
+        """The rows of ``keys`` (default: every finished unit, in the order they were added)."""
+        return [r for k in (self._rows if keys is None else keys) for r in self._rows[k]]
 
     def finish(self) -> None:
         self.units_path.unlink(missing_ok=True)
 
 
-# --- the run context --------------------------------------------------------------------------
-
-
-@dataclass
-class RunContext:
-    """What a run function gets: options, output paths, progress, data, notes."""
-
-    name: str
-    quick: bool = False
-    runs: int | None = None
-    seed: int = 0
-    device: str = "cpu"
-    out_dir: Path = Path("results")
-    data: str = "auto"
-    show_progress: bool = True
-    echo: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr))
-    notes: list[str] = field(default_factory=list)
-    config: dict = field(default_factory=dict)
-    _table: TidyTable | None = None
-    _scratch: list[Path] = field(default_factory=list)
-
-    def n_runs(self, default: int, quick: int) -> int:
-        """``--runs`` if given, else ``quick`` under ``--quick``, else the paper's ``default``."""
-        return self.runs if self.runs is not None else (quick if self.quick else default)
-
-    def path(self, suffix: str) -> Path:
-        return Path(self.out_dir) / f"{self.name}{suffix}"
-
-    def scratch_path(self, suffix: str) -> Path:
-        """``NAME<suffix>``, a file needed only to resume an interrupted run (e.g. a training
-        checkpoint): it is kept while the reproduction runs and removed once its JSON is written."""
-        path = self.path(suffix)
-        if path not in self._scratch:
-            self._scratch.append(path)
-        return path
-
-    def finish(self) -> None:
-        """After the JSON is written: drop the resume state (units list, scratch files)."""
-        if self._table is not None:
-            self._table.finish()
-        for path in self._scratch:
-            path.unlink(missing_ok=True)
-
-    def table(self, columns: Sequence[str]) -> TidyTable:
-        """The reproduction's tidy CSV (``NAME.csv``), resumed where a previous run stopped."""
-        if self._table is None:
-            self._table = TidyTable(self.path(".csv"), columns, self.config)
-            if self._table.resumed:
-                self.note(f"resumed {len(self._table.resumed)} finished unit(s) from {self.path('.csv')}")
-        return self._table
-
-    def progress(self, iterable: Iterable, desc: str = "", total: int | None = None) -> Iterable:
-        """A tqdm progress bar on stderr (silent when progress is off)."""
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            iterable, desc=f"{self.name} {desc}".strip(), total=total, file=sys.stderr,
-            disable=not self.show_progress, leave=False, dynamic_ncols=True,
-        )
-
-    def note(self, msg: str) -> None:
-        """A line for the console and the JSON's ``notes``."""
-        self.notes.append(msg)
-        self.echo(f"{self.name}: {msg}")
-
-    def images(self, preferred: str, limit: int) -> ImageBatch:
-        """Images for an experiment whose paper used ``preferred`` (e.g. ``"cifar10"``).
-
-        ``--data auto`` tries ``preferred`` and falls back to the built-in synthetic set,
-        saying so; ``--data NAME`` uses exactly that set (``DataUnavailable`` if it cannot).
-        """
-        name = preferred if self.data == "auto" else self.data
-        try:
-            batch = load_images(name, limit=limit, seed=self.seed)
-        except DataUnavailable as exc:
-            if self.data != "auto":
-                raise
-            self.note(f"{preferred} unavailable ({exc}); falling back to the synthetic image set")
-            batch = load_images("synthetic", limit=limit, seed=self.seed)
-        self.note(f"data: {batch.description}")
-        return batch
-
-    def save_figure(self, fig) -> Path:
-        """Write ``NAME.png``."""
-        path = self.path(".png")
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        return path
-
-
-# --- numbers ----------------------------------------------------------------------------------
-
-
-def gap_curves(grams: torch.Tensor) -> tuple[np.ndarray, int]:
-    """Isometry gaps of a stack of Grams, with non-finite Grams counted as collapsed.
-
-    A Gram with non-finite entries (the representation overflowed, e.g. ``exp`` without
-    normalisation) has no finite isometry; it is reported as ``+inf`` (collapsed), never NaN,
-    and the number of such Grams is returned alongside.
-    """
-    gaps = isometry_gap(grams).cpu().numpy()
-    overflow = int(np.isnan(gaps).sum())
-    return np.where(np.isnan(gaps), np.inf, gaps), overflow
-
-
-def mean_curve(values: np.ndarray) -> np.ndarray:
-    """Mean over runs (axis 0) per layer; ``+inf`` where any run collapsed (never NaN)."""
-    values = np.asarray(values, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        m = values.mean(axis=0)
-    return np.where(np.isinf(values).any(axis=0), np.inf, m)
-
-
-def run_curves(rows: Sequence[dict], value: str = "gap", index: str = "layer", length: int | None = None,
-               **match: Any) -> np.ndarray:
-    """``(runs, length)`` array of column ``value`` of the tidy ``rows`` that match ``match``.
-
-    Row ``r`` goes to line ``r["run"]`` (runs sorted; a deterministic curve, ``run = ""``,
-    comes last) and column ``int(r[index])``; ``length`` defaults to the largest index + 1.
-    Missing entries are NaN. ``KeyError`` if no row matches.
-    """
-    sel = [r for r in rows if all(r[k] == v for k, v in match.items())]
-    if not sel:
-        raise KeyError(f"no rows match {match}")
-    runs = sorted({r["run"] for r in sel}, key=lambda v: (isinstance(v, str), v))
-    line = {run: i for i, run in enumerate(runs)}
-    if length is None:
-        length = max(int(r[index]) for r in sel) + 1
-    out = np.full((len(runs), length), np.nan)
-    for r in sel:
-        out[line[r["run"]], int(r[index])] = float(r[value])
-    return out
-
-
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Plain JSON values: numpy scalars/arrays to Python, ``±inf``/NaN to strings."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return jsonable(obj.tolist())
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
     if isinstance(obj, (int, np.integer)):
@@ -391,73 +376,28 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-# --- plots ------------------------------------------------------------------------------------
+# --- options and names ------------------------------------------------------------------------
 
 
-def new_figure(panels: int, ncols: int | None = None, size: tuple[float, float] = (4.2, 3.4)):
-    """``(fig, axes)`` with ``panels`` axes in a grid (``axes`` a flat list).
-
-    A bare ``matplotlib.figure.Figure``: no pyplot state, no backend switch, nothing to close.
-    """
-    from matplotlib.figure import Figure
-
-    ncols = ncols or min(panels, 4)
-    nrows = math.ceil(panels / ncols)
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    flat = list(axes.ravel())
-    for ax in flat[panels:]:
-        ax.set_visible(False)
-    return fig, flat[:panels]
-
-
-def plot_depth_curves(
-    ax,
-    values: np.ndarray,
-    label: str,
-    color: str | None = None,
-    bound: np.ndarray | None = None,
-    bound_label: str | None = None,
-    layers: np.ndarray | None = None,
-    ylabel: str = r"isometry gap  $-\log I(G_\ell)$",
-    log: bool = True,
-) -> int:
-    """Mean over runs (solid) with the min–max spread (shaded) of ``values`` (runs × layers).
-
-    ``bound`` is drawn dashed in the same colour. Collapsed values (``+inf``) are never
-    dropped: each layer that has some is marked at the top edge of the axes with a triangle,
-    the legend entry says how many there are, and the mean line stops there. Returns the
-    number of collapsed values. ``log``: a log y axis, once the axes hold a positive finite
-    value (while every value so far has collapsed there is nothing to log-scale, and the
-    axis stays linear).
-    """
-    values = np.atleast_2d(np.asarray(values, dtype=np.float64))
-    x = np.arange(values.shape[1]) if layers is None else np.asarray(layers)
-    inf = np.isinf(values)
-    n_inf = int(inf.sum())
-    finite = np.where(inf, np.nan, values)
-    mean = mean_curve(values)
-    with warnings.catch_warnings():  # all-inf layers give all-NaN slices: no line there
-        warnings.simplefilter("ignore", RuntimeWarning)
-        lo, hi = np.nanmin(finite, axis=0), np.nanmax(finite, axis=0)
-    text = label + (f"  [{n_inf} collapsed (+inf), at top]" if n_inf else "")
-    (line,) = ax.plot(x, np.where(np.isinf(mean), np.nan, mean), "-", color=color, label=text, lw=1.6)
-    color = line.get_color()
-    ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
-    if n_inf:
-        cols = inf.any(axis=0)
-        ax.plot(x[cols], np.full(cols.sum(), 0.97), "^", color=color, ms=6, clip_on=False,
-                transform=ax.get_xaxis_transform())
-    if bound is not None:
-        ax.plot(x[: len(bound)], bound, "--", color=color, lw=1.2, label=bound_label)
-    if log and ax.dataLim.y1 > 0 and np.isfinite(ax.dataLim.y1):
-        ax.set_yscale("log")
-    ax.set_xlabel(r"layer $\ell$")
-    ax.set_ylabel(ylabel)
-    return n_inf
-
-
-# --- running ----------------------------------------------------------------------------------
+def check_options(options: Options) -> None:
+    """Raise :class:`ReproductionOptionError` for an option no reproduction can run with."""
+    runs = options.runs
+    if runs is not None and (isinstance(runs, bool) or not isinstance(runs, int) or runs < 1):
+        raise ReproductionOptionError(f"--runs must be a positive integer, got {runs!r}")
+    if options.device not in ("cpu", "cuda"):
+        raise ReproductionOptionError(f"device must be cpu or cuda, got {options.device!r}")
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise ReproductionOptionError("--device cuda: no CUDA device is available here (use --device cpu)")
+    if options.protocol not in PROTOCOLS:
+        raise ReproductionOptionError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {options.protocol!r}")
+    if options.data != "auto" and not is_image_source(options.data):
+        raise ReproductionOptionError(f"--data must be auto, one of {', '.join(IMAGE_SOURCES)}, or a path to a "
+                                      f".npz file or an image folder; got {options.data!r}")
+    if options.text_file is not None and not Path(options.text_file).is_file():
+        raise ReproductionOptionError(f"--text-file {options.text_file}: no such file")
+    model = options.model
+    if model is not None and model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+        raise ReproductionOptionError(f"--model {model}: no such directory")
 
 
 def resolve_names(names: Sequence[str]) -> list[str]:
@@ -475,83 +415,396 @@ def resolve_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def _up_to_date(ctx: RunContext) -> bool:
-    paths = [ctx.path(s) for s in (".json", ".csv", ".png")]
-    if not all(p.exists() for p in paths):
-        return False
+def _protocols(rep) -> tuple[str, ...]:
+    return getattr(rep, "protocols", ("isoprobe",))
+
+
+def select(names: Sequence[str], options: Options, echo: Callable[[str], None] = print) -> list[str]:
+    """The reproductions to run for ``names`` under ``options``, checked before any work.
+
+    A name given explicitly must support ``options.protocol``; ``all`` keeps those that do
+    (and says which it left out). ``--model`` / ``--text-file`` must be read by one of them.
+    """
+    check_options(options)
+    selected = resolve_names(names)
+    explicit = set(n for n in names if n != "all")
+    p = options.protocol
+    unsupported = [n for n in selected if p not in _protocols(REGISTRY[n])]
+    supporting = ", ".join(n for n in REGISTRY if p in _protocols(REGISTRY[n])) or "none"
+    if bad := [n for n in unsupported if n in explicit]:
+        raise ReproductionOptionError(f"{', '.join(bad)}: no --protocol {p} (reproductions with it: {supporting})")
+    if unsupported and len(unsupported) == len(selected):
+        raise ReproductionOptionError(f"no reproduction here has --protocol {p} (reproductions with it: {supporting})")
+    if unsupported:
+        echo(f"--protocol {p}: running the {len(selected) - len(unsupported)} reproduction(s) that support it "
+             f"({supporting}); leaving out {len(unsupported)}")
+        selected = [n for n in selected if n not in unsupported]
+    for opt, flag in (("model", "--model"), ("text_file", "--text-file")):
+        readers = [n for n in REGISTRY if opt in getattr(REGISTRY[n], "reads", ())]
+        if getattr(options, opt) is not None and not any(n in readers for n in selected):
+            raise ReproductionOptionError(f"{flag}: none of the named reproductions reads it"
+                                          + (f" (only {', '.join(readers)} does)" if readers else ""))
+    return selected
+
+
+# --- data provenance --------------------------------------------------------------------------
+
+_DISPLAY = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
+def data_request(paper: str | Sequence[str], fallback: str | Sequence[str] = "synthetic",
+                 limit: int | None = None) -> dict:
+    """The ``"data"`` entry of a ``uses_data`` config: the paper's image set(s), the offline
+    substitute(s) for ``--data auto``, and how many images to load (``None``: all)."""
+    return {"paper": paper, "fallback": fallback, "limit": limit}
+
+
+def _names(x: str | Sequence[str]) -> list[str]:
+    return [x] if isinstance(x, str) else list(x)
+
+
+def _one_or_list(names: list[str]) -> str | list[str]:
+    return names[0] if len(names) == 1 else names
+
+
+def resolve_data(request: dict, asked: str, seed: int, note: Callable[[str], None]) -> tuple[dict, dict]:
+    """``(provenance, images)`` for a config's data ``request`` and the user's ``--data`` (``asked``).
+
+    ``--data NAME`` loads exactly ``NAME`` (:class:`~isoprobe.data.DataUnavailable` if it cannot);
+    ``auto`` loads the paper's sets, replacing those that cannot be had by the fallback(s).
+    ``provenance = {"paper", "asked", "used", "substitute", "limit"}``: ``substitute`` is true
+    when any set used is not one of the paper's.
+    """
+    paper, limit = _names(request["paper"]), request.get("limit")
+    images: dict[str, ImageBatch] = {}
+    if asked != "auto":
+        images[asked] = load_images(asked, limit=limit, seed=seed)
+    else:
+        missing = []
+        for name in paper:
+            try:
+                images[name] = load_images(name, limit=limit, seed=seed)
+            except DataUnavailable as exc:
+                missing.append(name)
+                note(f"{name} unavailable ({exc})")
+        if missing:
+            fallback = [n for n in _names(request.get("fallback", "synthetic")) if n not in images]
+            note(f"offline: using {', '.join(fallback)} in place of {', '.join(missing)}")
+            images.update({n: load_images(n, limit=limit, seed=seed) for n in fallback})
+    for batch in images.values():
+        note(f"data: {batch.description}")
+    used = list(images)
+    provenance = {"paper": request["paper"], "asked": asked, "used": _one_or_list(used),
+                  "substitute": any(u not in paper for u in used), "limit": limit}
+    return provenance, images
+
+
+def data_label(data: dict | None) -> str:
+    """``"on substitute data: digits, not CIFAR10"`` for substitute provenance, else ``""``."""
+    if not data or not data.get("substitute"):
+        return ""
+    used = ", ".join(_DISPLAY.get(n, n) for n in _names(data["used"]))
+    paper = ", ".join(_DISPLAY.get(n, n) for n in _names(data["paper"]))
+    return f"on substitute data: {used}, not {paper}"
+
+
+# --- running one declared reproduction ------------------------------------------------------------
+
+
+def _paths(out_dir: Path, st: str) -> dict[str, Path]:
+    return {s: out_dir / f"{st}.{s}" for s in ("json", "csv", "png")}
+
+
+def _up_to_date(paths: dict[str, Path], config: dict) -> dict | None:
+    """The JSON of a finished run with the same config (``None`` if there is none)."""
+    if not all(p.exists() for p in paths.values()):
+        return None
     try:
-        return json.loads(paths[0].read_text()).get("config") == _jsonable(ctx.config)
+        summary = json.loads(paths["json"].read_text())
     except json.JSONDecodeError:
-        return False
+        return None
+    return summary if summary.get("config") == jsonable(config) else None
+
+
+def _config(rep: Reproduction, options: Options, env: Env) -> dict:
+    """``{quick, seed, device, protocol}`` and the reproduction's own sizes, data resolved."""
+    cfg = {"quick": options.quick, "seed": options.seed, "device": options.device, "protocol": options.protocol,
+           **rep.config(options)}
+    if rep.uses_data:
+        if not isinstance(cfg.get("data"), dict):
+            raise TypeError(f"{rep.name} uses data: its config must declare data_request(...) as 'data'")
+        cfg["data"], env.image_sets = resolve_data(cfg["data"], options.data, options.seed, env.note)
+        env.images = next(iter(env.image_sets.values())) if len(env.image_sets) == 1 else None
+    return jsonable(cfg)
+
+
+def _compute(units: list[Unit], table: TidyTable | None, env: Env) -> list[dict]:
+    """Rows of every unit in order (rank 0; ``[]`` elsewhere): finished ones from the CSV, the
+    rest computed, dealt round-robin over the ranks and gathered on rank 0 in rounds of ``world``."""
+    keys = [k for k, _ in units]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{env.stem}: unit keys must be unique, got {keys}")
+    done = distributed.broadcast_object(set() if table is None else {k for k in keys if table.done(k)})
+    todo = [(k, f) for k, f in units if k not in done]
+    if table is not None and len(done):
+        env.note(f"resumed {len(done)} finished unit(s) from {table.csv_path}")
+    world, rank = env.world, env.rank
+    rounds = [todo[i : i + world] for i in range(0, len(todo), world)]
+    for batch in env.progress(rounds, desc="units", total=len(rounds)):
+        mine = batch[rank] if rank < len(batch) else None
+        result = (mine[0], mine[1]()) if mine else None
+        for part in distributed.gather_rows([result]) if world > 1 else [result]:
+            if part is not None and table is not None:
+                table.add(*part)
+    return table.rows(keys) if table is not None else []
+
+
+def _save_figure(fig, path: Path, label: str) -> None:
+    if label:
+        title = fig.get_suptitle()
+        fig.suptitle(f"{title}\n[{label}]" if title else f"[{label}]", color="tab:red",
+                     fontsize="medium" if title else "large")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def _summary(rep, verdict: Verdict, cfg: dict, notes: Sequence[str], elapsed: float, data: dict | None) -> dict:
+    out = {"name": rep.name, "paper": rep.paper, "figure": rep.figure, "claim": rep.claim,
+           "verdict": verdict.verdict, "held": verdict.held, "rule": verdict.rule, "measured": verdict.measured,
+           "theory": verdict.theory, "reason": verdict.reason, "notes": [*notes, *verdict.notes], "config": cfg}
+    if data is not None:
+        out["data"] = data
+    out["elapsed_s"] = round(elapsed, 3)
+    return jsonable(out)
+
+
+def _write_json(path: Path, summary: dict) -> None:
+    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def _run_declared(rep: Reproduction, options: Options, out_dir: Path, env: Env) -> dict:
+    """Run one declared reproduction (every rank calls it; rank 0 writes and returns its JSON)."""
+    t0 = time.perf_counter()
+    cfg = _config(rep, options, env)
+    paths = _paths(out_dir, env.stem)
+    skip = distributed.broadcast_object(_up_to_date(paths, cfg) if env.rank == 0 else None)
+    if skip is not None:
+        env.echo(f"{env.stem}: up to date in {out_dir} (verdict: {skip.get('verdict')}); skipped")
+        return skip
+    table = TidyTable(paths["csv"], rep.columns, cfg) if env.rank == 0 else None
+    rows = _compute(list(rep.units(cfg, env)), table, env)
+    if env.rank != 0:
+        env.clean()
+        return distributed.broadcast_object(None)
+    verdict = rep.verdict(rows, cfg)
+    if not isinstance(verdict, Verdict):
+        raise TypeError(f"{rep.name}: the verdict function must return a Verdict, got {type(verdict).__name__}")
+    data = cfg.get("data") if rep.uses_data else None
+    _save_figure(rep.draw(rows, cfg), paths["png"], data_label(data))
+    summary = _summary(rep, verdict, cfg, env.notes, time.perf_counter() - t0, data)
+    _write_json(paths["json"], summary)
+    table.finish()
+    env.clean()
+    _announce(summary, paths["json"], env.echo, env.stem)
+    return distributed.broadcast_object(summary)
+
+
+def _announce(summary: dict, path: Path, echo: Callable[[str], None], st: str) -> None:
+    label = data_label(summary.get("data"))
+    why = f": {summary['reason']}" if summary.get("verdict") == "undecided" and summary.get("reason") else ""
+    echo(f"{st}: {summary['verdict']}{why}" + (f" [{label}]" if label else "")
+         + f" ({summary['elapsed_s']:.1f} s) -> {path}")
+
+
+def run_reproductions(
+    names: Sequence[str],
+    options: Options | None = None,
+    out_dir: str | Path = "results",
+    *,
+    show_progress: bool = True,
+    echo: Callable[[str], None] = print,
+    **option_fields: Any,
+) -> list[dict]:
+    """Run the named reproductions in order; returns their JSON summaries.
+
+    ``options`` (or its fields as keywords: ``quick=True, runs=2``) are checked before
+    anything runs. Skips a reproduction whose outputs exist with the same config; resumes a
+    partial one. Under torchrun every rank calls this; rank 0 writes and echoes.
+    """
+    if options is None:
+        options = Options(**option_fields)
+    elif option_fields:
+        raise TypeError("give options or its fields, not both")
+    rank, world = distributed.rank_world()
+    echo = echo if rank == 0 else (lambda _m: None)
+    selected = select(names, options, echo)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(options.device if options.device == "cpu" or world == 1
+                          else f"cuda:{torch.cuda.current_device()}")
+    summaries = []
+    for name in selected:
+        rep = REGISTRY[name]
+        if isinstance(rep, LegacyReproduction):
+            summaries.append(_run_legacy(rep, options, out_dir, rank, show_progress, echo))
+            continue
+        st = stem(name, options.protocol)
+        env = Env(st, out_dir, device, rank, world, show_progress, echo)
+        summaries.append(_run_declared(rep, options, out_dir, env))
+    return summaries
+
+
+def summarize(summaries: Sequence[dict], out_dir: str | Path = "") -> str:
+    """The closing lines of a run: verdict counts, paper-data verdicts apart from substitute-data ones."""
+
+    def line(group: list[dict], title: str, tail: str = "") -> str:
+        parts = []
+        for v in VERDICTS:
+            these = [s["name"] for s in group if s.get("verdict") == v]
+            if these:
+                parts.append(f"{len(these)} {v}" + ("" if v == "held" else f" ({', '.join(these)})"))
+        return f"  {title} ({len(group)}): " + ", ".join(parts) + tail
+
+    sub = [s for s in summaries if (s.get("data") or {}).get("substitute")]
+    paper = [s for s in summaries if s not in sub]
+    lines = [f"{len(summaries)} reproduction(s)" + (f" in {out_dir}" if out_dir else "") + ":"]
+    if paper:
+        lines.append(line(paper, "on the paper's data or no data"))
+    if sub:
+        tail = "  [verdicts about the substitute, not about the paper's data sets]"
+        lines.append(line(sub, "on substitute data", tail))
+    return "\n".join(lines)
+
+
+# --- transitional adapter: the old decorator API ------------------------------------------------
+# Unported paper modules still declare ``@reproduction(...)`` run functions that compute, draw and
+# judge in one body. They run through the same runner (options, names, JSON layout with
+# ``verdict``); remove this section once every module declares a Reproduction.
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """TRANSITIONAL: what an old-style run function returns."""
+
+    measured: dict
+    theory: dict
+    held: bool
+    rule: str
+
+
+@dataclass(frozen=True)
+class LegacyReproduction:
+    """TRANSITIONAL: an old-style reproduction, ``run(ctx, config(ctx)) -> Outcome``."""
+
+    name: str
+    paper: str
+    figure: str
+    claim: str
+    config: Callable[["RunContext"], dict]
+    run: Callable[["RunContext", dict], Outcome]
+
+
+def reproduction(
+    name: str, *, paper: str, figure: str, claim: str, config: Callable[["RunContext"], dict]
+) -> Callable[[Callable[["RunContext", dict], Outcome]], Callable[["RunContext", dict], Outcome]]:
+    """TRANSITIONAL: decorator form of :func:`register` for an old-style run function."""
+
+    def deco(run: Callable[["RunContext", dict], Outcome]) -> Callable[["RunContext", dict], Outcome]:
+        register(LegacyReproduction(name, paper, figure, claim, config, run))
+        return run
+
+    return deco
+
+
+@dataclass
+class RunContext:
+    """TRANSITIONAL: what an old-style run function gets (options, paths, progress, data, notes)."""
+
+    name: str
+    quick: bool = False
+    runs: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    out_dir: Path = Path("results")
+    data: str = "auto"
+    show_progress: bool = True
+    echo: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr))
+    notes: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    provenance: dict | None = None
+    _table: TidyTable | None = None
+    _scratch: list[Path] = field(default_factory=list)
+
+    def n_runs(self, default: int, quick: int) -> int:
+        return self.runs if self.runs is not None else (quick if self.quick else default)
+
+    def path(self, suffix: str) -> Path:
+        return Path(self.out_dir) / f"{self.name}{suffix}"
+
+    def scratch_path(self, suffix: str) -> Path:
+        path = self.path(suffix)
+        if path not in self._scratch:
+            self._scratch.append(path)
+        return path
+
+    def finish(self) -> None:
+        if self._table is not None:
+            self._table.finish()
+        for path in self._scratch:
+            path.unlink(missing_ok=True)
+
+    def table(self, columns: Sequence[str]) -> TidyTable:
+        if self._table is None:
+            self._table = TidyTable(self.path(".csv"), columns, self.config)
+            if self._table.resumed:
+                self.note(f"resumed {len(self._table.resumed)} finished unit(s) from {self.path('.csv')}")
+        return self._table
+
+    def progress(self, iterable: Iterable, desc: str = "", total: int | None = None) -> Iterable:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=f"{self.name} {desc}".strip(), total=total, file=sys.stderr,
+                    disable=not self.show_progress, leave=False, dynamic_ncols=True)
+
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+        self.echo(f"{self.name}: {msg}")
+
+    def images(self, preferred: str, limit: int) -> ImageBatch:
+        """Images of ``preferred`` (or ``--data``), provenance recorded for the JSON's ``data``."""
+        self.provenance, sets = resolve_data(data_request(preferred, "synthetic", limit), self.data, self.seed,
+                                             self.note)
+        return next(iter(sets.values()))
+
+    def save_figure(self, fig) -> Path:
+        path = self.path(".png")
+        _save_figure(fig, path, data_label(self.provenance))
+        return path
 
 
 def make_context(name: str, **options: Any) -> RunContext:
-    """The :class:`RunContext` of reproduction ``name`` for ``options`` (RunContext fields), config resolved.
-
-    ``ctx.config`` is ``{quick, seed, device, data}`` plus the reproduction's own sizes: what the
-    JSON records and what resuming compares.
-    """
+    """TRANSITIONAL: the :class:`RunContext` of old-style reproduction ``name``, config resolved."""
     rep = REGISTRY[resolve_names([name])[0]]
     ctx = RunContext(name=rep.name, **options)
     ctx.config = {"quick": ctx.quick, "seed": ctx.seed, "device": ctx.device, "data": ctx.data, **rep.config(ctx)}
     return ctx
 
 
-def run_reproductions(
-    names: Sequence[str],
-    *,
-    quick: bool = False,
-    runs: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    out_dir: str | Path = "results",
-    data: str = "auto",
-    show_progress: bool = True,
-    echo: Callable[[str], None] = print,
-) -> list[dict]:
-    """Run the named reproductions in order; returns their JSON summaries.
-
-    Skips a reproduction whose outputs exist with the same config; resumes a partial one.
-    """
-    selected = resolve_names(names)
-    if runs is not None and (isinstance(runs, bool) or not isinstance(runs, int) or runs < 1):
-        raise ReproductionOptionError(f"--runs must be a positive integer, got {runs!r}")
-    if device not in ("cpu", "cuda"):
-        raise ReproductionOptionError(f"device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ReproductionOptionError("--device cuda: no CUDA device is available here (use --device cpu)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summaries = []
-    for name in selected:
-        rep = REGISTRY[name]
-        ctx = make_context(name, quick=quick, runs=runs, seed=seed, device=device, out_dir=out_dir, data=data,
-                           show_progress=show_progress, echo=echo)
-        if _up_to_date(ctx):
-            summary = json.loads(ctx.path(".json").read_text())
-            echo(f"{name}: up to date in {out_dir} (held: {summary.get('held')}); skipped")
-            summaries.append(summary)
-            continue
-        t0 = time.perf_counter()
-        outcome = rep.run(ctx, ctx.config)
-        summary = _jsonable(
-            {
-                "name": name,
-                "paper": rep.paper,
-                "figure": rep.figure,
-                "claim": rep.claim,
-                "measured": outcome.measured,
-                "theory": outcome.theory,
-                "held": bool(outcome.held),
-                "rule": outcome.rule,
-                "config": ctx.config,
-                "elapsed_s": round(time.perf_counter() - t0, 3),
-                "notes": ctx.notes,
-            }
-        )
-        ctx.path(".json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-        ctx.finish()
-        verdict = "held" if outcome.held else "did NOT hold"
-        echo(f"{name}: claim {verdict} ({summary['elapsed_s']:.1f} s) -> {ctx.path('.json')}")
-        summaries.append(summary)
-    return summaries
+def _run_legacy(rep: LegacyReproduction, options: Options, out_dir: Path, rank: int, show_progress: bool,
+                echo: Callable[[str], None]) -> dict:
+    """TRANSITIONAL: run an old-style reproduction; under torchrun every rank runs it whole
+    (rank ``r > 0`` into ``OUT/.rank{r}``), as the old entry did."""
+    out = out_dir if rank == 0 else out_dir / f".rank{rank}"
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = make_context(rep.name, quick=options.quick, runs=options.runs, seed=options.seed, device=options.device,
+                       out_dir=out, data=options.data, show_progress=show_progress and rank == 0, echo=echo)
+    if (summary := _up_to_date(_paths(out, rep.name), ctx.config)) is not None:
+        echo(f"{rep.name}: up to date in {out} (verdict: {summary.get('verdict')}); skipped")
+        return summary
+    t0 = time.perf_counter()
+    outcome = rep.run(ctx, ctx.config)
+    verdict = Verdict("held" if outcome.held else "not held", outcome.rule, outcome.measured, outcome.theory)
+    summary = _summary(rep, verdict, ctx.config, ctx.notes, time.perf_counter() - t0, ctx.provenance)
+    _write_json(ctx.path(".json"), summary)
+    ctx.finish()
+    _announce(summary, ctx.path(".json"), echo, rep.name)
+    return summary

@@ -17,8 +17,17 @@ from functools import partial
 import numpy as np
 import torch
 
-from isoprobe.experiments.base import Outcome, RunContext, new_figure, plot_depth_curves, reproduction, run_curves
-from isoprobe.experiments.meterez import fit_slope, log_axes_with_ticks, run_generator, single_thread
+from isoprobe.experiments.base import Outcome, RunContext, reproduction
+from isoprobe.experiments.common import (
+    DANESHMAND,
+    fit_slope,
+    log_axes_with_ticks,
+    new_figure,
+    plot_depth_curves,
+    run_curves,
+    run_generator,
+    single_thread,
+)
 from isoprobe.metrics import gram, orthogonality_gap
 from isoprobe.nets.bn_mlp import BNMLP
 
@@ -60,7 +69,7 @@ def _config(ctx: RunContext) -> dict:
 
 
 @reproduction(
-    "daneshmand-orth", paper="Daneshmand et al. 2021", figure="Figs. 1–2",
+    "daneshmand-orth", paper=DANESHMAND, figure="Figs. 1–2",
     claim="with batch norm the orthogonality gap of a Gaussian linear chain falls to a floor that shrinks "
           "with width; without batch norm it stays of order one",
     config=_config,
@@ -72,7 +81,7 @@ def daneshmand_orth(ctx: RunContext, cfg: dict) -> Outcome:
     def compute(bn: bool, width: int) -> list[dict]:
         rows = []
         for run in range(cfg["runs"]):
-            gen = run_generator(ctx, run, salt=width)
+            gen = run_generator(ctx.seed, run, salt=width)
             z = torch.randn(n + 1, width, dtype=F64, generator=gen)
             x = z[:1] + 0.5 * z[1:]
             with single_thread(), torch.no_grad():

@@ -14,26 +14,31 @@ JSON; where the measurements contradict the paper, the reproduction says so.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from isoprobe.experiments.base import (
-    Outcome,
-    Reproduction,
-    RunContext,
+from isoprobe.experiments.base import LegacyReproduction as Reproduction  # transitional
+from isoprobe.experiments.base import Outcome, RunContext, register, reproduction
+from isoprobe.experiments.common import (
+    FIG7_ACTS,
+    NORM_RISE_TOL,
+    draw_site_axis,
     gap_curves,
     mean_curve,
     new_figure,
+    norm_site_gaps,
     plot_depth_curves,
-    register,
-    reproduction,
+    rule_norms_never_raise,
     run_curves,
+    site_gaps,
+    site_order,
 )
+from isoprobe.experiments.common import JOUDAKI as PAPER
 from isoprobe.hermite import activation_stats, isometry_strength
-from isoprobe.metrics import gram, isometry_gap, lyapunov_gamma
+from isoprobe.metrics import isometry_gap, lyapunov_gamma
 from isoprobe.theory import (
     LNMLPSpec,
     corollary_b2_bound,
@@ -53,13 +58,7 @@ __all__ = [
     "site_order",
 ]
 
-PAPER = "Joudaki, Daneshmand & Bach, NeurIPS 2023 (arXiv 2305.18399)"
 _FIG_ACTS = ["relu", "tanh", "sigmoid", "exp"]  # Figs. 4-6
-#: the activations of the paper's Fig. 7, by β (Fig. 2 uses them too, at initialisation and trained)
-FIG7_ACTS = ["sigmoid", "selu", "elu", "tanh", "silu", "relu", "gelu"]
-#: Fig. 2's tolerance for a norm layer "not raising" the gap: a relative rise a log-scale plot cannot show
-NORM_RISE_TOL = 1e-2
-
 
 # --- shared pieces ---------------------------------------------------------------------------
 
@@ -182,78 +181,6 @@ def _fig2_config(ctx: RunContext) -> dict:
     big = not ctx.quick
     return {"acts": FIG7_ACTS, "depth": 10, "width": 1000 if big else 256, "batch": 512 if big else 128,
             "data": "cifar10", "runs": ctx.n_runs(10, 2), "tolerance": NORM_RISE_TOL}
-
-
-def site_gaps(net, x: torch.Tensor) -> list[dict]:
-    """Gaps of every site of one forward of an :class:`~isoprobe.nets.LNMLP`: rows ``{layer,
-    site, gap, theorem1_holds}`` (fc from the net's own hooks, the rest from the Probe; a
-    collapsed site has ``gap = +inf``)."""
-    from isoprobe.hooks import Probe
-
-    with torch.no_grad(), Probe(net, sites="norm") as probe:
-        outs = net.sites(x)
-    by_key = {(r.site, r.point): r for r in probe.records}
-    rows = []
-    for ell in range(len(net.layers) + 1):
-        norm = "input_norm" if ell == 0 else f"layers.{ell - 1}.norm"
-        pre = by_key[norm, "pre"]
-        if ell == 0:
-            rows.append(dict(layer=0, site="input", gap=pre.isometry_gap, theorem1_holds=""))
-        else:
-            fc = isometry_gap(gram(outs[f"layers.{ell - 1}.fc"], dtype=torch.float64)).item()
-            rows.append(dict(layer=ell, site="fc", gap=fc, theorem1_holds=""))
-            rows.append(dict(layer=ell, site="act", gap=pre.isometry_gap, theorem1_holds=""))
-        for point in ("centered", "normalized"):
-            r = by_key[norm, point]
-            t1 = "" if r.theorem1_holds is None else int(r.theorem1_holds)
-            rows.append(dict(layer=ell, site=f"norm:{point}", gap=r.isometry_gap, theorem1_holds=t1))
-        rows.append(dict(layer=ell, site="norm", gap=by_key[norm, "post"].isometry_gap, theorem1_holds=""))
-    return [{**r, "gap": math.inf if r["gap"] is None else r["gap"]} for r in rows]
-
-
-def site_order(depth: int) -> list[tuple[int, str]]:
-    """The plotted sites ``(layer, site)`` of a depth-``depth`` LN-MLP, in forward order: the
-    input and its norm, then fc, act and norm of every layer (each norm follows its input)."""
-    return [(0, "input"), (0, "norm")] + [(ell, s) for ell in range(1, depth + 1) for s in ("fc", "act", "norm")]
-
-
-def draw_site_axis(ax, order: Sequence[tuple[int, str]], fontsize: float = 7) -> None:
-    """Shade the norm (blue) and activation (green) columns of a plot over ``order``
-    (:func:`site_order`) and label its x ticks ``input, norm-0, fc-1, act-1, norm-1, …``."""
-    for i, (_, s) in enumerate(order):
-        if s in ("norm", "act"):
-            ax.axvspan(i - 0.5, i + 0.5, color="tab:blue" if s == "norm" else "tab:green", alpha=0.12, lw=0)
-    names = [s if ell == 0 and s == "input" else f"{s}-{ell}" for ell, s in order]
-    ax.set_xticks(np.arange(len(order)), names, rotation=90, fontsize=fontsize)
-    ax.set_xlabel("site (blue: layer norm, green: activation)")
-
-
-def norm_site_gaps(values: np.ndarray, order: Sequence[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray]:
-    """``(before, after)``: the gaps into and out of every norm site of ``values`` (``(..., sites)``
-    in :func:`site_order`; a norm's input is the site just before it), flattened."""
-    cols = [i for i, (_, s) in enumerate(order) if s == "norm"]
-    values = np.asarray(values, dtype=np.float64)
-    return values[..., [i - 1 for i in cols]].ravel(), values[..., cols].ravel()
-
-
-def rule_norms_never_raise(
-    before: Sequence[float], after: Sequence[float], tol: float = NORM_RISE_TOL
-) -> tuple[bool, int, float]:
-    """``(held, rises, worst)`` for norm layers with input gaps ``before`` and output gaps ``after``
-    (Corollary 2: projecting onto the sphere never lowers isometry).
-
-    ``rises`` counts outputs above their input; ``worst`` is the largest relative rise
-    ``(after − before)/before`` (``inf`` when a finite gap becomes ``+inf``; a collapsed input,
-    ``before = +inf``, cannot be raised). Holds iff ``worst ≤ tol``; NaN anywhere does not hold.
-    """
-    b, a = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
-    if b.shape != a.shape or b.size == 0 or np.isnan(b).any() or np.isnan(a).any():
-        return False, 0, math.nan
-    up = (a > b) & np.isfinite(b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(up, np.where(b > 0, (a - b) / np.where(b > 0, b, 1.0), np.inf), 0.0)
-    worst = float(rel.max())
-    return bool(worst <= tol), int(up.sum()), worst
 
 
 @reproduction(

@@ -14,23 +14,25 @@ Each decision rule is a small pure function of the measured numbers (``rule_*``,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from functools import partial
 
 import numpy as np
 import torch
 
 from isoprobe.data import DataUnavailable, load_images
-from isoprobe.experiments.base import (
-    Outcome,
-    RunContext,
+from isoprobe.experiments.base import Outcome, RunContext, reproduction
+from isoprobe.experiments.common import (
+    METEREZ,
+    fit_slope,
     gap_curves,
+    log_axes_with_ticks,
     mean_curve,
     new_figure,
     plot_depth_curves,
-    reproduction,
     run_curves,
+    run_generator,
+    single_thread,
 )
 from isoprobe.metrics import gram, numerical_rank
 from isoprobe.nets.bn_mlp import BNMLP, first_layer_grad_log_norms
@@ -47,21 +49,12 @@ __all__ = [
     "single_thread",
 ]
 
-PAPER = "Meterez et al. 2024"
+PAPER = METEREZ
 #: depths of the gradient figures (the paper's Fig. 3 grid, from 1)
 DEPTHS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 F64 = torch.float64
 
 # --- decision rules: pure functions of measured numbers ----------------------------------------
-
-
-def fit_slope(x: Sequence[float], y: Sequence[float]) -> float:
-    """Least-squares slope of ``y`` on ``x``; NaN with fewer than 2 finite points."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 2 or np.ptp(x[ok]) == 0:
-        return math.nan
-    return float(np.polyfit(x[ok], y[ok], 1)[0])
 
 
 def rule_fig1(
@@ -106,27 +99,6 @@ def rule_tabled1(
 
 
 # --- shared pieces --------------------------------------------------------------------------
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch's CPU ops on one thread, restoring the setting after.
-
-    These nets are long chains of tiny matrices (width 8–200): intra-op threading costs more
-    than it gains there and collapses when another process holds the other cores
-    (bench/bench_bn_mlp.py measures it).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def run_generator(ctx: RunContext, run: int, salt: int = 0) -> torch.Generator:
-    """The generator of run ``run`` (``salt`` separates series that must not share draws)."""
-    return torch.Generator().manual_seed(ctx.seed * 1_000_003 + 7919 * run + salt)
 
 
 def _deep(depths: Sequence[int]) -> np.ndarray:
@@ -181,7 +153,7 @@ def _grad_rows(
     rows = []
     with single_thread():
         for run in range(cfg["runs"]):
-            gen = run_generator(ctx, run)
+            gen = run_generator(ctx.seed, run)
             x, y = _batch(pool, cfg["batch"], gen, n_dup)
             net = BNMLP(x.shape[1], cfg["width"], max(cfg["depths"]), d_out=10, generator=gen, dtype=F64,
                         **net_kw).to(ctx.device)
@@ -209,15 +181,6 @@ def _deep_slope(curves: np.ndarray, depths: Sequence[int]) -> float:
 def _span(depths: Sequence[int]) -> float:
     first, last = _deep_window(depths)
     return float(last - first)
-
-
-def log_axes_with_ticks(ax, xticks: Sequence[float]) -> None:
-    """Log–log axes with the x ticks at the given values, written plainly."""
-    from matplotlib.ticker import NullFormatter
-
-    ax.set_xscale("log"), ax.set_yscale("log")
-    ax.set_xticks(list(xticks), [str(x) for x in xticks])
-    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _grad_config(ctx: RunContext, width: int, quick_width: int, runs: int, quick_runs: int) -> dict:
@@ -273,7 +236,7 @@ def meterez_fig1(ctx: RunContext, cfg: dict) -> Outcome:
     def compute(width: int) -> list[dict]:
         rows = []
         for run in range(cfg["runs"]):
-            gen = run_generator(ctx, run, salt=width)
+            gen = run_generator(ctx.seed, run, salt=width)
             u, v = torch.rand(2, width, dtype=F64, generator=gen)
             x = (1 - _F) * torch.eye(width, dtype=F64) + _F * torch.outer(u, v)
             with single_thread(), torch.no_grad():
@@ -506,7 +469,7 @@ def meterez_tabled1(ctx: RunContext, cfg: dict) -> Outcome:
 
     def compute(i: int, name: str, X: torch.Tensor) -> list[dict]:
         N, D = X.shape
-        gen = run_generator(ctx, 0, salt=i)
+        gen = run_generator(ctx.seed, 0, salt=i)
         rows = []
         for n in cfg["batch_sizes"]:
             if n > min(N, D):

@@ -23,7 +23,7 @@ values in the configs below are ours, recorded in the JSON. Every verdict is a s
 function (``rule_*``) of the measured numbers, stated in the JSON and tested on fabricated
 inputs.
 
-On the CPU ``--quick`` runs torch single-threaded (:func:`~isoprobe.experiments.meterez.single_thread`):
+On the CPU ``--quick`` runs torch single-threaded (:func:`~isoprobe.experiments.common.single_thread`):
 on the 2-core test machine a second thread at most halves the time of these small products
 when the machine is idle, and made a step about 6× slower while other processes held the
 cores (bench/RESULTS.md); one thread keeps ``--quick`` predictable.
@@ -41,18 +41,24 @@ import torch
 from torch import nn
 
 from isoprobe.distributed import agree_min, gather_rows, shard_runs
-from isoprobe.experiments import joudaki, meterez
-from isoprobe.experiments.base import Outcome, RunContext, new_figure, plot_depth_curves, reproduction, run_curves
-from isoprobe.experiments.joudaki import (
+from isoprobe.experiments.base import Outcome, RunContext, reproduction
+from isoprobe.experiments.common import (
     FIG7_ACTS,
+    JOUDAKI,
+    METEREZ,
     NORM_RISE_TOL,
     draw_site_axis,
+    log_axes_with_ticks,
+    new_figure,
     norm_site_gaps,
+    plot_depth_curves,
     rule_norms_never_raise,
+    run_curves,
+    single_thread,
     site_gaps,
     site_order,
+    spearman,
 )
-from isoprobe.experiments.meterez import log_axes_with_ticks, single_thread
 from isoprobe.hermite import isometry_strength
 from isoprobe.metrics import isometry_gap
 from isoprobe.nets import BNMLP, LNMLP
@@ -73,27 +79,6 @@ __all__ = [
 def _diverged_as_inf(values: Sequence[float]) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     return np.where(np.isnan(v), np.inf, v)
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rank correlation: the Pearson correlation of the ranks (ties: average ranks).
-
-    ``±inf`` values rank as the extremes; NaN if either input is constant.
-    """
-
-    def ranks(v: np.ndarray) -> np.ndarray:
-        order = np.argsort(v, kind="stable")
-        r = np.empty(len(v))
-        r[order] = np.arange(1, len(v) + 1)
-        for value in np.unique(v):
-            tie = v == value
-            r[tie] = r[tie].mean()
-        return r
-
-    ra, rb = ranks(np.asarray(a, dtype=np.float64)), ranks(np.asarray(b, dtype=np.float64))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / denom) if denom > 0 else math.nan
 
 
 def rule_fig7(betas: Sequence[float], final_losses: Sequence[float]) -> tuple[bool, float]:
@@ -299,7 +284,7 @@ def _ln_loss_row(group: str, run: int, log: EpochLog, loss: float) -> dict:
 
 @reproduction(
     "fig7",
-    paper=joudaki.PAPER,
+    paper=JOUDAKI,
     figure="Fig. 7",
     claim="SGD trains the LayerNorm MLP faster for activations with a larger isometry strength β",
     config=_fig7_config,
@@ -352,7 +337,7 @@ def _fig2t_config(ctx: RunContext) -> dict:
 
 @reproduction(
     "fig2-trained",
-    paper=joudaki.PAPER,
+    paper=JOUDAKI,
     figure="Fig. 2 (right, after training)",
     claim="after SGD training too, layer-norm layers never raise the isometry gap (Corollary 2 holds for "
           "any weights)",
@@ -453,7 +438,7 @@ def _bn_group(weights: str, depth: int) -> str:
 
 @reproduction(
     "meterez-fig4",
-    paper=meterez.PAPER,
+    paper=METEREZ,
     figure="Fig. 4",
     claim="with orthogonal weights and batch norm, SGD reaches a test accuracy that does not depend on depth",
     config=_m4_config,
@@ -558,7 +543,7 @@ def _weight_gram(W: torch.Tensor) -> torch.Tensor:
 
 @reproduction(
     "meterez-fig6",
-    paper=meterez.PAPER,
+    paper=METEREZ,
     figure="Fig. 6 (App. F)",
     claim="during SGD the middle layers' weights of a deep orthogonal batch-norm MLP stay near-orthogonal, "
           "although their gradients are not negligible",
