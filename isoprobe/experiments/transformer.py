@@ -1,0 +1,184 @@
+"""Joudaki, Daneshmand & Bach (2023), Fig. C.5: token isometry at every LayerNorm of a pretrained transformer.
+
+App. C.4 of the paper views each token of a text as an item and forms the Gram over the tokens of
+one text; in the last six blocks of pretrained GPT-2 the LayerNorms (shaded) lower the isometry gap,
+"consistent with our theory of layer normalization" (Corollary 2 of Theorem 1). ``isoprobe repro
+figC5`` runs a pretrained model (``--model``: ``gpt2``, a Hub id or a local checkpoint directory)
+under the same :class:`~isoprobe.hooks.Probe` as ``isoprobe gpt2``, one text at a time, and checks
+Theorem 1 at every LayerNorm: ``I(normalized) ≥ I(centered) · (1 + Σ_i (a_i − ā)²/(n ā²))`` with
+``a_i`` the norms of the centred tokens (eq. 5), before the LayerNorm's learned affine part.
+
+The paper's texts are Simple English Wikipedia articles (their first 512 characters, one per batch,
+dropout on); offline, the default texts are a small built-in set of simple English sentences, and
+``--text-file`` gives others (paragraphs separated by blank lines). The model runs in eval mode:
+Theorem 1 is deterministic, so dropout changes the curve but not the check.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["BUILTIN_TEXTS", "CHARS", "figc5_figure", "figc5_verdict", "layernorm_rows"]
+
+PAPER = "Joudaki, Daneshmand & Bach, NeurIPS 2023 (arXiv 2305.18399)"
+#: the notebook kept the first 512 characters of every article
+CHARS = 512
+#: the published figure shows the last blocks of the model (the caption says six)
+BLOCKS = 6
+#: written for isoprobe: plain sentences in the register of Simple English Wikipedia (not its text)
+BUILTIN_TEXTS = (
+    "The river starts in the mountains and flows to the sea. Many small towns are built along its "
+    "banks, and people use its water for farms and for drinking.",
+    "A library is a place where people can borrow books. Most libraries also have newspapers, maps, "
+    "music and computers that anyone can use for free.",
+    "The sun is a star at the centre of our solar system. Light from the sun takes about eight minutes "
+    "to reach the Earth.",
+    "Football is a team sport played with a round ball. Each team has eleven players, and they try to "
+    "kick the ball into the other team's goal.",
+    "Bread is made from flour, water and yeast. The yeast makes the dough rise before it is baked in a "
+    "hot oven.",
+    "A volcano is an opening in the ground where hot melted rock comes out. Some volcanoes have not "
+    "erupted for thousands of years.",
+    "The city has a large park with old trees, a small lake and many paths. On weekends families walk "
+    "there and children play near the water.",
+    "Bees collect nectar from flowers and turn it into honey. They live together in large groups "
+    "called colonies.",
+)
+_COLUMNS = ("text", "tokens", "site", "block", "order", "point", "gap", "isometry", "theorem1_bound",
+            "theorem1_holds")
+
+
+def _block(site: str) -> int | str:
+    """The block index of a module name: its first numeric component (``h.7.ln_1`` → 7), else ``""``."""
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", site)
+    return int(m.group(1)) if m else ""
+
+
+def layernorm_rows(records: Iterable, text: int) -> list[dict]:
+    """One row per LayerNorm record of one text (columns :data:`_COLUMNS`), in forward order.
+
+    ``theorem1_holds`` is 1/0 on ``normalized`` records the Probe could check, ``""`` elsewhere;
+    records without a gap (fewer than 2 tokens, non-finite activations) keep ``gap = ""``.
+    """
+    order: dict[str, int] = {}
+    rows = []
+    for r in records:
+        if r.kind != "norm":
+            continue
+        order.setdefault(r.site, len(order))
+        rows.append({
+            "text": text, "tokens": r.n, "site": r.site, "block": _block(r.site), "order": order[r.site],
+            "point": r.point, "gap": "" if r.isometry_gap is None else r.isometry_gap,
+            "isometry": "" if r.isometry is None else r.isometry,
+            "theorem1_bound": "" if r.theorem1_bound is None else r.theorem1_bound,
+            "theorem1_holds": "" if r.theorem1_holds is None else int(r.theorem1_holds),
+        })
+    return rows
+
+
+def _checks(rows: Sequence[dict]) -> list[dict]:
+    return [r for r in rows if r["point"] == "normalized" and r["theorem1_holds"] in (0, 1)]
+
+
+def _margin(rows: Sequence[dict]) -> float:
+    """Smallest ``(I(normalized) − bound)/bound`` over checked records (``nan`` if none)."""
+    vals = [(float(r["isometry"]) - float(r["theorem1_bound"])) / float(r["theorem1_bound"])
+            for r in rows if r["theorem1_bound"] not in ("", 0)]
+    return min(vals) if vals else math.nan
+
+
+def _lowered(rows: Sequence[dict]) -> tuple[int, int]:
+    """``(lowered, pairs)``: LayerNorm calls whose output gap is below their input gap."""
+    gaps = {(r["text"], r["site"], r["point"]): r["gap"] for r in rows}
+    pairs = [(gaps[t, s, "pre"], gaps.get((t, s, "post"), "")) for t, s, p in gaps if p == "pre"]
+    pairs = [(float(a), float(b)) for a, b in pairs if a != "" and b != ""]
+    return sum(1 for a, b in pairs if b < a), len(pairs)
+
+
+def figc5_verdict(rows: Sequence[dict], cfg: dict):
+    """Theorem 1 at every LayerNorm record: held iff every checked record holds; undecided if none checked."""
+    from isoprobe.experiments.base import Verdict
+
+    checks = _checks(rows)
+    bad = [r for r in checks if r["theorem1_holds"] == 0]
+    lowered, pairs = _lowered(rows)
+    measured = {
+        "layernorm_sites": len({r["site"] for r in rows}), "texts": len({r["text"] for r in rows}),
+        "records_checked": len(checks), "theorem1_violations": len(bad), "worst_relative_margin": _margin(checks),
+        "layernorms_lowering_the_gap": lowered, "layernorm_calls": pairs,
+        "violating_sites": sorted({r["site"] for r in bad})[:10],
+    }
+    rule = ("held if I(normalized) ≥ I(centered) × norm-variation factor (Theorem 1, checked by the Probe up to "
+            "rounding) at every LayerNorm record of every text; not held if one record violates it; undecided if "
+            "no record could be checked")
+    theory = {"theorem1": "I(LN(x) before affine) ≥ I(centred x) · (1 + Var(‖x_i − x̄_i‖)/mean²), deterministic"}
+    notes = (f"the learned affine part of the LayerNorm comes after the checked point; {lowered} of {pairs} "
+             "LayerNorm calls also lower the gap from input to output (the figure's visual claim)",)
+    if not checks:
+        return Verdict("undecided", rule, measured, theory,
+                       reason="no LayerNorm record could be checked (every text has fewer than 2 tokens, or the "
+                              "activations were not finite)", notes=notes)
+    if bad:
+        return Verdict("not held", rule, measured, theory,
+                       reason=f"Theorem 1 fails at {len(bad)} record(s), e.g. {bad[0]['site']} of text {bad[0]['text']}",
+                       notes=notes)
+    return Verdict("held", rule, measured, theory, notes=notes)
+
+
+def _last_blocks(rows: Sequence[dict], blocks: int) -> list[str]:
+    """The LayerNorm sites of the last ``blocks`` numbered blocks, in forward order."""
+    numbered = [r["block"] for r in rows if r["block"] != ""]
+    if not numbered:
+        return list(dict.fromkeys(r["site"] for r in rows))
+    first = max(int(b) for b in numbered) - blocks + 1
+    ordered = sorted({(int(r["order"]), r["site"]) for r in rows if r["block"] != "" and int(r["block"]) >= first})
+    return [s for _, s in ordered]
+
+
+def _gap_stats(rows: Sequence[dict], site: str, point: str) -> tuple[float, float, float]:
+    """Mean, min and max over texts of the gap at ``site:point`` (NaN if no finite value)."""
+    v = np.array([float(r["gap"]) for r in rows if r["site"] == site and r["point"] == point and r["gap"] != ""])
+    v = v[np.isfinite(v)]
+    return (float(v.mean()), float(v.min()), float(v.max())) if v.size else (math.nan,) * 3
+
+
+def _short(sites: Sequence[str]) -> list[str]:
+    """Site names without their common dotted prefix (``encoder.layer.``)."""
+    parts = [s.split(".") for s in sites]
+    k = 0
+    while len(sites) > 1 and all(len(p) > k + 1 and p[k] == parts[0][k] for p in parts):
+        k += 1
+    return [".".join(p[k:]) for p in parts]
+
+
+def figc5_figure(rows: Sequence[dict], cfg: dict):
+    """Gap of the token Gram into (``in``) and out of (``out``) every LayerNorm of the last blocks, and at
+    its normalised point before the affine part (×): mean over texts (line), min–max over texts (band),
+    LayerNorms shaded red as in Fig. C.5."""
+    from matplotlib.figure import Figure
+
+    sites = _last_blocks(rows, cfg["blocks"])
+    stats = np.array([_gap_stats(rows, s, p) for s in sites for p in ("pre", "post")]).reshape(-1, 3)
+    normed = np.array([_gap_stats(rows, s, "normalized")[0] for s in sites])
+    x = np.arange(len(stats))
+    fig = Figure(figsize=(max(6.0, 0.4 * len(x)), 4.4), layout="constrained")
+    ax = fig.subplots()
+    for i in range(len(sites)):
+        ax.axvspan(2 * i - 0.1, 2 * i + 1.1, color="red", alpha=0.15, lw=0, label="LayerNorm" if i == 0 else None)
+    ax.plot(x, stats[:, 0], "s-", color="tab:blue", ms=4, label=f"mean over {cfg['texts']['count']} texts")
+    ax.fill_between(x, stats[:, 1], stats[:, 2], color="tab:blue", alpha=0.2, lw=0, label="min–max over texts")
+    ax.plot(2 * np.arange(len(sites)) + 0.5, normed, "x", color="tab:red", label="normalised, before the affine part")
+    ax.set_xticks(x, [f"{s} {'in' if j == 0 else 'out'}" for s in _short(sites) for j in (0, 1)], rotation=90,
+                  fontsize=7)
+    ax.set_ylabel("isometry gap −log I(G)")
+    ax.set_title(f"{cfg['model']['name']}: tokens of one text per Gram, last {cfg['blocks']} blocks; "
+                 f"{cfg['texts']['source']}", fontsize=9)
+    ax.legend(fontsize=7)
+    return fig
