@@ -9,12 +9,14 @@ import torch
 from isoprobe.experiments.joudaki_protocol import (
     SETUPS,
     MCStats,
+    NotebookRun,
     PaperVariant,
     degenerate_gaussian,
     monte_carlo_stats,
     notebook_gap,
     notebook_rows,
     notebook_run,
+    notebook_variant,
     pooled_curve,
 )
 from isoprobe.experiments.joudaki_protocol import _preactivation as preactivation
@@ -87,9 +89,10 @@ def _stats() -> MCStats:
 
 
 def test_layer_projection_never_raises_the_gap_theorem1():
-    v = PaperVariant("proj", "", centering="None", normalization="layer")
+    v = PaperVariant("proj", centering="None", normalization="layer")
     X0 = degenerate_gaussian(10, 300, 10.0, torch.Generator().manual_seed(2))
-    rec = notebook_run(X0, "tanh", v, _stats(), depth=8, gain=1.0, generator=torch.Generator().manual_seed(5))
+    res = notebook_run(X0, "tanh", v, _stats(), depth=8, gain=1.0, generator=torch.Generator().manual_seed(5))
+    rec = res.records
     pre = {ell: g for ell, p, g in rec if p == "pre_norm"}
     post = {ell: g for ell, p, g in rec if p == "post_norm"}
     assert len(rec) == 2 * 8 + 1
@@ -98,27 +101,33 @@ def test_layer_projection_never_raises_the_gap_theorem1():
 
 
 def test_constant_scaling_leaves_the_gap_unchanged():
-    v = PaperVariant("mf", "", centering="None", normalization="MF")
+    v = PaperVariant("mf", centering="None", normalization="MF")
     X0 = degenerate_gaussian(10, 300, 10.0, torch.Generator().manual_seed(2))
     st = MCStats(c0=0.3, c1=0.5, c2=0.7)
-    rec = notebook_run(X0, "relu", v, st, depth=5, gain=1.0, generator=torch.Generator().manual_seed(5))
+    rec = notebook_run(X0, "relu", v, st, depth=5, gain=1.0, generator=torch.Generator().manual_seed(5)).records
     pairs = [(g, h) for (l1, p1, g), (l2, p2, h) in zip(rec[1::2], rec[2::2])]
     assert all(g == pytest.approx(h, rel=1e-4) for g, h in pairs)
 
 
 def test_a_run_that_overflows_stops_recording():
-    v = PaperVariant("none", "", centering="None", normalization="None")
+    v = PaperVariant("none", centering="None", normalization="None")
     X0 = degenerate_gaussian(4, 50, 1.0, torch.Generator().manual_seed(0))
-    rec = notebook_run(X0, "exp", v, _stats(), depth=30, gain=30.0, generator=torch.Generator().manual_seed(0))
-    assert len(rec) < 2 * 30 + 1
-    rows = notebook_rows(rec, 30, run=0)
+    res = notebook_run(X0, "exp", v, _stats(), depth=30, gain=30.0, generator=torch.Generator().manual_seed(0))
+    assert len(res.records) < 2 * 30 + 1 and len(res.grams) == len(res.centred_rms) == (len(res.records) + 1) // 2
+    rows = notebook_rows(res, 30, run=0)
     assert len(rows) == 31 and rows[-1]["gap"] == math.inf and rows[-1]["gap_pre"] == ""
+
+
+def _result(records, depth):
+    """A NotebookRun of ``records`` with identity post-norm Grams (centred RMS 1)."""
+    grams = [torch.eye(2, dtype=torch.float64)] * (depth + 1)
+    return NotebookRun(records, grams, [math.nan] + [1.0] * depth)
 
 
 def test_notebook_rows_average_pre_and_post_and_count_missing_as_collapsed():
     rec = [(0, "input", 4.0), (1, "pre_norm", 3.0), (1, "post_norm", 1.0), (2, "pre_norm", math.nan),
            (2, "post_norm", 0.5)]
-    rows = notebook_rows(rec, 3, act="relu", run=7)
+    rows = notebook_rows(_result(rec, 3), 3, act="relu", run=7)
     assert [r["gap"] for r in rows] == [4.0, 2.0, math.inf, math.inf]
     assert rows[0]["gap_pre"] == "" and rows[0]["gap_post"] == 4.0
     assert rows[3]["gap_pre"] == "" and rows[3]["gap_post"] == ""
@@ -128,7 +137,7 @@ def test_notebook_rows_average_pre_and_post_and_count_missing_as_collapsed():
 def test_pooled_curve_pools_both_records_of_all_runs_like_seaborn():
     rec_a = [(0, "input", 4.0), (1, "pre_norm", 3.0), (1, "post_norm", 1.0)]
     rec_b = [(0, "input", 2.0), (1, "pre_norm", 5.0), (1, "post_norm", math.nan)]
-    rows = notebook_rows(rec_a, 2, run=0) + notebook_rows(rec_b, 2, run=1)
+    rows = notebook_rows(_result(rec_a, 2), 2, run=0) + notebook_rows(_result(rec_b, 2), 2, run=1)
     mean, lo, hi = pooled_curve(rows, 2)
     assert mean[0] == pytest.approx(3.0)
     assert mean[1] == pytest.approx((3 + 1 + 5) / 3)  # the NaN record is dropped, the others pooled
@@ -136,13 +145,28 @@ def test_pooled_curve_pools_both_records_of_all_runs_like_seaborn():
     assert lo[1] <= mean[1] <= hi[1] and 1 <= lo[1] and hi[1] <= 5
 
 
+def test_notebook_rows_flag_centred_activations_below_float32_resolution():
+    res = NotebookRun([(0, "input", 1.0), (1, "pre_norm", 1.0), (1, "post_norm", 1.0)],
+                      [torch.eye(2, dtype=torch.float64) * 4] * 2, [math.nan, 1e-7])
+    rows = notebook_rows(res, 1, c0=0.5)
+    assert rows[1]["below_floor"] == 1 and rows[0]["below_floor"] == 0  # 1e-7 < 16 · 1.19e-7 · 0.5
+    assert rows[1]["rms"] == pytest.approx(2.0) and rows[1]["norm_cv"] == 0.0
+    assert notebook_rows(res, 1, c0=0.01)[1]["below_floor"] == 0
+
+
+def test_notebook_variant_maps_isoprobe_switches():
+    assert notebook_variant({"centering": "mean-field", "projection": "none"}) == PaperVariant("", "MF", "None")
+    assert notebook_variant({"order": "norm-act"}) == PaperVariant("", "layer", "layer", False)
+    with pytest.raises(ValueError, match="weights"):
+        notebook_variant({"weights": "xavier"})
+
+
 def test_setups_follow_the_notebook_cells():
     assert {k: s.degeneracy for k, s in SETUPS.items()} == {
         "fig4": 100, "fig5": 10, "fig6": 10, "fig8a": 5, "fig8b": 100, "fig9": 10}
     assert SETUPS["fig9"].widths == (100, 500, 1000) and SETUPS["fig8a"].runs == 30
     assert SETUPS["fig8b"].acts == ("relu",)
-    cen = {v.key: (v.centering, v.normalization) for v in SETUPS["fig8a"].variants}
-    assert cen["centering-only"] == ("layer", "None")  # what the published Fig. 8a draws
+    (published,) = SETUPS["fig8a"].published
+    assert (published.centering, published.normalization) == ("layer", "None")  # what the published Fig. 8a draws
     for s in SETUPS.values():
-        assert set(s.published) <= {v.key for v in s.variants}
-        assert (s.n, s.depth, s.gain) == (10, 30, 1.0)
+        assert (s.n, s.depth, s.gain) == (10, 30, 1.0) and s.pdf.startswith("plots/")

@@ -25,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from isoprobe.experiments.base import Reproduction, ReproductionOptionError, Verdict, register
+from isoprobe.experiments.common import JOUDAKI as PAPER
+
 __all__ = ["BUILTIN_TEXTS", "CHARS", "figc5_figure", "figc5_verdict", "layernorm_rows"]
 
-PAPER = "Joudaki, Daneshmand & Bach, NeurIPS 2023 (arXiv 2305.18399)"
 #: the notebook kept the first 512 characters of every article
 CHARS = 512
 #: the published figure shows the last blocks of the model (the caption says six)
@@ -104,8 +106,6 @@ def _lowered(rows: Sequence[dict]) -> tuple[int, int]:
 
 def figc5_verdict(rows: Sequence[dict], cfg: dict):
     """Theorem 1 at every LayerNorm record: held iff every checked record holds; undecided if none checked."""
-    from isoprobe.experiments.base import Verdict
-
     checks = _checks(rows)
     bad = [r for r in checks if r["theorem1_holds"] == 0]
     lowered, pairs = _lowered(rows)
@@ -120,7 +120,8 @@ def figc5_verdict(rows: Sequence[dict], cfg: dict):
             "no record could be checked")
     theory = {"theorem1": "I(LN(x) before affine) ≥ I(centred x) · (1 + Var(‖x_i − x̄_i‖)/mean²), deterministic"}
     notes = (f"the learned affine part of the LayerNorm comes after the checked point; {lowered} of {pairs} "
-             "LayerNorm calls also lower the gap from input to output (the figure's visual claim)",)
+             "LayerNorm calls also lower the gap from input to output (the published figure's visual claim)",
+             *_differences(cfg))
     if not checks:
         return Verdict("undecided", rule, measured, theory,
                        reason="no LayerNorm record could be checked (every text has fewer than 2 tokens, or the "
@@ -130,6 +131,20 @@ def figc5_verdict(rows: Sequence[dict], cfg: dict):
                        reason=f"Theorem 1 fails at {len(bad)} record(s), e.g. {bad[0]['site']} of text {bad[0]['text']}",
                        notes=notes)
     return Verdict("held", rule, measured, theory, notes=notes)
+
+
+def _differences(cfg: dict) -> tuple[str, ...]:
+    """What this run does differently from the authors' ``isometry_transformers.ipynb``."""
+    texts = cfg["texts"]
+    return (
+        f"model: {cfg['model']['name']}" + ("" if cfg["model"]["asked"] == "gpt2" else " (the paper probed GPT-2)"),
+        f"texts: {texts['source']} ({texts['count']} texts, first {texts['chars_per_text']} characters each); "
+        f"the paper: {texts['paper']}",
+        "the notebook ran the model in train mode (dropout on); here eval mode: the Theorem 1 check is "
+        "deterministic either way, the curve is not",
+        f"the figure draws the LayerNorms of the last {cfg['blocks']} blocks, as the caption says; the published "
+        "plot keeps blocks 7-11 of GPT-2 (five: its filter is layer > 6) and draws every module output between them",
+    )
 
 
 def _last_blocks(rows: Sequence[dict], blocks: int) -> list[str]:
@@ -182,3 +197,78 @@ def figc5_figure(rows: Sequence[dict], cfg: dict):
                  f"{cfg['texts']['source']}", fontsize=9)
     ax.legend(fontsize=7)
     return fig
+
+
+# --- the declaration ------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded(model: str, device: str):
+    """The model as ``isoprobe gpt2`` loads it (``gpt2``) or as ``isoprobe inspect`` does (any other)."""
+    from isoprobe.models import load_gpt2, load_model
+
+    return load_gpt2(model, "pretrained", device=device) if model == "gpt2" else load_model(model, device)
+
+
+def _model(options) -> str:
+    return options.model or "gpt2"
+
+
+def check(options) -> None:
+    """Fail before any work when the pretrained model cannot be loaded (offline without weights)."""
+    from isoprobe.models import ModelLoadError
+
+    try:
+        _loaded(_model(options), options.device)
+    except ModelLoadError as error:
+        raise ReproductionOptionError(
+            f"figC5: {error} (Fig. C.5 is about pretrained weights: `isoprobe gpt2 --init random` probes a "
+            "random-init GPT-2, which is not this figure)") from None
+
+
+def _texts(text_file: str | None) -> tuple[list[str], str]:
+    """The texts (each cut to :data:`CHARS` characters, as the notebook did) and where they come from."""
+    from isoprobe.models import read_texts
+
+    if text_file is None:
+        return [t[:CHARS] for t in BUILTIN_TEXTS], "built-in sentences, not the paper's Simple English Wikipedia"
+    return [t[:CHARS] for t in read_texts(text_files=[text_file])], f"texts of {Path(text_file).name}"
+
+
+def _config(options) -> dict:
+    check(options)
+    loaded = _loaded(_model(options), options.device)
+    texts, source = _texts(options.text_file)
+    path = Path(_model(options)).expanduser()
+    return {
+        "model": {"asked": _model(options), "name": loaded.name, "class": type(loaded.model).__name__,
+                  "path": str(path.resolve()) if path.exists() else None,
+                  "pretrained": True, "weights": "loaded from the checkpoint (never initialised at random)"},
+        "texts": {"source": source, "file": options.text_file, "count": len(texts), "chars_per_text": CHARS,
+                  "sha256": hashlib.sha256("\n\n".join(texts).encode()).hexdigest()[:16], "paper_texts": False,
+                  "paper": "Simple English Wikipedia (wikipedia 20220301.simple), first 512 characters of 10 "
+                           "articles, one per batch"},
+        "blocks": BLOCKS, "mode": "eval", "gram_dtype": "float64", "sites": "LayerNorm (Probe sites='norm')",
+    }
+
+
+def _text_rows(cfg: dict, text: str, index: int, env) -> list[dict]:
+    from isoprobe.models import probe_texts
+
+    loaded = _loaded(cfg["model"]["asked"], cfg["device"])
+    report = probe_texts(loaded, [text], sites="norm", batch_size=1, notify=env.note)
+    return layernorm_rows(report.records, index)
+
+
+def _units(cfg: dict, env) -> list:
+    texts, _ = _texts(cfg["texts"]["file"])
+    return [(f"text-{i}", functools.partial(_text_rows, cfg, t, i, env)) for i, t in enumerate(texts)]
+
+
+register(Reproduction(
+    "figC5", PAPER, "Fig. C.5",
+    claim="in a pretrained transformer, every LayerNorm satisfies Theorem 1 on the Gram of a text's tokens: "
+          "normalisation never lowers isometry below I(centred) × the norm-variation factor",
+    columns=_COLUMNS, config=_config, units=_units, verdict=figc5_verdict, draw=figc5_figure,
+    reads=("model", "text_file"),
+))
