@@ -25,7 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from isoprobe.experiments.base import Reproduction, ReproductionOptionError, Verdict, register
+from isoprobe.experiments.base import (
+    Reproduction,
+    ReproductionOptionError,
+    Verdict,
+    register,
+)
 from isoprobe.experiments.common import JOUDAKI as PAPER
 
 __all__ = ["BUILTIN_TEXTS", "CHARS", "figc5_figure", "figc5_verdict", "layernorm_rows"]
@@ -36,25 +41,51 @@ CHARS = 512
 BLOCKS = 6
 #: written for isoprobe: plain sentences in the register of Simple English Wikipedia (not its text)
 BUILTIN_TEXTS = (
-    "The river starts in the mountains and flows to the sea. Many small towns are built along its "
-    "banks, and people use its water for farms and for drinking.",
-    "A library is a place where people can borrow books. Most libraries also have newspapers, maps, "
-    "music and computers that anyone can use for free.",
-    "The sun is a star at the centre of our solar system. Light from the sun takes about eight minutes "
-    "to reach the Earth.",
-    "Football is a team sport played with a round ball. Each team has eleven players, and they try to "
-    "kick the ball into the other team's goal.",
-    "Bread is made from flour, water and yeast. The yeast makes the dough rise before it is baked in a "
-    "hot oven.",
-    "A volcano is an opening in the ground where hot melted rock comes out. Some volcanoes have not "
-    "erupted for thousands of years.",
-    "The city has a large park with old trees, a small lake and many paths. On weekends families walk "
-    "there and children play near the water.",
-    "Bees collect nectar from flowers and turn it into honey. They live together in large groups "
-    "called colonies.",
+    (
+        "The river starts in the mountains and flows to the sea. Many small towns are built along its "
+        "banks, and people use its water for farms and for drinking."
+    ),
+    (
+        "A library is a place where people can borrow books. Most libraries also have newspapers, maps, "
+        "music and computers that anyone can use for free."
+    ),
+    (
+        "The sun is a star at the centre of our solar system. Light from the sun takes about eight minutes "
+        "to reach the Earth."
+    ),
+    (
+        "Football is a team sport played with a round ball. Each team has eleven players, and they try to "
+        "kick the ball into the other team's goal."
+    ),
+    (
+        "Bread is made from flour, water and yeast. The yeast makes the dough rise before it is baked in a "
+        "hot oven."
+    ),
+    (
+        "A volcano is an opening in the ground where hot melted rock comes out. Some volcanoes have not "
+        "erupted for thousands of years."
+    ),
+    (
+        "The city has a large park with old trees, a small lake and many paths. On weekends families walk "
+        "there and children play near the water."
+    ),
+    (
+        "Bees collect nectar from flowers and turn it into honey. They live together in large groups "
+        "called colonies."
+    ),
 )
-_COLUMNS = ("text", "tokens", "site", "block", "order", "point", "gap", "isometry", "theorem1_bound",
-            "theorem1_holds")
+_COLUMNS = (
+    "text",
+    "tokens",
+    "site",
+    "block",
+    "order",
+    "point",
+    "gap",
+    "isometry",
+    "theorem1_bound",
+    "theorem1_holds",
+)
 
 
 def _block(site: str) -> int | str:
@@ -75,31 +106,49 @@ def layernorm_rows(records: Iterable, text: int) -> list[dict]:
         if r.kind != "norm":
             continue
         order.setdefault(r.site, len(order))
-        rows.append({
-            "text": text, "tokens": r.n, "site": r.site, "block": _block(r.site), "order": order[r.site],
-            "point": r.point, "gap": "" if r.isometry_gap is None else r.isometry_gap,
-            "isometry": "" if r.isometry is None else r.isometry,
-            "theorem1_bound": "" if r.theorem1_bound is None else r.theorem1_bound,
-            "theorem1_holds": "" if r.theorem1_holds is None else int(r.theorem1_holds),
-        })
+        rows.append(
+            {
+                "text": text,
+                "tokens": r.n,
+                "site": r.site,
+                "block": _block(r.site),
+                "order": order[r.site],
+                "point": r.point,
+                "gap": "" if r.isometry_gap is None else r.isometry_gap,
+                "isometry": "" if r.isometry is None else r.isometry,
+                "theorem1_bound": "" if r.theorem1_bound is None else r.theorem1_bound,
+                "theorem1_holds": ""
+                if r.theorem1_holds is None
+                else int(r.theorem1_holds),
+            }
+        )
     return rows
 
 
 def _checks(rows: Sequence[dict]) -> list[dict]:
-    return [r for r in rows if r["point"] == "normalized" and r["theorem1_holds"] in (0, 1)]
+    return [
+        r for r in rows if r["point"] == "normalized" and r["theorem1_holds"] in (0, 1)
+    ]
 
 
 def _margin(rows: Sequence[dict]) -> float:
     """Smallest ``(I(normalized) − bound)/bound`` over checked records (``nan`` if none)."""
-    vals = [(float(r["isometry"]) - float(r["theorem1_bound"])) / float(r["theorem1_bound"])
-            for r in rows if r["theorem1_bound"] not in ("", 0)]
+    vals = [
+        (float(r["isometry"]) - float(r["theorem1_bound"])) / float(r["theorem1_bound"])
+        for r in rows
+        if r["theorem1_bound"] not in ("", 0)
+    ]
     return min(vals) if vals else math.nan
 
 
 def _lowered(rows: Sequence[dict]) -> tuple[int, int]:
     """``(lowered, pairs)``: LayerNorm calls whose output gap is below their input gap."""
     gaps = {(r["text"], r["site"], r["point"]): r["gap"] for r in rows}
-    pairs = [(gaps[t, s, "pre"], gaps.get((t, s, "post"), "")) for t, s, p in gaps if p == "pre"]
+    pairs = [
+        (gaps[t, s, "pre"], gaps.get((t, s, "post"), ""))
+        for t, s, p in gaps
+        if p == "pre"
+    ]
     pairs = [(float(a), float(b)) for a, b in pairs if a != "" and b != ""]
     return sum(1 for a, b in pairs if b < a), len(pairs)
 
@@ -110,26 +159,49 @@ def figc5_verdict(rows: Sequence[dict], cfg: dict):
     bad = [r for r in checks if r["theorem1_holds"] == 0]
     lowered, pairs = _lowered(rows)
     measured = {
-        "layernorm_sites": len({r["site"] for r in rows}), "texts": len({r["text"] for r in rows}),
-        "records_checked": len(checks), "theorem1_violations": len(bad), "worst_relative_margin": _margin(checks),
-        "layernorms_lowering_the_gap": lowered, "layernorm_calls": pairs,
+        "layernorm_sites": len({r["site"] for r in rows}),
+        "texts": len({r["text"] for r in rows}),
+        "records_checked": len(checks),
+        "theorem1_violations": len(bad),
+        "worst_relative_margin": _margin(checks),
+        "layernorms_lowering_the_gap": lowered,
+        "layernorm_calls": pairs,
         "violating_sites": sorted({r["site"] for r in bad})[:10],
     }
-    rule = ("held if I(normalized) ≥ I(centered) × norm-variation factor (Theorem 1, checked by the Probe up to "
-            "rounding) at every LayerNorm record of every text; not held if one record violates it; undecided if "
-            "no record could be checked")
-    theory = {"theorem1": "I(LN(x) before affine) ≥ I(centred x) · (1 + Var(‖x_i − x̄_i‖)/mean²), deterministic"}
-    notes = (f"the learned affine part of the LayerNorm comes after the checked point; {lowered} of {pairs} "
-             "LayerNorm calls also lower the gap from input to output (the published figure's visual claim)",
-             *_differences(cfg))
+    rule = (
+        "held if I(normalized) ≥ I(centered) × norm-variation factor (Theorem 1, checked by the Probe up to "
+        "rounding) at every LayerNorm record of every text; not held if one record violates it; undecided if "
+        "no record could be checked"
+    )
+    theory = {
+        "theorem1": "I(LN(x) before affine) ≥ I(centred x) · (1 + Var(‖x_i − x̄_i‖)/mean²), deterministic"
+    }
+    notes = (
+        (
+            f"the learned affine part of the LayerNorm comes after the checked point; {lowered} of {pairs} "
+            "LayerNorm calls also lower the gap from input to output (the published figure's visual claim)"
+        ),
+        *_differences(cfg),
+    )
     if not checks:
-        return Verdict("undecided", rule, measured, theory,
-                       reason="no LayerNorm record could be checked (every text has fewer than 2 tokens, or the "
-                              "activations were not finite)", notes=notes)
+        return Verdict(
+            "undecided",
+            rule,
+            measured,
+            theory,
+            reason="no LayerNorm record could be checked (every text has fewer than 2 tokens, or the "
+            "activations were not finite)",
+            notes=notes,
+        )
     if bad:
-        return Verdict("not held", rule, measured, theory,
-                       reason=f"Theorem 1 fails at {len(bad)} record(s), e.g. {bad[0]['site']} of text {bad[0]['text']}",
-                       notes=notes)
+        return Verdict(
+            "not held",
+            rule,
+            measured,
+            theory,
+            reason=f"Theorem 1 fails at {len(bad)} record(s), e.g. {bad[0]['site']} of text {bad[0]['text']}",
+            notes=notes,
+        )
     return Verdict("held", rule, measured, theory, notes=notes)
 
 
@@ -137,13 +209,20 @@ def _differences(cfg: dict) -> tuple[str, ...]:
     """What this run does differently from the authors' ``isometry_transformers.ipynb``."""
     texts = cfg["texts"]
     return (
-        f"model: {cfg['model']['name']}" + ("" if cfg["model"]["asked"] == "gpt2" else " (the paper probed GPT-2)"),
-        f"texts: {texts['source']} ({texts['count']} texts, first {texts['chars_per_text']} characters each); "
-        f"the paper: {texts['paper']}",
-        "the notebook ran the model in train mode (dropout on); here eval mode: the Theorem 1 check is "
-        "deterministic either way, the curve is not",
-        f"the figure draws the LayerNorms of the last {cfg['blocks']} blocks, as the caption says; the published "
-        "plot keeps blocks 7-11 of GPT-2 (five: its filter is layer > 6) and draws every module output between them",
+        f"model: {cfg['model']['name']}"
+        + ("" if cfg["model"]["asked"] == "gpt2" else " (the paper probed GPT-2)"),
+        (
+            f"texts: {texts['source']} ({texts['count']} texts, first {texts['chars_per_text']} characters each); "
+            f"the paper: {texts['paper']}"
+        ),
+        (
+            "the notebook ran the model in train mode (dropout on); here eval mode: the Theorem 1 check is "
+            "deterministic either way, the curve is not"
+        ),
+        (
+            f"the figure draws the LayerNorms of the last {cfg['blocks']} blocks, as the caption says; the published "
+            "plot keeps blocks 7-11 of GPT-2 (five: its filter is layer > 6) and draws every module output between them"
+        ),
     )
 
 
@@ -153,15 +232,31 @@ def _last_blocks(rows: Sequence[dict], blocks: int) -> list[str]:
     if not numbered:
         return list(dict.fromkeys(r["site"] for r in rows))
     first = max(int(b) for b in numbered) - blocks + 1
-    ordered = sorted({(int(r["order"]), r["site"]) for r in rows if r["block"] != "" and int(r["block"]) >= first})
+    ordered = sorted(
+        {
+            (int(r["order"]), r["site"])
+            for r in rows
+            if r["block"] != "" and int(r["block"]) >= first
+        }
+    )
     return [s for _, s in ordered]
 
 
-def _gap_stats(rows: Sequence[dict], site: str, point: str) -> tuple[float, float, float]:
+def _gap_stats(
+    rows: Sequence[dict], site: str, point: str
+) -> tuple[float, float, float]:
     """Mean, min and max over texts of the gap at ``site:point`` (NaN if no finite value)."""
-    v = np.array([float(r["gap"]) for r in rows if r["site"] == site and r["point"] == point and r["gap"] != ""])
+    v = np.array(
+        [
+            float(r["gap"])
+            for r in rows
+            if r["site"] == site and r["point"] == point and r["gap"] != ""
+        ]
+    )
     v = v[np.isfinite(v)]
-    return (float(v.mean()), float(v.min()), float(v.max())) if v.size else (math.nan,) * 3
+    return (
+        (float(v.mean()), float(v.min()), float(v.max())) if v.size else (math.nan,) * 3
+    )
 
 
 def _short(sites: Sequence[str]) -> list[str]:
@@ -180,21 +275,58 @@ def figc5_figure(rows: Sequence[dict], cfg: dict):
     from matplotlib.figure import Figure
 
     sites = _last_blocks(rows, cfg["blocks"])
-    stats = np.array([_gap_stats(rows, s, p) for s in sites for p in ("pre", "post")]).reshape(-1, 3)
+    stats = np.array(
+        [_gap_stats(rows, s, p) for s in sites for p in ("pre", "post")]
+    ).reshape(-1, 3)
     normed = np.array([_gap_stats(rows, s, "normalized")[0] for s in sites])
     x = np.arange(len(stats))
     fig = Figure(figsize=(max(6.0, 0.4 * len(x)), 4.4), layout="constrained")
     ax = fig.subplots()
     for i in range(len(sites)):
-        ax.axvspan(2 * i - 0.1, 2 * i + 1.1, color="red", alpha=0.15, lw=0, label="LayerNorm" if i == 0 else None)
-    ax.plot(x, stats[:, 0], "s-", color="tab:blue", ms=4, label=f"mean over {cfg['texts']['count']} texts")
-    ax.fill_between(x, stats[:, 1], stats[:, 2], color="tab:blue", alpha=0.2, lw=0, label="min–max over texts")
-    ax.plot(2 * np.arange(len(sites)) + 0.5, normed, "x", color="tab:red", label="normalised, before the affine part")
-    ax.set_xticks(x, [f"{s} {'in' if j == 0 else 'out'}" for s in _short(sites) for j in (0, 1)], rotation=90,
-                  fontsize=7)
+        ax.axvspan(
+            2 * i - 0.1,
+            2 * i + 1.1,
+            color="red",
+            alpha=0.15,
+            lw=0,
+            label="LayerNorm" if i == 0 else None,
+        )
+    ax.plot(
+        x,
+        stats[:, 0],
+        "s-",
+        color="tab:blue",
+        ms=4,
+        label=f"mean over {cfg['texts']['count']} texts",
+    )
+    ax.fill_between(
+        x,
+        stats[:, 1],
+        stats[:, 2],
+        color="tab:blue",
+        alpha=0.2,
+        lw=0,
+        label="min–max over texts",
+    )
+    ax.plot(
+        2 * np.arange(len(sites)) + 0.5,
+        normed,
+        "x",
+        color="tab:red",
+        label="normalised, before the affine part",
+    )
+    ax.set_xticks(
+        x,
+        [f"{s} {'in' if j == 0 else 'out'}" for s in _short(sites) for j in (0, 1)],
+        rotation=90,
+        fontsize=7,
+    )
     ax.set_ylabel("isometry gap −log I(G)")
-    ax.set_title(f"{cfg['model']['name']}: tokens of one text per Gram, last {cfg['blocks']} blocks; "
-                 f"{cfg['texts']['source']}", fontsize=9)
+    ax.set_title(
+        f"{cfg['model']['name']}: tokens of one text per Gram, last {cfg['blocks']} blocks; "
+        f"{cfg['texts']['source']}",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     return fig
 
@@ -207,7 +339,11 @@ def _loaded(model: str, device: str):
     """The model as ``isoprobe gpt2`` loads it (``gpt2``) or as ``isoprobe inspect`` does (any other)."""
     from isoprobe.models import load_gpt2, load_model
 
-    return load_gpt2(model, "pretrained", device=device) if model == "gpt2" else load_model(model, device)
+    return (
+        load_gpt2(model, "pretrained", device=device)
+        if model == "gpt2"
+        else load_model(model, device)
+    )
 
 
 def _model(options) -> str:
@@ -223,7 +359,8 @@ def check(options) -> None:
     except ModelLoadError as error:
         raise ReproductionOptionError(
             f"figC5: {error} (Fig. C.5 is about pretrained weights: `isoprobe gpt2 --init random` probes a "
-            "random-init GPT-2, which is not this figure)") from None
+            "random-init GPT-2, which is not this figure)"
+        ) from None
 
 
 def _texts(text_file: str | None) -> tuple[list[str], str]:
@@ -231,8 +368,12 @@ def _texts(text_file: str | None) -> tuple[list[str], str]:
     from isoprobe.models import read_texts
 
     if text_file is None:
-        return [t[:CHARS] for t in BUILTIN_TEXTS], "built-in sentences, not the paper's Simple English Wikipedia"
-    return [t[:CHARS] for t in read_texts(text_files=[text_file])], f"texts of {Path(text_file).name}"
+        return [
+            t[:CHARS] for t in BUILTIN_TEXTS
+        ], "built-in sentences, not the paper's Simple English Wikipedia"
+    return [
+        t[:CHARS] for t in read_texts(text_files=[text_file])
+    ], f"texts of {Path(text_file).name}"
 
 
 def _config(options) -> dict:
@@ -241,14 +382,28 @@ def _config(options) -> dict:
     texts, source = _texts(options.text_file)
     path = Path(_model(options)).expanduser()
     return {
-        "model": {"asked": _model(options), "name": loaded.name, "class": type(loaded.model).__name__,
-                  "path": str(path.resolve()) if path.exists() else None,
-                  "pretrained": True, "weights": "loaded from the checkpoint (never initialised at random)"},
-        "texts": {"source": source, "file": options.text_file, "count": len(texts), "chars_per_text": CHARS,
-                  "sha256": hashlib.sha256("\n\n".join(texts).encode()).hexdigest()[:16], "paper_texts": False,
-                  "paper": "Simple English Wikipedia (wikipedia 20220301.simple), first 512 characters of 10 "
-                           "articles, one per batch"},
-        "blocks": BLOCKS, "mode": "eval", "gram_dtype": "float64", "sites": "LayerNorm (Probe sites='norm')",
+        "model": {
+            "asked": _model(options),
+            "name": loaded.name,
+            "class": type(loaded.model).__name__,
+            "path": str(path.resolve()) if path.exists() else None,
+            "pretrained": True,
+            "weights": "loaded from the checkpoint (never initialised at random)",
+        },
+        "texts": {
+            "source": source,
+            "file": options.text_file,
+            "count": len(texts),
+            "chars_per_text": CHARS,
+            "sha256": hashlib.sha256("\n\n".join(texts).encode()).hexdigest()[:16],
+            "paper_texts": False,
+            "paper": "Simple English Wikipedia (wikipedia 20220301.simple), first 512 characters of 10 "
+            "articles, one per batch",
+        },
+        "blocks": BLOCKS,
+        "mode": "eval",
+        "gram_dtype": "float64",
+        "sites": "LayerNorm (Probe sites='norm')",
     }
 
 
@@ -262,13 +417,24 @@ def _text_rows(cfg: dict, text: str, index: int, env) -> list[dict]:
 
 def _units(cfg: dict, env) -> list:
     texts, _ = _texts(cfg["texts"]["file"])
-    return [(f"text-{i}", functools.partial(_text_rows, cfg, t, i, env)) for i, t in enumerate(texts)]
+    return [
+        (f"text-{i}", functools.partial(_text_rows, cfg, t, i, env))
+        for i, t in enumerate(texts)
+    ]
 
 
-register(Reproduction(
-    "figC5", PAPER, "Fig. C.5",
-    claim="in a pretrained transformer, every LayerNorm satisfies Theorem 1 on the Gram of a text's tokens: "
-          "normalisation never lowers isometry below I(centred) × the norm-variation factor",
-    columns=_COLUMNS, config=_config, units=_units, verdict=figc5_verdict, draw=figc5_figure,
-    reads=("model", "text_file"),
-))
+register(
+    Reproduction(
+        "figC5",
+        PAPER,
+        "Fig. C.5",
+        claim="in a pretrained transformer, every LayerNorm satisfies Theorem 1 on the Gram of a text's tokens: "
+        "normalisation never lowers isometry below I(centred) × the norm-variation factor",
+        columns=_COLUMNS,
+        config=_config,
+        units=_units,
+        verdict=figc5_verdict,
+        draw=figc5_figure,
+        reads=("model", "text_file"),
+    )
+)
