@@ -74,8 +74,19 @@ BUILTIN_TEXTS = (
         "called colonies."
     ),
 )
-_COLUMNS = ("text", "tokens", "site", "kind", "block", "order", "point", "gap", "isometry", "theorem1_bound",
-            "theorem1_holds")
+_COLUMNS = (
+    "text",
+    "tokens",
+    "site",
+    "kind",
+    "block",
+    "order",
+    "point",
+    "gap",
+    "isometry",
+    "theorem1_bound",
+    "theorem1_holds",
+)
 
 
 def _block(site: str) -> int | str:
@@ -101,10 +112,21 @@ def site_rows(records: Iterable, text: int) -> list[dict]:
         site = r.site if not getattr(r, "call", 0) else f"{r.site}@{r.call}"
         order.setdefault(site, len(order))
         holds = "" if r.theorem1_holds is None else int(r.theorem1_holds)
-        rows.append({"text": text, "tokens": r.n, "site": site, "kind": r.kind, "block": _block(site),
-                     "order": order[site], "point": r.point, "gap": _blank(r.isometry_gap),
-                     "isometry": _blank(r.isometry), "theorem1_bound": _blank(r.theorem1_bound),
-                     "theorem1_holds": holds})
+        rows.append(
+            {
+                "text": text,
+                "tokens": r.n,
+                "site": site,
+                "kind": r.kind,
+                "block": _block(site),
+                "order": order[site],
+                "point": r.point,
+                "gap": _blank(r.isometry_gap),
+                "isometry": _blank(r.isometry),
+                "theorem1_bound": _blank(r.theorem1_bound),
+                "theorem1_holds": holds,
+            }
+        )
     return rows
 
 
@@ -208,8 +230,8 @@ def _differences(cfg: dict) -> tuple[str, ...]:
             "deterministic either way, the curve is not"
         ),
         (
-            f"the figure draws the LayerNorms of the last {cfg['blocks']} blocks, as the caption says; the published "
-            "plot keeps blocks 7-11 of GPT-2 (five: its filter is layer > 6) and draws every module output between them"
+            f"the figure draws every module of the last {cfg['blocks']} blocks, as the caption says; the published "
+            "plot keeps blocks 7-11 of GPT-2 (five: its filter is layer > 6), with the same order of module outputs and each LayerNorm's input ('Add') before it"
         ),
     )
 
@@ -219,16 +241,29 @@ def _drawn(rows: Sequence[dict], blocks: int) -> list[tuple[str, str]]:
     (every site when no name is numbered)."""
     numbered = [int(r["block"]) for r in rows if r["block"] != ""]
     first = max(numbered) - blocks + 1 if numbered else None
-    keep = {(int(r["order"]), r["site"], r["kind"]) for r in rows
-            if first is None or (r["block"] != "" and int(r["block"]) >= first)}
+    keep = {
+        (int(r["order"]), r["site"], r["kind"])
+        for r in rows
+        if first is None or (r["block"] != "" and int(r["block"]) >= first)
+    }
     return [(s, k) for _, s, k in sorted(keep)]
 
 
-def _gap_stats(rows: Sequence[dict], site: str, point: str) -> tuple[float, float, float]:
+def _gap_stats(
+    rows: Sequence[dict], site: str, point: str
+) -> tuple[float, float, float]:
     """Mean, min and max over texts of the gap at ``site:point`` (NaN if no finite value)."""
-    v = np.array([float(r["gap"]) for r in rows if r["site"] == site and r["point"] == point and r["gap"] != ""])
+    v = np.array(
+        [
+            float(r["gap"])
+            for r in rows
+            if r["site"] == site and r["point"] == point and r["gap"] != ""
+        ]
+    )
     v = v[np.isfinite(v)]
-    return (float(v.mean()), float(v.min()), float(v.max())) if v.size else (math.nan,) * 3
+    return (
+        (float(v.mean()), float(v.min()), float(v.max())) if v.size else (math.nan,) * 3
+    )
 
 
 def _short(sites: Sequence[str]) -> list[str]:
@@ -275,16 +310,48 @@ def figc5_figure(rows: Sequence[dict], cfg: dict):
     ax = fig.subplots()
     norms = [i for i, (s, p, _) in enumerate(pos) if p == "pre"]
     for j, i in enumerate(norms):
-        ax.axvspan(i - 0.3, i + 1.3, color="red", alpha=0.15, lw=0, label="LayerNorm" if j == 0 else None)
-    ax.plot(x, stats[:, 0], "s-", color="tab:blue", ms=3, lw=1.2, label=_mean_label(cfg['texts']['count']))
-    ax.fill_between(x, stats[:, 1], stats[:, 2], color="tab:blue", alpha=0.2, lw=0, label="min–max over texts")
+        ax.axvspan(
+            i - 0.3,
+            i + 1.3,
+            color="red",
+            alpha=0.15,
+            lw=0,
+            label="LayerNorm" if j == 0 else None,
+        )
+    ax.plot(
+        x,
+        stats[:, 0],
+        "s-",
+        color="tab:blue",
+        ms=3,
+        lw=1.2,
+        label=_mean_label(cfg["texts"]["count"]),
+    )
+    ax.fill_between(
+        x,
+        stats[:, 1],
+        stats[:, 2],
+        color="tab:blue",
+        alpha=0.2,
+        lw=0,
+        label="min–max over texts",
+    )
     normed = [_gap_stats(rows, pos[i][0], "normalized")[0] for i in norms]
-    ax.plot(np.array(norms) + 0.5, normed, "x", color="tab:red", label="LayerNorm normalised, before its affine part")
+    ax.plot(
+        np.array(norms) + 0.5,
+        normed,
+        "x",
+        color="tab:red",
+        label="LayerNorm normalised, before its affine part",
+    )
     ax.set_xticks(x, [t for _, _, t in pos], rotation=90, fontsize=6)
     ax.set_xlim(-0.7, len(x) - 0.3)
     ax.set_ylabel("isometry gap −log I(G)")
-    ax.set_title(f"{_model_label(cfg['model'])}: one Gram over the tokens of each text, every module of the last "
-                 f"{cfg['blocks']} blocks; {cfg['texts']['source']}", fontsize=9)
+    ax.set_title(
+        f"{_model_label(cfg['model'])}: one Gram over the tokens of each text, every module of the last "
+        f"{cfg['blocks']} blocks; {cfg['texts']['source']}",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     return fig
 
@@ -326,7 +393,11 @@ def _sites(model) -> list[str]:
     children of the model's longest ``ModuleList``)."""
     from torch import nn
 
-    lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    lists = [
+        (len(m), name)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m)
+    ]
     if not lists:
         return ["norm"]
     count, name = max(lists)
@@ -381,7 +452,9 @@ def _text_rows(cfg: dict, text: str, index: int, env) -> list[dict]:
     from isoprobe.models import probe_texts
 
     loaded = _loaded(cfg["model"]["asked"], cfg["device"])
-    report = probe_texts(loaded, [text], sites=cfg["sites"], batch_size=1, notify=env.note)
+    report = probe_texts(
+        loaded, [text], sites=cfg["sites"], batch_size=1, notify=env.note
+    )
     return site_rows(report.records, index)
 
 
