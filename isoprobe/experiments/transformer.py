@@ -231,7 +231,8 @@ def _differences(cfg: dict) -> tuple[str, ...]:
         ),
         (
             f"the figure draws every module of the last {cfg['blocks']} blocks, as the caption says; the published "
-            "plot keeps blocks 7-11 of GPT-2 (five: its filter is layer > 6), with the same order of module outputs and each LayerNorm's input ('Add') before it"
+            "plot keeps blocks 7-11 of GPT-2 (five: its filter is layer > 6), with the same order of module "
+            "outputs and each LayerNorm's input ('Add') before it"
         ),
     )
 
