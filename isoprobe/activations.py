@@ -59,10 +59,25 @@ class Activation:
     closed_form_beta: Callable[[float], float] | None = field(default=None, compare=False)
     formula: str = field(default="", compare=False)
     kinks_known: bool = True
+    shifted: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
 
     def __call__(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         """``σ(gain · x)``."""
         return self.fn(x if gain == 1.0 else gain * x)
+
+    def from_origin(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """``σ(gain · x) − σ(0)`` without cancellation at small ``|x|``.
+
+        Where ``σ(0) ≠ 0`` and ``σ`` is smooth at 0, ``σ(x) − σ(0)`` computed as a difference
+        keeps only ``ε |σ(0)|`` of absolute accuracy (for the logistic, ``1e-16`` — all of it
+        once ``|x| ≈ 1e-15``); ``shifted`` is then a closed form without the subtraction
+        (logistic: ``tanh(x/2)/2``). Without one, the difference itself (exact when ``σ(0) = 0``).
+        """
+        x = x if gain == 1.0 else gain * x
+        if self.shifted is not None:
+            return self.shifted(x)
+        origin = float(self.fn(torch.zeros((), dtype=torch.float64)))
+        return self.fn(x) if origin == 0.0 else self.fn(x) - origin
 
 
 ActivationLike = Union[str, Activation, Callable[[torch.Tensor], torch.Tensor]]
@@ -108,21 +123,28 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(x, torch.zeros_like(x))
 
 
+def _softplus_shifted(x: torch.Tensor) -> torch.Tensor:
+    # log(1 + eˣ) − log 2 = log1p(expm1(x)/2): no cancellation near 0; the plain difference above 1
+    small = torch.log1p(torch.expm1(x.clamp(max=1.0)) / 2)
+    return torch.where(x < 1.0, small, _softplus(x) - math.log(2.0))
+
+
 def _entry(
     name: str,
     fn: Callable[[torch.Tensor], torch.Tensor],
     formula: str,
     kinks: tuple[float, ...] = (),
     beta: Callable[[float], float] | None = None,
+    shifted: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[str, Activation]:
-    return name, Activation(name, fn, kinks, beta, formula)
+    return name, Activation(name, fn, kinks, beta, formula, shifted=shifted)
 
 
 ACTIVATIONS: dict[str, Activation] = dict(
     [
         _entry("identity", lambda x: x, "x", beta=_constant(1.0)),
         _entry("he1", lambda x: x, "He₁(x) = x", beta=_constant(1.0)),
-        _entry("he2", lambda x: x * x - 1, "He₂(x) = x² − 1", beta=_constant(2.0)),
+        _entry("he2", lambda x: x * x - 1, "He₂(x) = x² − 1", beta=_constant(2.0), shifted=lambda x: x * x),
         _entry("relu", torch.relu, "max(x, 0)", (0.0,), _constant((3 * math.pi - 4) / (2 * math.pi - 2))),
         _entry(
             "leaky_relu",
@@ -137,15 +159,16 @@ ACTIVATIONS: dict[str, Activation] = dict(
         _entry("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), "x (1 + tanh(√(2/π)(x + 0.044715 x³)))/2"),
         _entry("silu", F.silu, "x sigmoid(x)"),
         _entry("mish", lambda x: x * torch.tanh(_softplus(x)), "x tanh(log(1 + eˣ))"),
-        _entry("softplus", _softplus, "log(1 + eˣ)"),
+        _entry("softplus", _softplus, "log(1 + eˣ)", shifted=_softplus_shifted),
         _entry("tanh", torch.tanh, "tanh(x)"),
-        _entry("sigmoid", torch.sigmoid, "1/(1 + e⁻ˣ)"),
+        _entry("sigmoid", torch.sigmoid, "1/(1 + e⁻ˣ)", shifted=lambda x: torch.tanh(x / 2) / 2),
         _entry("hardtanh", lambda x: x.clamp(-1.0, 1.0), "clip(x, −1, 1)", (-1.0, 1.0), _beta_hardtanh),
         _entry("step", _step, "1[x > 0]", (0.0,), _constant(2 - 2 / math.pi)),
         _entry("abs", torch.abs, "|x|", (0.0,), _constant(2.0)),
         _entry("sin", torch.sin, "sin(x)", beta=_beta_sin),
-        _entry("cos", torch.cos, "cos(x)", beta=_constant(2.0)),
-        _entry("exp", lambda x: torch.exp(x - 2), "exp(x − 2)", beta=_beta_exp),
+        _entry("cos", torch.cos, "cos(x)", beta=_constant(2.0), shifted=lambda x: -2 * torch.sin(x / 2) ** 2),
+        _entry("exp", lambda x: torch.exp(x - 2), "exp(x − 2)", beta=_beta_exp,
+               shifted=lambda x: math.exp(-2) * torch.expm1(x)),
     ]
 )
 

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from isoprobe.activations import Activation, ActivationLike, get_activation
-from isoprobe.hermite import activation_stats
+from isoprobe.hermite import activation_stats, hermite_coefficients
 
 __all__ = [
     "CENTERINGS",
@@ -88,7 +88,8 @@ class LayerPlan(NamedTuple):
     ``preact_var = d_in · Var W_ij`` (1 for Gaussian and orthogonal weights); ``gain`` the
     nominal pre-activation gain ``g = α · sqrt(preact_var)``; ``offset`` and ``scale`` are
     ``c₀`` and ``σ̄(1)`` of ``σ(g z)``, computed only where a mean-field switch uses them
-    (``None`` otherwise).
+    (``None`` otherwise). ``shift = c₀ − σ(0) = E[σ(g z) − σ(0)]``, with ``offset``: the
+    sampler centres as ``(σ(α h) − σ(0)) − shift``, which loses nothing when ``|h|`` is tiny.
     """
 
     d_in: int
@@ -97,6 +98,7 @@ class LayerPlan(NamedTuple):
     gain: float
     offset: float | None
     scale: float | None
+    shift: float | None = None
 
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
@@ -192,6 +194,17 @@ class LNMLPSpec:
             self._stats_cache[key] = activation_stats(self.activation, gain=key)
         return self._stats_cache[key]
 
+    def shift(self, gain: float) -> float:
+        """``c₀ − σ(0) = E[σ(g z) − σ(0)]``, integrated over the even part of ``σ(g z) − σ(0)``
+        (its odd part integrates to exactly 0, so the logistic's shift is exactly 0)."""
+        key = ("shift", float(gain))
+        if key not in self._stats_cache:
+            act = self.activation
+            even = Activation(f"{act.name} (even part)", lambda x: (act.from_origin(x) + act.from_origin(-x)) / 2,
+                              tuple(sorted({k for p in act.kinks for k in (p, -p)})), kinks_known=act.kinks_known)
+            self._stats_cache[key] = float(hermite_coefficients(even, 0, gain=key[1])[0])
+        return self._stats_cache[key]
+
     @property
     def beta(self) -> float:
         """Isometry strength ``β`` of ``σ(α ·)`` (Definition 3), the rate of Theorem 4."""
@@ -227,9 +240,10 @@ class LNMLPSpec:
         for d_in, d_out in zip(dims[:-1], dims[1:]):
             pv = self.weight_variance(d_in, d_out) * d_in
             g = self.gain * math.sqrt(pv)
-            offset = float(self.stats(g).c0) if self.centering == "mean-field" else None
+            centred = self.centering == "mean-field"
+            offset = float(self.stats(g).c0) if centred else None
             scale = float(self.stats(g).var) if self.projection == "mean-field" else None
-            out.append(LayerPlan(d_in, d_out, pv, g, offset, scale))
+            out.append(LayerPlan(d_in, d_out, pv, g, offset, scale, self.shift(g) if centred else None))
         return tuple(out)
 
     # --- the maps shared by the nn.Module, the sampler and the dense reference -------------
@@ -258,17 +272,29 @@ class LNMLPSpec:
             a = a - a.mean(-1, keepdim=True)
         elif self.centering == "mean-field":
             a = a - layer.offset
+        return self._project(a, layer)
+
+    def _project(self, a: torch.Tensor, layer: LayerPlan) -> torch.Tensor:
         if self.projection == "layer":
-            a = a * torch.rsqrt(a.square().mean(-1, keepdim=True) + self.eps)
-        elif self.projection == "mean-field":
-            a = a / math.sqrt(layer.scale)
+            return a * torch.rsqrt(a.square().mean(-1, keepdim=True) + self.eps)
+        if self.projection == "mean-field":
+            return a / math.sqrt(layer.scale)
         return a
 
     def block_map(self, h: torch.Tensor, layer: LayerPlan) -> torch.Tensor:
-        """The representation ``x_{ℓ+1}`` from the pre-activation ``h_ℓ`` of one layer."""
-        if self.order == "act-norm":
-            return self.norm_map(self.act_map(h), layer)
-        return self.act_map(self.norm_map(h, layer))
+        """The representation ``x_{ℓ+1}`` from the pre-activation ``h_ℓ`` of one layer.
+
+        With mean-field centering, ``σ(α h) − c₀`` is computed as ``(σ(α h) − σ(0)) − (c₀ − σ(0))``
+        (:meth:`~isoprobe.activations.Activation.from_origin`, ``layer.shift``): equal to
+        :meth:`norm_map` of :meth:`act_map` up to rounding, but without its cancellation when
+        ``|h|`` is so small that ``σ(α h)`` rounds to ``c₀`` (the logistic without projection
+        shrinks 4× per layer and reaches ``|h| ≈ 1e-16`` by layer 26).
+        """
+        if self.order == "norm-act":
+            return self.act_map(self.norm_map(h, layer))
+        if self.centering == "mean-field":
+            return self._project(self.activation.from_origin(h, self.gain) - layer.shift, layer)
+        return self.norm_map(self.act_map(h), layer)
 
     # --- the two computations of isoprobe.theory, for convenience ----------------------------
 
