@@ -38,7 +38,7 @@ import torch
 
 from isoprobe.activations import get_activation
 from isoprobe.experiments.base import Verdict
-from isoprobe.experiments.common import new_figure, run_generator
+from isoprobe.experiments.common import new_figure, run_generator, single_thread
 from isoprobe.hermite import isometry_strength
 from isoprobe.theory import LNMLPSpec, mean_field_spec
 
@@ -519,6 +519,11 @@ def _paper_rows(
     return [{col: r.get(col, "") for col in columns} for r in rows]
 
 
+def _one_thread(compute: Callable[..., list[dict]], *args) -> list[dict]:
+    with single_thread():
+        return compute(*args)
+
+
 def _tagged(compute: Callable[[], list[dict]], columns: Sequence[str]) -> list[dict]:
     return [
         {col: r.get(col, "") for col in columns} | {"protocol": "isoprobe"}
@@ -531,7 +536,7 @@ def paper_units(cfg: dict, env, columns: Sequence[str], default_units) -> list:
     protocol's own units (rows tagged ``protocol = "isoprobe"``) for the comparison notes."""
     keys = [*cfg["notebook"]["variants"], *cfg["notebook"]["extra_variants"]]
     own = [
-        (f"paper|{d}|{a}|{k}", functools.partial(_paper_rows, cfg, columns, d, a, k))
+        (f"paper|{d}|{a}|{k}", functools.partial(_one_thread, _paper_rows, cfg, columns, d, a, k))
         for d in _widths(cfg)
         for a in _acts(cfg)
         for k in keys
@@ -753,7 +758,8 @@ def with_paper_protocol(
 ) -> dict:
     """Keyword arguments of :class:`~isoprobe.experiments.base.Reproduction` that add
     ``--protocol paper`` to the default declaration of ``name`` (``switches``: the LNMLPSpec
-    switches of every variant key its config may name)."""
+    switches of every variant key its config may name). The default protocol is left as declared;
+    the paper protocol's rows have :data:`PAPER_COLUMNS` besides the declared columns."""
     cols = (*columns, *(c for c in PAPER_COLUMNS if c not in columns))
 
     def cfg_(opt) -> dict:
@@ -763,10 +769,11 @@ def with_paper_protocol(
             else config(opt)
         )
 
+    def columns_(cfg: dict) -> tuple[str, ...]:
+        return cols if cfg["protocol"] == "paper" else tuple(columns)
+
     def units_(cfg: dict, env) -> list:
-        if cfg["protocol"] == "paper":
-            return paper_units(cfg, env, cols, units)
-        return [(k, functools.partial(_tagged, f, cols)) for k, f in units(cfg, env)]
+        return paper_units(cfg, env, cols, units) if cfg["protocol"] == "paper" else units(cfg, env)
 
     def verdict_(rows: list[dict], cfg: dict) -> Verdict:
         return (

@@ -480,5 +480,6 @@ register(
         verdict=figc5_verdict,
         draw=figc5_figure,
         reads=("model", "text_file"),
+        check=check,
     )
 )
