@@ -47,14 +47,30 @@ __all__ = [
     "broadcast_object",
     "gather_rows",
     "global_sample_gram",
+    "local_only",
     "rank_world",
     "shard_runs",
     "torchrun_group",
 ]
 
 
+_LOCAL = [False]  # inside local_only(): every helper acts as in a single process
+
+
 def _active() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return not _LOCAL[0] and dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def local_only() -> Iterator[None]:
+    """Inside the body every function here is the single-process identity, even under a process
+    group: for work one rank does alone (a reproduction's unit), whose inner calls of
+    :func:`agree_min`, :func:`gather_rows` or a gathering Probe must not wait for the other ranks."""
+    before, _LOCAL[0] = _LOCAL[0], True
+    try:
+        yield
+    finally:
+        _LOCAL[0] = before
 
 
 def rank_world() -> tuple[int, int]:

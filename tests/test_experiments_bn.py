@@ -1,7 +1,10 @@
-"""Batch-norm reproductions: decision rules on fabricated numbers, and short end-to-end runs."""
+"""Batch-norm reproductions (Meterez et al. 2024, Daneshmand et al. 2021): rules on fabricated
+numbers, each verdict function on rows that satisfy and rows that violate its claim, and every
+reproduction end to end through the runner at a tiny size."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -9,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from isoprobe.data import DataUnavailable, load_images
 from isoprobe.experiments import meterez
-from isoprobe.experiments.base import REGISTRY, run_reproductions
+from isoprobe.experiments.base import REGISTRY, VERDICTS, Options, Reproduction, run_reproductions
+from isoprobe.experiments.common import fit_slope
 from isoprobe.experiments.daneshmand import rule_daneshmand
 from isoprobe.experiments.meterez import (
-    explosion_contrast,
-    fit_slope,
+    classify_growth,
+    contrast,
+    deep_rises,
     rule_fig1,
     rule_tabled1,
     single_thread,
@@ -25,10 +29,11 @@ from isoprobe.theory.batchnorm import isometry_gap_rate
 NAMES = ["meterez-fig1", "meterez-fig2", "meterez-fig3", "meterez-fig5", "meterez-tabled1", "daneshmand-orth"]
 
 
-def test_all_six_are_registered():
-    assert set(NAMES) <= set(REGISTRY)
+def test_all_six_are_declared():
     for name in NAMES:
-        assert REGISTRY[name].claim and REGISTRY[name].paper
+        rep = REGISTRY[name]
+        assert isinstance(rep, Reproduction) and rep.claim and rep.paper
+    assert [REGISTRY[n].uses_data for n in NAMES] == [False, True, True, True, True, False]
 
 
 # ----------------------------------------------------------------------------- rules
@@ -47,21 +52,33 @@ def test_rule_fig1_passes_on_theory_and_fails_where_it_must():
     pred = [isometry_gap_rate(w) for w in widths]
     assert rule_fig1(widths, [p * 1.05 for p in pred], pred)
     assert not rule_fig1(widths, [pred[0], pred[1] * 1.3, pred[2]], pred)  # one width 30 % off
-    # width-independent rate: not the claim even if one matches
-    assert not rule_fig1(widths, [pred[1]] * 3, pred)
-    assert not rule_fig1(widths, [pred[0], math.nan, pred[2]], pred)  # a width that never decayed
-    # the rate must fall with width even when each is within tolerance of a (wrong) prediction
-    assert not rule_fig1([8, 16], [0.1, 0.11], [0.1, 0.1])
+    assert not rule_fig1(widths, [pred[1]] * 3, pred)  # width-independent rate: not the claim
+    assert not rule_fig1(widths, [pred[0], math.nan, pred[2]], pred)
+    assert not rule_fig1([8, 16], [0.1, 0.11], [0.1, 0.1])  # the rate must fall with width
 
 
-def test_explosion_contrast_passes_and_fails():
-    span = 900.0
-    assert explosion_contrast(0.02, 1e-4, span)
-    assert not explosion_contrast(0.001, 0.0, span)  # rises only 0.9 nats: no explosion
-    assert not explosion_contrast(0.02, 0.005, span)  # the "bounded" curve grows at 1/4 the rate
-    assert not explosion_contrast(0.02, -0.005, span)  # or shrinks as fast: not bounded either
-    assert not explosion_contrast(math.nan, 0.0, span)
-    assert not explosion_contrast(-0.02, 0.0, span)
+def test_deep_rises_is_the_fitted_rise_over_the_last_decade():
+    depths = meterez.DEPTHS
+    d = np.asarray(depths, dtype=np.float64)
+    curves = np.stack([2.0 + 0.01 * d, 5.0 - 0.001 * d, np.where(d >= 100, 3.0, d)])  # the last: flat when deep
+    np.testing.assert_allclose(deep_rises(curves, depths), [9.0, -0.9, 0.0], atol=1e-9)
+
+
+def test_classify_growth():
+    assert classify_growth([0.1, -0.3, 0.4]) == "bounded"
+    assert classify_growth([9.0, 12.0]) == "explodes"
+    assert classify_growth([1.0, 1.9]) == "grows"
+    assert classify_growth([0.2, 1.5]) == "undecided"  # runs disagree
+    assert classify_growth([0.1]) == "undecided"  # one run cannot tell a bound from noise
+    assert classify_growth([0.1, math.nan]) == "undecided"
+
+
+def test_contrast():
+    assert contrast({"o": "bounded"}, {"g": "explodes"}) == ("held", "")
+    assert contrast({"o": "grows"}, {"g": "explodes"})[0] == "not held"
+    assert contrast({"o": "bounded"}, {"g": "bounded"})[0] == "not held"
+    verdict, reason = contrast({"o": "bounded"}, {"g": "grows"})
+    assert verdict == "undecided" and "g: grows" in reason
 
 
 def test_rule_tabled1_judges_only_batches_up_to_half_the_dimension():
@@ -89,57 +106,157 @@ def test_single_thread_restores_the_setting():
     assert torch.get_num_threads() == before
 
 
+# ----------------------------------------------------------------------------- verdicts on rows
+
+
+def _cfg(name: str, substitute: bool = False, **over) -> dict:
+    cfg = {"quick": True, "seed": 0, "device": "cpu", "protocol": "isoprobe",
+           **REGISTRY[name].config(Options(quick=True))}
+    if REGISTRY[name].uses_data:
+        cfg["data"] = {"paper": "cifar10", "asked": "auto", "used": "synthetic" if substitute else "cifar10",
+                       "substitute": substitute, "limit": None}
+    return {**cfg, **over}
+
+
+def _verdict(name: str, rows: list[dict], cfg: dict):
+    return REGISTRY[name].verdict(rows, cfg)
+
+
+def test_fig1_verdict_on_rows():
+    cfg = _cfg("meterez-fig1")
+
+    def rows(rate):
+        return [dict(width=w, run=r, layer=ell, gap=1e-2 * math.exp(-rate(w) * ell))
+                for w in cfg["widths"] for r in range(2) for ell in range(cfg["depth"] + 1)]
+
+    assert _verdict("meterez-fig1", rows(isometry_gap_rate), cfg).verdict == "held"
+    assert _verdict("meterez-fig1", rows(lambda w: 0.1), cfg).verdict == "not held"  # width-independent
+    flat = [dict(r, gap=1.0) for r in rows(isometry_gap_rate)]  # never decays into the fit window
+    out = _verdict("meterez-fig1", flat, cfg)
+    assert out.verdict == "undecided" and "fit window" in out.reason
+
+
+def _grad_rows(curves: dict[str, list[np.ndarray]]) -> list[dict]:
+    return [dict(series=s, run=r, depth=d, log_grad_norm=float(v))
+            for s, runs in curves.items() for r, c in enumerate(runs) for d, v in zip(meterez.DEPTHS, c)]
+
+
+D = np.asarray(meterez.DEPTHS, dtype=np.float64)
+
+
+def _flat(level=3.0, wiggle=0.1):
+    return [level + wiggle * np.sin(D / 37.0), level - wiggle * np.cos(D / 53.0)]
+
+
+def _rising(per_layer, level=3.0):
+    return [level + per_layer * D, level + 1.1 * per_layer * D]
+
+
+def test_fig2_verdict_on_rows():
+    cfg = _cfg("meterez-fig2")
+    dup = [f"{k} duplicated pairs" for k in cfg["duplicated_pairs"]]
+    ok = _verdict("meterez-fig2", _grad_rows({"distinct samples": _flat(), **{s: _rising(0.01) for s in dup}}), cfg)
+    assert ok.verdict == "held" and ok.measured["growth"]["distinct samples"] == "bounded"
+    bad = _verdict("meterez-fig2", _grad_rows({"distinct samples": _rising(0.002),
+                                               **{s: _rising(0.01) for s in dup}}), cfg)
+    assert bad.verdict == "not held" and "distinct samples grows" in bad.reason
+
+
+def test_fig3_verdict_on_rows():
+    cfg = _cfg("meterez-fig3")
+    assert _verdict("meterez-fig3", _grad_rows({"orthogonal": _flat(), "gaussian": _rising(0.02)}), cfg).verdict \
+        == "held"
+    assert _verdict("meterez-fig3", _grad_rows({"orthogonal": _rising(0.02), "gaussian": _rising(0.02)}), cfg) \
+        .verdict == "not held"
+    assert _verdict("meterez-fig3", _grad_rows({"orthogonal": _flat(), "gaussian": _flat()}), cfg).verdict \
+        == "not held"
+
+
+def test_fig5_verdict_on_rows():
+    cfg = _cfg("meterez-fig5")  # judges k = 0.4 against k = 0, per activation
+
+    def rows(shaped):
+        return _grad_rows({f"{a}, k = {k:g}": (_rising(0.09) if k == 0 else shaped)
+                           for a in cfg["activations"] for k in cfg["gain_exponents"]})
+
+    assert _verdict("meterez-fig5", rows(_flat()), cfg).verdict == "held"
+    # what the old rule passed: slope cut > 10x, yet the shaped log-norm still rises ~1.5 nats over 100..1000
+    out = _verdict("meterez-fig5", rows(_rising(0.0017)), cfg)
+    assert out.verdict == "not held" and "tanh, k = 0.4 grows" in out.reason
+    mixed = _verdict("meterez-fig5", rows([_flat()[0], _rising(0.0017)[0]]), cfg)
+    assert mixed.verdict == "undecided"
+
+
+def _d1_rows(deficient: str | None = None) -> list[dict]:
+    rows = []
+    for name, dim in (("mnist", 784), ("cifar10", 3072)):
+        for n in (8, 16, 32):
+            rows += [dict(dataset=name, dim=dim, batch_size=n, batch=b, rank=n - (name == deficient and b % 2))
+                     for b in range(10)]
+    return rows
+
+
+def test_tabled1_verdict_on_rows():
+    cfg = _cfg("meterez-tabled1")
+    assert _verdict("meterez-tabled1", _d1_rows(), cfg).verdict == "held"
+    assert _verdict("meterez-tabled1", _d1_rows("cifar10"), cfg).verdict == "not held"  # half the batches deficient
+    sub = _verdict("meterez-tabled1", _d1_rows(), _cfg("meterez-tabled1", substitute=True))
+    assert sub.verdict == "undecided" and "says nothing about the data sets the paper names" in sub.reason
+
+
+def test_daneshmand_verdict_on_rows():
+    cfg = _cfg("daneshmand-orth", runs=2)
+
+    def rows(floor):
+        return [dict(bn=bn, width=w, run=r, layer=ell, orth_gap=(floor(w) if bn else 0.85) if ell else 0.5)
+                for bn in (1, 0) for w in cfg["widths"] for r in range(2) for ell in range(cfg["depth"] + 1)]
+
+    assert _verdict("daneshmand-orth", rows(lambda w: 0.4 * w**-0.5), cfg).verdict == "held"
+    assert _verdict("daneshmand-orth", rows(lambda w: 0.2), cfg).verdict == "not held"
+
+
 # ----------------------------------------------------------------------------- end to end
 
+TINY_GRAD = {"width": 8, "batch": 8, "depths": [1, 5, 10, 50, 100], "runs": 2}
+TINY = {
+    "meterez-fig1": {"widths": [8, 16], "depth": 70, "runs": 2},
+    "meterez-fig2": {**TINY_GRAD, "duplicated_pairs": [1, 4]},
+    "meterez-fig3": TINY_GRAD,
+    "meterez-fig5": {**TINY_GRAD, "activations": ["tanh"], "gain_exponents": [0.0, 0.4]},
+    "meterez-tabled1": {"batch_sizes": [8, 16], "batches": 3},
+    "daneshmand-orth": {"widths": [16, 64], "depth": 20, "runs": 2},
+}
 
-def _run(name: str, tmp_path, **kw) -> dict:
-    (summary,) = run_reproductions([name], quick=True, out_dir=tmp_path, show_progress=False,
-                                   echo=lambda msg: None, **kw)
-    for suffix in (".csv", ".png", ".json"):
-        assert (tmp_path / f"{name}{suffix}").exists()
+
+@pytest.fixture
+def tiny(monkeypatch):
+    for name, sizes in TINY.items():
+        rep = REGISTRY[name]
+
+        def config(opt, rep=rep, sizes=sizes):
+            cfg = {**rep.config(opt), **sizes}
+            if "data" in cfg:
+                cfg["data"] = {**cfg["data"], "limit": 64}
+            return cfg
+
+        monkeypatch.setitem(REGISTRY, name, dataclasses.replace(rep, config=config))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_end_to_end(tiny, tmp_path, name):
+    data = "synthetic" if REGISTRY[name].uses_data else "auto"
+    (summary,) = run_reproductions([name], Options(quick=True, data=data), tmp_path, show_progress=False,
+                                   echo=lambda _m: None)
     on_disk = json.loads((tmp_path / f"{name}.json").read_text())
-    for key in ("claim", "measured", "theory", "held", "rule", "config", "elapsed_s"):
-        assert key in on_disk
-    return on_disk
-
-
-def test_fig1_quick_holds_with_measured_rates_near_theory(tmp_path):
-    out = _run("meterez-fig1", tmp_path, runs=2)
-    assert out["held"] is True
-    for w, rate in out["measured"]["rate_per_layer"].items():
-        assert rate == pytest.approx(math.log1p(2 / int(w)), rel=0.15)
-
-
-def test_fig2_quick_single_run(tmp_path):
-    out = _run("meterez-fig2", tmp_path, runs=1, data="synthetic")
-    assert out["held"] is True
-    slopes = out["measured"]["deep_slope_per_layer"]
-    assert slopes["8 duplicated pairs"] > slopes["2 duplicated pairs"] > abs(slopes["distinct samples"])
-
-
-def test_daneshmand_quick(tmp_path):
-    out = _run("daneshmand-orth", tmp_path, runs=2)
-    assert out["held"] is True
-    assert -0.8 < out["measured"]["loglog_slope_floor_vs_width"] < -0.25
-
-
-def test_tabled1_with_named_data_uses_exactly_it(tmp_path):
-    out = _run("meterez-tabled1", tmp_path, runs=5, data="digits")
-    assert out["measured"]["datasets_used"] == ["digits"]
-    assert out["held"] is True
-    # digits live in a 61-dimensional subspace: a 64-sample batch cannot be full rank
-    assert out["measured"]["share_full_rank"]["digits n=64"] == 0.0
-
-
-def test_tabled1_offline_falls_back_and_says_which_data(tmp_path, monkeypatch):
-    def fake_load(name, limit=None, seed=0):
-        if name in ("mnist", "fashion_mnist", "cifar10", "cifar100"):
-            raise DataUnavailable(f"{name} is not here")
-        return load_images(name, limit=min(limit or 500, 500), seed=seed)
-
-    monkeypatch.setattr(meterez, "load_images", fake_load)
-    out = _run("meterez-tabled1", tmp_path, runs=3)
-    assert out["measured"]["datasets_used"] == ["synthetic", "digits"]
-    assert out["measured"]["unavailable"] == ["mnist", "fashion_mnist", "cifar10", "cifar100"]
-    assert any("in place of" in note for note in out["notes"])
-
+    assert on_disk == summary and summary["verdict"] in VERDICTS and summary["rule"]
+    assert summary["held"] == {"held": True, "not held": False, "undecided": None}[summary["verdict"]]
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
+    assert len((tmp_path / f"{name}.csv").read_text().splitlines()) > 1
+    if REGISTRY[name].uses_data:
+        assert summary["data"]["substitute"] is True and summary["config"]["data"] == summary["data"]
+    if name == "meterez-fig1":
+        assert summary["verdict"] == "held"
+        for w, rate in summary["measured"]["rate_per_layer"].items():
+            assert rate == pytest.approx(math.log1p(2 / int(w)), rel=0.15)
+    if name == "meterez-tabled1":  # a claim about named data sets, run on a substitute
+        assert summary["verdict"] == "undecided" and summary["measured"]["datasets_used"] == ["synthetic"]

@@ -524,12 +524,14 @@ def resolve_data(request: dict, asked: str, seed: int, note: Callable[[str], Non
 
 
 def data_label(data: dict | None) -> str:
-    """``"on substitute data: digits, not CIFAR10"`` for substitute provenance, else ``""``."""
+    """``"on substitute data: digits, not CIFAR10"`` (the sets used in place of the paper's ones) for
+    substitute provenance, else ``""``."""
     if not data or not data.get("substitute"):
         return ""
-    used = ", ".join(_DISPLAY.get(n, n) for n in _names(data["used"]))
-    paper = ", ".join(_DISPLAY.get(n, n) for n in _names(data["paper"]))
-    return f"on substitute data: {used}, not {paper}"
+    used, paper = _names(data["used"]), _names(data["paper"])
+    subs = ", ".join(_DISPLAY.get(n, n) for n in used if n not in paper)
+    missing = ", ".join(_DISPLAY.get(n, n) for n in paper if n not in used)
+    return f"on substitute data: {subs}, not {missing}"
 
 
 # --- running one declared reproduction ------------------------------------------------------------
@@ -576,7 +578,8 @@ def _compute(units: list[Unit], table: TidyTable | None, env: Env) -> list[dict]
     rounds = [todo[i : i + world] for i in range(0, len(todo), world)]
     for batch in env.progress(rounds, desc="units", total=len(rounds)):
         mine = batch[rank] if rank < len(batch) else None
-        result = (mine[0], mine[1]()) if mine else None
+        with distributed.local_only():  # a unit is one rank's work: no collective inside it
+            result = (mine[0], mine[1]()) if mine else None
         for part in distributed.gather_rows([result]) if world > 1 else [result]:
             if part is not None and table is not None:
                 table.add(*part)

@@ -17,7 +17,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from isoprobe.experiments.base import Outcome, RunContext, reproduction
+from isoprobe.experiments.base import Env, Options, Reproduction, Unit, Verdict, register
 from isoprobe.experiments.common import (
     DANESHMAND,
     fit_slope,
@@ -57,52 +57,73 @@ def rule_daneshmand(
     return bool(slope <= max_slope and order_one.all())
 
 
-def _config(ctx: RunContext) -> dict:
+def _config(opt: Options) -> dict:
     return {
-        "widths": [16, 32, 64, 128, 256] if ctx.quick else [32, 64, 128, 256, 512, 1024],
+        "widths": [16, 32, 64, 128, 256] if opt.quick else [32, 64, 128, 256, 512, 1024],
         "batch": 4,
-        "depth": 60 if ctx.quick else 100,
-        "runs": ctx.n_runs(default=10, quick=4),
+        "depth": 60 if opt.quick else 100,
+        "runs": opt.n_runs(default=10, quick=4),
         "input": "x_i = z_0 + 0.5 z_i, z Gaussian in R^d: samples with cosine ≈ 0.8",
         "floor": "mean gap over the last half of the layers, then over runs",
     }
 
 
-@reproduction(
-    "daneshmand-orth", paper=DANESHMAND, figure="Figs. 1–2",
-    claim="with batch norm the orthogonality gap of a Gaussian linear chain falls to a floor that shrinks "
-          "with width; without batch norm it stays of order one",
-    config=_config,
-)
-def daneshmand_orth(ctx: RunContext, cfg: dict) -> Outcome:
-    table = ctx.table(["bn", "width", "run", "layer", "orth_gap"])
-    L, n = cfg["depth"], cfg["batch"]
+def _rows(cfg: dict, device: torch.device, bn: bool, width: int) -> list[dict]:
+    """Rows (bn, width, run, layer, orth_gap) of one chain, all runs."""
+    L, n, rows = cfg["depth"], cfg["batch"], []
+    for run in range(cfg["runs"]):
+        gen = run_generator(cfg["seed"], run, salt=width)
+        z = torch.randn(n + 1, width, dtype=F64, generator=gen)
+        x = z[:1] + 0.5 * z[1:]
+        with single_thread(), torch.no_grad():
+            net = BNMLP(width, width, L, d_out=2, weights="gaussian", norm="rms" if bn else "none",
+                        generator=gen, dtype=F64).to(device)
+            grams = torch.stack([gram(h) for h in net.hidden(x.to(device))])
+        gaps = orthogonality_gap(grams).cpu().tolist()
+        rows += [dict(bn=int(bn), width=width, run=run, layer=ell, orth_gap=g) for ell, g in enumerate(gaps)]
+    return rows
 
-    def compute(bn: bool, width: int) -> list[dict]:
-        rows = []
-        for run in range(cfg["runs"]):
-            gen = run_generator(ctx.seed, run, salt=width)
-            z = torch.randn(n + 1, width, dtype=F64, generator=gen)
-            x = z[:1] + 0.5 * z[1:]
-            with single_thread(), torch.no_grad():
-                net = BNMLP(width, width, L, d_out=2, weights="gaussian", norm="rms" if bn else "none",
-                            generator=gen, dtype=F64).to(ctx.device)
-                grams = torch.stack([gram(h) for h in net.hidden(x.to(ctx.device))])
-            gaps = orthogonality_gap(grams).cpu().tolist()
-            rows += [dict(bn=int(bn), width=width, run=run, layer=ell, orth_gap=g) for ell, g in enumerate(gaps)]
-        return rows
 
-    curves: dict[tuple[bool, int], np.ndarray] = {}
-    combos = [(bn, w) for bn in (True, False) for w in cfg["widths"]]
-    for bn, width in ctx.progress(combos, desc="BN × width"):
-        rows = table.unit(f"bn={int(bn)} width={width}", partial(compute, bn, width))
-        curves[(bn, width)] = run_curves(rows, "orth_gap", length=L + 1)
-    widths = cfg["widths"]
-    floor = [float(curves[(True, w)][:, L // 2 + 1 :].mean()) for w in widths]
-    final = [float(curves[(False, w)][:, -1].mean()) for w in widths]
-    slope = fit_slope(np.log(widths), np.log(floor))
+def _units(cfg: dict, env: Env) -> list[Unit]:
+    return [(f"bn={int(bn)} width={w}", partial(_rows, cfg, env.device, bn, w))
+            for bn in (True, False) for w in cfg["widths"]]
+
+
+def _numbers(rows: list[dict], cfg: dict) -> tuple[dict, list[float], list[float]]:
+    """Curves per (bn, width), the BN floor and the no-BN last-layer gap per width."""
+    L = cfg["depth"]
+    curves = {(bn, w): run_curves(rows, "orth_gap", length=L + 1, bn=int(bn), width=w)
+              for bn in (True, False) for w in cfg["widths"]}
+    floor = [float(curves[(True, w)][:, L // 2 + 1 :].mean()) for w in cfg["widths"]]
+    final = [float(curves[(False, w)][:, -1].mean()) for w in cfg["widths"]]
+    return curves, floor, final
+
+
+def _verdict(rows: list[dict], cfg: dict) -> Verdict:
+    curves, floor, final = _numbers(rows, cfg)
+    widths, n = cfg["widths"], cfg["batch"]
     held = rule_daneshmand(widths, floor, final, n)
+    return Verdict(
+        "held" if held else "not held",
+        reason="" if held else "the BN floor does not fall with width as d^-1/2 does (slope > -0.25), or a "
+                               "no-BN gap is not of order one",
+        rule="held iff the log-log slope of the BN floor (mean gap over the last half of the layers) against "
+             "width is ≤ −0.25 and, at every width, the last-layer gap without BN is ≥ 0.5·sqrt(1 − 1/n) and "
+             "above the BN floor",
+        measured={"bn_floor": dict(zip(map(str, widths), floor)),
+                  "loglog_slope_floor_vs_width": fit_slope(np.log(widths), np.log(floor)),
+                  "no_bn_last_layer_gap": dict(zip(map(str, widths), final)),
+                  "input_gap": float(np.mean([curves[(True, w)][:, 0].mean() for w in widths]))},
+        theory={"bn": "E gap(H_ℓ) = O((1 − α)^ℓ + n / (α sqrt(d))): floor ∝ d^(-1/2), log-log slope −0.5 "
+                      "(an upper bound; α is the smallest singular value along the chain)",
+                "no_bn": "Θ(1); all samples aligned gives the largest gap sqrt(1 − 1/n) = "
+                         f"{math.sqrt(1 - 1 / n):.4f}"},
+    )
 
+
+def _draw(rows: list[dict], cfg: dict):
+    curves, floor, final = _numbers(rows, cfg)
+    widths, n = cfg["widths"], cfg["batch"]
     fig, (ax, ax2) = new_figure(2)
     for w in widths:
         plot_depth_curves(ax, curves[(True, w)], label=f"BN, d = {w}", ylabel="orthogonality gap")
@@ -111,29 +132,19 @@ def daneshmand_orth(ctx: RunContext, cfg: dict) -> Outcome:
     ax.legend(fontsize=6, ncol=2)
     ax.set_title(f"Gaussian linear chain, batch n = {n}", fontsize=10)
     ws = np.asarray(widths, dtype=np.float64)
-    ax2.plot(ws, floor, "o-", label=f"BN floor (slope {slope:.2f})")
+    ax2.plot(ws, floor, "o-", label=f"BN floor (slope {fit_slope(np.log(ws), np.log(floor)):.2f})")
     ax2.plot(ws, floor[0] * (ws / ws[0]) ** -0.5, "k--", label="∝ d^-1/2 (theory)")
     ax2.plot(ws, final, "s-", label="no BN, last layer")
     ax2.axhline(math.sqrt(1 - 1 / n), color="gray", ls=":", label="max gap sqrt(1 − 1/n)")
     log_axes_with_ticks(ax2, widths)
     ax2.set_xlabel("width d"), ax2.set_ylabel("orthogonality gap")
     ax2.legend(fontsize=7)
-    ctx.save_figure(fig)
-    return Outcome(
-        measured={
-            "bn_floor": dict(zip(map(str, widths), floor)),
-            "loglog_slope_floor_vs_width": slope,
-            "no_bn_last_layer_gap": dict(zip(map(str, widths), final)),
-            "input_gap": float(np.mean([curves[(True, w)][:, 0].mean() for w in widths])),
-        },
-        theory={
-            "bn": "E gap(H_ℓ) = O((1 − α)^ℓ + n / (α sqrt(d))): floor ∝ d^(-1/2), log-log slope −0.5 "
-                  "(an upper bound; α is the smallest singular value along the chain)",
-            "no_bn": "Θ(1); all samples aligned gives the largest gap sqrt(1 − 1/n) = "
-                     f"{math.sqrt(1 - 1 / n):.4f}",
-        },
-        held=held,
-        rule="held iff the log-log slope of the BN floor (mean gap over the last half of the layers) "
-             "against width is ≤ −0.25 and, at every width, the last-layer gap without BN is ≥ 0.5·sqrt(1 − 1/n) "
-             "and above the BN floor",
-    )
+    return fig
+
+
+register(Reproduction(
+    "daneshmand-orth", paper=DANESHMAND, figure="Figs. 1–2",
+    claim="with batch norm the orthogonality gap of a Gaussian linear chain falls to a floor that shrinks "
+          "with width; without batch norm it stays of order one",
+    columns=("bn", "width", "run", "layer", "orth_gap"), config=_config, units=_units, verdict=_verdict, draw=_draw,
+))
