@@ -35,10 +35,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from isoprobe.activations import get_activation
 from isoprobe.experiments.base import Verdict
-from isoprobe.experiments.common import new_figure, run_generator, single_thread
+from isoprobe.experiments.common import run_generator, single_thread
 from isoprobe.hermite import isometry_strength
 from isoprobe.theory import LNMLPSpec, mean_field_spec
 
@@ -536,7 +537,10 @@ def paper_units(cfg: dict, env, columns: Sequence[str], default_units) -> list:
     protocol's own units (rows tagged ``protocol = "isoprobe"``) for the comparison notes."""
     keys = [*cfg["notebook"]["variants"], *cfg["notebook"]["extra_variants"]]
     own = [
-        (f"paper|{d}|{a}|{k}", functools.partial(_one_thread, _paper_rows, cfg, columns, d, a, k))
+        (
+            f"paper|{d}|{a}|{k}",
+            functools.partial(_one_thread, _paper_rows, cfg, columns, d, a, k),
+        )
         for d in _widths(cfg)
         for a in _acts(cfg)
         for k in keys
@@ -696,7 +700,13 @@ def paper_draw(name: str, rows: Sequence[dict], cfg: dict):
     extra = (
         setup.hue == "act"
     )  # Fig. 8a: the published panel, then the claim's comparison
-    fig, axes = new_figure(len(panels) + extra, size=(3.6, 3.0))
+    fig = Figure(
+        figsize=(3.4 * (len(panels) + extra) + 0.6, 3.4)
+    )  # no layout engine: bbox_inches="tight" suffices
+    axes = list(
+        fig.subplots(1, len(panels) + extra, sharey=not extra, squeeze=False)[0]
+    )
+    fig.subplots_adjust(wspace=0.08 if not extra else 0.25, top=0.8, bottom=0.15)
     for ax, (title, match) in zip(axes, panels):
         for v, color in zip(setup.published, _COLORS):
             key = _published_key(cfg, v)
@@ -719,9 +729,7 @@ def paper_draw(name: str, rows: Sequence[dict], cfg: dict):
         ax.set_title(title or setup.published[0].label, fontsize=9)
     if extra:
         _draw_claim(axes[-1], paper, cfg)
-    for ax in axes:
-        if ax is not axes[0] and not extra:  # the published facets share their y axis
-            ax.sharey(axes[0])
+    for ax in axes:  # the published facets share their y axis
         ax.set_yscale("log")
         ax.set_xlabel("ℓ")
         ax.grid(True, alpha=0.4)
@@ -729,7 +737,8 @@ def paper_draw(name: str, rows: Sequence[dict], cfg: dict):
     axes[0].set_ylabel(r"$-\log\,\mathcal{I}(G^\ell)$")
     fig.suptitle(
         f"{name}, the authors' notebook protocol (published: {setup.pdf})\nn = {cfg['n']}, "
-        f"κ = {setup.degeneracy:g}, {cfg['runs']} runs; mean of pre- and post-norm records, 95 % band",
+        f"κ = {setup.degeneracy:g}, {cfg['runs']} run{'s' * (cfg['runs'] != 1)}; mean of pre- and post-norm records, "
+        "95 % band",
         fontsize=9,
     )
     return fig
@@ -773,7 +782,11 @@ def with_paper_protocol(
         return cols if cfg["protocol"] == "paper" else tuple(columns)
 
     def units_(cfg: dict, env) -> list:
-        return paper_units(cfg, env, cols, units) if cfg["protocol"] == "paper" else units(cfg, env)
+        return (
+            paper_units(cfg, env, cols, units)
+            if cfg["protocol"] == "paper"
+            else units(cfg, env)
+        )
 
     def verdict_(rows: list[dict], cfg: dict) -> Verdict:
         return (
