@@ -162,9 +162,9 @@ def test_a_run_that_overflows_stops_recording():
 
 
 def _result(records, depth):
-    """A NotebookRun of ``records`` with identity post-norm Grams (centred RMS 1)."""
+    """A NotebookRun of ``records`` with identity post-norm Grams (centred RMS 1), input gap 3.5."""
     grams = [torch.eye(2, dtype=torch.float64)] * (depth + 1)
-    return NotebookRun(records, grams, [math.nan] + [1.0] * depth)
+    return NotebookRun(records, grams, [math.nan] + [1.0] * depth, start_gap=3.5)
 
 
 def test_notebook_rows_average_pre_and_post_and_count_missing_as_collapsed():
@@ -176,7 +176,12 @@ def test_notebook_rows_average_pre_and_post_and_count_missing_as_collapsed():
         (2, "post_norm", 0.5),
     ]
     rows = notebook_rows(_result(rec, 3), 3, act="relu", run=7)
-    assert [r["gap"] for r in rows] == [4.0, 2.0, math.inf, math.inf]
+    assert [r["gap"] for r in rows] == [
+        3.5,
+        2.0,
+        math.inf,
+        math.inf,
+    ]  # ℓ = 0: the network's input
     assert rows[0]["gap_pre"] == "" and rows[0]["gap_post"] == 4.0
     assert rows[3]["gap_pre"] == "" and rows[3]["gap_post"] == ""
     assert rows[1]["act"] == "relu" and rows[1]["run"] == 7
@@ -242,3 +247,32 @@ def test_setups_follow_the_notebook_cells():
     )  # what the published Fig. 8a draws
     for s in SETUPS.values():
         assert (s.n, s.depth, s.gain) == (10, 30, 1.0) and s.pdf.startswith("plots/")
+
+
+def test_differing_checks_lists_the_yes_no_entries_that_differ():
+    from isoprobe.experiments.joudaki_protocol import differing_checks
+
+    a = {"ok": {"relu": True, "tanh": False}, "ratio": {"relu": 3.0}, "flag": True}
+    b = {"ok": {"relu": True, "tanh": True}, "ratio": {"relu": 1.0}, "flag": True}
+    assert differing_checks(a, b) == [
+        "ok.tanh: notebook protocol False, isoprobe's True"
+    ]
+
+
+def test_a_notebook_run_starts_from_the_rows_it_feeds_the_first_layer():
+    X0 = degenerate_gaussian(10, 300, 10.0, torch.Generator().manual_seed(2))
+    res = notebook_run(
+        X0,
+        "relu",
+        PaperVariant("", "layer", "layer"),
+        _stats(),
+        2,
+        1.0,
+        torch.Generator(),
+    )
+    rows_unit = (X0 / X0.square().mean(-1, keepdim=True).sqrt()).double().numpy()
+    assert res.start_gap == pytest.approx(_np_gap(rows_unit), rel=1e-4)
+    assert res.records[0][2] == pytest.approx(_np_gap(X0.double().numpy()), rel=1e-4)
+    assert (
+        res.records[0][2] > res.start_gap
+    )  # rescaling the rows is itself a projection

@@ -266,11 +266,14 @@ class NotebookRun:
     """One network's records: ``records`` ``(layer, point, gap)`` with ``point`` in ``input`` /
     ``pre_norm`` / ``post_norm``; ``grams[ℓ] = x_ℓ x_ℓᵀ / d`` (float64) of the post-norm
     representation (ℓ = 0: the unit-RMS input rows); ``centred_rms[ℓ]`` the RMS of the centred
-    activations before normalisation (ℓ = 0: NaN). Shorter than ``depth + 1`` where the run stopped."""
+    activations before normalisation (ℓ = 0: NaN); ``start_gap`` the gap of the unit-RMS rows the
+    first layer receives (the ``input`` record is the raw input, before that rescaling). Shorter than
+    ``depth + 1`` where the run stopped."""
 
     records: list[tuple[int, str, float]]
     grams: list[torch.Tensor]
     centred_rms: list[float]
+    start_gap: float = math.nan
 
 
 def _gram64(x: torch.Tensor) -> torch.Tensor:
@@ -291,7 +294,9 @@ def notebook_run(
     non-finite Gram, as the notebook's ``try/except`` does."""
     sigma = notebook_activation(act)
     x = X0 / X0.square().mean(-1, keepdim=True).sqrt()
-    out = NotebookRun([(0, "input", notebook_gap(X0))], [_gram64(x)], [math.nan])
+    out = NotebookRun(
+        [(0, "input", notebook_gap(X0))], [_gram64(x)], [math.nan], notebook_gap(x)
+    )
     try:
         for ell in range(1, depth + 1):
             if variant.activation_first:
@@ -319,8 +324,10 @@ def notebook_rows(
     """One row per layer ``0..depth`` of one network's ``result`` (``series`` added to each row).
 
     ``gap_pre``/``gap_post`` are the layer's two records (layer 0: the input's gap in
-    ``gap_post``; ``""`` where the run recorded nothing). ``gap`` is the run's plotted value, the
-    mean of the layer's records — what the notebook's pooled mean gives a single run — and ``+inf``
+    ``gap_post``, as plotted; ``""`` where the run recorded nothing). ``gap`` is what the verdicts
+    read: at ℓ = 0 the gap of the network's input (``start_gap``, the rows the first layer
+    receives), further on the mean of the layer's two records — what the notebook's pooled mean
+    gives a single run — and ``+inf``
     where a record is missing or not finite (the representation collapsed or left the float
     range), as isoprobe's own protocol counts a collapse. ``rms`` and ``norm_cv`` (std/mean of the
     squared norms) describe the post-norm representation; ``below_floor`` is 1 where the centred
@@ -333,7 +340,7 @@ def notebook_rows(
     for ell in range(depth + 1):
         pre = "" if ell == 0 else got.get((ell, "pre_norm"), "")
         post = got.get((ell, "input" if ell == 0 else "post_norm"), "")
-        vals = [post] if ell == 0 else [pre, post]
+        vals = [result.start_gap] if ell == 0 else [pre, post]
         ok = all(v != "" and math.isfinite(v) for v in vals)
         rms, cv, below = _gram_stats(result, ell, floor)
         rows.append(
@@ -633,7 +640,7 @@ def protocol_notes(name: str, paper: Sequence[dict], cfg: dict) -> list[str]:
     out = [
         (
             f"notebook protocol: n = {cfg['n']}, d = {', '.join(map(str, _widths(cfg)))}, L = {cfg['depth']}, "
-            f"{cfg['runs']} runs; inputs N(0, 1) with the top singular value ×{setup.degeneracy:g}, rescaled; float32; "
+            f"{cfg['runs']} run{'s' * (cfg['runs'] != 1)}; inputs N(0, 1) with the top singular value ×{setup.degeneracy:g}, rescaled; float32; "
             f"c₀ and σ̄(1) from {MC_SAMPLES:,} Monte Carlo samples; each layer's plotted value is the mean of its "
             "pre-norm and post-norm gaps (seaborn pools both rows); the clean quantity is the post-norm gap alone"
         ),
@@ -645,6 +652,27 @@ def protocol_notes(name: str, paper: Sequence[dict], cfg: dict) -> list[str]:
         *_PDF_NOTES.get(name, ()),
     ]
     return out
+
+
+def _checks(measured: dict, path: str = "") -> dict[str, bool]:
+    """The yes/no entries of a ``measured`` dict, by dotted path."""
+    out = {}
+    for k, v in measured.items():
+        if isinstance(v, dict):
+            out |= _checks(v, f"{path}{k}.")
+        elif isinstance(v, bool):
+            out[f"{path}{k}"] = v
+    return out
+
+
+def differing_checks(paper: dict, iso: dict) -> list[str]:
+    """``"path: notebook protocol X, isoprobe's Y"`` for every yes/no check the protocols decide differently."""
+    a, b = _checks(paper), _checks(iso)
+    return [
+        f"{k}: notebook protocol {a[k]}, isoprobe's {b[k]}"
+        for k in a
+        if k in b and a[k] != b[k]
+    ]
 
 
 def paper_verdict(
@@ -659,6 +687,8 @@ def paper_verdict(
         *protocol_notes(name, paper, cfg),
         *compare_notes(paper, iso, cfg, (v.verdict, ref.verdict if ref else "-")),
     ]
+    if ref is not None and (diff := differing_checks(v.measured, ref.measured)):
+        notes.append("checks the two protocols decide differently: " + "; ".join(diff))
     return Verdict(
         v.verdict, v.rule, v.measured, v.theory, v.reason, (*notes, *v.notes)
     )
