@@ -642,7 +642,9 @@ def protocol_notes(name: str, paper: Sequence[dict], cfg: dict) -> list[str]:
             f"notebook protocol: n = {cfg['n']}, d = {', '.join(map(str, _widths(cfg)))}, L = {cfg['depth']}, "
             f"{cfg['runs']} run{'s' * (cfg['runs'] != 1)}; inputs N(0, 1) with the top singular value ×{setup.degeneracy:g}, rescaled; float32; "
             f"c₀ and σ̄(1) from {MC_SAMPLES:,} Monte Carlo samples; each layer's plotted value is the mean of its "
-            "pre-norm and post-norm gaps (seaborn pools both rows); the clean quantity is the post-norm gap alone"
+            "pre-norm and post-norm gaps (seaborn pools both rows); the clean quantity is the post-norm gap alone; "
+            "the plotted ℓ = 0 point is the raw input, before the notebook rescales its rows to unit RMS (itself a "
+            "projection, which lowers the gap), while the verdict starts from the rescaled rows the first layer receives"
         ),
         f"{stopped} run(s) stopped recording before ℓ = {cfg['depth']} (a Gram left the float32 range, where the "
         "notebook's try/except drops the rest of the run): the published curve ends where none is left, the "
@@ -833,7 +835,7 @@ def with_paper_protocol(
         )
 
     return {
-        "columns": cols,
+        "columns": columns_,
         "config": cfg_,
         "units": units_,
         "verdict": verdict_,
