@@ -9,12 +9,13 @@ Run the reproductions on several GPUs or machines with ``torchrun`` and ``isopro
 
 The command line opens the process group (:func:`torchrun_group`: nccl on ``cuda:LOCAL_RANK``,
 gloo on CPU-only hosts). The reproduction runner deals a reproduction's units round-robin
-to the ranks, gathers their rows on rank 0 (:func:`gather_rows`), and rank 0 alone writes
-``STEM.csv/png/json``; a training reproduction may instead shard its runs itself
-(:func:`shard_runs`, :func:`agree_min`). Sharding does not change the computation: a run's
-weights and data order depend on its global run index only (:mod:`isoprobe.training`); the
-numbers can differ only by the rounding of batched kernels of another batch count. Resuming
-after an interruption needs the same world size (checkpoints are per rank).
+to the ranks, runs each inside :func:`local_only` (a unit is one rank's work), gathers their
+rows on rank 0 (:func:`gather_rows`), and rank 0 alone writes ``STEM.csv/png/json``.
+:func:`shard_runs` and :func:`agree_min` serve code that spreads its own runs over the ranks
+outside the runner (:mod:`isoprobe.training` agrees on the checkpoint epoch with
+:func:`agree_min`). Sharding does not change the computation: a run's weights and data order
+depend on its global run index only; the numbers can differ only by the rounding of batched
+kernels of another batch count.
 
 **Global-batch Gram under DistributedDataParallel.** Each rank sees ``n`` of the batch's
 ``world · n`` samples; the paper's sample Gram is over the whole batch.
