@@ -28,6 +28,7 @@ from itertools import pairwise
 import numpy as np
 import torch
 
+from isoprobe.experiments import joudaki_protocol
 from isoprobe.experiments.base import (
     Env,
     Options,
@@ -205,7 +206,11 @@ def _one_thread(fn: Callable[..., list[dict]], *args) -> Callable[[], list[dict]
 
 def _declare(name: str, figure: str, claim: str, columns: Sequence[str], config, units, verdict, draw,
              **kw) -> Reproduction:
-    return register(Reproduction(name, PAPER, figure, claim, tuple(columns), config, units, verdict, draw, **kw))
+    decl = {"columns": tuple(columns), "config": config, "units": units, "verdict": verdict, "draw": draw}
+    if name in joudaki_protocol.SETUPS:  # --protocol paper: the authors' notebook (joudaki_protocol)
+        switches = {k: v.switches for k, v in VARIANTS.items()}
+        decl = joudaki_protocol.with_paper_protocol(name, switches=switches, **decl)
+    return register(Reproduction(name, PAPER, figure, claim, **decl, **kw))
 
 
 # --- Table 2: β in closed form vs exact quadrature ------------------------------------------
