@@ -811,26 +811,26 @@ def with_paper_protocol(
         )
 
     def columns_(cfg: dict) -> tuple[str, ...]:
-        return cols if cfg["protocol"] == "paper" else tuple(columns)
+        return cols if cfg.get("protocol") == "paper" else tuple(columns)
 
     def units_(cfg: dict, env) -> list:
         return (
             paper_units(cfg, env, cols, units)
-            if cfg["protocol"] == "paper"
+            if cfg.get("protocol") == "paper"
             else units(cfg, env)
         )
 
     def verdict_(rows: list[dict], cfg: dict) -> Verdict:
         return (
             paper_verdict(name, rows, cfg, verdict)
-            if cfg["protocol"] == "paper"
+            if cfg.get("protocol") == "paper"
             else verdict(rows, cfg)
         )
 
     def draw_(rows: list[dict], cfg: dict):
         return (
             paper_draw(name, rows, cfg)
-            if cfg["protocol"] == "paper"
+            if cfg.get("protocol") == "paper"
             else draw(rows, cfg)
         )
 

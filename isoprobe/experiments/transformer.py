@@ -384,7 +384,7 @@ def check(options) -> None:
         _loaded(_model(options), options.device)
     except ModelLoadError as error:
         raise ReproductionOptionError(
-            f"figC5: {error} (Fig. C.5 is about pretrained weights: `isoprobe gpt2 --init random` probes a "
+            f"{error} (Fig. C.5 is about pretrained weights: `isoprobe gpt2 --init random` probes a "
             "random-init GPT-2, which is not this figure)"
         ) from None
 
