@@ -332,6 +332,18 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _bar(progress: bool | Callable[..., Any], total: int, initial: int, desc: str):
+    """A tqdm bar on stderr, or the one ``progress(None, desc=desc, total=total)`` makes."""
+    if callable(progress):
+        bar = progress(None, desc=desc, total=total)
+        bar.update(initial)
+        return bar
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, disable=not progress, leave=False,
+                dynamic_ncols=True)
+
+
 def train(
     ens: Ensemble,
     X: torch.Tensor,
@@ -344,7 +356,7 @@ def train(
     on_epoch: Callable[[list[EpochLog]], None] | None = None,
     checkpoint: str | Path | None = None,
     tag: Any = None,
-    progress: bool = True,
+    progress: bool | Callable[..., Any] = True,
     desc: str = "train",
 ) -> TrainResult:
     """Train every model of ``ens`` by minibatch SGD on ``(X, y)`` (module docstring).
@@ -354,7 +366,8 @@ def train(
     ``evaluate`` at initialisation and after every epoch; both get ``(ens, step, epoch)`` and
     return rows (dicts of plain values). ``on_epoch(logs)`` runs after each epoch's
     checkpoint (e.g. to append to a CSV). ``checkpoint``: a file to save to and resume from.
-    A tqdm bar on stderr shows the mean loss over the models.
+    A tqdm bar on stderr shows the mean loss over the models; ``progress``: ``False`` for none, or
+    a factory ``progress(None, desc=..., total=...)`` of a tqdm-like bar (a runner's).
     """
     if X.shape[0] != y.shape[0] or y.ndim != 1:
         raise ValueError(f"X has {X.shape[0]} items but y is shaped {tuple(y.shape)}; need (N,) labels")
@@ -399,10 +412,7 @@ def train(
         found = rows(measure, 0, 0) + rows(evaluate, 0, 0)
         logs = [EpochLog(0, 0, init.double().cpu().tolist(), found)]
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.epochs * steps, initial=start * steps, desc=desc, file=sys.stderr,
-               disable=not progress, leave=False, dynamic_ncols=True)
+    bar = _bar(progress, cfg.epochs * steps, start * steps, desc)
     show = max(1, steps // 10)
     try:
         for epoch in range(start + 1, cfg.epochs + 1):
@@ -419,7 +429,7 @@ def train(
                 if every and step % every == 0:
                     found += rows(measure, step, epoch)
                 bar.update(1)
-                if progress and (b + 1) % show == 0:  # a host sync: only for the bar
+                if progress is not False and (b + 1) % show == 0:  # a host sync: only for the bar
                     bar.set_postfix(epoch=epoch, loss=f"{(total / (b + 1)).nanmean().item():.4f}")
             found += rows(evaluate, step0 + steps, epoch)
             logs.append(EpochLog(epoch, step0 + steps, (total / steps).cpu().tolist(), found))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
+from functools import partial
 
 import numpy as np
 import pytest
@@ -15,13 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from isoprobe import Probe, distributed
-from isoprobe.experiments.joudaki import rule_norms_never_raise
+from isoprobe.experiments.common import rule_norms_never_raise, spearman
 from isoprobe.experiments.training import (
-    rule_depth_independent,
-    rule_fig7,
-    rule_near_orthogonal,
-    spearman,
+    control_update,
+    loss_area,
+    verdict_fig2_trained,
+    verdict_fig7,
+    verdict_meterez_fig4,
+    verdict_meterez_fig6,
+    weight_gram,
+    weight_measures,
 )
+from isoprobe.metrics import isometry_gap
 from isoprobe.nets import BNMLP, LNMLP
 from isoprobe.theory import LNMLPSpec
 from isoprobe.training import Ensemble, TrainConfig, epoch_order, train
@@ -236,16 +242,6 @@ def test_spearman_against_scipy():
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
 
 
-def test_rule_fig7():
-    betas = [1.0, 1.1, 1.2, 1.3]
-    assert rule_fig7(betas, [0.4, 0.3, 0.2, 0.1]) == (True, pytest.approx(-1.0))
-    held, rho = rule_fig7(betas, [0.1, 0.2, 0.3, 0.4])  # larger β trains slower: must fail
-    assert not held and rho == pytest.approx(1.0)
-    assert not rule_fig7(betas, [0.4, 0.3, 0.2, float("nan")])[0]  # the largest β diverged: ranks last
-    assert not rule_fig7(betas, [0.2] * 4)[0]  # no ranking
-    assert not rule_fig7([1.0, 1.1], [0.2, 0.1])[0]  # too few activations
-
-
 def test_rule_norms_never_raise():
     assert rule_norms_never_raise([1.0, 2.0], [0.9, 2.0], tol=0.01) == (True, 0, 0.0)
     held, rises, worst = rule_norms_never_raise([1.0, 2.0], [1.02, 1.0], tol=0.01)
@@ -256,27 +252,175 @@ def test_rule_norms_never_raise():
     assert not rule_norms_never_raise([1.0], [math.nan], tol=0.01)[0]
 
 
-def test_rule_depth_independent():
-    assert rule_depth_independent({4: 0.90, 16: 0.88, 64: 0.87}, chance=0.1) == (True, pytest.approx(0.03))
-    assert not rule_depth_independent({4: 0.90, 16: 0.80, 64: 0.60}, chance=0.1)[0]  # degrades with depth
-    assert not rule_depth_independent({4: 0.1, 16: 0.1}, chance=0.1)[0]  # flat, but learned nothing
-    assert not rule_depth_independent({4: 0.9, 16: math.nan}, chance=0.1)[0]  # diverged
-    assert not rule_depth_independent({4: 0.9}, chance=0.1)[0]
+# --- verdicts on hand-made rows ---------------------------------------------------------------------
+
+_ACTS = ["sigmoid", "tanh", "relu"]  # β 1.02 < 1.07 < 1.27
 
 
-def test_rule_near_orthogonal():
-    assert rule_near_orthogonal(0.03, 0.02, 0.025, 0.2)
-    assert not rule_near_orthogonal(0.3, 0.02, 0.025, 0.2)  # drifted from orthogonal
-    assert not rule_near_orthogonal(0.03, 0.002, 0.025, 0.2)  # middle layers frozen: trivially orthogonal
-    assert not rule_near_orthogonal(0.03, 0.02, 0.025, 0.9)  # did not train
-    assert not rule_near_orthogonal(math.nan, 0.02, 0.025, 0.2)
+def _fig7_rows(scales: dict[int, list[float]]) -> list[dict]:
+    """Loss curves ``c · exp(−e/3)``: ``scales[run][i]`` is activation ``i``'s ``c`` in that run."""
+    return [{"act": a, "beta": 0.0, "run": run, "epoch": e, "loss": c * math.exp(-e / 3)}
+            for run, cs in scales.items() for a, c in zip(_ACTS, cs) for e in range(6)]
+
+
+def test_loss_area_is_the_mean_over_trained_epochs():
+    curves = np.array([[9.0, 3.0, 1.0], [9.0, 2.0, math.nan]])
+    np.testing.assert_array_equal(loss_area(curves), [2.0, math.inf])  # epoch 0 left out; diverged: slowest
+
+
+def test_verdict_fig7():
+    cfg = {"acts": _ACTS, "epochs": 5}
+    faster = verdict_fig7(_fig7_rows({0: [3, 2, 1], 1: [2.5, 2.4, 2.0]}), cfg)
+    assert faster.verdict == "held" and faster.measured["spearman_beta_area_per_run"] == [-1.0, -1.0]
+    slower = verdict_fig7(_fig7_rows({0: [1, 2, 3], 1: [1, 1.5, 1.6]}), cfg)  # larger β trains slower
+    assert slower.verdict == "not held" and slower.measured["slowest"] == "relu"
+    mixed = verdict_fig7(_fig7_rows({0: [3, 2, 1], 1: [1, 2, 3]}), cfg)  # the sign flips between runs
+    assert mixed.verdict == "undecided" and "changes from run to run" in mixed.reason
+    assert verdict_fig7(_fig7_rows({0: [3, 2, 1]}), cfg).verdict == "undecided"  # one run: no stability
+    # the final loss alone would say "faster" here, the area (the speed) says slower: judged on the area
+    rows = [r | {"loss": r["loss"] * (0.1 if r["epoch"] == 5 and r["act"] == "relu" else 1)}
+            for r in _fig7_rows({0: [1, 2, 3], 1: [1, 2, 3]})]
+    assert verdict_fig7(rows, cfg).verdict == "not held"
+
+
+def _fig2_rows(rise: float = 0.0, centring: float = 0.0, t1: int = 1) -> list[dict]:
+    """Gap rows of a depth-2 net at steps 0 and 5; the projection of layer 2 at step 5 multiplies
+    its input's gap by ``1 + rise``, the centring of every layer by ``1 + centring``."""
+    rows = []
+
+    def row(step, run, layer, site, value, t1=""):
+        rows.append({"act": "tanh", "beta": 1.07, "run": run, "epoch": 0, "step": step, "quantity": "gap",
+                     "layer": layer, "site": site, "value": value, "theorem1_holds": t1})
+
+    for step in (0, 5):
+        for run in (0, 1):
+            g = 1.0
+            row(step, run, 0, "input", g)
+            for ell in range(3):
+                if ell:
+                    row(step, run, ell, "fc", g)
+                    row(step, run, ell, "act", g)
+                centred = g * (1 + centring)
+                g = centred * (1 + rise if (step, ell) == (5, 2) else 0.5)
+                row(step, run, ell, "norm:centered", centred)
+                row(step, run, ell, "norm:normalized", g, t1)
+                row(step, run, ell, "norm", g)
+    return rows
+
+
+def test_verdict_fig2_trained():
+    cfg = {"acts": ["tanh"], "depth": 2, "tolerance": 0.01, "probe_every": 5, "probe_batch": 8}
+    assert verdict_fig2_trained(_fig2_rows(), cfg).verdict == "held"
+    raised = verdict_fig2_trained(_fig2_rows(rise=0.05), cfg)  # a trained norm layer raises the gap
+    assert raised.verdict == "not held"
+    assert raised.measured["during_and_after_training"]["max_relative_rise"] == pytest.approx(0.05)
+    assert raised.measured["at_initialisation"]["held"]
+    assert verdict_fig2_trained(_fig2_rows(t1=0), cfg).verdict == "not held"  # Theorem 1's bound fails
+    # centring (not covered by Corollary 2) raising the gap is reported, not judged
+    centred = verdict_fig2_trained(_fig2_rows(centring=0.2), cfg)
+    assert centred.verdict == "held"
+    assert centred.measured["at_initialisation"]["whole_norm_layer"]["raising_gap"] == 0  # 1.2 · 0.5 < 1
+    init_only = [r for r in _fig2_rows() if r["step"] == 0]
+    assert verdict_fig2_trained(init_only, cfg).verdict == "undecided"
+
+
+def _m4_rows(curves: dict[tuple[str, int, int], list[float]]) -> list[dict]:
+    rows = [{"weights": "", "depth": "", "run": "", "epoch": "", "quantity": "chance", "value": 0.1}]
+    for (w, L, run), acc in curves.items():
+        for q in ("train_accuracy", "test_accuracy"):
+            rows += [{"weights": w, "depth": L, "run": run, "epoch": e, "quantity": q, "value": a}
+                     for e, a in enumerate(acc)]
+    return rows
+
+
+def _m4(orth: dict[int, list[list[float]]]) -> list[dict]:
+    gauss = {("gaussian", L, r): c for L, runs in orth.items() for r, c in enumerate(runs)}
+    return _m4_rows({**{("orthogonal", L, r): c for L, runs in orth.items() for r, c in enumerate(runs)}, **gauss})
+
+
+def test_verdict_meterez_fig4():
+    cfg = {"depths": [4, 64], "weights": ["orthogonal", "gaussian"], "epochs": 3, "max_spread": 0.05}
+    fast, slow = [0.1, 0.6, 0.8, 0.9], [0.1, 0.2, 0.3, 0.4]
+    held = verdict_meterez_fig4(_m4({4: [fast, fast], 64: [fast, [0.1, 0.58, 0.8, 0.9]]}), cfg)
+    assert held.verdict == "held" and held.measured["spread_over_depths"]["orthogonal"] == pytest.approx(0.01 / 3)
+    assert "Gaussian weights are as depth-independent" in held.notes[0]  # the control passes too: said
+    deep_slow = verdict_meterez_fig4(_m4({4: [fast, fast], 64: [slow, slow]}), cfg)
+    assert deep_slow.verdict == "not held" and "depth 64" in deep_slow.reason
+    # the same final accuracy, reached later: the final number alone would call it depth-independent
+    late = [0.1, 0.3, 0.6, 0.9]
+    assert verdict_meterez_fig4(_m4({4: [fast, fast], 64: [late, late]}), cfg).verdict == "not held"
+    noisy = verdict_meterez_fig4(_m4({4: [fast, fast], 64: [slow, fast]}), cfg)  # the runs overlap
+    assert noisy.verdict == "undecided"
+    flat = [0.1, 0.1, 0.1, 0.1]
+    assert verdict_meterez_fig4(_m4({4: [flat, flat], 64: [flat, flat]}), cfg).verdict == "undecided"
+    assert verdict_meterez_fig4(_m4({4: [fast, fast], 64: [fast, [0.1, 0.5, math.nan, math.nan]]}),
+                                cfg).verdict == "not held"
+
+
+_SERIES = [["linear", "identity", 0.0], ["tanh, k = 0.4", "tanh", 0.4]]
+
+
+def _m6_rows(ratio: float | list[float], move: float = 0.05, loss_end: float = 0.5) -> list[dict]:
+    """Depth 6 (middle layers 2–4): the trained gap is ``ratio`` × the control's ``move²``."""
+    rows = []
+    ratios = ratio if isinstance(ratio, list) else [ratio, ratio]
+    for name, _, _ in _SERIES:
+        for run, rr in enumerate(ratios):
+            rows += [{"series": name, "run": run, "epoch": e, "step": 10 * e, "layer": "", "quantity": "train_loss",
+                      "value": v} for e, v in enumerate([2.3, loss_end])]
+            for step, m in ((0, 0.0), (10, move)):
+                for ell in range(1, 7):
+                    q = {"weight_gap": rr * m * m, "control_gap": m * m, "relative_move": m, "grad_norm": 0.3}
+                    rows += [{"series": name, "run": run, "epoch": step // 10, "step": step, "layer": ell,
+                              "quantity": k, "value": v} for k, v in q.items()]
+    return rows
+
+
+def test_verdict_meterez_fig6():
+    cfg = {"depth": 6, "series": _SERIES, "epochs": 1, "middle": "L/3..2L/3", "max_ratio": 0.5, "min_move": 0.02,
+           "max_loss_ratio": 0.5}
+    random_like = verdict_meterez_fig6(_m6_rows(1.0), cfg)  # the gap a random direction gives: no bias
+    assert random_like.verdict == "not held" and "random direction" in random_like.reason
+    assert random_like.measured["linear"]["gap_over_control_per_run"] == pytest.approx([1.0, 1.0])
+    assert random_like.measured["middle_layers"] == [2, 3, 4]
+    assert verdict_meterez_fig6(_m6_rows(0.1), cfg).verdict == "held"
+    assert verdict_meterez_fig6(_m6_rows([0.1, 0.9]), cfg).verdict == "undecided"  # runs disagree
+    still = verdict_meterez_fig6(_m6_rows(0.1, move=0.001), cfg)  # barely moved: orthogonal trivially
+    assert still.verdict == "undecided" and "moved only" in still.reason
+    assert verdict_meterez_fig6(_m6_rows(0.1, loss_end=2.0), cfg).verdict == "undecided"  # did not train
+
+
+def _haar(d: int, seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=F64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def test_the_control_keeps_the_displacement_and_predicts_eps_squared():
+    """A random update of relative size ε raises the gap by ≈ ε² (second order in ε); one tangent
+    to the orthogonal group (W₀·exp(A), A skew) by O(ε⁴): the control tells them apart."""
+    d, eps = 96, 0.03
+    W0 = _haar(d, 0)
+    gen = torch.Generator().manual_seed(1)
+    R = torch.randn(d, d, generator=gen, dtype=F64)
+    W = W0 + eps * math.sqrt(d) * R / torch.linalg.matrix_norm(R)
+    C = control_update(W0, W, gen)
+    torch.testing.assert_close(torch.linalg.svdvals(C - W0), torch.linalg.svdvals(W - W0))
+    assert isometry_gap(weight_gram(W)).item() == pytest.approx(eps**2, rel=0.15)
+    assert isometry_gap(weight_gram(C)).item() == pytest.approx(eps**2, rel=0.15)
+    A = torch.randn(d, d, generator=gen, dtype=F64)
+    A = A - A.T
+    T = W0 @ torch.linalg.matrix_exp(A * eps * math.sqrt(d) / torch.linalg.matrix_norm(A))
+    m = weight_measures(torch.stack([T]), torch.stack([W0]), None, [gen])
+    assert m["relative_move"].item() == pytest.approx(eps, rel=0.01)
+    assert m["weight_gap"].item() < 1e-10  # still orthogonal
+    assert m["control_gap"].item() == pytest.approx(eps**2, rel=0.15)  # a random orientation is not
 
 
 # --- distributed helpers ----------------------------------------------------------------------------
 
 
 def test_shard_runs_partitions_in_order():
-    for runs in range(0, 9):
+    for runs in range(9):
         for world in range(1, 5):
             shares = [distributed.shard_runs(runs, r, world) for r in range(world)]
             assert [i for s in shares for i in s] == list(range(runs))
@@ -355,7 +499,9 @@ def _probe_batch() -> torch.Tensor:
 
 def test_gather_and_sharded_training_under_gloo(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=world, join=True)
+    # fork: the workers inherit the imported modules (spawn re-imports torch in each, ~15 s under load)
+    mp.start_processes(_worker, args=(world, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=world,
+                       join=True, start_method="fork")
     outs = [torch.load(tmp_path / f"out{r}.pt", weights_only=False) for r in range(world)]
     xs = [torch.arange((3 + 2 * r) * 4, dtype=torch.float32).reshape(-1, 2, 2) + 100 * r for r in range(world)]
     cat = torch.cat(xs)
@@ -441,12 +587,11 @@ def test_image_folder(tmp_path):
 # --- the reproductions end to end, at toy sizes ------------------------------------------------------
 
 _TOY = {
-    "fig7": {"acts": ["sigmoid", "tanh", "relu"], "depth": 2, "width": 16, "batch": 32, "epochs": 2,
-             "train_size": 256},
-    "fig2-trained": {"acts": ["tanh", "relu"], "depth": 2, "width": 16, "batch": 32, "epochs": 2, "train_size": 256,
-                     "probe_every": 3, "probe_batch": 8},
-    "meterez-fig4": {"depths": [2, 4], "width": 8, "batch": 32, "epochs": 2, "train_size": 256, "test_size": 64},
-    "meterez-fig6": {"depth": 6, "width": 8, "batch": 32, "epochs": 2, "train_size": 256, "record_every": 4},
+    "fig7": {"acts": ["sigmoid", "tanh", "relu"], "depth": 2, "width": 16, "batch": 32, "epochs": 2},
+    "fig2-trained": {"acts": ["tanh", "relu"], "depth": 2, "width": 16, "batch": 32, "epochs": 2, "probe_every": 3,
+                     "probe_batch": 8},
+    "meterez-fig4": {"depths": [2, 4], "width": 8, "batch": 32, "epochs": 2, "test_size": 64},
+    "meterez-fig6": {"depth": 6, "width": 8, "batch": 32, "epochs": 2, "record_every": 4},
 }
 
 
@@ -456,44 +601,46 @@ def toy_registry(monkeypatch):
 
     from isoprobe.experiments import REGISTRY
 
+    def toy(o, rep, sizes):
+        cfg = {**rep.config(o), **sizes}
+        return {**cfg, "data": {**cfg["data"], "limit": 256}}
+
     for name, sizes in _TOY.items():
         rep = REGISTRY[name]
-        monkeypatch.setitem(REGISTRY, name, dataclasses.replace(
-            rep, config=lambda ctx, rep=rep, sizes=sizes: {**rep.config(ctx), **sizes}))
+        monkeypatch.setitem(REGISTRY, name, dataclasses.replace(rep, config=partial(toy, rep=rep, sizes=sizes)))
 
 
-@pytest.mark.parametrize("name", ["fig7", "meterez-fig4", "meterez-fig6"])
+@pytest.mark.parametrize("name", list(_TOY))
 def test_reproduction_runs_and_decides(toy_registry, tmp_path, name):
     import json
 
     from isoprobe.experiments import run_reproductions
 
-    (summary,) = run_reproductions([name], quick=True, runs=2, out_dir=tmp_path, show_progress=False,
+    data = "synthetic" if name == "fig2-trained" else "digits"  # the offline fallbacks, without the hub probe
+    (summary,) = run_reproductions([name], quick=True, runs=2, data=data, out_dir=tmp_path, show_progress=False,
                                    echo=lambda _m: None)
-    assert isinstance(summary["held"], bool) and summary["rule"]
+    assert summary["verdict"] in ("held", "not held", "undecided") and summary["rule"]
+    assert summary["data"] == {"paper": "cifar10", "asked": data, "used": data, "substitute": True, "limit": 256}
     for suffix in (".csv", ".png", ".json"):
         assert (tmp_path / f"{name}{suffix}").exists()
-    # the checkpoint only serves to resume: gone once the results are written
-    assert not any(p.name.startswith(f"{name}.ckpt") for p in tmp_path.iterdir())
+    # the checkpoints only serve to resume: gone once the results are written
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.{s}" for s in ("csv", "json", "png")]
     assert json.loads((tmp_path / f"{name}.json").read_text())["config"]["epochs"] == 2
 
 
 def test_interrupted_reproduction_resumes_to_the_same_csv(toy_registry, tmp_path, monkeypatch):
-    import json
-
     import isoprobe.experiments.training as exp
     from isoprobe.experiments import run_reproductions
 
     def run(out):
-        return run_reproductions(["fig2-trained"], quick=True, runs=2, out_dir=out, show_progress=False,
-                                 echo=lambda _m: None)[0]
+        return run_reproductions(["fig2-trained"], quick=True, runs=2, data="synthetic", out_dir=out,
+                                 show_progress=False, echo=lambda _m: None)[0]
 
     whole = run(tmp_path / "whole")
     real = exp.train
 
-    def interrupted(*args, on_epoch, **kwargs):
+    def interrupted(*args, **kwargs):
         def stop(logs):
-            on_epoch(logs)
             if logs[-1].epoch == 1:
                 raise KeyboardInterrupt
 
@@ -503,12 +650,11 @@ def test_interrupted_reproduction_resumes_to_the_same_csv(toy_registry, tmp_path
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut")
     assert not (tmp_path / "cut" / "fig2-trained.json").exists()
-    assert (tmp_path / "cut" / "fig2-trained.ckpt.pt").exists()  # kept to resume from
+    assert any(".ckpt-" in p.name for p in (tmp_path / "cut").iterdir())  # kept to resume from
     monkeypatch.setattr(exp, "train", real)
     resumed = run(tmp_path / "cut")
     assert any("resumed training after epoch 1" in n for n in resumed["notes"])
-    assert not any(p.name.startswith("fig2-trained.ckpt") for p in (tmp_path / "cut").iterdir())
+    assert not any(".ckpt-" in p.name for p in (tmp_path / "cut").iterdir())
     a = (tmp_path / "whole" / "fig2-trained.csv").read_text()
     assert a == (tmp_path / "cut" / "fig2-trained.csv").read_text()
-    assert resumed["measured"] == whole["measured"] and resumed["held"] == whole["held"]
-    assert json.loads((tmp_path / "cut" / "fig2-trained.json").read_text())["held"] == whole["held"]
+    assert resumed["measured"] == whole["measured"] and resumed["verdict"] == whole["verdict"]

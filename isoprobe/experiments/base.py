@@ -64,9 +64,6 @@ import torch
 from isoprobe import distributed
 from isoprobe.data import IMAGE_SOURCES, DataUnavailable, ImageBatch, is_image_source, load_images
 
-# transitional re-exports: the helpers moved to isoprobe.experiments.common
-from isoprobe.experiments.common import gap_curves, mean_curve, new_figure, plot_depth_curves, run_curves
-
 __all__ = [
     "Env",
     "Options",
@@ -86,17 +83,6 @@ __all__ = [
     "select",
     "stem",
     "summarize",
-    # transitional (old decorator API), removed once every paper module is ported:
-    "LegacyReproduction",
-    "Outcome",
-    "RunContext",
-    "gap_curves",
-    "make_context",
-    "mean_curve",
-    "new_figure",
-    "plot_depth_curves",
-    "reproduction",
-    "run_curves",
 ]
 
 VERDICTS = ("held", "not held", "undecided")
@@ -187,7 +173,7 @@ class Reproduction:
     check: Callable[[Options], None] | None = None
 
 
-REGISTRY: dict[str, "Reproduction | LegacyReproduction"] = {}
+REGISTRY: dict[str, Reproduction] = {}
 
 
 class ReproductionOptionError(ValueError):
@@ -198,11 +184,11 @@ class UnknownReproduction(ReproductionOptionError):
     """An unknown reproduction name; the message lists the valid ones."""
 
 
-def register(rep: "Reproduction | LegacyReproduction") -> "Reproduction | LegacyReproduction":
+def register(rep: Reproduction) -> Reproduction:
     """Add ``rep`` to the registry (a name may be registered once)."""
     if rep.name in REGISTRY or rep.name == "all":
         raise ValueError(f"reproduction name {rep.name!r} is taken")
-    if isinstance(rep, Reproduction) and not set(rep.protocols) <= set(PROTOCOLS):
+    if not set(rep.protocols) <= set(PROTOCOLS):
         raise ValueError(f"{rep.name}: protocols must be among {PROTOCOLS}, got {rep.protocols}")
     REGISTRY[rep.name] = rep
     return rep
@@ -420,10 +406,6 @@ def resolve_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def _protocols(rep) -> tuple[str, ...]:
-    return getattr(rep, "protocols", ("isoprobe",))
-
-
 def select(names: Sequence[str], options: Options, echo: Callable[[str], None] = print) -> list[str]:
     """The reproductions to run for ``names`` under ``options``, checked before any work.
 
@@ -434,8 +416,8 @@ def select(names: Sequence[str], options: Options, echo: Callable[[str], None] =
     selected = resolve_names(names)
     explicit = set(n for n in names if n != "all")
     p = options.protocol
-    unsupported = [n for n in selected if p not in _protocols(REGISTRY[n])]
-    supporting = ", ".join(n for n in REGISTRY if p in _protocols(REGISTRY[n])) or "none"
+    unsupported = [n for n in selected if p not in REGISTRY[n].protocols]
+    supporting = ", ".join(n for n in REGISTRY if p in REGISTRY[n].protocols) or "none"
     if bad := [n for n in unsupported if n in explicit]:
         raise ReproductionOptionError(f"{', '.join(bad)}: no --protocol {p} (reproductions with it: {supporting})")
     if unsupported and len(unsupported) == len(selected):
@@ -445,7 +427,7 @@ def select(names: Sequence[str], options: Options, echo: Callable[[str], None] =
              f"({supporting}); leaving out {len(unsupported)}")
         selected = [n for n in selected if n not in unsupported]
     for opt, flag in (("model", "--model"), ("text_file", "--text-file")):
-        readers = [n for n in REGISTRY if opt in getattr(REGISTRY[n], "reads", ())]
+        readers = [n for n in REGISTRY if opt in REGISTRY[n].reads]
         if getattr(options, opt) is not None and not any(n in readers for n in selected):
             raise ReproductionOptionError(f"{flag}: none of the named reproductions reads it"
                                           + (f" (only {', '.join(readers)} does)" if readers else ""))
@@ -594,7 +576,8 @@ def _save_figure(fig, path: Path, label: str) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def _summary(rep, verdict: Verdict, cfg: dict, notes: Sequence[str], elapsed: float, data: dict | None) -> dict:
+def _summary(rep: Reproduction, verdict: Verdict, cfg: dict, notes: Sequence[str], elapsed: float,
+             data: dict | None) -> dict:
     out = {"name": rep.name, "paper": rep.paper, "figure": rep.figure, "claim": rep.claim,
            "verdict": verdict.verdict, "held": verdict.held, "rule": verdict.rule, "measured": verdict.measured,
            "theory": verdict.theory, "reason": verdict.reason, "notes": [*notes, *verdict.notes], "config": cfg}
@@ -671,13 +654,9 @@ def run_reproductions(
                           else f"cuda:{torch.cuda.current_device()}")
     summaries = []
     for name in selected:
-        rep = REGISTRY[name]
-        if isinstance(rep, LegacyReproduction):
-            summaries.append(_run_legacy(rep, options, out_dir, rank, show_progress, echo))
-            continue
         st = stem(name, options.protocol)
         env = Env(st, out_dir, device, rank, world, show_progress, echo)
-        summaries.append(_run_declared(rep, options, out_dir, env))
+        summaries.append(_run_declared(REGISTRY[name], options, out_dir, env))
     return summaries
 
 
@@ -701,138 +680,3 @@ def summarize(summaries: Sequence[dict], out_dir: str | Path = "") -> str:
         tail = "  [verdicts about the substitute, not about the paper's data sets]"
         lines.append(line(sub, "on substitute data", tail))
     return "\n".join(lines)
-
-
-# --- transitional adapter: the old decorator API ------------------------------------------------
-# Unported paper modules still declare ``@reproduction(...)`` run functions that compute, draw and
-# judge in one body. They run through the same runner (options, names, JSON layout with
-# ``verdict``); remove this section once every module declares a Reproduction.
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """TRANSITIONAL: what an old-style run function returns."""
-
-    measured: dict
-    theory: dict
-    held: bool
-    rule: str
-
-
-@dataclass(frozen=True)
-class LegacyReproduction:
-    """TRANSITIONAL: an old-style reproduction, ``run(ctx, config(ctx)) -> Outcome``."""
-
-    name: str
-    paper: str
-    figure: str
-    claim: str
-    config: Callable[["RunContext"], dict]
-    run: Callable[["RunContext", dict], Outcome]
-
-
-def reproduction(
-    name: str, *, paper: str, figure: str, claim: str, config: Callable[["RunContext"], dict]
-) -> Callable[[Callable[["RunContext", dict], Outcome]], Callable[["RunContext", dict], Outcome]]:
-    """TRANSITIONAL: decorator form of :func:`register` for an old-style run function."""
-
-    def deco(run: Callable[["RunContext", dict], Outcome]) -> Callable[["RunContext", dict], Outcome]:
-        register(LegacyReproduction(name, paper, figure, claim, config, run))
-        return run
-
-    return deco
-
-
-@dataclass
-class RunContext:
-    """TRANSITIONAL: what an old-style run function gets (options, paths, progress, data, notes)."""
-
-    name: str
-    quick: bool = False
-    runs: int | None = None
-    seed: int = 0
-    device: str = "cpu"
-    out_dir: Path = Path("results")
-    data: str = "auto"
-    show_progress: bool = True
-    echo: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr))
-    notes: list[str] = field(default_factory=list)
-    config: dict = field(default_factory=dict)
-    provenance: dict | None = None
-    _table: TidyTable | None = None
-    _scratch: list[Path] = field(default_factory=list)
-
-    def n_runs(self, default: int, quick: int) -> int:
-        return self.runs if self.runs is not None else (quick if self.quick else default)
-
-    def path(self, suffix: str) -> Path:
-        return Path(self.out_dir) / f"{self.name}{suffix}"
-
-    def scratch_path(self, suffix: str) -> Path:
-        path = self.path(suffix)
-        if path not in self._scratch:
-            self._scratch.append(path)
-        return path
-
-    def finish(self) -> None:
-        if self._table is not None:
-            self._table.finish()
-        for path in self._scratch:
-            path.unlink(missing_ok=True)
-
-    def table(self, columns: Sequence[str]) -> TidyTable:
-        if self._table is None:
-            self._table = TidyTable(self.path(".csv"), columns, self.config)
-            if self._table.resumed:
-                self.note(f"resumed {len(self._table.resumed)} finished unit(s) from {self.path('.csv')}")
-        return self._table
-
-    def progress(self, iterable: Iterable, desc: str = "", total: int | None = None) -> Iterable:
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, desc=f"{self.name} {desc}".strip(), total=total, file=sys.stderr,
-                    disable=not self.show_progress, leave=False, dynamic_ncols=True)
-
-    def note(self, msg: str) -> None:
-        self.notes.append(msg)
-        self.echo(f"{self.name}: {msg}")
-
-    def images(self, preferred: str, limit: int) -> ImageBatch:
-        """Images of ``preferred`` (or ``--data``), provenance recorded for the JSON's ``data``."""
-        self.provenance, sets = resolve_data(data_request(preferred, "synthetic", limit), self.data, self.seed,
-                                             self.note)
-        return next(iter(sets.values()))
-
-    def save_figure(self, fig) -> Path:
-        path = self.path(".png")
-        _save_figure(fig, path, data_label(self.provenance))
-        return path
-
-
-def make_context(name: str, **options: Any) -> RunContext:
-    """TRANSITIONAL: the :class:`RunContext` of old-style reproduction ``name``, config resolved."""
-    rep = REGISTRY[resolve_names([name])[0]]
-    ctx = RunContext(name=rep.name, **options)
-    ctx.config = {"quick": ctx.quick, "seed": ctx.seed, "device": ctx.device, "data": ctx.data, **rep.config(ctx)}
-    return ctx
-
-
-def _run_legacy(rep: LegacyReproduction, options: Options, out_dir: Path, rank: int, show_progress: bool,
-                echo: Callable[[str], None]) -> dict:
-    """TRANSITIONAL: run an old-style reproduction; under torchrun every rank runs it whole
-    (rank ``r > 0`` into ``OUT/.rank{r}``), as the old entry did."""
-    out = out_dir if rank == 0 else out_dir / f".rank{rank}"
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = make_context(rep.name, quick=options.quick, runs=options.runs, seed=options.seed, device=options.device,
-                       out_dir=out, data=options.data, show_progress=show_progress and rank == 0, echo=echo)
-    if (summary := _up_to_date(_paths(out, rep.name), ctx.config)) is not None:
-        echo(f"{rep.name}: up to date in {out} (verdict: {summary.get('verdict')}); skipped")
-        return summary
-    t0 = time.perf_counter()
-    outcome = rep.run(ctx, ctx.config)
-    verdict = Verdict("held" if outcome.held else "not held", outcome.rule, outcome.measured, outcome.theory)
-    summary = _summary(rep, verdict, ctx.config, ctx.notes, time.perf_counter() - t0, ctx.provenance)
-    _write_json(ctx.path(".json"), summary)
-    ctx.finish()
-    _announce(summary, ctx.path(".json"), echo, rep.name)
-    return summary
