@@ -173,4 +173,9 @@ def test_paper_verdict_applies_the_default_rule_to_the_notebook_rows_alone(
 def test_only_the_paper_protocol_adds_columns(name):
     columns = REGISTRY[name].columns
     default, paper = columns({"protocol": "isoprobe"}), columns({"protocol": "paper"})
-    assert "protocol" not in default and paper == (*default, "protocol", "gap_pre", "gap_post")
+    assert "protocol" not in default and paper == (
+        *default,
+        "protocol",
+        "gap_pre",
+        "gap_post",
+    )

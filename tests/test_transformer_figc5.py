@@ -142,3 +142,23 @@ def test_figc5_runs_on_the_pretrained_minilm_offline(
         and on_disk["config"]["texts"]["count"] == 1
     )
     assert (tmp_path / "out" / "figC5.png").stat().st_size > 10_000
+
+
+def test_all_leaves_figc5_out_offline_without_weights_and_says_why(monkeypatch):
+    from isoprobe.experiments.base import select
+    from isoprobe.models import ModelLoadError, load_gpt2
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        load_gpt2("gpt2", "pretrained")
+    except ModelLoadError:
+        pass
+    else:
+        pytest.skip("GPT-2 weights are cached here")
+    said = []
+    names = select(["all"], Options(), echo=said.append)
+    assert "figC5" not in names and "fig4" in names
+    assert any(
+        m.startswith("leaving out figC5: cannot load pretrained model 'gpt2'")
+        for m in said
+    )

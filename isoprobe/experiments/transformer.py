@@ -7,6 +7,9 @@ figC5`` runs a pretrained model (``--model``: ``gpt2``, a Hub id or a local chec
 under the same :class:`~isoprobe.hooks.Probe` as ``isoprobe gpt2``, one text at a time, and checks
 Theorem 1 at every LayerNorm: ``I(normalized) ≥ I(centered) · (1 + Σ_i (a_i − ā)²/(n ā²))`` with
 ``a_i`` the norms of the centred tokens (eq. 5), before the LayerNorm's learned affine part.
+Besides every norm, the Probe records every module of the last six blocks by name (the children
+of the model's longest ``ModuleList``), and the figure walks them in forward order as the
+published one does, each LayerNorm's input and output shaded.
 
 The paper's texts are Simple English Wikipedia articles (their first 512 characters, one per batch,
 dropout on); offline, the default texts are a small built-in set of simple English sentences, and
@@ -384,7 +387,7 @@ def check(options) -> None:
         _loaded(_model(options), options.device)
     except ModelLoadError as error:
         raise ReproductionOptionError(
-            f"figC5: {error} (Fig. C.5 is about pretrained weights: `isoprobe gpt2 --init random` probes a "
+            f"{error} (Fig. C.5 is about pretrained weights: `isoprobe gpt2 --init random` probes a "
             "random-init GPT-2, which is not this figure)"
         ) from None
 
