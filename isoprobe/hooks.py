@@ -3,20 +3,20 @@
     with Probe(model, sites=None, view="auto", every=1) as probe:
         model(**batch)
     probe.records      # list[Record] in forward order
-    probe.summary()    # one row per (site, point)
+    probe.summary()    # one row per (site, call, point)
 
-**Sites** are found without changing the model: torch norms (``LayerNorm``, ``RMSNorm``,
-``GroupNorm``, every ``BatchNorm``), norm classes of other libraries found by class and behaviour
-(a class whose name ends in ``Norm`` with a 1-D ``weight`` and an ``eps``/``variance_epsilon``
-attribute, whose output does not change when its input is scaled: it is LayerNorm-like if it
-also ignores a constant shift, RMSNorm-like otherwise), torch activation modules
-(``torch.nn.modules.activation`` except the softmax/attention family) and HuggingFace's
-(``transformers.activations``), and any module that declares itself with an ``isoprobe_site``
-attribute (``"activation"``, or ``"norm"`` with ``norm_rule`` and ``eps``; isoprobe's own
-networks do). A site's name is its qualified module name; a record's key is
-``"site:point"``, e.g. ``"transformer.h.3.ln_1:pre"``.
+**Sites** (:mod:`isoprobe.sites`) are found without changing the model: norms and activations
+by what the modules do (torch's norm and activation classes, modules declaring an
+``isoprobe_site`` attribute as isoprobe's own networks do, and any other module that behaves as
+an entrywise nonlinearity or a per-row scale-invariant map on a probe input), and any module by
+its qualified name: ``Probe(model, sites=["transformer.h.*", "*.attn"])`` (kind ``"module"``).
+A site's name is its qualified module name; a record's key is ``"site:point"``, e.g.
+``"transformer.h.3.ln_1:pre"``. A module called more than once in one forward gives one record
+per call, told apart by ``Record.call`` (0, 1, ...); the k-th call's key is ``"site@k:point"``
+(k ≥ 1), and ``probe["site@k:point"]`` selects it (``probe["site:point"]`` selects every call).
 
-**Points.** Every site has ``pre`` (module input) and ``post`` (module output). A norm site
+**Points.** Every site has ``pre`` (the module's first tensor input) and ``post`` (its output;
+the first tensor of a tuple or dict output). A norm site
 also has ``centered`` (``x - mean``, over what the module normalises) and ``normalized``
 (centred and divided by ``sqrt(var + eps)`` with the module's own eps, before the affine
 part). An RMSNorm does not centre: its ``centered`` point *is* ``pre``. A BatchNorm's
@@ -74,7 +74,6 @@ gradient checkpointing during backward).
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import inspect
 import math
 import warnings
@@ -90,164 +89,12 @@ from isoprobe import records as _rec
 from isoprobe.distributed import all_gather_features
 from isoprobe.metrics import gram, isometry_gap, norm_variation_factor, orthogonality_gap
 from isoprobe.records import Record
+from isoprobe.sites import NormSpec, Site, discover_sites, no_site_message, select_sites
 
 __all__ = ["NormSpec", "Probe", "Site", "discover_sites", "select_sites"]
 
 View = Literal["auto", "token", "sample", "feature"]
 _VIEWS = ("auto", "token", "sample", "feature")
-_KINDS = ("norm", "activation")
-
-
-# --------------------------------------------------------------------------- site discovery
-
-
-@dataclass(frozen=True)
-class NormSpec:
-    """What a norm module normalises.
-
-    ``rule``: ``"layer"`` (centre and scale over the last ``dims`` dimensions), ``"rms"`` (scale
-    only, over the last ``dims``), ``"group"`` (GroupNorm: per sample and group of channels),
-    ``"batch"`` (per channel over batch and spatial positions), ``"batch-rms"`` (per channel
-    over the batch, scale only: Meterez et al.'s batch norm). ``eps`` is the module's own
-    (``None`` for a torch RMSNorm without eps: the input dtype's machine epsilon).
-    """
-
-    rule: Literal["layer", "rms", "group", "batch", "batch-rms"]
-    eps: float | None
-    dims: int = 1
-    groups: int = 1
-
-    @property
-    def centers(self) -> bool:
-        return self.rule not in ("rms", "batch-rms")
-
-
-@dataclass(frozen=True, eq=False)
-class Site:
-    """A module the Probe measures: qualified ``name``, ``kind`` and, for norms, its ``norm``."""
-
-    name: str
-    kind: Literal["norm", "activation"]
-    module: nn.Module
-    norm: NormSpec | None = None
-
-
-_TORCH_RMSNORM = getattr(nn, "RMSNorm", None)  # torch >= 2.4
-_SOFTMAX_FAMILY = ("MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d")
-_EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
-
-
-def _is_activation(module: nn.Module) -> bool:
-    if getattr(module, "isoprobe_site", None) == "activation":
-        return True
-    cls = type(module)
-    if cls.__module__ == "transformers.activations":
-        return True
-    return cls.__module__ == nn.modules.activation.__name__ and cls.__name__ not in _SOFTMAX_FAMILY
-
-
-def _declared_norm_spec(module: nn.Module) -> NormSpec | None:
-    """A module that declares itself a norm site: ``isoprobe_site = "norm"``, ``norm_rule`` (a
-    :class:`NormSpec` rule) and ``eps`` attributes (how isoprobe's own networks are seen)."""
-    if getattr(module, "isoprobe_site", None) != "norm":
-        return None
-    return NormSpec(module.norm_rule, float(module.eps))
-
-
-def _torch_norm_spec(module: nn.Module) -> NormSpec | None:
-    if isinstance(module, nn.LayerNorm):
-        return NormSpec("layer", module.eps, dims=len(module.normalized_shape))
-    if _TORCH_RMSNORM is not None and isinstance(module, _TORCH_RMSNORM):
-        return NormSpec("rms", module.eps, dims=len(module.normalized_shape))
-    if isinstance(module, nn.GroupNorm):
-        return NormSpec("group", module.eps, groups=module.num_groups)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return NormSpec("batch", module.eps)
-    return None
-
-
-def _foreign_norm_spec(module: nn.Module) -> NormSpec | None:
-    """A norm class of another library, recognised by class name, attributes and behaviour.
-
-    Candidates: class name ending in ``Norm``, a 1-D ``weight``, an eps attribute. The module is
-    run on a small probe input: scale invariance makes it a norm over the last dimension, shift
-    invariance in addition makes it LayerNorm-like, otherwise RMSNorm-like.
-    """
-    if not type(module).__name__.lower().endswith("norm"):
-        return None
-    weight = getattr(module, "weight", None)
-    eps = next((getattr(module, a) for a in _EPS_ATTRS if hasattr(module, a)), None)
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 1 or not isinstance(eps, (int, float)):
-        return None
-    if weight.device.type == "meta":
-        return None
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = (10 * torch.randn(2, 3, weight.numel(), generator=gen) + 5).to(weight.device, weight.dtype)
-    try:  # .forward, not __call__: hooks others put on the module must not see the probe input
-        with torch.no_grad():
-            y = module.forward(x).float()
-            shifted = module.forward(x + 7).float()
-            scaled = module.forward(3 * x).float()
-    except Exception:  # a norm with another signature (extra gate/condition inputs): not ours
-        return None
-
-    def same(a: torch.Tensor) -> bool:
-        return bool(((a - y).abs().amax() <= 2e-2 * y.abs().amax().clamp_min(1e-6)).item())
-
-    if not same(scaled):
-        return None
-    return NormSpec("layer" if same(shifted) else "rms", float(eps))
-
-
-def discover_sites(model: nn.Module) -> list[Site]:
-    """Every norm and activation module of ``model``, in ``named_modules`` order."""
-    sites = []
-    for name, module in model.named_modules():
-        spec = _declared_norm_spec(module) or _torch_norm_spec(module) or _foreign_norm_spec(module)
-        if spec is not None:
-            sites.append(Site(name, "norm", module, spec))
-        elif _is_activation(module):
-            sites.append(Site(name, "activation", module))
-    return sites
-
-
-def select_sites(sites: Sequence[Site], selection: str | Sequence[str] | None) -> list[Site]:
-    """Sites whose name matches a glob of ``selection`` or whose kind is named in it.
-
-    ``selection``: ``None`` (all), or one or several of ``"norm"``, ``"activation"`` and glob
-    patterns on names (``"transformer.h.*.ln_*"``). A glob that matches no site is an error, and
-    so is a selection that leaves no site.
-    """
-    if selection is None:
-        return list(sites)
-    patterns = [selection] if isinstance(selection, str) else list(selection)
-    if not patterns:
-        raise ValueError("sites is empty: give None (all sites), 'norm', 'activation' or globs")
-    chosen = set()
-    for pattern in patterns:
-        if pattern in _KINDS:
-            hits = {s.name for s in sites if s.kind == pattern}
-        else:
-            hits = {s.name for s in sites if fnmatch.fnmatchcase(s.name, pattern)}
-            if not hits:
-                names = ", ".join(s.name for s in sites[:8]) + (", ..." if len(sites) > 8 else "")
-                raise ValueError(f"site pattern {pattern!r} matches none of the sites: {names}")
-        chosen |= hits
-    if not chosen:
-        kinds = sorted({s.kind for s in sites})
-        raise ValueError(f"sites={selection!r} selects no site; the model has only: {', '.join(kinds)}")
-    return [s for s in sites if s.name in chosen]
-
-
-def _no_site_message(model: nn.Module) -> str:
-    return (
-        f"no site found in {type(model).__name__}: searched its modules for torch norms "
-        "(LayerNorm, RMSNorm, GroupNorm, BatchNorm*), other norm classes (class name ending in "
-        "'Norm' with a 1-D weight and eps/variance_epsilon, normalising over the last dimension), "
-        "torch activation modules (torch.nn.ReLU, GELU, Tanh, SiLU, ...) and HuggingFace "
-        "activation modules (transformers.activations). Activations applied as functions "
-        "(torch.relu, F.gelu) are not modules and cannot be hooked."
-    )
 
 
 # --------------------------------------------------------------- statistics of item batches
@@ -330,7 +177,9 @@ class _Pending:
     site: Site
     view: str
     step: int
-    dim: int
+    call: int  # k-th call of the site's module in this forward
+    dim: int  # entries per item of the input (pre, centered, normalized)
+    post_dim: int  # entries per item of the output (a named module may change the width)
     n: torch.Tensor  # (g,) items per Gram
     token_items: bool
     points: tuple[str, ...]  # every point of the site, in order
@@ -351,7 +200,9 @@ class _Finished:
     site: Site
     view: str
     step: int
+    call: int
     dim: int
+    post_dim: int
     token_items: bool
     points: tuple[str, ...]
     table: torch.Tensor
@@ -368,8 +219,10 @@ def _measure(
     mask: torch.Tensor | None,
     gram_dtype: torch.dtype,
     step: int,
+    call: int = 0,
 ) -> _Pending:
-    """Everything of one site call that needs no host synchronisation.
+    """Everything of one site call (the ``call``-th of its module in forward ``step``) that
+    needs no host synchronisation.
 
     Items are converted to ``gram_dtype`` one tensor at a time (the output only once the input's
     Grams are formed) to keep the extra memory near one float64 copy of one activation. Nothing
@@ -390,7 +243,9 @@ def _measure(
         n = torch.full((g,), N, dtype=torch.int64, device=X.device)
         pad = None
     spec = site.norm
-    common = dict(site=site, view=view, step=step, dim=m, n=n, token_items=view == "token", pad=pad)
+    post_dim = y.shape[-1] if view == "token" else y[:1].numel() if view == "sample" else y.numel() // y.shape[1]
+    common = dict(site=site, view=view, step=step, call=call, dim=m, post_dim=post_dim, n=n,
+                  token_items=view == "token", pad=pad)
     padded = pad is not None
     points = ("pre", "post") if spec is None else ("pre", "centered", "normalized", "post")
     if N < 2:  # one item per Gram: nothing is defined (records are flagged)
@@ -474,7 +329,8 @@ def _finish(p: _Pending, tol: float) -> _Finished:
     for q in p.points:
         rows += [gaps[q].to(torch.float64), p.og[q].to(torch.float64)]
         rows += extra.get(q, [nan, nan, nan])
-    return _Finished(p.site, p.view, p.step, p.dim, p.token_items, p.points, torch.stack(rows))
+    return _Finished(p.site, p.view, p.step, p.call, p.dim, p.post_dim, p.token_items, p.points,
+                     torch.stack(rows))
 
 
 def _to_host(tables: list[torch.Tensor]) -> list[list[list[float]]]:
@@ -507,7 +363,8 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
             n = int(n)
             base = dict(
                 site=f.site.name, kind=f.site.kind, point=point, view=f.view,
-                item=i if f.token_items else None, step=f.step, n=n, dim=f.dim,
+                item=i if f.token_items else None, step=f.step, call=f.call, n=n,
+                dim=f.post_dim if point == "post" else f.dim,
             )
             gap = gap_row[i]
             if n < 2:
@@ -534,6 +391,17 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
         if isinstance(v, torch.Tensor):
             return v
     return None
+
+
+def _first_output(output: Any) -> torch.Tensor | None:
+    """The output tensor, or the first tensor of a tuple/list/dict output (a ``ModelOutput``)."""
+    if isinstance(output, dict):
+        output = tuple(output.values())
+    return _first_tensor(output if isinstance(output, (tuple, list)) else (output,), {})
+
+
+def _describe(t: torch.Tensor | None) -> str:
+    return "no tensor" if t is None else f"a {t.dtype} tensor"
 
 
 def _mask_signature(model: nn.Module) -> inspect.Signature | None:
@@ -611,10 +479,10 @@ class Probe:
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError(f"attention_mask must be shaped (batch, seq), got {tuple(attention_mask.shape)}")
         found = discover_sites(model)
-        if not found:
-            raise ValueError(_no_site_message(model))
+        if not found and sites is None:
+            raise ValueError(no_site_message(model))
         self.model = model
-        self.sites = select_sites(found, sites)
+        self.sites = select_sites(found, sites, model)
         self.view = view
         self.every = every
         self.attention_mask = attention_mask
@@ -633,6 +501,7 @@ class Probe:
         self._mask: torch.Tensor | None = None
         self._masks_by_device: dict[torch.device, torch.Tensor] = {}
         self._warned: set[str] = set()
+        self._site_calls: dict[str, int] = {}  # site -> calls of its module in this forward
 
     # -- lifecycle
     def attach(self) -> Probe:
@@ -672,6 +541,7 @@ class Probe:
         self._step = self._calls
         self._calls += 1
         self._recording = self._step % self.every == 0
+        self._site_calls = {}
         self._masks_by_device = {}
         mask = self.attention_mask
         if mask is None:
@@ -689,17 +559,19 @@ class Probe:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if not self._recording:
                 return
+            call = self._site_calls.get(site.name, 0)
+            self._site_calls[site.name] = call + 1
             x = _first_tensor(args, kwargs)
-            y = _first_tensor(output if isinstance(output, (tuple, list)) else (output,), {})
-            if x is None or y is None or not x.is_floating_point():
+            y = _first_output(output)
+            view = self._view_for(site, x, y)
+            if view is None:
                 return
-            view = self._view_for(site, x)
             with torch.no_grad(), _no_autocast(x.device):
                 if self.gather and view != "token":  # the global batch under DistributedDataParallel
                     x = all_gather_features(x, same_size=self.equal_batches)
                     y = all_gather_features(y, same_size=self.equal_batches)
                 mask = self._mask_for(site, x) if view == "token" else None
-                pending = _measure(site, x.detach(), y.detach(), view, mask, self.gram_dtype, self._step)
+                pending = _measure(site, x.detach(), y.detach(), view, mask, self.gram_dtype, self._step, call)
                 if not _defer(x.device):
                     self._pending.append(_finish(pending, self._tol))
                     return
@@ -711,9 +583,17 @@ class Probe:
 
         return hook
 
-    def _view_for(self, site: Site, x: torch.Tensor) -> str:
+    def _view_for(self, site: Site, x: torch.Tensor | None, y: torch.Tensor | None) -> str | None:
         """``auto``: feature for BatchNorm; sample for GroupNorm and for a norm over all
-        non-batch dimensions; else token for 3-D activations, sample otherwise."""
+        non-batch dimensions; else token for 3-D activations, sample otherwise; for a module
+        whose input and output imply different views (a pooler: 3-D in, 2-D out), sample at
+        both points. ``None``: nothing to measure (warned once for a named module)."""
+        if x is None or y is None or not x.is_floating_point() or not y.is_floating_point():
+            return self._skip(site, "its first input and its output are not both floating-point tensors "
+                              f"(got {_describe(x)} and {_describe(y)})")
+        if x.shape[0] != y.shape[0] and self.view != "feature":
+            return self._skip(site, f"its input {tuple(x.shape)} and output {tuple(y.shape)} have "
+                              "different batch sizes, so their items cannot be paired")
         if self.view != "auto":
             return self.view
         spec = site.norm
@@ -721,7 +601,14 @@ class Probe:
             return "feature"
         if spec is not None and (spec.rule == "group" or spec.dims == x.ndim - 1):
             return "sample"
-        return "token" if x.ndim == 3 else "sample"
+        if x.ndim == 3 and y.ndim == 3 and x.shape[:2] == y.shape[:2]:
+            return "token"
+        return "sample"
+
+    def _skip(self, site: Site, why: str) -> None:
+        if site.kind == "module":
+            self._warn_once(f"skip:{site.name}", f"site {site.name!r} is not measured: {why}")
+        return None
 
     def _mask_for(self, site: Site, x: torch.Tensor) -> torch.Tensor | None:
         mask = self._mask
@@ -770,11 +657,14 @@ class Probe:
         return out
 
     def __getitem__(self, key: str) -> list[Record]:
-        """Records whose ``"site:point"`` key matches ``key`` (a glob), e.g. ``probe["*.ln_1:pre"]``."""
-        return [r for r in self.records if fnmatch.fnmatchcase(r.key, key)]
+        """Records whose key matches the glob ``key`` (:meth:`Record.matches`): ``"site:point"``
+        for every call of the module, e.g. ``probe["*.ln_1:pre"]``; ``"site@k:point"`` for its
+        k-th call in each forward only (``probe["blocks.act@1:pre"]``; ``@0`` the first)."""
+        return [r for r in self.records if r.matches(key)]
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per (site, point): mean/std over items and steps (:func:`records.summarize`)."""
+        """One row per (site, call, point): mean/std over items and steps
+        (:func:`records.summarize`); the calls of a module used twice in a forward are not mixed."""
         return _rec.summarize(self.records)
 
     def to_csv(self, path: str | Path) -> Path:

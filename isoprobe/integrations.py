@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from isoprobe.hooks import Probe, View
-from isoprobe.records import summarize
+from isoprobe.records import site_label, summarize
 
 __all__ = ["ProbeCallback", "log_summary", "tensorboard_writer"]
 
@@ -50,13 +50,15 @@ def log_summary(
 ) -> int:
     """Write summary rows (:func:`records.summarize`, ``probe.summary()``) as scalars.
 
-    Tags: ``{prefix}/isometry/{site}:{point}`` (mean isometry), ``{prefix}/gap/{site}:{point}``
-    (mean gap, left out when infinite) and ``{prefix}/theorem1_violations/{site}``. Returns the
+    Tags: ``{prefix}/isometry/{key}`` (mean isometry; ``key`` is the row's ``"site:point"``, or
+    ``"site@k:point"`` for a module's k-th call in a forward), ``{prefix}/gap/{key}`` (mean gap,
+    left out when infinite) and ``{prefix}/theorem1_violations/{site}`` (``site@k`` likewise). Returns the
     number of scalars written.
     """
     written = 0
     for row in rows:
-        key = f"{row['site']}:{row['point']}"
+        site = site_label(row["site"], row.get("call", 0))
+        key = f"{site}:{row['point']}"
         if row["isometry_mean"] is not None:
             writer.add_scalar(f"{prefix}/isometry/{key}", row["isometry_mean"], step)
             written += 1
@@ -64,7 +66,7 @@ def log_summary(
             writer.add_scalar(f"{prefix}/gap/{key}", row["gap_mean"], step)
             written += 1
         if row["theorem1_checked"]:
-            writer.add_scalar(f"{prefix}/theorem1_violations/{row['site']}", row["theorem1_violations"], step)
+            writer.add_scalar(f"{prefix}/theorem1_violations/{site}", row["theorem1_violations"], step)
             written += 1
     return written
 

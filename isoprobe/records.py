@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import io
 import json
 import math
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from isoprobe.names import match_name
+
 __all__ = [
     "POINTS",
     "Record",
@@ -31,6 +34,8 @@ __all__ = [
     "json_text",
     "plot_records",
     "read_json",
+    "record_key",
+    "site_label",
     "summarize",
     "theorem1_counts",
     "to_csv",
@@ -54,8 +59,9 @@ class Record:
     ``sqrt(var + eps)`` with the module's own eps, before the affine part; norms only) or
     ``"post"`` (module output); ``view``: ``"token"``, ``"sample"`` or
     ``"feature"``; ``item``: sequence index in the batch for the token view, else ``None``;
-    ``step``: forward-call counter of the probed model; ``n``: items in the Gram; ``dim``:
-    entries per item.
+    ``step``: forward-call counter of the probed model; ``call``: 0, 1, ... for the k-th call of
+    the site's module within that forward (a module applied twice, e.g. one activation module
+    shared by two layers); ``n``: items in the Gram; ``dim``: entries per item.
 
     ``isometry = exp(-isometry_gap)``; the gap is ``+inf`` for a singular Gram. On the
     ``normalized`` record of a norm site, ``norm_factor`` is the norm-variation factor of the
@@ -81,28 +87,56 @@ class Record:
     theorem1_holds: bool | None = None
     norm_factor: float | None = None
     flag: str | None = None
+    call: int = 0
 
     @property
     def key(self) -> str:
-        """``"site:point"``, e.g. ``"transformer.h.3.ln_1:pre"``."""
-        return f"{self.site}:{self.point}"
+        """``"site:point"``, e.g. ``"transformer.h.3.ln_1:pre"``; ``"site@k:point"`` for the
+        k-th call (k ≥ 1) of a module called more than once in a forward (:func:`record_key`)."""
+        return record_key(self.site, self.point, self.call)
+
+    def matches(self, pattern: str) -> bool:
+        """Does ``pattern`` (``"site[@call][:point]"``) select this record? ``site`` is a glob on
+        dotted names (:func:`isoprobe.names.match_name`: ``"*.ln_1"``, ``"transformer.h.*.attn"``),
+        ``point`` an :mod:`fnmatch` glob (every point when left out); without ``@`` every call of
+        the module matches, ``@1`` only its second call in each forward, ``@0`` its first."""
+        site, _, point = pattern.rpartition(":") if ":" in pattern else (pattern, "", "*")
+        site, at, call = site.partition("@")
+        return (
+            match_name(self.site, site)
+            and fnmatch.fnmatchcase(self.point, point)
+            and (not at or fnmatch.fnmatchcase(str(self.call), call))
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> Record:
-        return cls(**{f.name: row.get(f.name) for f in dataclasses.fields(cls)})
+        """The record of :meth:`to_dict`; fields missing from ``row`` (older files) get their
+        defaults (``call`` 0), or ``None``."""
+        return cls(**{f.name: row.get(f.name, None if f.default is dataclasses.MISSING else f.default)
+                      for f in dataclasses.fields(cls)})
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Record))
 
 
-def _groups(records: Iterable[Record]) -> dict[tuple[str, str], list[Record]]:
-    """Records grouped by (site, point), groups in first-appearance (forward) order."""
-    groups: dict[tuple[str, str], list[Record]] = {}
+def site_label(site: str, call: int = 0) -> str:
+    """``site`` for a module's first call in a forward, ``"site@k"`` for its k-th (k ≥ 1)."""
+    return site if call == 0 else f"{site}@{call}"
+
+
+def record_key(site: str, point: str, call: int = 0) -> str:
+    """The key of a record or summary row: ``"site:point"``, or ``"site@k:point"`` for call k ≥ 1."""
+    return f"{site_label(site, call)}:{point}"
+
+
+def _groups(records: Iterable[Record]) -> dict[tuple[str, int, str], list[Record]]:
+    """Records grouped by (site, call, point), groups in first-appearance (forward) order."""
+    groups: dict[tuple[str, int, str], list[Record]] = {}
     for r in records:
-        groups.setdefault((r.site, r.point), []).append(r)
+        groups.setdefault((r.site, r.call, r.point), []).append(r)
     return groups
 
 
@@ -116,16 +150,17 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def summarize(records: Iterable[Record]) -> list[dict[str, Any]]:
-    """One row per (site, point) in forward order: mean and std over items and steps.
+    """One row per (site, call, point) in forward order: mean and std over items and steps.
 
-    Columns: ``site, kind, point, view, count`` (records), ``n_mean`` (items per Gram),
+    The calls of a module used more than once in a forward are kept apart (``call`` 0, 1, ...).
+    Columns: ``site, call, point, key`` (:func:`record_key`), ``kind, view, count`` (records), ``n_mean`` (items per Gram),
     ``isometry_mean/std``, ``gap_mean/std`` (``gap_mean`` is ``inf`` and ``gap_std`` ``None``
     when one Gram is singular), ``singular`` (records with an infinite gap), ``undefined`` and
     ``nonfinite`` (flagged records, left out of the means), ``bound_mean`` (Theorem 1 bound,
     normalized points), ``theorem1_checked``, ``theorem1_violations``.
     """
     rows = []
-    for (site, point), group in _groups(records).items():
+    for (site, call, point), group in _groups(records).items():
         ok = [r for r in group if r.flag is None]
         iso_mean, iso_std = _mean_std([r.isometry for r in ok if r.isometry is not None])
         gap_mean, gap_std = _mean_std([r.isometry_gap for r in ok if r.isometry_gap is not None])
@@ -134,6 +169,8 @@ def summarize(records: Iterable[Record]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "site": site,
+                "call": call,
+                "key": record_key(site, point, call),
                 "kind": group[0].kind,
                 "point": point,
                 "view": group[0].view,
@@ -217,7 +254,8 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def format_table(records: Sequence[Record]) -> str:
-    """Text table, one row per site in forward order, means over items and steps.
+    """Text table, one row per site in forward order, means over items and steps; a module
+    called more than once in a forward has one row per call (``site@k``, :func:`site_label`).
 
     Columns: the gap at every point in forward order — before the site (``pre``), for norms
     ``centered`` and ``normalized``, after the site (``post``); for norms the mean isometry after
@@ -226,7 +264,7 @@ def format_table(records: Sequence[Record]) -> str:
     The last column counts flagged Grams: undefined (one-item Grams: one-token texts) and
     non-finite (NaN/inf activations), which the means leave out.
     """
-    by_key = {(row["site"], row["point"]): row for row in summarize(records)}
+    by_key = {(site_label(row["site"], row["call"]), row["point"]): row for row in summarize(records)}
     sites: list[str] = []
     for site, _ in by_key:
         if site not in sites:
@@ -279,7 +317,7 @@ def plot_records(records: Sequence[Record], path: str | Path, title: str | None 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {(r["site"], r["point"]): r for r in summarize(records)}
+    rows = {(site_label(r["site"], r["call"]), r["point"]): r for r in summarize(records)}
     sites = list(dict.fromkeys(site for site, _ in rows))
     if not sites:
         raise ValueError("no records to plot")

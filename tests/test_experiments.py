@@ -159,6 +159,24 @@ def test_fig2_is_undecided_when_the_norm_inputs_are_collapsed():
     assert v.verdict == "undecided" and "vacuous" in v.reason
 
 
+def test_site_gaps_read_the_fc_layers_as_named_probe_sites_exactly():
+    from isoprobe.experiments.common import site_gaps
+    from isoprobe.metrics import gram, isometry_gap
+    from isoprobe.nets import LNMLP
+    from isoprobe.theory import LNMLPSpec
+
+    net = LNMLP(LNMLPSpec("tanh", depth=3, width=48), 40, seed=0, run=0)
+    x = torch.randn(16, 40, generator=torch.Generator().manual_seed(0))
+    rows = site_gaps(net, x)
+    with torch.no_grad():
+        outs = net.sites(x)  # the net's own forward, site by site: the reference
+    for ell in (1, 2, 3):
+        want = isometry_gap(gram(outs[f"layers.{ell - 1}.fc"], dtype=torch.float64)).item()
+        (got,) = [r["gap"] for r in rows if r["layer"] == ell and r["site"] == "fc"]
+        assert got == pytest.approx(want, rel=1e-12)
+    assert [r["site"] for r in rows[:4]] == ["input", "norm:centered", "norm:normalized", "norm"]
+
+
 def test_norm_sites_compare_each_norm_with_the_site_before_it():
     from isoprobe.experiments.common import norm_site_gaps
 
@@ -280,6 +298,18 @@ def test_fig8b_rule(relu_rate, verdict):
     cfg = _vcfg("fig8b")
     spec = {a: {"act-norm": (0.5, 0.2), "norm-act": (0.5, 0.2 if a == "tanh" else relu_rate)} for a in cfg["acts"]}
     assert _verdict("fig8b", _variant_rows(spec), cfg).verdict == verdict
+
+
+def test_collapsed_runs_are_counted_and_explained():
+    cfg = _vcfg("fig8b")
+    spec = {a: {"act-norm": (0.5, 0.2), "norm-act": (0.5, 0.2 if a == "tanh" else -0.1)} for a in cfg["acts"]}
+    rows = _variant_rows(spec)
+    for r in rows:
+        if r["act"] == "sigmoid" and r["variant"] == "norm-act" and r["layer"] >= 7:
+            r["gap"] = math.inf
+    v = _verdict("fig8b", rows, cfg)
+    assert v.verdict == "held" and v.measured["ratio_normact_to_actnorm"]["sigmoid"] == math.inf
+    assert len(v.notes) == 1 and "sigmoid, norm-act: from layer 7" in v.notes[0]
 
 
 def test_figC3_rule_reports_gain_one_beside_torch_gain():

@@ -16,6 +16,7 @@ from torch import nn
 
 from isoprobe import Probe
 from isoprobe.hooks import discover_sites
+from isoprobe.records import format_table
 
 # ----------------------------------------------------------------------------- reference
 
@@ -45,7 +46,8 @@ def ref_theorem1(Xc: np.ndarray, Xn: np.ndarray) -> tuple[float, bool]:
 
 
 class Capture:
-    """Plain forward hooks keeping (input, output) of named modules as float64 numpy, per call."""
+    """Plain forward hooks keeping (input, output) of named modules as float64 numpy, per call;
+    the output of a module returning a tuple is its first entry."""
 
     def __init__(self, model: nn.Module, names: list[str]):
         modules = dict(model.named_modules())
@@ -54,8 +56,9 @@ class Capture:
 
     def _hook(self, name):
         def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
             self.data[name].append(
-                (args[0].detach().double().cpu().numpy(), output.detach().double().cpu().numpy())
+                (args[0].detach().double().cpu().numpy(), out.detach().double().cpu().numpy())
             )
 
         return hook
@@ -345,13 +348,15 @@ def test_site_selection_and_messages(gpt2_small):
     assert len(probe.sites) == 24 and all(s.kind == "norm" for s in probe.sites)
     assert len(Probe(gpt2_small, sites="activation").sites) == 12
     assert len(Probe(gpt2_small, sites=["transformer.ln_f", "activation"]).sites) == 13
-    with pytest.raises(ValueError, match="matches none of the sites"):
+    with pytest.raises(ValueError, match="matches none of the module names"):
         Probe(gpt2_small, sites="transformer.h.*.ln1")
     with pytest.raises(ValueError, match="selects no site; the model has only: norm"):
         Probe(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), sites="activation")
-    no_site = "no site found in Sequential: searched .*LayerNorm.*transformers.activations"
+    no_site = "no site found in Sequential: searched .*LayerNorm.*probe input.*select any module by name"
+    linear = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     with pytest.raises(ValueError, match=no_site):
-        Probe(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)))
+        Probe(linear)
+    assert [(s.name, s.kind) for s in Probe(linear, sites="1").sites] == [("1", "module")]
     with pytest.raises(ValueError, match="view must be one of"):
         Probe(gpt2_small, view="tokens")
     with pytest.raises(ValueError, match="every must be a positive integer"):
@@ -468,6 +473,49 @@ def test_pop_records_and_summary():
     (pre,) = [row for row in rows if row["point"] == "pre"]
     assert pre["count"] == 3 and pre["gap_mean"] == pytest.approx(np.mean(gaps))
     assert pre["gap_std"] == pytest.approx(np.std(gaps))
+
+
+class SharedGelu(nn.Module):
+    """One GELU module applied after two linear layers: two calls per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(12, 24), nn.Linear(24, 20), nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.fc2(self.act(self.fc1(x))))
+
+
+def test_module_called_twice_records_each_call_apart():
+    torch.manual_seed(0)
+    model = SharedGelu()
+    capture = Capture(model, ["act"])  # two (input, output) pairs per forward, in call order
+    with torch.no_grad(), Probe(model) as probe:
+        for _ in range(3):
+            model(torch.randn(2, 9, 12))
+    capture.close()
+    records = probe.records
+    assert {(r.step, r.call) for r in records} == {(s, c) for s in range(3) for c in (0, 1)}
+    for r in records:  # every value against the reference of that very call
+        x, y = capture.data["act"][2 * r.step + r.call]
+        Z = (x if r.point == "pre" else y)[r.item]
+        gap, og = ref_stats(Z)
+        assert r.dim == (24 if r.call == 0 else 20)
+        assert r.isometry_gap == pytest.approx(gap, rel=1e-7) and r.orthogonality_gap == pytest.approx(og, rel=1e-7)
+    # lookups: no "@" = every call; "@k" = the k-th call only
+    assert len(probe["act:pre"]) == 3 * 2 * 2
+    assert {r.call for r in probe["act@1:pre"]} == {1} and len(probe["act@1:pre"]) == 3 * 2
+    assert {r.call for r in probe["act@0:*"]} == {0} and len(probe["act@0:*"]) == 3 * 2 * 2
+    assert {r.key for r in records} == {"act:pre", "act:post", "act@1:pre", "act@1:post"}
+    # the summary keeps the calls apart: its means are those of each call's own records
+    rows = {(row["site"], row["call"], row["point"]): row for row in probe.summary()}
+    assert sorted(rows) == [("act", c, p) for c in (0, 1) for p in ("post", "pre")]
+    for (site, call, point), row in rows.items():
+        own = [r.isometry_gap for r in records if (r.call, r.point) == (call, point)]
+        assert row["count"] == 6 and row["gap_mean"] == pytest.approx(np.mean(own))
+        assert row["key"] == (f"act:{point}" if call == 0 else f"act@1:{point}")
+    table = format_table(records).splitlines()
+    assert [line.split()[0] for line in table[2:]] == ["act", "act@1"]
 
 
 # ---------------------------------------------------------------------- numerics

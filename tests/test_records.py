@@ -103,3 +103,15 @@ def test_plot_writes_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no records"):
         plot_records([], tmp_path / "q.png")
+
+
+def test_calls_are_keyed_apart_and_old_files_read_as_call_0(tmp_path):
+    first, second = rec(site="b.act", gap=0.2), rec(site="b.act", gap=0.6, call=1)
+    assert (first.key, second.key) == ("b.act:pre", "b.act@1:pre")
+    assert first.matches("b.act:pre") and second.matches("b.act:pre")  # no "@": every call
+    assert second.matches("b.act@1:*") and not first.matches("b.act@1:*") and first.matches("b.act@0:pre")
+    rows = summarize([first, second])
+    assert [(r["key"], r["gap_mean"]) for r in rows] == [("b.act:pre", 0.2), ("b.act@1:pre", 0.6)]
+    row = first.to_dict()
+    del row["call"]  # a file written before records had a call
+    assert Record.from_dict(row) == first

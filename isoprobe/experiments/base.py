@@ -152,6 +152,10 @@ class Reproduction:
     runner loads them and replaces the entry by what was used (:func:`resolve_data`).
     ``reads``: the options beyond the common ones that it reads (``"model"``, ``"text_file"``);
     giving one that no selected reproduction reads is an error.
+    ``columns`` may also be a function of the resolved config (a protocol that adds columns).
+    ``check(options)``: raises :class:`ReproductionOptionError` when the reproduction cannot run
+    with these options (e.g. no pretrained weights offline); :func:`select` calls it before any
+    work: a reproduction named explicitly then fails fast, one selected by ``all`` is left out.
     """
 
     name: str
@@ -166,6 +170,7 @@ class Reproduction:
     uses_data: bool = False
     protocols: tuple[str, ...] = ("isoprobe",)
     reads: tuple[str, ...] = ()
+    check: Callable[[Options], None] | None = None
 
 
 REGISTRY: dict[str, Reproduction] = {}
@@ -426,7 +431,26 @@ def select(names: Sequence[str], options: Options, echo: Callable[[str], None] =
         if getattr(options, opt) is not None and not any(n in readers for n in selected):
             raise ReproductionOptionError(f"{flag}: none of the named reproductions reads it"
                                           + (f" (only {', '.join(readers)} does)" if readers else ""))
-    return selected
+    return _checked(selected, explicit, options, echo)
+
+
+def _checked(selected: list[str], explicit: set[str], options: Options, echo: Callable[[str], None]) -> list[str]:
+    """``selected`` less those whose ``check`` refuses the options; raises instead for a name given
+    explicitly, or one that reads an option the user gave (``--model`` for figC5)."""
+    kept = []
+    for n in selected:
+        rep = REGISTRY[n]
+        check = getattr(rep, "check", None)
+        try:
+            if check is not None:
+                check(options)
+        except ReproductionOptionError as exc:
+            if n in explicit or any(getattr(options, o) is not None for o in getattr(rep, "reads", ())):
+                raise
+            echo(f"leaving out {n}: {exc}")
+            continue
+        kept.append(n)
+    return kept
 
 
 # --- data provenance --------------------------------------------------------------------------
@@ -576,7 +600,8 @@ def _run_declared(rep: Reproduction, options: Options, out_dir: Path, env: Env) 
     if skip is not None:
         env.echo(f"{env.stem}: up to date in {out_dir} (verdict: {skip.get('verdict')}); skipped")
         return skip
-    table = TidyTable(paths["csv"], rep.columns, cfg) if env.rank == 0 else None
+    columns = rep.columns(cfg) if callable(rep.columns) else rep.columns
+    table = TidyTable(paths["csv"], columns, cfg) if env.rank == 0 else None
     rows = _compute(list(rep.units(cfg, env)), table, env)
     if env.rank != 0:
         env.clean()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from isoprobe.metrics import gram, isometry_gap
+from isoprobe.metrics import isometry_gap
 
 __all__ = [
     "DANESHMAND",
@@ -233,12 +233,12 @@ def log_axes_with_ticks(ax, xticks: Sequence[float]) -> None:
 
 def site_gaps(net, x: torch.Tensor) -> list[dict]:
     """Gaps of every site of one forward of an :class:`~isoprobe.nets.LNMLP`: rows ``{layer,
-    site, gap, theorem1_holds}`` (fc from the net's own hooks, the rest from the Probe; a
-    collapsed site has ``gap = +inf``)."""
+    site, gap, theorem1_holds}``, all from one :class:`~isoprobe.hooks.Probe` (the norms, and the
+    fc layers as named sites); a collapsed site has ``gap = +inf``."""
     from isoprobe.hooks import Probe
 
-    with torch.no_grad(), Probe(net, sites="norm") as probe:
-        outs = net.sites(x)
+    with torch.no_grad(), Probe(net, sites=["norm", "layers.*.fc"]) as probe:
+        net(x)
     by_key = {(r.site, r.point): r for r in probe.records}
     rows = []
     for ell in range(len(net.layers) + 1):
@@ -247,7 +247,7 @@ def site_gaps(net, x: torch.Tensor) -> list[dict]:
         if ell == 0:
             rows.append(dict(layer=0, site="input", gap=pre.isometry_gap, theorem1_holds=""))
         else:
-            fc = isometry_gap(gram(outs[f"layers.{ell - 1}.fc"], dtype=torch.float64)).item()
+            fc = by_key[f"layers.{ell - 1}.fc", "post"].isometry_gap
             rows.append(dict(layer=ell, site="fc", gap=fc, theorem1_holds=""))
             rows.append(dict(layer=ell, site="act", gap=pre.isometry_gap, theorem1_holds=""))
         for point in ("centered", "normalized"):

@@ -15,7 +15,8 @@ Sites, in execution order, each a real module a forward hook can watch::
     layers.ℓ.norm  / layers.ℓ.act           order "norm-act"
 
 ``layers.ℓ.norm`` is ``torch.nn.LayerNorm`` (no affine) for layer centering and projection,
-:class:`Norm` for the other switches, ``torch.nn.Identity`` for neither.
+:class:`Norm` for the other switches, ``torch.nn.Identity`` for neither. Every site is seen by
+:class:`isoprobe.Probe`; ``layers.ℓ.fc`` is selected by name (``sites=["layers.*.fc", "norm"]``).
 """
 
 from __future__ import annotations
@@ -48,12 +49,21 @@ class Act(nn.Module):
 
 
 class Norm(nn.Module):
-    """Centering then projection of each item over its features (the non-LayerNorm switches)."""
+    """Centering then projection of each item over its features (the non-LayerNorm switches).
+
+    Seen by :class:`isoprobe.Probe` as a norm site (rule ``"rms"``, four points) when it is an
+    RMS norm (no centering, layer projection), else as a ``"module"`` site (``pre``, ``post``):
+    mean-field centering and projection subtract and divide by constants, and layer centering
+    alone does not normalise.
+    """
 
     def __init__(self, spec: LNMLPSpec, layer: LayerPlan) -> None:
         super().__init__()
         self.spec = spec
         self.layer = layer
+        rms = spec.centering == "none" and spec.projection == "layer"
+        self.isoprobe_site = "norm" if rms else "module"
+        self.norm_rule, self.eps = "rms", spec.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spec.norm_map(x, self.layer)

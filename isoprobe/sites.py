@@ -1,0 +1,283 @@
+"""Sites: the modules of a model that a :class:`~isoprobe.hooks.Probe` measures, found by what
+they do.
+
+**Discovered sites.** Norms and activations are found without changing the model:
+
+- torch's own norm classes (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, every ``BatchNorm``) and
+  activation modules (``torch.nn.modules.activation`` except the softmax/attention family);
+- modules that declare themselves with an ``isoprobe_site`` attribute: ``"activation"``,
+  ``"module"``, or ``"norm"`` with ``norm_rule`` and ``eps`` (isoprobe's own networks do);
+- any other module by its *behaviour* (class names and parameter names are not consulted): a
+  module whose own parameters are 1-D vectors of one size (or none), whose descendants hold no
+  parameter and no site, is run (``.forward``, so that hooks on it do not fire; no gradient;
+  random state restored) on a small probe input of shape ``(2, 3, d)``. It is an *activation*
+  if it acts entry by entry (permuting the input's entries permutes the output's) and is not
+  affine (``f(x + x') + f(0) ≠ f(x) + f(x')``); a *norm over the last dimension* if, not entrywise,
+  its output is unchanged when each row is scaled by its own positive factor — LayerNorm-like
+  (rule ``"layer"``) if a per-row shift leaves it unchanged too, RMSNorm-like (``"rms"``)
+  otherwise. ``d`` is the size of the module's 1-D parameters, else 8, else the last entry of a
+  ``normalized_shape`` attribute. This finds e.g. OLMo's LayerNorm (no parameter at all,
+  ``F.layer_norm`` in a plain module) and BLOOM's ``BloomGelu``.
+
+A norm's ``eps`` is read from an ``eps``/``variance_epsilon``/``epsilon`` attribute, else
+measured: for rows ``s·u`` (``u`` centred, unit variance) the odd part ``o(x) = (f(x) - f(-x))/2
+= w ⊙ x_c / sqrt(var + eps)`` has ``R(s) = ‖o(s u)‖² / ‖o(u)‖² = s² (1 + eps) / (s² + eps)``, so
+``eps = s² (1 - R) / (R - s²)`` at the scale whose ``R`` is nearest 1/2 (any affine weight and
+bias cancel); the estimate is rounded to two significant digits when within 0.1% of them.
+
+**Named sites.** Any module can be a site by its qualified name (kind ``"module"``, points
+``pre`` and ``post`` only): ``select_sites(sites, ["transformer.h.*", "*.attn"], model)``. Names
+are matched by :func:`isoprobe.names.match_name` (``*`` within one dotted component, ``**``
+across components, matched against the whole name or a dotted suffix). A named module that is a
+discovered site keeps its kind and points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from isoprobe.names import match_name
+
+__all__ = ["KINDS", "NormSpec", "Site", "discover_sites", "select_sites"]
+
+#: Site kinds, also accepted as selections (``sites="norm"``).
+KINDS = ("norm", "activation", "module")
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """What a norm module normalises.
+
+    ``rule``: ``"layer"`` (centre and scale over the last ``dims`` dimensions), ``"rms"`` (scale
+    only, over the last ``dims``), ``"group"`` (GroupNorm: per sample and group of channels),
+    ``"batch"`` (per channel over batch and spatial positions), ``"batch-rms"`` (per channel
+    over the batch, scale only: Meterez et al.'s batch norm). ``eps`` is the module's own
+    (``None`` for a torch RMSNorm without eps: the input dtype's machine epsilon).
+    """
+
+    rule: Literal["layer", "rms", "group", "batch", "batch-rms"]
+    eps: float | None
+    dims: int = 1
+    groups: int = 1
+
+    @property
+    def centers(self) -> bool:
+        return self.rule not in ("rms", "batch-rms")
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """A module the Probe measures: qualified ``name``, ``kind`` and, for norms, its ``norm``.
+
+    ``kind``: ``"norm"`` (points ``pre, centered, normalized, post``), ``"activation"`` or
+    ``"module"`` (points ``pre``: the first tensor input, ``post``: the output, or the first
+    tensor of a tuple/dict output).
+    """
+
+    name: str
+    kind: Literal["norm", "activation", "module"]
+    module: nn.Module
+    norm: NormSpec | None = None
+
+
+_TORCH_RMSNORM = getattr(nn, "RMSNorm", None)  # torch >= 2.4
+_SOFTMAX_FAMILY = ("MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d")
+_EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
+_PROBE_WIDTH = 8
+
+
+def _declared(module: nn.Module) -> tuple[str, NormSpec | None] | None:
+    """``isoprobe_site`` = ``"activation"``, ``"module"``, or ``"norm"`` with ``norm_rule`` and
+    ``eps`` attributes (how isoprobe's own networks are seen)."""
+    kind = getattr(module, "isoprobe_site", None)
+    if kind == "norm":
+        return "norm", NormSpec(module.norm_rule, float(module.eps))
+    if kind in ("activation", "module"):
+        return kind, None
+    return None
+
+
+def _torch_kind(module: nn.Module) -> tuple[str, NormSpec | None] | None:
+    if isinstance(module, nn.LayerNorm):
+        return "norm", NormSpec("layer", module.eps, dims=len(module.normalized_shape))
+    if _TORCH_RMSNORM is not None and isinstance(module, _TORCH_RMSNORM):
+        return "norm", NormSpec("rms", module.eps, dims=len(module.normalized_shape))
+    if isinstance(module, nn.GroupNorm):
+        return "norm", NormSpec("group", module.eps, groups=module.num_groups)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "norm", NormSpec("batch", module.eps)
+    cls = type(module)
+    if cls.__module__ == nn.modules.activation.__name__ and cls.__name__ not in _SOFTMAX_FAMILY:
+        return "activation", None
+    return None
+
+
+def _probe_widths(module: nn.Module) -> list[int] | None:
+    """Last-dimension sizes to try the module on; ``None`` if it is no candidate (a parameter
+    that is not a vector, vectors of two sizes, parameters below it, or on the meta device)."""
+    own = list(module.parameters(recurse=False))
+    if len(own) != sum(1 for _ in module.parameters()):
+        return None
+    sizes = {p.numel() for p in own}
+    if any(p.ndim != 1 or p.device.type == "meta" for p in own) or len(sizes) > 1:
+        return None
+    if sizes:
+        return list(sizes)
+    shape = getattr(module, "normalized_shape", None)
+    hinted = [int(shape[-1])] if isinstance(shape, (tuple, list)) and shape and isinstance(shape[-1], int) else []
+    return [_PROBE_WIDTH, *hinted]
+
+
+class _Trial:
+    """Runs ``module.forward`` on probe inputs (fresh copies, no gradient, random state restored)."""
+
+    def __init__(self, module: nn.Module, width: int) -> None:
+        tensor = next(module.parameters(), None)
+        if tensor is None:
+            tensor = next(module.buffers(), None)
+        self.module = module
+        self.dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else torch.float32
+        self.device = tensor.device if tensor is not None else torch.device("cpu")
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+        self.width = width
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen, dtype=torch.float64)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            y = self.module.forward(x.to(self.device, self.dtype))
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape or not y.is_floating_point():
+            return None
+        return y.to("cpu", torch.float64)
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    """Equal up to the module's rounding (2% of the largest entry: bfloat16 models pass)."""
+    return a is not None and bool(((a - b).abs().amax() <= 2e-2 * b.abs().amax().clamp_min(1e-6)).item())
+
+
+def _behaviour(trial: _Trial) -> tuple[str, NormSpec | None] | None:
+    """Activation, norm over the last dimension, or neither (module docstring)."""
+    x = 10 * trial.randn(2, 3, trial.width)
+    y = trial(x)
+    if y is None or not bool(torch.isfinite(y).all()):
+        return None
+    perm = torch.randperm(x.numel(), generator=trial.gen)
+    if _same(trial(x.flatten()[perm].view_as(x)), y.flatten()[perm].view_as(y)):  # entrywise
+        other = 10 * trial.randn(*x.shape)
+        f_other = trial(other)
+        f_zero = trial(torch.zeros_like(x))
+        if f_other is None or f_zero is None or _same(trial(x + other) + f_zero, y + f_other):
+            return None  # affine (f(x + x') + f(0) = f(x) + f(x')): a shift or scale, no activation
+        return "activation", None
+    if not _same(trial(x * (1 + 3 * torch.rand(2, 3, 1, generator=trial.gen, dtype=torch.float64))), y):
+        return None
+    layer = _same(trial(x + 10 * trial.randn(2, 3, 1)), y)
+    eps = next((getattr(trial.module, a) for a in _EPS_ATTRS if hasattr(trial.module, a)), None)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        eps = _measured_eps(trial, center=layer)
+    return "norm", NormSpec("layer" if layer else "rms", float(eps))
+
+
+def _measured_eps(trial: _Trial, center: bool) -> float:
+    """``eps`` from ``R(s) = s² (1 + eps) / (s² + eps)`` of the odd part (module docstring)."""
+    u = trial.randn(trial.width)
+    u = u - u.mean() if center else u
+    u = u / u.square().mean().sqrt()
+    s2 = 10.0 ** -torch.arange(0, 29, dtype=torch.float64)
+    x = (s2.sqrt()[:, None] * u)[None]
+    y, y_neg = trial(x), trial(-x)
+    if y is None or y_neg is None:
+        return 0.0
+    odd = ((y - y_neg) / 2)[0].square().sum(-1)
+    R = odd[1:] / odd[0]
+    s2 = s2[1:]
+    k = int((R - 0.5).abs().argmin())
+    if R[k] > 0.99:  # eps below 1e-28 (or none): invisible at every scale tried
+        return 0.0
+    eps = float(s2[k] * (1 - R[k]) / (R[k] - s2[k]))
+    rounded = float(f"{eps:.2g}")
+    return rounded if abs(eps - rounded) <= 1e-3 * rounded else eps
+
+
+def _kind_of(module: nn.Module, below_a_site: bool) -> tuple[str, NormSpec | None] | None:
+    found = _declared(module) or _torch_kind(module)
+    if found is not None or below_a_site:
+        return found
+    for width in _probe_widths(module) or []:
+        try:
+            trial = _Trial(module, width)
+            return _behaviour(trial)
+        except Exception:  # not callable on one (2, 3, width) tensor: try the next width
+            continue
+    return None
+
+
+def discover_sites(model: nn.Module) -> list[Site]:
+    """Every norm and activation module of ``model`` (and modules declaring ``isoprobe_site``), in
+    ``named_modules`` order (module docstring). A module above a site is not itself tried."""
+    modules = list(model.named_modules())
+    kinds: dict[str, tuple[str, NormSpec | None]] = {}
+    for name, module in reversed(modules):  # children before parents
+        prefix = f"{name}." if name else ""
+        below = any(other.startswith(prefix) for other in kinds)
+        found = _kind_of(module, below)
+        if found is not None:
+            kinds[name] = found
+    return [Site(name, kinds[name][0], module, kinds[name][1]) for name, module in modules if name in kinds]
+
+
+def select_sites(
+    sites: Sequence[Site], selection: str | Sequence[str] | None, model: nn.Module | None = None
+) -> list[Site]:
+    """The discovered ``sites`` (and, given ``model``, named modules) that ``selection`` picks.
+
+    ``selection``: ``None`` (all discovered sites), or one or several of the kinds
+    ``"norm"``, ``"activation"``, ``"module"`` and name globs (:func:`isoprobe.names.match_name`,
+    e.g. ``"transformer.h.*.ln_*"``, ``"*.attn"``). A glob picks the discovered sites it matches
+    and, with ``model``, every other module it matches as a ``"module"`` site. A glob that
+    matches nothing is an error, and so is a selection that leaves no site. Sites come in
+    ``named_modules`` order.
+    """
+    if selection is None:
+        return list(sites)
+    patterns = [selection] if isinstance(selection, str) else list(selection)
+    if not patterns:
+        raise ValueError("sites is empty: give None (all sites), 'norm', 'activation', 'module' or globs")
+    by_name = {s.name: s for s in sites}
+    named = dict(model.named_modules()) if model is not None else {s.name: s.module for s in sites}
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if pattern in KINDS:
+            chosen |= {s.name for s in sites if s.kind == pattern}
+            continue
+        hits = {name for name in named if name and match_name(name, pattern)}
+        if not hits:
+            some = ", ".join(name for name in list(named)[:9] if name)
+            raise ValueError(
+                f"site pattern {pattern!r} matches none of the module names ({some}, ...); '*' "
+                "stands for one dotted component, '**' for any number: '*.attn', 'transformer.h.*.ln_*'"
+            )
+        chosen |= hits
+    if not chosen:
+        kinds = sorted({s.kind for s in sites})
+        raise ValueError(f"sites={selection!r} selects no site; the model has only: {', '.join(kinds)}")
+    return [by_name.get(name) or Site(name, "module", module) for name, module in named.items() if name in chosen]
+
+
+def no_site_message(model: nn.Module) -> str:
+    return (
+        f"no site found in {type(model).__name__}: searched its modules for torch norms "
+        "(LayerNorm, RMSNorm, GroupNorm, BatchNorm*) and activation modules (torch.nn.ReLU, GELU, "
+        "...), and tried every parameter-free or vector-parameter module on a probe input for "
+        "entrywise nonlinear maps (activations) and per-row scale-invariant maps (norms). "
+        "Activations applied as functions (torch.relu, F.gelu) are not modules and cannot be "
+        "hooked; select any module by name instead: Probe(model, sites=['*.mlp', 'layers.*'])."
+    )

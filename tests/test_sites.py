@@ -1,0 +1,166 @@
+"""Named sites: any module by its qualified name, every value against an independent float64
+recomputation from activations captured here with plain forward hooks (test_hooks.Capture)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from test_hooks import Capture, check_records, ref_stats, rowwise_norm_parts
+from torch import nn
+
+from isoprobe import LNMLP, Probe
+from isoprobe.names import match_name
+from isoprobe.theory.spec import CENTERINGS, PROJECTIONS, LNMLPSpec
+
+NAMES = ["transformer", "transformer.h", "transformer.h.0", "transformer.h.0.attn",
+         "transformer.h.0.attn.c_attn", "transformer.h.0.ln_1", "transformer.h.11.mlp.act",
+         "transformer.ln_f"]
+
+
+@pytest.mark.parametrize(("pattern", "expected"), [
+    ("transformer.h.*", ["transformer.h.0"]),
+    ("*.attn", ["transformer.h.0.attn"]),
+    ("attn", ["transformer.h.0.attn"]),
+    ("ln_f", ["transformer.ln_f"]),
+    ("transformer.h.*.ln_*", ["transformer.h.0.ln_1"]),
+    ("h.*.ln_?", ["transformer.h.0.ln_1"]),
+    ("transformer.h.**", NAMES[1:7]),
+    ("transformer.h.1?.**.act", ["transformer.h.11.mlp.act"]),
+    ("transformer.**", NAMES),
+    ("*", NAMES),
+    ("h", ["transformer.h"]),
+    ("ransformer.h", []),
+])
+def test_name_globs_match_dotted_components_and_suffixes(pattern, expected):
+    assert [n for n in NAMES if match_name(n, pattern)] == expected
+
+
+def first_in(args):
+    return args[0]
+
+
+def test_gpt2_blocks_and_attention_outputs_match_reference(gpt2_small):
+    model = gpt2_small
+    blocks = [f"transformer.h.{i}" for i in range(12)]
+    attns = [f"{b}.attn" for b in blocks]
+    torch.manual_seed(2)
+    ids = torch.randint(0, 50257, (2, 48))
+    mask = torch.ones(2, 48, dtype=torch.long)
+    mask[0, 30:] = 0
+    capture = Capture(model, blocks + attns)
+    with torch.no_grad(), Probe(model, sites=["transformer.h.*", "*.attn"]) as probe:
+        model(input_ids=ids, attention_mask=mask)
+    capture.close()
+    assert [s.name for s in probe.sites] == [n for pair in zip(blocks, attns) for n in pair]
+    assert {s.kind for s in probe.sites} == {"module"}
+    records = probe.records
+    assert {(r.site, r.point) for r in records} == {(s, p) for s in blocks + attns for p in ("pre", "post")}
+    assert {r.view for r in records} == {"token"} and {r.n for r in records} == {30, 48}
+    check_records(records, capture, {}, mask=mask.numpy())
+    # the block's input is the previous block's output: the same Gram, the same value
+    for i in range(1, 12):
+        pre = {r.item: r.isometry_gap for r in probe[f"transformer.h.{i}:pre"]}
+        post = {r.item: r.isometry_gap for r in probe[f"transformer.h.{i - 1}:post"]}
+        assert pre == pytest.approx(post, rel=1e-12)
+
+
+def test_named_modules_next_to_discovered_norms_keep_their_points(gpt2_small):
+    probe = Probe(gpt2_small, sites=["transformer.h.0", "transformer.h.0.ln_*", "activation"])
+    kinds = {s.name: s.kind for s in probe.sites}
+    assert kinds == {"transformer.h.0": "module", "transformer.h.0.ln_1": "norm", "transformer.h.0.ln_2": "norm",
+                     **{f"transformer.h.{i}.mlp.act": "activation" for i in range(12)}}
+    with torch.no_grad(), probe:
+        gpt2_small(input_ids=torch.randint(0, 50257, (1, 10)))
+    assert {r.point for r in probe["transformer.h.0.ln_1"]} == {"pre", "centered", "normalized", "post"}
+    assert {r.point for r in probe["transformer.h.0"]} == {"pre", "post"}
+
+
+def test_pretrained_minilm_layers_attention_and_pooler(minilm_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    model = AutoModel.from_pretrained(minilm_path).eval()
+    batch = tok(["Named sites measure whole blocks.", "Attention outputs too, and the pooler."],
+                padding=True, return_tensors="pt")
+    layers = [f"encoder.layer.{i}" for i in range(6)]
+    attention = [f"{n}.attention" for n in layers]
+    norms = [f"{n}.output.LayerNorm" for n in layers]
+    capture = Capture(model, [*layers, *attention, *norms, "pooler"])
+    with torch.no_grad(), Probe(model, sites=["encoder.layer.*", "*.attention", "layer.*.output.LayerNorm",
+                                              "pooler"]) as probe:
+        model(**batch)
+    capture.close()
+    assert len(probe.sites) == 6 * 3 + 1
+    records = probe.records
+    # the pooler maps (batch, seq, hidden) to (batch, hidden): both points in the sample view
+    assert {(r.view, r.n) for r in probe["pooler"]} == {("sample", 2)}
+    mask = batch["attention_mask"].numpy()
+    token = [r for r in records if r.site != "pooler"]
+    eps = {n: (dict(model.named_modules())[n].eps, True) for n in norms}
+    assert check_records(token, capture, eps, mask=mask) == 6 * 2
+    check_records(probe["pooler"], capture, {})
+
+
+def test_module_sites_that_cannot_be_measured_warn_once_and_record_nothing(gpt2_small):
+    probe = Probe(gpt2_small, sites=["transformer.wte", "transformer.h.0"])
+    with torch.no_grad(), probe, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            gpt2_small(input_ids=torch.randint(0, 50257, (1, 6)))
+    messages = [str(w.message) for w in caught if "not measured" in str(w.message)]
+    assert messages == [("site 'transformer.wte' is not measured: its first input and its output are not both "
+                         "floating-point tensors (got a torch.int64 tensor and a torch.float32 tensor)")]
+    assert {r.site for r in probe.records} == {"transformer.h.0"}
+
+
+# --------------------------------------------------------------- isoprobe's own networks
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+@pytest.mark.parametrize("centering", CENTERINGS)
+def test_every_lnmlp_norm_module_is_a_site(centering, projection):
+    """Every non-identity norm module of every LNMLP variant is measured (mean-field ones too)."""
+    spec = LNMLPSpec("tanh", depth=2, width=24, centering=centering, projection=projection)
+    net = LNMLP(spec, 10, dtype=torch.float64)
+    norm_modules = [n for n, m in net.named_modules() if n.endswith(".norm") and not isinstance(m, nn.Identity)]
+    with torch.no_grad(), Probe(net, sites=None) as probe:
+        x = torch.randn(16, 10, dtype=torch.float64)
+        net(x)
+    names = {s.name for s in probe.sites}
+    assert set(norm_modules) <= names, f"{centering}/{projection}: {set(norm_modules) - names} not seen"
+    assert {f"layers.{i}.act" for i in range(2)} <= names
+    capture = Capture(net, norm_modules)
+    net(x)
+    capture.close()
+    is_norm = projection == "layer" and centering in ("none", "layer")  # an RMS norm or a LayerNorm
+    for r in probe.records:
+        if r.site not in norm_modules:
+            continue
+        assert r.kind == ("norm" if is_norm else "module"), r
+        xin, out = capture.data[r.site][0]
+        if r.point in ("pre", "post"):
+            Z = xin if r.point == "pre" else out
+        else:
+            Z = rowwise_norm_parts(xin, spec.eps, center=centering == "layer")[r.point == "normalized"]
+        gap, _ = ref_stats(Z)
+        assert r.isometry_gap == pytest.approx(gap, rel=1e-9, abs=1e-12) or (math.isinf(gap) and r.isometry_gap == gap)
+
+
+def test_lnmlp_fc_layers_are_named_sites():
+    net = LNMLP(LNMLPSpec("relu", depth=3, width=32), 16, dtype=torch.float64)
+    x = torch.randn(12, 16, dtype=torch.float64)
+    with torch.no_grad(), Probe(net, sites="layers.*.fc") as probe:
+        net(x)
+    with torch.no_grad():
+        reps = net.representations(x)
+    for i in range(3):  # the fc input of layer i is the representation x_i (sample view)
+        (rec,) = probe[f"layers.{i}.fc:pre"]
+        assert rec.view == "sample" and rec.isometry_gap == pytest.approx(ref_stats(reps[i].numpy())[0], rel=1e-9)
+        (post,) = probe[f"layers.{i}.fc:post"]
+        W = net.layers[i].fc.weight.detach().numpy()
+        assert post.isometry_gap == pytest.approx(ref_stats(reps[i].numpy() @ W.T)[0], rel=1e-9)
+    assert np.isfinite([r.isometry_gap for r in probe.records]).all()
