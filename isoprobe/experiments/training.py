@@ -321,7 +321,7 @@ def figure_fig7(rows: Sequence[dict], cfg: dict):
     for a in sorted(betas, key=betas.get):
         curve = run_curves(rows, "loss", "epoch", E + 1, act=a)
         plot_depth_curves(ax, np.where(np.isnan(curve), np.inf, curve), label=f"{a}, β = {betas[a]:.2f}",
-                          color=colors[a], layers=np.arange(E + 1), ylabel="training loss", log=False)
+                          color=colors[a], layers=np.arange(E + 1), ylabel="training loss (log scale)", log=True)
     ax.set_xlabel("epoch")
     ax.set_title(f"LN-MLP depth {cfg['depth']}, width {cfg['width']}, SGD lr {cfg['lr']:g}, batch {cfg['batch']}",
                  fontsize=8)
