@@ -77,6 +77,7 @@ gradient checkpointing during backward).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import inspect
 import math
@@ -348,7 +349,7 @@ def _gap(G: torch.Tensor, n: torch.Tensor, pad: torch.Tensor | None) -> torch.Te
 def _gap_rank_one(
     Gc: torch.Tensor, v: torch.Tensor, n: torch.Tensor, pad: torch.Tensor | None,
     gap_c: torch.Tensor, trusted: torch.Tensor, L: torch.Tensor,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Isometry gap of ``G = G_c + v vᵀ`` (a norm's ``pre`` Gram, ``v = sqrt(m) μ``) from the
     Cholesky factor ``L`` of ``G_c`` (with its padded diagonal), by the matrix determinant lemma
     ``log det G = log det G_c + log(1 + ‖L⁻¹ v‖²)``:
@@ -357,7 +358,8 @@ def _gap_rank_one(
 
     Used where ``G_c``'s factor was trusted with a smallest pivot above the margin of ``G``'s own
     scale: the pivots (Schur complements) of ``G ⪰ G_c`` are no smaller, so ``metrics`` would
-    have trusted ``G``'s own Cholesky factor too. Elsewhere ``G`` is formed and factorised.
+    have trusted ``G``'s own Cholesky factor too. Elsewhere (``False`` in the second tensor
+    returned) ``G`` is formed and factorised.
     """
     N = Gc.shape[-1]
     nf = n.to(torch.float64)
@@ -374,7 +376,7 @@ def _gap_rank_one(
         bad = ~ok
         G = Gc[bad] + v[bad][..., :, None] * v[bad][..., None, :]
         gap[bad] = _gap(G, n[bad], None if pad is None else pad[bad])
-    return gap
+    return gap, ok
 
 
 class _Workspace:
@@ -437,7 +439,7 @@ class _Finished:
     table: torch.Tensor
 
 
-_ROWS_PER_POINT = 5
+_ROWS_PER_POINT = 6  # gap, og, Theorem 1 bound, holds, factor, float32 error bound
 
 
 class _Items:
@@ -565,18 +567,100 @@ def _finish(p: _Pending, tol: float) -> _Finished:
         gap, trusted, L = _gap_factored(p.grams.flatten(0, 1), p.n.repeat(k), pad)
         gaps.update(zip(p.gram_points, gap.view(k, g)))
         if p.pre_vector is not None:  # G_pre = G_c + v vᵀ: from G_c's factor (the first Grams)
-            gaps["pre"] = _gap_rank_one(p.grams[0], p.pre_vector, p.n, p.pad, gaps["centered"],
-                                        trusted[:g], L[:g])
+            gaps["pre"], lemma = _gap_rank_one(p.grams[0], p.pre_vector, p.n, p.pad, gaps["centered"],
+                                               trusted[:g], L[:g])
     for q in p.same_as_pre:
         gaps[q] = gaps["pre"]
     extra: dict[str, list[torch.Tensor]] = {}
     if p.log_ratio is not None:
         extra["normalized"] = _theorem1(p, gaps, tol)
+    errors = {}
+    if k and p.grams.dtype == torch.float32:
+        errors = _float32_errors(p, gaps, trusted.view(k, g), L.view(k, g, *L.shape[-2:]),
+                                 lemma if p.pre_vector is not None else None)
     rows = [p.n.to(torch.float64)]
     for q in p.points:
         rows += [gaps[q].to(torch.float64), p.og[q].to(torch.float64)]
         rows += extra.get(q, [nan, nan, nan])
+        rows.append(errors.get(q, nan))
     return _Finished(p.site, p.view, p.step, p.call, p.dim, p.token_items, p.points, torch.stack(rows))
+
+
+# float32 Grams. Worst-case rounding bounds (an entry of a Gram formed from m float32 products
+# is off by at most m u ‖x_i‖ ‖x_j‖, u = 2⁻²⁴) exceed the actual errors of GPT-2's token Grams
+# by five orders of magnitude, so the Probe states a probabilistic estimate instead: rounding
+# errors as independent zero-mean variables (Higham & Mary 2019) give an entry error of standard
+# deviation ≲ sqrt(m) u ‖x_i‖ ‖x_j‖ and, to first order, a gap error of standard deviation ≲
+# sqrt(m) u max_i w_i (1 + 1/λ_min(Ĝ)) / sqrt(n); ``gap_error`` is _SIGMAS of those, with a factor
+# _CENTRING_SAFETY for a norm's items centred in float32 (w_i = ‖x_i‖² / G_ii, x uncentred).
+_UNIT_ROUNDOFF_32 = 2.0**-24
+_SIGMAS = 8.0
+_CENTRING_SAFETY = 4.0
+_INVERSE_ITERATIONS = 3
+
+
+def _lambda_min(apply_inverse: Any, diag: torch.Tensor) -> torch.Tensor:
+    """Estimate of the smallest eigenvalue of the unit-diagonal ``Ĝ = D^-½ G D^-½``
+    (``D = diag G``) by inverse iteration, ``Ĝ⁻¹ z = D^½ G⁻¹ D^½ z``; ``apply_inverse(z)`` solves
+    ``G u = z`` for ``z`` shaped ``(g, N, 1)``. From above after few steps (an estimate)."""
+    s = diag.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny).sqrt()[..., None]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.randn(diag.shape[-1], 1, generator=gen, dtype=torch.float64).to(diag.device).expand_as(s)
+    norm = torch.ones_like(s[..., 0, 0])
+    for _ in range(_INVERSE_ITERATIONS):
+        z = z / torch.linalg.vector_norm(z, dim=(-2, -1), keepdim=True)
+        z = s * apply_inverse(s * z)
+        norm = torch.linalg.vector_norm(z, dim=(-2, -1))
+    return 1 / norm
+
+
+def _rounding_estimate(gamma: float, w: torch.Tensor, lam_min: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``_SIGMAS · γ max w (1 + 1/λ_min) / sqrt(n)`` (``γ = sqrt(m) u``; comment above);
+    ``+inf`` where ``λ_min`` is not positive."""
+    est = _SIGMAS * gamma * w.amax(-1) * (1 + 1 / lam_min) / n.to(torch.float64).sqrt()
+    return torch.where(lam_min > 0, est, torch.full_like(est, math.inf))
+
+
+def _float32_errors(
+    p: _Pending, gaps: dict[str, torch.Tensor], trusted: torch.Tensor, L: torch.Tensor,
+    lemma: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """Per point ``(g,)``: an estimate of ``|gap(float32 Gram) - gap(exact Gram)|``
+    (:func:`_rounding_estimate`); ``+inf`` where the float32 factor was not trusted (singular to float32
+    rounding, or near it), NaN where the gap is NaN. ``trusted``, ``L``: the Cholesky factors of
+    ``p.grams`` ``(k, g, ...)``; ``lemma``: where ``G_pre`` came from ``G_c``'s factor."""
+    gamma = math.sqrt(p.dim) * _UNIT_ROUNDOFF_32
+    real = torch.ones_like(p.grams[0, :, :, 0], dtype=torch.float64) if p.pad is None else (~p.pad).double()
+    diags = p.grams.diagonal(dim1=-2, dim2=-1).to(torch.float64)
+
+    def bound(i: int, w: torch.Tensor, g: float, ok: torch.Tensor, apply=None, diag=None) -> torch.Tensor:
+        apply = apply or (lambda z: torch.cholesky_solve(z, L[i]))
+        lam = _lambda_min(apply, diags[i] if diag is None else diag)
+        return torch.where(ok, _rounding_estimate(g, w, lam, p.n), torch.full_like(lam, math.inf))
+
+    out = {}
+    if p.pre_vector is None:  # every Gram formed from the items as they are
+        for i, q in enumerate(p.gram_points):
+            out[q] = bound(i, real, gamma, trusted[i])
+    else:  # G_c from float32-centred items (uncentred norms: ‖x_i‖² = G_pre,ii), G_pre = G_c + v vᵀ
+        v = p.pre_vector.to(torch.float64)[..., None]
+        d_pre = diags[0] + v[..., 0].square()
+        w_c = real * d_pre / diags[0].clamp_min(torch.finfo(torch.float64).tiny)
+        out["centered"] = bound(0, w_c, _CENTRING_SAFETY * gamma, trusted[0])
+        out["post"] = bound(1, real, gamma, trusted[1])
+        u = torch.cholesky_solve(v, L[0])
+
+        def pre_inverse(z: torch.Tensor) -> torch.Tensor:  # Sherman–Morrison with G_c's factor
+            y = torch.cholesky_solve(z, L[0])
+            return y - u * (v.mT @ y) / (1 + v.mT @ u)
+
+        out["pre"] = bound(0, real, _CENTRING_SAFETY * gamma, lemma, pre_inverse, d_pre)
+    for q in p.same_as_pre:
+        out[q] = out["pre"]
+    if "normalized" in p.points and "normalized" not in out:  # gap(G_c) + exact log-ratio terms
+        w = w_c if p.pre_vector is not None else real
+        out["normalized"] = out["centered"] + 4 * _CENTRING_SAFETY * gamma * w.amax(-1)
+    return {q: torch.where(torch.isnan(gaps[q]), gaps[q], e) for q, e in out.items()}
 
 
 def _theorem1(p: _Pending, gaps: dict[str, torch.Tensor], tol: float) -> list[torch.Tensor]:
@@ -594,6 +678,23 @@ def _theorem1(p: _Pending, gaps: dict[str, torch.Tensor], tol: float) -> list[to
     nan = torch.full_like(gc, math.nan)
     holds = torch.where(torch.isnan(gn) | torch.isnan(bound), nan, holds.to(gc.dtype))
     return [bound, holds, p.factor.to(gc.dtype)]
+
+
+_TOL64 = math.sqrt(torch.finfo(torch.float64).eps)
+
+
+def _checked(f: _Finished, tolerance: float, redo: Any) -> _Finished:
+    """``f`` (float32 Grams) with every item group whose error bound exceeds ``tolerance`` at
+    some point replaced by ``redo()`` (the same site call with float64 Grams); their error
+    rows become 0. NaN bounds (non-finite or undefined records) do not count."""
+    err = f.table[_ROWS_PER_POINT::_ROWS_PER_POINT]
+    bad = (err > tolerance).any(0)
+    if not bool(bad.any()):
+        return f
+    table = f.table.clone()
+    table[:, bad] = redo().table[:, bad]
+    table[_ROWS_PER_POINT::_ROWS_PER_POINT][:, bad] = 0.0
+    return dataclasses.replace(f, table=table)
 
 
 def _to_host(tables: list[torch.Tensor]) -> list[list[list[float]]]:
@@ -621,7 +722,7 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
     ns = table[0]
     for j, point in enumerate(f.points):
         first = 1 + _ROWS_PER_POINT * j
-        gap_row, og_row, bound_row, holds_row, factor_row = table[first : first + _ROWS_PER_POINT]
+        gap_row, og_row, bound_row, holds_row, factor_row, err_row = table[first : first + _ROWS_PER_POINT]
         for i, n in enumerate(ns):
             n = int(n)
             base = dict(
@@ -643,7 +744,7 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
                 orthogonality_gap=_none_if_nan(og_row[i]),
                 theorem1_bound=_none_if_nan(bound_row[i]),
                 theorem1_holds=None if math.isnan(holds) else bool(holds),
-                norm_factor=_none_if_nan(factor_row[i]),
+                norm_factor=_none_if_nan(factor_row[i]), gap_error=_none_if_nan(err_row[i]),
             ))
     return out
 
@@ -689,8 +790,10 @@ class Probe:
     every: record every ``every``-th forward call of ``model`` (calls 0, every, 2·every, ...).
     attention_mask: ``(batch, seq)`` mask (1 = real token) used for the token view instead of
         the one the model's forward receives.
-    gram_dtype: ``torch.float64`` (default) or ``torch.float32`` (cheaper Grams, but not accurate
-        near collapse: its rank tolerance flags more Grams as singular; see "Numerics" above).
+    gram_dtype: ``torch.float64`` (default) or ``torch.float32`` (Grams formed in float32, half
+        the cost on a CPU; each record states a bound on its gap's error, ``Record.gap_error``,
+        and an item group whose bound exceeds ``float32_tolerance`` at some point, e.g. near
+        collapse, is recomputed with float64 Grams: see "Numerics" above).
     gather: under ``torch.distributed`` (e.g. DistributedDataParallel), form the sample and
         feature views over the global batch: every rank all-gathers each site's input and output
         (:func:`isoprobe.distributed.all_gather_features`, no gradient) and records the same
@@ -706,6 +809,7 @@ class Probe:
     """
 
     max_pending_bytes: int = 2**30
+    float32_tolerance: float = 1e-3
 
     def __init__(
         self,
@@ -824,8 +928,13 @@ class Probe:
                     x = all_gather_features(x, same_size=self.equal_batches)
                     y = all_gather_features(y, same_size=self.equal_batches)
                 mask = self._mask_for(site, x) if view == "token" else None
-                pending = _measure(site, x.detach(), y.detach(), view, mask, self.gram_dtype, self._step, call,
-                                   self._work)
+                args = (site, x.detach(), y.detach(), view, mask)
+                pending = _measure(*args, self.gram_dtype, self._step, call, self._work)
+                if self.gram_dtype == torch.float32:  # its error bounds decide now (a sync off the CPU)
+                    redo = lambda: _finish(_measure(*args, torch.float64, self._step, call, self._work),  # noqa: E731
+                                           _TOL64)
+                    self._pending.append(_checked(_finish(pending, self._tol), self.float32_tolerance, redo))
+                    return
                 if not _defer(x.device):
                     self._pending.append(_finish(pending, self._tol))
                     return
