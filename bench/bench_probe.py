@@ -18,9 +18,10 @@ Time on the CPU: process CPU time (``time.process_time``) with one torch thread 
 Breakdown: one profiled forward per Probe configuration (``torch.profiler``); the self time of
 every operator run inside a Probe hook, by category (Gram GEMM, conversions and copies,
 centring, other elementwise and reductions, Cholesky and triangular solves, eigenvalues,
-Python and records). On CUDA it also counts host synchronisations (``cudaStreamSynchronize``,
-``cudaDeviceSynchronize``, device-to-host ``cudaMemcpy``) inside the site hooks, which must be
-zero (the Probe defers them to the end of the forward).
+Python and records). On CUDA: the kernels' device time, and a count of host synchronisations
+(``cudaStreamSynchronize``, ``cudaDeviceSynchronize``, synchronous ``cudaMemcpy``, a value read
+on the host) inside the site hooks, which must be zero for the default float64 Probe (it defers
+them to the end of the forward; float32 Grams decide their float64 recomputation in the hook).
 
 Memory (CPU only): each configuration in a fresh child process; a thread samples the live glibc
 heap (``mallinfo2``) and the resident set every 0.5 ms during the forward.
@@ -139,11 +140,15 @@ def _category(name: str) -> str | None:
     return None
 
 
-_SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+# what makes the host wait for the device: explicit synchronisations, synchronous copies, and a
+# tensor's value read on the host (.item(), bool(), .tolist(): aten::_local_scalar_dense)
+_SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+                "aten::_local_scalar_dense")
 
 
 def breakdown(model, ids, dtype: torch.dtype, device: str) -> dict:
     """Self time of the operators inside the Probe's hooks, by category, from one profiled forward."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from isoprobe import Probe
@@ -184,19 +189,24 @@ def breakdown(model, ids, dtype: torch.dtype, device: str) -> dict:
                 return name
         return None
 
+    cuda = device.startswith("cuda")
     seconds = dict.fromkeys(CATEGORIES, 0.0)
     syncs = {"site-hook": 0, "flush": 0}
     for e in events:
-        where = inside(e)
-        if where is None or e.name.startswith("isoprobe:"):
+        if e.device_type != DeviceType.CPU or e.name.startswith("isoprobe:"):
             continue
-        if e.name in _SYNC_EVENTS or (e.name.startswith("cudaMemcpy") and "DtoH" in str(e.name)) \
-                or e.name in ("aten::item", "aten::_local_scalar_dense"):
-            syncs[where.split(":")[1]] += int(e.name != "aten::item")
+        where = inside(e)
+        if where is None:
+            continue
+        if e.name in _SYNC_EVENTS:
+            syncs[where.split(":")[1]] += 1
         category = _category(e.name)
-        if category is not None:
-            seconds[category] += e.self_cpu_time_total / 1e6
-    seconds["Python, records, host transfer"] = max(0.0, total - sum(seconds.values()))
+        if category is not None:  # on CUDA: the kernels' time, else the operators' CPU time
+            seconds[category] += (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6
+    if cuda:
+        total = sum(seconds.values())
+    else:
+        seconds["Python, records, host transfer"] = max(0.0, total - sum(seconds.values()))
     return {"total": total, "seconds": seconds, "syncs": syncs}
 
 
@@ -262,7 +272,8 @@ def report(args, times, parts, mem) -> dict:
         ratio = med[c] / base + (1 if c.startswith("gemm") else 0)
         shown = f"1 + {med[c] / base:.3f}" if c.startswith("gemm") else f"**{ratio:.3f}×**"
         print(f"| {labels[c]} | {med[c]:.2f} | {shown} | {', '.join(f'{t:.2f}' for t in times[c])} |")
-    print("\nWhere the Probe's time goes (one profiled forward each; self time of the operators inside its hooks):\n")
+    what = "device time of the kernels" if args.device.startswith("cuda") else "self CPU time of the operators"
+    print(f"\nWhere the Probe's time goes (one profiled forward each; {what} inside its hooks):\n")
     print("| part | " + " | ".join(f"{k}: s (share)" for k in parts) + " |")
     print("|---|" + "---|" * len(parts))
     for cat in CATEGORIES:
