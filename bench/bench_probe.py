@@ -131,7 +131,7 @@ def _category(name: str) -> str | None:
         return "conversion/copy"
     if name in ("aten::mean", "aten::sub_", "aten::mul_"):
         return "centring"
-    if "cholesky" in name or "solve_triangular" in name or name == "aten::tril_":
+    if "cholesky" in name or "solve_triangular" in name or name in ("aten::tril", "aten::tril_"):
         return "Cholesky/triangular"
     if "eigvalsh" in name or "eigh" in name:
         return "eigenvalues"
