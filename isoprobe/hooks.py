@@ -946,7 +946,7 @@ class Probe:
                 args = (site, x.detach(), y.detach(), view, mask)
                 pending = _measure(*args, self.gram_dtype, self._step, call, self._work)
                 if self.gram_dtype == torch.float32:  # its error bounds decide now (a sync off the CPU)
-                    redo = lambda: _finish(_measure(*args, torch.float64, self._step, call, self._work),  # noqa: E731
+                    redo = lambda: _finish(_measure(*args, torch.float64, self._step, call, self._work),
                                            _TOL64)
                     self._pending.append(_checked(_finish(pending, self._tol), self.float32_tolerance, redo))
                     return
