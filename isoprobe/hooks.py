@@ -454,7 +454,7 @@ class _Finished:
     table: torch.Tensor
 
 
-_ROWS_PER_POINT = 6  # gap, og, Theorem 1 bound, holds, factor, float32 error bound
+_ROWS_PER_POINT = 6  # gap, og, Theorem 1 bound, holds, factor, float32 error estimate
 
 
 class _Items:
@@ -699,7 +699,7 @@ _TOL64 = math.sqrt(torch.finfo(torch.float64).eps)
 
 
 def _checked(f: _Finished, tolerance: float, redo: Any) -> _Finished:
-    """``f`` (float32 Grams) with every item group whose error bound exceeds ``tolerance`` at
+    """``f`` (float32 Grams) with every item group whose error estimate exceeds ``tolerance`` at
     some point replaced by ``redo()`` (the same site call with float64 Grams); their error
     rows become 0. NaN bounds (non-finite or undefined records) do not count."""
     err = f.table[_ROWS_PER_POINT::_ROWS_PER_POINT]
@@ -806,9 +806,9 @@ class Probe:
     attention_mask: ``(batch, seq)`` mask (1 = real token) used for the token view instead of
         the one the model's forward receives.
     gram_dtype: ``torch.float64`` (default) or ``torch.float32`` (Grams formed in float32, half
-        the cost on a CPU; each record states a bound on its gap's error, ``Record.gap_error``,
-        and an item group whose bound exceeds ``float32_tolerance`` at some point, e.g. near
-        collapse, is recomputed with float64 Grams: see "Numerics" above).
+        the cost on a CPU; each record states an estimate of its gap's error, ``Record.gap_error``,
+        and an item group whose estimate exceeds ``float32_tolerance`` at some point, e.g. near
+        collapse, is recomputed with float64 Grams: see "float32 Grams" above).
     gather: under ``torch.distributed`` (e.g. DistributedDataParallel), form the sample and
         feature views over the global batch: every rank all-gathers each site's input and output
         (:func:`isoprobe.distributed.all_gather_features`, no gradient) and records the same
@@ -945,7 +945,7 @@ class Probe:
                 mask = self._mask_for(site, x) if view == "token" else None
                 args = (site, x.detach(), y.detach(), view, mask)
                 pending = _measure(*args, self.gram_dtype, self._step, call, self._work)
-                if self.gram_dtype == torch.float32:  # its error bounds decide now (a sync off the CPU)
+                if self.gram_dtype == torch.float32:  # its error estimates decide now (a sync off the CPU)
                     redo = lambda: _finish(_measure(*args, torch.float64, self._step, call, self._work),
                                            _TOL64)
                     self._pending.append(_checked(_finish(pending, self._tol), self.float32_tolerance, redo))
