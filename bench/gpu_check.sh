@@ -14,11 +14,16 @@
 #    sizes on the data available there (CIFAR10 if present, else the built-in synthetic set,
 #    which the run's json says), timed.
 # Everything goes to $OUT (at most 8 files): env.txt, pytest.txt, bench_cuda.txt,
-# bench_cuda.json, fig7.txt, fig7.json, summary.txt. Each step has its own time limit; a failed
-# step is reported and the next one still runs.
+# bench_cuda.json, fig7.txt, fig7.json, summary.txt. Each step has its own time limit (seconds:
+# TESTS_S, BENCH_S, FIG7_S; the defaults fit one 10-minute device command after a quick setup)
+# and STEPS selects steps (default "tests bench fig7"); a failed step is reported and the next
+# one still runs. fig7 at the paper's sizes may need more than FIG7_S: then its json is missing
+# and summary.txt says it timed out (exit 124); rerun with STEPS=fig7 FIG7_S=580.
 set -u
 OUT=${OUT:-$PWD/gpu-check-out}
 VENV=${VENV:-/tmp/isoprobe-gpu-venv}
+STEPS=${STEPS:-tests bench fig7}
+TESTS_S=${TESTS_S:-240} BENCH_S=${BENCH_S:-150} FIG7_S=${FIG7_S:-150}
 mkdir -p "$OUT"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
@@ -46,7 +51,7 @@ else
   "$BASE" -m venv "$VENV" || exit 2
   if [ -d .whl ] && "$VENV/bin/pip" install -q --no-index --find-links .whl torch >>"$OUT/env.txt" 2>&1; then
     summary "environment: venv $VENV, torch installed from the wheels in ./.whl (offline)"
-  elif timeout 900 "$VENV/bin/pip" install -q torch >>"$OUT/env.txt" 2>&1; then
+  elif timeout 300 "$VENV/bin/pip" install -q --timeout 15 --retries 1 torch >>"$OUT/env.txt" 2>&1; then
     summary "environment: venv $VENV, torch (CUDA build) installed from the package index"
   else
     summary "environment: no CUDA-capable torch found and none could be installed (see env.txt)"; exit 3
@@ -63,29 +68,35 @@ EOF
 if [ -n "$missing" ]; then
   pkgs=$(echo "$missing" | sed 's/sklearn/scikit-learn/')
   if [ -d .whl ]; then "$VENV/bin/pip" install -q --no-index --find-links .whl $pkgs >>"$OUT/env.txt" 2>&1; fi
-  "$VENV/bin/pip" install -q $pkgs >>"$OUT/env.txt" 2>&1 || summary "could not install: $pkgs"
+  timeout 300 "$VENV/bin/pip" install -q --timeout 15 --retries 1 $pkgs >>"$OUT/env.txt" 2>&1 || summary "could not install: $pkgs"
 fi
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' \
   2>&1 | tee -a "$OUT/env.txt" "$OUT/summary.txt"
 
 # ---------------------------------------------------------------- 2. tests
+if [[ " $STEPS " == *" tests "* ]]; then
 start=$(date +%s)
-ISOPROBE_TEST_CUDA=1 timeout 900 "$PY" -m pytest -q -x -p no:cacheprovider tests >"$OUT/pytest.txt" 2>&1
+ISOPROBE_TEST_CUDA=1 timeout "$TESTS_S" "$PY" -m pytest -q -p no:cacheprovider tests >"$OUT/pytest.txt" 2>&1
 rc=$?
 summary "tests (ISOPROBE_TEST_CUDA=1): exit $rc in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/pytest.txt")"
+grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | head -20 | tee -a "$OUT/summary.txt"
+fi
 
 # ---------------------------------------------------------------- 3. Probe cost on cuda
+if [[ " $STEPS " == *" bench "* ]]; then
 start=$(date +%s)
-timeout 600 "$PY" bench/bench_probe.py --device cuda --seq 1024 --threads 0 --reps 5 \
+timeout "$BENCH_S" "$PY" bench/bench_probe.py --device cuda --seq 1024 --threads 0 --reps 5 \
   --json "$OUT/bench_cuda.json" >"$OUT/bench_cuda.txt" 2>&1
 rc=$?
 summary "bench_probe --device cuda --seq 1024: exit $rc in $(( $(date +%s) - start )) s"
 grep -E "Probe\(model|host synchronisations" "$OUT/bench_cuda.txt" | tee -a "$OUT/summary.txt"
+fi
 
 # ---------------------------------------------------------------- 4. fig7 at the paper's sizes
+if [[ " $STEPS " == *" fig7 "* ]]; then
 work=$(mktemp -d)
 start=$(date +%s)
-timeout 1200 "$PY" -c "from isoprobe.cli import main; main()" repro fig7 --device cuda --data auto \
+timeout "$FIG7_S" "$PY" -c "from isoprobe.cli import main; main()" repro fig7 --device cuda --data auto \
   --no-progress --out "$work" >"$OUT/fig7.txt" 2>&1
 rc=$?
 summary "fig7 (paper sizes, --device cuda): exit $rc, wall $(( $(date +%s) - start )) s"
@@ -96,4 +107,5 @@ print("fig7:", "held" if d.get("held") else "not held", "| elapsed_s", d.get("el
       "| data", d.get("config", {}).get("data"))
 EOF
 rm -rf "$work"
+fi
 exit 0
