@@ -1,28 +1,34 @@
-"""Cost of the Probe on GPT-2 small: time and peak memory, side by side in one run.
+"""Cost of the Probe on GPT-2 small: time, where it goes, peak memory; side by side in one run.
 
 Setup: random-init ``GPT2Model`` (GPT-2 small without the LM head, so the ratio is against the
-transformer alone), CPU, batch 8 × 256 tokens, all 37 sites (25 LayerNorms, 12 MLP activations),
-``torch.no_grad``. Compared, interleaved over the repetitions:
+transformer alone), batch 8 × 256 tokens (``--seq``), all 37 sites (25 LayerNorms, 12 MLP
+activations), ``torch.no_grad``. Compared, interleaved over the repetitions (medians):
 
-* ``plain``          the forward alone;
-* ``probe``          ``Probe(model)``: float64 Grams (default), every point of every site;
-* ``probe-f32``      ``Probe(model, gram_dtype=torch.float32)``;
-* ``naive``          a hook as one would write it first: a Python loop over the sequences, a
-                     float64 Gram per sequence and a float64 eigendecomposition per Gram, for the
-                     input and the output of every site (two points, not four), ``.item()`` each.
+* ``plain``      the forward alone;
+* ``probe``      ``Probe(model)``: float64 Grams (default), every point of every site;
+* ``probe-f32``  ``Probe(model, gram_dtype=torch.float32)``;
+* ``gemm-f64``, ``gemm-f32``: the floor — the Probe's 74 Gram products alone (two per site:
+  the centred and output Grams of a norm, input and output of an activation), as batched
+  GEMMs on activations captured beforehand and already converted, timed in the same loop.
 
-Time: process CPU time (``time.process_time``) and wall time of each forward, minimum over the
-repetitions. On a machine shared with other jobs the wall time mostly measures the neighbours;
-CPU time with one torch thread (the default here: ``--threads 1``) measures the work.
+Time on the CPU: process CPU time (``time.process_time``) with one torch thread (``--threads
+1``, the default: on a shared machine the wall time mostly measures the neighbours). On CUDA
+(``--device cuda``): wall time between ``torch.cuda.synchronize()`` calls.
 
-Memory: each configuration runs in a fresh child process; a thread samples, every 0.5 ms during
-the forward, the live heap (glibc ``mallinfo2``: bytes in use, freed memory not counted) and the
-resident set size. Reported: peak live heap and its increment over the heap before the forward
-(weights, interpreter and libraries are in the former, not the latter), and peak RSS.
+Breakdown: one profiled forward per Probe configuration (``torch.profiler``); the self time of
+every operator run inside a Probe hook, by category (Gram GEMM, conversions and copies,
+centring, other elementwise and reductions, Cholesky and triangular solves, eigenvalues,
+Python and records). On CUDA: the kernels' device time, and a count of host synchronisations
+(``cudaStreamSynchronize``, ``cudaDeviceSynchronize``, synchronous ``cudaMemcpy``, a value read
+on the host) inside the site hooks, which must be zero for the default float64 Probe (it defers
+them to the end of the forward; float32 Grams decide their float64 recomputation in the hook).
 
-Also timed: the README's main job, ``isoprobe gpt2 --init random --text ...``, in a fresh process.
+Memory (CPU only): each configuration in a fresh child process; a thread samples the live glibc
+heap (``mallinfo2``) and the resident set every 0.5 ms during the forward.
 
-    python bench/bench_probe.py [--reps 3] [--threads 1]
+    python bench/bench_probe.py [--reps 3] [--threads 1] [--device cpu] [--seq 256] [--no-memory]
+
+It prints a Markdown table ready for ``bench/RESULTS.md``; ``--json PATH`` also writes the numbers.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import argparse
 import ctypes
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -40,60 +46,168 @@ from pathlib import Path
 
 import torch
 
-BATCH, SEQ = 8, 256
-CONFIGS = ("plain", "probe", "probe-f32", "naive")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+BATCH = 8
+TIMED = ("plain", "probe", "probe-f32", "gemm-f64", "gemm-f32")
+CATEGORIES = ("Gram GEMM", "conversion/copy", "centring", "elementwise/reduction",
+              "Cholesky/triangular", "eigenvalues", "Python, records, host transfer")
 
 
-def build_model():
+def build_model(seq: int, device: str):
     from transformers import GPT2Config, GPT2Model
 
     torch.manual_seed(0)
-    model = GPT2Model(GPT2Config()).eval()
-    ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    return model, ids
+    model = GPT2Model(GPT2Config(n_positions=max(1024, seq))).eval().to(device)
+    ids = torch.randint(0, model.config.vocab_size, (BATCH, seq), generator=torch.Generator().manual_seed(1))
+    return model, ids.to(device)
 
 
-class NaiveProbe:
-    """Per-sequence float64 Gram and eigendecomposition in a Python loop, input and output."""
-
-    def __init__(self, model, modules):
-        self.gaps: list[float] = []
-        self.handles = [m.register_forward_hook(self.hook) for m in modules]
-
-    @staticmethod
-    def gap(X: torch.Tensor) -> float:
-        eig = torch.linalg.eigvalsh(X @ X.T)
-        return (eig.mean().log() - eig.clamp_min(1e-300).log().mean()).item()
-
-    def hook(self, module, args, output):
-        for tensor in (args[0], output):
-            for seq in tensor.detach().double():
-                self.gaps.append(self.gap(seq))
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
-def forward(config: str, model, ids) -> None:
-    from isoprobe import Probe
+def capture_items(model, ids) -> list[torch.Tensor]:
+    """The 74 item tensors whose Grams the Probe forms (centred norm inputs, outputs, ...)."""
     from isoprobe.hooks import discover_sites
+
+    out: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        x = args[0].detach()
+        if isinstance(module, torch.nn.LayerNorm):
+            x = x - x.mean(-1, keepdim=True)
+        out.extend([x.clone(), output.detach().clone()])
+
+    handles = [s.module.register_forward_hook(hook) for s in discover_sites(model)]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return out
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run(config: str, model, ids, floor: dict[str, list[torch.Tensor]]) -> None:
+    from isoprobe import Probe
 
     with torch.no_grad():
         if config == "plain":
             model(input_ids=ids)
-        elif config in ("probe", "probe-f32"):
+        elif config.startswith("gemm"):
+            for X in floor[config]:
+                torch.matmul(X, X.mT)
+        else:
             dtype = torch.float64 if config == "probe" else torch.float32
             with Probe(model, gram_dtype=dtype) as probe:
                 model(input_ids=ids)
             assert len({r.site for r in probe.records}) == 37
-        else:
-            naive = NaiveProbe(model, [s.module for s in discover_sites(model)])
-            try:
+
+
+def timings(model, ids, reps: int, device: str) -> dict[str, list[float]]:
+    items = capture_items(model, ids)
+    floor = {"gemm-f64": [t.double() for t in items], "gemm-f32": [t.float() for t in items]}
+    del items
+    cuda = device.startswith("cuda")
+    clock = time.perf_counter if cuda else time.process_time
+    for config in TIMED:  # warm-up
+        run(config, model, ids, floor)
+    times: dict[str, list[float]] = {c: [] for c in TIMED}
+    for _ in range(reps):
+        for config in TIMED:
+            sync(device)
+            start = clock()
+            run(config, model, ids, floor)
+            sync(device)
+            times[config].append(clock() - start)
+    return times
+
+
+def _category(name: str) -> str | None:
+    if name in ("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm"):
+        return "Gram GEMM"
+    if name in ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::stack", "aten::cat",
+                "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::contiguous"):
+        return "conversion/copy"
+    if name in ("aten::mean", "aten::sub_", "aten::mul_"):
+        return "centring"
+    if "cholesky" in name or "solve_triangular" in name or name in ("aten::tril", "aten::tril_"):
+        return "Cholesky/triangular"
+    if "eigvalsh" in name or "eigh" in name:
+        return "eigenvalues"
+    if name.startswith("aten::"):
+        return "elementwise/reduction"
+    return None
+
+
+# what makes the host wait for the device: explicit synchronisations, synchronous copies, and a
+# tensor's value read on the host (.item(), bool(), .tolist(): aten::_local_scalar_dense)
+_SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+                "aten::_local_scalar_dense")
+
+
+def breakdown(model, ids, dtype: torch.dtype, device: str) -> dict:
+    """Self time of the operators inside the Probe's hooks, by category, from one profiled forward."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from isoprobe import Probe
+
+    site_hook, flush = Probe._site_hook, Probe._flush
+
+    def wrapped_site_hook(self, site):
+        inner = site_hook(self, site)
+
+        def hook(*args, **kwargs):
+            with record_function("isoprobe:site-hook"):
+                return inner(*args, **kwargs)
+
+        return hook
+
+    def wrapped_flush(self):
+        with record_function("isoprobe:flush"):
+            flush(self)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    Probe._site_hook, Probe._flush = wrapped_site_hook, wrapped_flush
+    try:
+        with torch.no_grad(), profile(activities=activities) as prof:
+            with Probe(model, gram_dtype=dtype) as probe:
                 model(input_ids=ids)
-            finally:
-                naive.close()
-            assert len(naive.gaps) == 37 * 2 * BATCH
+            probe.records  # noqa: B018 (the host transfer and the records)
+            sync(device)
+    finally:
+        Probe._site_hook, Probe._flush = site_hook, flush
+    events = list(prof.events())
+    ranges = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.name.startswith("isoprobe:")]
+    total = sum(end - start for start, end, name in ranges) / 1e6
+    ranges.sort()
+
+    def inside(e) -> str | None:
+        for start, end, name in ranges:
+            if start <= e.time_range.start and e.time_range.end <= end:
+                return name
+        return None
+
+    cuda = device.startswith("cuda")
+    seconds = dict.fromkeys(CATEGORIES, 0.0)
+    syncs = {"site-hook": 0, "flush": 0}
+    for e in events:
+        if e.device_type != DeviceType.CPU or e.name.startswith("isoprobe:"):
+            continue
+        where = inside(e)
+        if where is None:
+            continue
+        if e.name in _SYNC_EVENTS:
+            syncs[where.split(":")[1]] += 1
+        category = _category(e.name)
+        if category is not None:  # on CUDA: the kernels' time, else the operators' CPU time
+            seconds[category] += (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6
+    if cuda:
+        total = sum(seconds.values())
+    else:
+        seconds["Python, records, host transfer"] = max(0.0, total - sum(seconds.values()))
+    return {"total": total, "seconds": seconds, "syncs": syncs}
 
 
 def rss_bytes() -> int:
@@ -106,19 +220,17 @@ class _MallInfo2(ctypes.Structure):
                                                      "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-_LIBC = ctypes.CDLL("libc.so.6")
-_LIBC.mallinfo2.restype = _MallInfo2
-
-
 def heap_bytes() -> int:
     """Bytes in use on the glibc heap (main arena and mmapped chunks; one torch thread)."""
-    info = _LIBC.mallinfo2()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
     return info.uordblks + info.hblkhd
 
 
-def memory_child(config: str) -> dict:
-    model, ids = build_model()
-    forward("plain", model, ids)
+def memory_child(config: str, seq: int) -> dict:
+    model, ids = build_model(seq, "cpu")
+    run("plain", model, ids, {})
     heap0, rss0 = heap_bytes(), rss_bytes()
     peak = {"heap": heap0, "rss": rss0}
     done = threading.Event()
@@ -131,84 +243,89 @@ def memory_child(config: str) -> dict:
 
     thread = threading.Thread(target=sample)
     thread.start()
-    forward(config, model, ids)
+    run(config, model, ids, {})
     done.set()
     thread.join()
     return {"heap_before": heap0, "heap_peak": peak["heap"], "rss_peak": peak["rss"]}
 
 
-def timings(reps: int) -> dict[str, dict[str, list[float]]]:
-    model, ids = build_model()
-    for config in CONFIGS:  # warm-up
-        forward(config, model, ids)
-    times: dict[str, dict[str, list[float]]] = {c: {"cpu": [], "wall": []} for c in CONFIGS}
-    for _ in range(reps):
-        for config in CONFIGS:
-            cpu, wall = time.process_time(), time.perf_counter()
-            forward(config, model, ids)
-            times[config]["cpu"].append(time.process_time() - cpu)
-            times[config]["wall"].append(time.perf_counter() - wall)
-    return times
+def memory(args) -> dict[str, dict]:
+    mem = {}
+    for config in ("plain", "probe", "probe-f32"):
+        child = [sys.executable, __file__, "--memory-child", config, "--seq", str(args.seq),
+                 "--threads", str(args.threads)]
+        out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+        mem[config] = json.loads(out.strip().splitlines()[-1])
+    return mem
 
 
-def cli_time() -> tuple[float, float]:
-    """(wall, CPU) seconds of ``isoprobe gpt2 --init random --text ...`` in a fresh process."""
-    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run(
-        [str(Path(sys.executable).parent / "isoprobe"), "gpt2", "--init", "random", "--text",
-         "The quick brown fox jumps over the lazy dog."],
-        check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.perf_counter() - start, (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+def report(args, times, parts, mem) -> dict:
+    med = {c: statistics.median(v) for c, v in times.items()}
+    base = med["plain"]
+    unit = "wall s (synchronised)" if args.device.startswith("cuda") else "CPU s"
+    print(f"\n| configuration | {unit} / forward (median of {args.reps}) | ratio to plain | runs |")
+    print("|---|---|---|---|")
+    labels = {"plain": "plain forward", "probe": "`Probe(model)` (float64 Grams)",
+              "probe-f32": "`Probe(model, gram_dtype=torch.float32)`",
+              "gemm-f64": "floor: the 74 Gram GEMMs alone, float64", "gemm-f32": "floor: the 74 Gram GEMMs alone, float32"}
+    for c in TIMED:
+        ratio = med[c] / base + (1 if c.startswith("gemm") else 0)
+        shown = f"1 + {med[c] / base:.3f}" if c.startswith("gemm") else f"**{ratio:.3f}×**"
+        print(f"| {labels[c]} | {med[c]:.2f} | {shown} | {', '.join(f'{t:.2f}' for t in times[c])} |")
+    what = "device time of the kernels" if args.device.startswith("cuda") else "self CPU time of the operators"
+    print(f"\nWhere the Probe's time goes (one profiled forward each; {what} inside its hooks):\n")
+    print("| part | " + " | ".join(f"{k}: s (share)" for k in parts) + " |")
+    print("|---|" + "---|" * len(parts))
+    for cat in CATEGORIES:
+        cells = [f"{p['seconds'][cat]:.3f} ({p['seconds'][cat] / p['total']:.0%})" for p in parts.values()]
+        print(f"| {cat} | " + " | ".join(cells) + " |")
+    print("| **all inside the hooks** | " + " | ".join(f"**{p['total']:.3f}**" for p in parts.values()) + " |")
+    extra = {"probe": med["probe"] - base, "probe-f32": med["probe-f32"] - base}
+    print("| extra time of the timed runs (probe − plain) | "
+          + " | ".join(f"{extra[k]:.3f}" for k in parts) + " |")
+    print("| non-GEMM share of the hooks' time | "
+          + " | ".join(f"{1 - p['seconds']['Gram GEMM'] / p['total']:.0%}" for p in parts.values()) + " |")
+    if args.device.startswith("cuda"):
+        print("| host synchronisations inside site hooks / in the end-of-forward flush | "
+              + " | ".join(f"{p['syncs']['site-hook']} / {p['syncs']['flush']}" for p in parts.values()) + " |")
+    if mem:
+        b = mem["plain"]
+        print("\n| configuration | peak live heap (MiB) | ratio | peak RSS (MiB) | ratio |\n|---|---|---|---|---|")
+        for c, m in mem.items():
+            print(f"| {c} | {m['heap_peak'] / 2**20:.0f} | {m['heap_peak'] / b['heap_peak']:.3f}× | "
+                  f"{m['rss_peak'] / 2**20:.0f} | {m['rss_peak'] / b['rss_peak']:.3f}× |")
+    return {"median": med, "times": times, "breakdown": parts, "memory": mem}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    parser.add_argument("--memory-child", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (batch of 8)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory children")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--memory-child", choices=("plain", "probe", "probe-f32"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child)))
+        print(json.dumps(memory_child(args.memory_child, args.seq)))
         return
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {BATCH} x {SEQ} tokens, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
-    times = timings(args.reps)
-    best = {c: {k: min(v) for k, v in t.items()} for c, t in times.items()}
-    print(f"\ntime per forward, minimum of {args.reps} interleaved runs")
-    for c in CONFIGS:
-        cpu, wall = best[c]["cpu"], best[c]["wall"]
-        print(f"  {c:10s} CPU {cpu:7.2f} s  ratio {cpu / best['plain']['cpu']:.3f}x   "
-              f"wall {wall:7.2f} s  ratio {wall / best['plain']['wall']:.3f}x   "
-              f"(wall runs {', '.join(f'{t:.1f}' for t in times[c]['wall'])})")
-
-    print("\npeak memory during the forward (fresh process per configuration)")
-    mem = {}
-    for c in CONFIGS:
-        child = [sys.executable, __file__, "--memory-child", c]
-        if args.threads:
-            child += ["--threads", str(args.threads)]
-        out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
-        mem[c] = json.loads(out.strip().splitlines()[-1])
-    base = mem["plain"]
-    base_inc = base["heap_peak"] - base["heap_before"]
-    for c in CONFIGS:
-        m = mem[c]
-        inc = m["heap_peak"] - m["heap_before"]
-        print(f"  {c:10s} live heap peak {m['heap_peak'] / 2**20:6.0f} MiB  "
-              f"ratio {m['heap_peak'] / base['heap_peak']:.3f}x"
-              f"   increment {inc / 2**20:5.0f} MiB  ratio {inc / base_inc:.2f}x"
-              f"   peak RSS {m['rss_peak'] / 2**20:6.0f} MiB  ratio {m['rss_peak'] / base['rss_peak']:.3f}x")
-
-    wall, cpu = cli_time()
-    print(f"\n`isoprobe gpt2 --init random --text ...` in a fresh process: wall {wall:.1f} s, "
-          f"CPU {cpu:.1f} s")
-    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    start = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} thread(s), "
+          f"batch {BATCH} × {args.seq} tokens, {os.cpu_count()} CPUs, load average {load0:.1f} at start")
+    model, ids = build_model(args.seq, args.device)
+    times = timings(model, ids, args.reps, args.device)
+    parts = {"probe": breakdown(model, ids, torch.float64, args.device),
+             "probe-f32": breakdown(model, ids, torch.float32, args.device)}
+    mem = {} if args.no_memory or args.device != "cpu" else memory(args)
+    out = report(args, times, parts, mem)
+    print(f"\nload average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
+          f"whole script {time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -38,15 +38,28 @@ one-group GroupNorm, feature view for BatchNorm). The check is ``gap(normalized)
 projection onto the sphere; a norm's ``eps`` makes it slightly different, and the inequality can
 fail when ``eps`` is not small against the items' variance (roughly ``eps > 2.4 var``).
 
-**Numerics** (DESIGN.md, "Numerics that matter"). Grams in ``gram_dtype`` (float64 by default;
-float32 is allowed but, on CPU, not faster: ``metrics`` trusts a Cholesky factor of a float32
-Gram only far above float32's rank tolerance, so most float32 Grams take the eigenvalue path),
-the spectrum always in float64 (``metrics``). A norm site needs two Grams for four points:
-``G_c = X_c X_cᵀ``; ``G_pre = G_c + m μ μᵀ`` (``μ`` the per-item means, ``m`` the entries per
-item); ``G_norm = D G_c D`` with ``D = diag(1/sqrt(var + eps))``, so ``gap(normalized) =
-gap(centered) + log(tr G_norm / tr G_c) - (2/n) Σ log D_ii`` needs no new factorisation (unless
-``G_c`` is numerically singular: rescaling its rows can restore a full numerical rank, so
-``G_norm`` is then factorised on its own); only ``post`` needs its own Gram.
+**Numerics.** Grams in ``gram_dtype`` (float64 by default), the spectrum always in float64
+(``metrics``). A norm site needs two Grams and two Cholesky factorisations for four points:
+``G_c = X_c X_cᵀ`` (items centred in place in a reused conversion buffer); ``G_pre = G_c + v vᵀ``
+with ``v = sqrt(m) μ`` (``μ`` the per-item means, ``m`` the entries per item), whose log
+determinant is ``log det G_c + log(1 + ‖L⁻¹ v‖²)`` from ``G_c``'s factor ``L`` (the matrix
+determinant lemma; wherever ``metrics`` would not have trusted a Cholesky factor of ``G_pre``
+itself, ``G_pre`` is formed and factorised); ``G_norm = D G_c D`` with ``D = diag(1/sqrt(var +
+eps))``, so ``gap(normalized) = gap(centered) + log(tr G_norm / tr G_c) - (2/n) Σ log D_ii``
+needs no new factorisation (unless ``G_c`` is numerically singular: rescaling its rows can
+restore a full numerical rank, so ``G_norm`` is then factorised on its own); only ``post`` needs
+its own Gram. ``var`` and the norm-variation factor come from the diagonal of ``G_c``.
+
+**float32 Grams** (``gram_dtype=torch.float32``) halve the Gram products' cost on a CPU. Each
+record then carries ``gap_error``, an estimate of its gap's error against the exact Gram of the
+same items: rounding errors modelled as independent (Higham & Mary 2019), an entry of a Gram of
+``m`` products is off by about ``sqrt(m) u ‖x_i‖ ‖x_j‖`` (``u = 2⁻²⁴``), which moves the gap by
+about ``sqrt(m) u max_i w_i (1 + 1/λ_min(Ĝ)) / sqrt(n)`` (``Ĝ`` the unit-diagonal Gram,
+``λ_min`` from three steps of inverse iteration with its Cholesky factor, ``w_i = ‖x_i‖²/G_ii``
+with ``x`` the uncentred items); ``gap_error`` is 8 times that (×4 for items centred in float32).
+On GPT-2's token Grams it exceeds the actual error about 100-fold. An item group whose estimate
+exceeds ``Probe.float32_tolerance`` (1e-3) at some point, or whose float32 Gram is singular or
+near it, is measured again with float64 Grams (its records then have ``gap_error = 0.0``).
 
 **Padding** without a loop over sequences: padded rows of the items are zero, so a zero-padded
 Gram is block-diagonal; putting ``c = tr(G)/n`` (the mean eigenvalue of the real block) on the
@@ -62,6 +75,8 @@ traces, orthogonality gaps: no host synchronisation) and keeps the Grams; the is
 branch, a sync) and the move to the host happen once per forward, in a forward hook on the
 top-level model. The price on GPU is holding the Grams of one forward (``n²`` per item group and
 point) until its end; beyond ``Probe.max_pending_bytes`` they are finished early (one sync).
+With float32 Grams a hook finishes at once on every device (one sync per site call): whether
+the float64 recomputation is needed is decided there, while the activations exist.
 
 The model is left as found: hooks are removed on exit (also after an exception), the hooks
 detach and return nothing (autograd, outputs and train/eval mode untouched), autocast is off
@@ -74,6 +89,7 @@ gradient checkpointing during backward).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 import warnings
@@ -87,7 +103,12 @@ from torch import nn
 
 from isoprobe import records as _rec
 from isoprobe.distributed import all_gather_features
-from isoprobe.metrics import gram, isometry_gap, norm_variation_factor, orthogonality_gap
+from isoprobe.metrics import (
+    _CHOLESKY_MARGIN,
+    _gap_of,
+    _orthogonality_gap,
+    _spectral_stats,
+)
 from isoprobe.records import Record
 from isoprobe.sites import NormSpec, Site, discover_sites, no_site_message, select_sites
 
@@ -146,28 +167,98 @@ def _aligned(spec: NormSpec, view: str, ndim: int) -> bool:
 
 def _orth_gap(G: torch.Tensor, n: torch.Tensor, padded: bool) -> torch.Tensor:
     """Orthogonality gap of the real block of zero-padded Grams ``(g, N, N)``, ``n`` real items."""
-    og = orthogonality_gap(G)
+    og = _orthogonality_gap(G)
     if not padded:
         return og
     N = G.shape[-1]
     return (og.square() + 1 / N - 1 / n.to(og.dtype)).clamp_min(0).sqrt()
 
 
-def _gap(G: torch.Tensor, n: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
-    """Isometry gap of the real block of zero-padded Grams ``(g, N, N)``: ``gap(padded)·N/n``.
-
-    ``pad`` marks the padded items ``(g, N)``; their diagonal entries get the real block's mean
-    eigenvalue ``c = tr(G)/n`` (1 for a zero block), which keeps the trace mean and adds
-    ``(N - n) log c`` to ``log det`` (module docstring). May synchronise with the device.
-    """
-    if pad is None:
-        return isometry_gap(G)
-    N = G.shape[-1]
+def _pad_diagonal(G: torch.Tensor, n: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """``G`` with ``c = tr(G)/n`` (1 for a zero block) on the padded diagonal (module docstring)."""
     nf = n.to(torch.float64)
     tr = G.diagonal(dim1=-2, dim2=-1).sum(-1).to(torch.float64)
     c = torch.where((tr > 0) & (nf > 0), tr / nf.clamp_min(1), torch.ones_like(tr))
-    G = G + torch.diag_embed(pad.to(G.dtype) * c[:, None].to(G.dtype))
-    return isometry_gap(G) * (N / nf)
+    return G + torch.diag_embed(pad.to(G.dtype) * c[:, None].to(G.dtype))
+
+
+def _gap_factored(
+    G: torch.Tensor, n: torch.Tensor, pad: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Isometry gap of the real block of zero-padded Grams ``(g, N, N)``: ``gap(padded)·N/n``,
+    with ``(trusted, L)``: where the Cholesky factor ``L`` of the (diagonal-padded) Gram decided.
+
+    ``pad`` marks the padded items ``(g, N)``; their diagonal entries get the real block's mean
+    eigenvalue ``c = tr(G)/n``, which keeps the trace mean and adds ``(N - n) log c`` to
+    ``log det`` (module docstring). May synchronise with the device.
+    """
+    N = G.shape[-1]
+    if pad is not None:
+        G = _pad_diagonal(G, n, pad)
+    stats, trusted, L = _spectral_stats(G)
+    gap = _gap_of(stats, N)
+    return (gap if pad is None else gap * (N / n.to(torch.float64))), trusted, L
+
+
+def _gap(G: torch.Tensor, n: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    """Isometry gap of the real block of zero-padded Grams (:func:`_gap_factored`)."""
+    return _gap_factored(G, n, pad)[0]
+
+
+def _gap_rank_one(
+    Gc: torch.Tensor, v: torch.Tensor, n: torch.Tensor, pad: torch.Tensor | None,
+    gap_c: torch.Tensor, trusted: torch.Tensor, L: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Isometry gap of ``G = G_c + v vᵀ`` (a norm's ``pre`` Gram, ``v = sqrt(m) μ``) from the
+    Cholesky factor ``L`` of ``G_c`` (with its padded diagonal), by the matrix determinant lemma
+    ``log det G = log det G_c + log(1 + ‖L⁻¹ v‖²)``:
+
+        gap(G) = gap(G_c) + log(tr G / tr G_c) - log(1 + ‖L⁻¹ v‖²) / n.
+
+    Used where ``G_c``'s factor was trusted with a smallest pivot above the margin of ``G``'s own
+    scale: the pivots (Schur complements) of ``G ⪰ G_c`` are no smaller, so ``metrics`` would
+    have trusted ``G``'s own Cholesky factor too. Elsewhere (``False`` in the second tensor
+    returned) ``G`` is formed and factorised.
+    """
+    N = Gc.shape[-1]
+    nf = n.to(torch.float64)
+    v64, d_c = v.to(torch.float64), Gc.diagonal(dim1=-2, dim2=-1).to(torch.float64)
+    tr_c, vv = d_c.sum(-1), v64.square().sum(-1)
+    z = torch.linalg.solve_triangular(L, v64[..., None], upper=False)
+    pivots = L.diagonal(dim1=-2, dim2=-1).square().amin(-1)
+    scale = (d_c + v64.square()).amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    rtol = N * torch.finfo(Gc.dtype).eps
+    ok = trusted & (pivots > _CHOLESKY_MARGIN * rtol * scale)
+    gap = (gap_c + torch.log((tr_c + vv) / tr_c) - torch.log1p(z.square().sum((-2, -1))) / nf).clamp_min(0)
+    gap = torch.where(ok, gap, torch.zeros_like(gap))
+    if not bool(ok.all()):
+        bad = ~ok
+        G = Gc[bad] + v[bad][..., :, None] * v[bad][..., None, :]
+        gap[bad] = _gap(G, n[bad], None if pad is None else pad[bad])
+    return gap, ok
+
+
+class _Workspace:
+    """Scratch tensors reused from one hook call to the next, one per (shape, dtype, device).
+
+    Converting a large activation to float64 into a fresh tensor costs page faults on the CPU
+    (3× the copy itself for a 50 MB GPT-2 MLP activation); a Probe keeps one buffer per shape
+    while it is attached. Only one measurement uses a buffer at a time (hooks run in turn).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
+
+    def copy(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A writable copy of ``z`` in ``dtype``, in this workspace's buffer for its shape."""
+        key = (tuple(z.shape), dtype, z.device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(z.shape, dtype=dtype, device=z.device)
+        return buf.copy_(z)
+
+    def clear(self) -> None:
+        self._buffers.clear()
 
 
 @dataclass
@@ -188,6 +279,7 @@ class _Pending:
     pad: torch.Tensor | None  # (g, N) padded items
     og: dict[str, torch.Tensor]  # point -> (g,) orthogonality gaps
     same_as_pre: tuple[str, ...] = ()  # points equal to pre (RMSNorm's centered)
+    pre_vector: torch.Tensor | None = None  # (g, N) v with G_pre = G_c + v vᵀ (v = sqrt(m) μ)
     log_ratio: torch.Tensor | None = None  # (g,) gap(normalized) - gap(centered)
     factor: torch.Tensor | None = None  # (g,) norm-variation factor of the centred items
     gram_normalized: torch.Tensor | None = None  # (g, N, N) D G_c D, for a singular G_c
@@ -208,7 +300,22 @@ class _Finished:
     table: torch.Tensor
 
 
-_ROWS_PER_POINT = 5
+_ROWS_PER_POINT = 6  # gap, og, Theorem 1 bound, holds, factor, float32 error estimate
+
+
+class _Items:
+    """The items ``(g, N, m)`` of one site call's tensors in the Gram dtype, zero on padding."""
+
+    def __init__(self, view: str, mask: torch.Tensor | None, dtype: torch.dtype, work: _Workspace):
+        self.view, self.dtype, self.work = view, dtype, work
+        self.keep = None if mask is None else mask.to(dtype)[..., None]
+
+    def __call__(self, t: torch.Tensor, writable: bool = False) -> torch.Tensor:
+        z = _items(t, self.view)
+        if z.dtype == self.dtype and self.keep is None and not writable:
+            return z  # read only: no copy
+        z = self.work.copy(z, self.dtype)
+        return z if self.keep is None else z.mul_(self.keep)
 
 
 def _measure(
@@ -220,117 +327,237 @@ def _measure(
     gram_dtype: torch.dtype,
     step: int,
     call: int = 0,
+    work: _Workspace | None = None,
 ) -> _Pending:
     """Everything of one site call (the ``call``-th of its module in forward ``step``) that
     needs no host synchronisation.
 
-    Items are converted to ``gram_dtype`` one tensor at a time (the output only once the input's
-    Grams are formed) to keep the extra memory near one float64 copy of one activation. Nothing
-    is done in place: the activations belong to the model.
+    Items are converted to ``gram_dtype`` one tensor at a time, into the buffers of ``work``
+    (the output only once the input's Grams are formed), so the extra memory stays near one
+    float64 copy of one activation. Nothing is done in place on the model's activations.
     """
-    keep = None if mask is None else mask.to(gram_dtype)[..., None]
-
-    def items(t: torch.Tensor) -> torch.Tensor:  # the items of t in gram_dtype, zero on padding
-        z = _items(t, view).to(gram_dtype)
-        return z if keep is None else z * keep
-
-    X = items(x)
-    g, N, m = X.shape
+    items = _Items(view, mask, gram_dtype, work or _Workspace())
+    g, N, m = _items(x, view).shape
     if mask is not None:
-        n = mask.sum(-1)
-        pad = ~mask
+        n, pad = mask.sum(-1), ~mask
     else:
-        n = torch.full((g,), N, dtype=torch.int64, device=X.device)
-        pad = None
+        n, pad = torch.full((g,), N, dtype=torch.int64, device=x.device), None
     spec = site.norm
     post_dim = y.shape[-1] if view == "token" else y[:1].numel() if view == "sample" else y.numel() // y.shape[1]
     common = dict(site=site, view=view, step=step, call=call, dim=m, post_dim=post_dim, n=n,
                   token_items=view == "token", pad=pad)
-    padded = pad is not None
     points = ("pre", "post") if spec is None else ("pre", "centered", "normalized", "post")
     if N < 2:  # one item per Gram: nothing is defined (records are flagged)
-        nan = torch.full((g,), math.nan, dtype=torch.float64, device=X.device)
-        return _Pending(points=points, gram_points=(), grams=X.new_zeros(0, g, N, N),
+        nan = torch.full((g,), math.nan, dtype=torch.float64, device=x.device)
+        return _Pending(points=points, gram_points=(), grams=x.new_zeros(0, g, N, N, dtype=gram_dtype),
                         og={p: nan for p in points}, **common)
-
+    padded = pad is not None
+    grams = torch.empty((2 if spec is None else 4, g, N, N), dtype=gram_dtype, device=x.device)
     if spec is None:
-        Gpre = gram(X)
-        del X
-        grams = torch.stack([Gpre, gram(items(y))])
+        _gram(items(x), grams[0])
+        _gram(items(y), grams[1])
         og = {"pre": _orth_gap(grams[0], n, padded), "post": _orth_gap(grams[1], n, padded)}
-        return _Pending(points=("pre", "post"), gram_points=("pre", "post"), grams=grams, og=og, **common)
-
+        return _Pending(points=points, gram_points=points, grams=grams, og=og, **common)
     if not _aligned(spec, view, x.ndim):
         xc, xn = _normalize_parts(x.to(gram_dtype), spec)
-        grams = torch.stack([gram(X), gram(items(xc)), gram(items(xn)), gram(items(y))])
+        for i, t in enumerate((x, xc, xn, y)):
+            _gram(items(t), grams[i])
         og = {p: _orth_gap(G, n, padded) for p, G in zip(points, grams)}
         return _Pending(points=points, gram_points=points, grams=grams, og=og, **common)
+    return _measure_aligned(spec, items(x, writable=True), items, y, x.dtype, grams[:2], common)
 
-    # the norm acts on whole items: two Grams serve four points (module docstring)
+
+def _gram(X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``X Xᵀ`` of items ``(g, N, m)`` in their own dtype (float32 or float64), into ``out``."""
+    return torch.matmul(X, X.mT, out=out)
+
+
+def _measure_aligned(
+    spec: NormSpec, X: torch.Tensor, items: _Items, y: torch.Tensor, x_dtype: torch.dtype,
+    grams: torch.Tensor, common: dict[str, Any],
+) -> _Pending:
+    """A norm that acts on whole items: two Grams serve four points (module docstring).
+
+    ``X`` is a writable copy of the input items; it is centred in place, ``grams`` receives
+    ``G_c`` and ``G_post``, and ``G_pre = G_c +
+    v vᵀ`` (``v = sqrt(m) μ``) is left for :func:`_gap_rank_one` (no Cholesky of its own).
+    The norm-variation factor of the centred items ``a_i = sqrt(G_c,ii)`` over the ``n`` real
+    ones is ``n Σ a_i² / (Σ a_i)²`` (= ``1 + Var(a)/ā²``).
+    """
+    n, pad = common["n"], common["pad"]
+    m = X.shape[-1]
     mu = X.mean(-1) if spec.centers else None
-    Xc = X - mu[..., None] if mu is not None else X
-    del X
-    Gc = gram(Xc)
+    if mu is not None:
+        X.sub_(mu[..., None])
+    Gc = _gram(X, grams[0])
     var = Gc.diagonal(dim1=-2, dim2=-1) / m
-    eps = torch.finfo(x.dtype).eps if spec.eps is None else spec.eps
+    eps = torch.finfo(x_dtype).eps if spec.eps is None else spec.eps
     d2 = 1 / (var + eps)  # D_ii²
     Gn = Gc * d2.sqrt()[..., :, None] * d2.sqrt()[..., None, :]
-    real = torch.ones_like(var) if mask is None else mask.to(var.dtype)
+    real = torch.ones_like(var) if pad is None else (~pad).to(var.dtype)
     nf = n.to(var.dtype)
     log_ratio = (
         (d2 * var * real).sum(-1).log()
         - (var * real).sum(-1).log()
         - (d2.log() * real).sum(-1) / nf
     )
-    factor = norm_variation_factor(Xc) * (nf / N)  # zero rows: factor(N items) · n/N, exactly
-    del Xc
-    Gpost = gram(items(y))
+    a = (var.to(torch.float64) * m).sqrt()
+    factor = n.to(torch.float64) * a.square().sum(-1) / a.sum(-1).square()
+    Gpost = _gram(items(y), grams[1])
+    padded = pad is not None
     og = {"normalized": _orth_gap(Gn, n, padded), "post": _orth_gap(Gpost, n, padded)}
+    og["centered"] = _orth_gap(Gc, n, padded)
     if mu is None:
-        grams = torch.stack([Gc, Gpost])
-        og["pre"] = og["centered"] = _orth_gap(Gc, n, padded)
-        gram_points, same_as_pre = ("pre", "post"), ("centered",)
-    else:
-        Gpre = Gc + m * mu[..., :, None] * mu[..., None, :]
-        grams = torch.stack([Gpre, Gc, Gpost])
-        og["pre"], og["centered"] = _orth_gap(Gpre, n, padded), _orth_gap(Gc, n, padded)
-        gram_points, same_as_pre = ("pre", "centered", "post"), ()
-    return _Pending(
-        points=points, gram_points=gram_points, grams=grams, og=og, same_as_pre=same_as_pre,
-        log_ratio=log_ratio, factor=factor, gram_normalized=Gn, **common,
-    )
+        og["pre"] = og["centered"]
+        return _Pending(points=("pre", "centered", "normalized", "post"), gram_points=("pre", "post"),
+                        grams=grams, og=og, same_as_pre=("centered",), log_ratio=log_ratio,
+                        factor=factor, gram_normalized=Gn, **common)
+    v = mu * math.sqrt(m)
+    og["pre"] = _orth_gap(Gc + v[..., :, None] * v[..., None, :], n, padded)
+    return _Pending(points=("pre", "centered", "normalized", "post"), gram_points=("centered", "post"),
+                    grams=grams, og=og, pre_vector=v, log_ratio=log_ratio, factor=factor,
+                    gram_normalized=Gn, **common)
 
 
 def _finish(p: _Pending, tol: float) -> _Finished:
     """Isometry gaps and the Theorem 1 check of one site call (may synchronise the device)."""
-    k, g, N, _ = p.grams.shape
+    k, g = p.grams.shape[:2]
     nan = torch.full((g,), math.nan, dtype=torch.float64, device=p.n.device)
     gaps = {q: nan for q in p.points}  # stays NaN only for N < 2 (flagged as undefined)
     if k:
         pad = None if p.pad is None else p.pad.repeat(k, 1)
-        gaps.update(zip(p.gram_points, _gap(p.grams.flatten(0, 1), p.n.repeat(k), pad).view(k, g)))
+        gap, trusted, L = _gap_factored(p.grams.flatten(0, 1), p.n.repeat(k), pad)
+        gaps.update(zip(p.gram_points, gap.view(k, g)))
+        if p.pre_vector is not None:  # G_pre = G_c + v vᵀ: from G_c's factor (the first Grams)
+            gaps["pre"], lemma = _gap_rank_one(p.grams[0], p.pre_vector, p.n, p.pad, gaps["centered"],
+                                               trusted[:g], L[:g])
     for q in p.same_as_pre:
         gaps[q] = gaps["pre"]
     extra: dict[str, list[torch.Tensor]] = {}
     if p.log_ratio is not None:
-        gc = gaps["centered"]
-        gn = (gc + p.log_ratio.to(gc.dtype)).clamp_min(0)
-        singular = torch.isinf(gc)
-        if bool(singular.any()):  # G_c numerically singular: D G_c D may not be, ask it directly
-            pad = None if p.pad is None else p.pad[singular]
-            gn[singular] = _gap(p.gram_normalized[singular], p.n[singular], pad).to(gn.dtype)
-        gaps["normalized"] = gn
-        log_factor = p.factor.to(gc.dtype).log()
-        bound = torch.where(torch.isinf(gc), torch.zeros_like(gc), torch.exp(log_factor - gc))
-        holds = torch.isinf(gc) | (gn <= gc - log_factor + tol * gc.abs().clamp_min(1))
-        holds = torch.where(torch.isnan(gn) | torch.isnan(bound), nan, holds.to(gc.dtype))
-        extra["normalized"] = [bound, holds, p.factor.to(gc.dtype)]
+        extra["normalized"] = _theorem1(p, gaps, tol)
+    errors = {}
+    if k and p.grams.dtype == torch.float32:
+        errors = _float32_errors(p, gaps, trusted.view(k, g), L.view(k, g, *L.shape[-2:]),
+                                 lemma if p.pre_vector is not None else None)
     rows = [p.n.to(torch.float64)]
     for q in p.points:
         rows += [gaps[q].to(torch.float64), p.og[q].to(torch.float64)]
         rows += extra.get(q, [nan, nan, nan])
+        rows.append(errors.get(q, nan))
     return _Finished(p.site, p.view, p.step, p.call, p.dim, p.post_dim, p.token_items, p.points,
                      torch.stack(rows))
+
+
+# float32 Grams. Worst-case rounding bounds (an entry of a Gram formed from m float32 products
+# is off by at most m u ‖x_i‖ ‖x_j‖, u = 2⁻²⁴) exceed the actual errors of GPT-2's token Grams
+# by five orders of magnitude, so the Probe states a probabilistic estimate instead: rounding
+# errors as independent zero-mean variables (Higham & Mary 2019) give an entry error of standard
+# deviation ≲ sqrt(m) u ‖x_i‖ ‖x_j‖ and, to first order, a gap error of standard deviation ≲
+# sqrt(m) u max_i w_i (1 + 1/λ_min(Ĝ)) / sqrt(n); ``gap_error`` is _SIGMAS of those, with a factor
+# _CENTRING_SAFETY for a norm's items centred in float32 (w_i = ‖x_i‖² / G_ii, x uncentred).
+_UNIT_ROUNDOFF_32 = 2.0**-24
+_SIGMAS = 8.0
+_CENTRING_SAFETY = 4.0
+_INVERSE_ITERATIONS = 3
+
+
+def _lambda_min(apply_inverse: Any, diag: torch.Tensor) -> torch.Tensor:
+    """Estimate of the smallest eigenvalue of the unit-diagonal ``Ĝ = D^-½ G D^-½``
+    (``D = diag G``) by inverse iteration, ``Ĝ⁻¹ z = D^½ G⁻¹ D^½ z``; ``apply_inverse(z)`` solves
+    ``G u = z`` for ``z`` shaped ``(g, N, 1)``. From above after few steps (an estimate)."""
+    s = diag.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny).sqrt()[..., None]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.randn(diag.shape[-1], 1, generator=gen, dtype=torch.float64).to(diag.device).expand_as(s)
+    norm = torch.ones_like(s[..., 0, 0])
+    for _ in range(_INVERSE_ITERATIONS):
+        z = z / torch.linalg.vector_norm(z, dim=(-2, -1), keepdim=True)
+        z = s * apply_inverse(s * z)
+        norm = torch.linalg.vector_norm(z, dim=(-2, -1))
+    return 1 / norm
+
+
+def _rounding_estimate(gamma: float, w: torch.Tensor, lam_min: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``_SIGMAS · γ max w (1 + 1/λ_min) / sqrt(n)`` (``γ = sqrt(m) u``; comment above);
+    ``+inf`` where ``λ_min`` is not positive."""
+    est = _SIGMAS * gamma * w.amax(-1) * (1 + 1 / lam_min) / n.to(torch.float64).sqrt()
+    return torch.where(lam_min > 0, est, torch.full_like(est, math.inf))
+
+
+def _float32_errors(
+    p: _Pending, gaps: dict[str, torch.Tensor], trusted: torch.Tensor, L: torch.Tensor,
+    lemma: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """Per point ``(g,)``: an estimate of ``|gap(float32 Gram) - gap(exact Gram)|``
+    (:func:`_rounding_estimate`); ``+inf`` where the float32 factor was not trusted (singular to float32
+    rounding, or near it), NaN where the gap is NaN. ``trusted``, ``L``: the Cholesky factors of
+    ``p.grams`` ``(k, g, ...)``; ``lemma``: where ``G_pre`` came from ``G_c``'s factor."""
+    gamma = math.sqrt(p.dim) * _UNIT_ROUNDOFF_32
+    real = torch.ones_like(p.grams[0, :, :, 0], dtype=torch.float64) if p.pad is None else (~p.pad).double()
+    diags = p.grams.diagonal(dim1=-2, dim2=-1).to(torch.float64)
+
+    def bound(i: int, w: torch.Tensor, g: float, ok: torch.Tensor, apply=None, diag=None) -> torch.Tensor:
+        apply = apply or (lambda z: torch.cholesky_solve(z, L[i]))
+        lam = _lambda_min(apply, diags[i] if diag is None else diag)
+        return torch.where(ok, _rounding_estimate(g, w, lam, p.n), torch.full_like(lam, math.inf))
+
+    out = {}
+    if p.pre_vector is None:  # every Gram formed from the items as they are
+        for i, q in enumerate(p.gram_points):
+            out[q] = bound(i, real, gamma, trusted[i])
+    else:  # G_c from float32-centred items (uncentred norms: ‖x_i‖² = G_pre,ii), G_pre = G_c + v vᵀ
+        v = p.pre_vector.to(torch.float64)[..., None]
+        d_pre = diags[0] + v[..., 0].square()
+        w_c = real * d_pre / diags[0].clamp_min(torch.finfo(torch.float64).tiny)
+        out["centered"] = bound(0, w_c, _CENTRING_SAFETY * gamma, trusted[0])
+        out["post"] = bound(1, real, gamma, trusted[1])
+        u = torch.cholesky_solve(v, L[0])
+
+        def pre_inverse(z: torch.Tensor) -> torch.Tensor:  # Sherman–Morrison with G_c's factor
+            y = torch.cholesky_solve(z, L[0])
+            return y - u * (v.mT @ y) / (1 + v.mT @ u)
+
+        out["pre"] = bound(0, real, _CENTRING_SAFETY * gamma, lemma, pre_inverse, d_pre)
+    for q in p.same_as_pre:
+        out[q] = out["pre"]
+    if "normalized" in p.points and "normalized" not in out:  # gap(G_c) + exact log-ratio terms
+        w = w_c if p.pre_vector is not None else real
+        out["normalized"] = out["centered"] + 4 * _CENTRING_SAFETY * gamma * w.amax(-1)
+    return {q: torch.where(torch.isnan(gaps[q]), gaps[q], e) for q, e in out.items()}
+
+
+def _theorem1(p: _Pending, gaps: dict[str, torch.Tensor], tol: float) -> list[torch.Tensor]:
+    """Sets ``gaps["normalized"]``; returns the rows ``(bound, holds, factor)`` of Theorem 1."""
+    gc = gaps["centered"]
+    gn = (gc + p.log_ratio.to(gc.dtype)).clamp_min(0)
+    singular = torch.isinf(gc)
+    if bool(singular.any()):  # G_c numerically singular: D G_c D may not be, ask it directly
+        pad = None if p.pad is None else p.pad[singular]
+        gn[singular] = _gap(p.gram_normalized[singular], p.n[singular], pad).to(gn.dtype)
+    gaps["normalized"] = gn
+    log_factor = p.factor.to(gc.dtype).log()
+    bound = torch.where(singular, torch.zeros_like(gc), torch.exp(log_factor - gc))
+    holds = singular | (gn <= gc - log_factor + tol * gc.abs().clamp_min(1))
+    nan = torch.full_like(gc, math.nan)
+    holds = torch.where(torch.isnan(gn) | torch.isnan(bound), nan, holds.to(gc.dtype))
+    return [bound, holds, p.factor.to(gc.dtype)]
+
+
+_TOL64 = math.sqrt(torch.finfo(torch.float64).eps)
+
+
+def _checked(f: _Finished, tolerance: float, redo: Any) -> _Finished:
+    """``f`` (float32 Grams) with every item group whose error estimate exceeds ``tolerance`` at
+    some point replaced by ``redo()`` (the same site call with float64 Grams); their error
+    rows become 0. NaN bounds (non-finite or undefined records) do not count."""
+    err = f.table[_ROWS_PER_POINT::_ROWS_PER_POINT]
+    bad = (err > tolerance).any(0)
+    if not bool(bad.any()):
+        return f
+    table = f.table.clone()
+    table[:, bad] = redo().table[:, bad]
+    table[_ROWS_PER_POINT::_ROWS_PER_POINT][:, bad] = 0.0
+    return dataclasses.replace(f, table=table)
 
 
 def _to_host(tables: list[torch.Tensor]) -> list[list[list[float]]]:
@@ -358,7 +585,7 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
     ns = table[0]
     for j, point in enumerate(f.points):
         first = 1 + _ROWS_PER_POINT * j
-        gap_row, og_row, bound_row, holds_row, factor_row = table[first : first + _ROWS_PER_POINT]
+        gap_row, og_row, bound_row, holds_row, factor_row, err_row = table[first : first + _ROWS_PER_POINT]
         for i, n in enumerate(ns):
             n = int(n)
             base = dict(
@@ -381,7 +608,7 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
                 orthogonality_gap=_none_if_nan(og_row[i]),
                 theorem1_bound=_none_if_nan(bound_row[i]),
                 theorem1_holds=None if math.isnan(holds) else bool(holds),
-                norm_factor=_none_if_nan(factor_row[i]),
+                norm_factor=_none_if_nan(factor_row[i]), gap_error=_none_if_nan(err_row[i]),
             ))
     return out
 
@@ -438,8 +665,10 @@ class Probe:
     every: record every ``every``-th forward call of ``model`` (calls 0, every, 2·every, ...).
     attention_mask: ``(batch, seq)`` mask (1 = real token) used for the token view instead of
         the one the model's forward receives.
-    gram_dtype: ``torch.float64`` (default) or ``torch.float32`` (cheaper Grams, but not accurate
-        near collapse: its rank tolerance flags more Grams as singular; see "Numerics" above).
+    gram_dtype: ``torch.float64`` (default) or ``torch.float32`` (Grams formed in float32, half
+        the cost on a CPU; each record states an estimate of its gap's error, ``Record.gap_error``,
+        and an item group whose estimate exceeds ``float32_tolerance`` at some point, e.g. near
+        collapse, is recomputed with float64 Grams: see "float32 Grams" above).
     gather: under ``torch.distributed`` (e.g. DistributedDataParallel), form the sample and
         feature views over the global batch: every rank all-gathers each site's input and output
         (:func:`isoprobe.distributed.all_gather_features`, no gradient) and records the same
@@ -455,6 +684,7 @@ class Probe:
     """
 
     max_pending_bytes: int = 2**30
+    float32_tolerance: float = 1e-3
 
     def __init__(
         self,
@@ -501,6 +731,7 @@ class Probe:
         self._mask: torch.Tensor | None = None
         self._masks_by_device: dict[torch.device, torch.Tensor] = {}
         self._warned: set[str] = set()
+        self._work = _Workspace()
         self._site_calls: dict[str, int] = {}  # site -> calls of its module in this forward
 
     # -- lifecycle
@@ -529,6 +760,7 @@ class Probe:
         self._handles.clear()
         self._recording = False
         self._flush()
+        self._work.clear()
 
     def __enter__(self) -> Probe:
         return self.attach()
@@ -571,7 +803,13 @@ class Probe:
                     x = all_gather_features(x, same_size=self.equal_batches)
                     y = all_gather_features(y, same_size=self.equal_batches)
                 mask = self._mask_for(site, x) if view == "token" else None
-                pending = _measure(site, x.detach(), y.detach(), view, mask, self.gram_dtype, self._step, call)
+                args = (site, x.detach(), y.detach(), view, mask)
+                pending = _measure(*args, self.gram_dtype, self._step, call, self._work)
+                if self.gram_dtype == torch.float32:  # its error estimates decide now (a sync off the CPU)
+                    redo = lambda: _finish(_measure(*args, torch.float64, self._step, call, self._work),
+                                           _TOL64)
+                    self._pending.append(_checked(_finish(pending, self._tol), self.float32_tolerance, redo))
+                    return
                 if not _defer(x.device):
                     self._pending.append(_finish(pending, self._tol))
                     return

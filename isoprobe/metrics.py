@@ -132,29 +132,49 @@ def _eigen_stats(
     return mean_log, rank
 
 
-def spectral_stats(G: torch.Tensor, rtol: float | None = None) -> SpectralStats:
-    """Float64 log mean and mean log of the eigenvalues of ``G``, and its numerical rank.
+def _cholesky_mean_log(
+    G64: torch.Tensor, rtol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched Cholesky of finite float64 Grams: ``(mean log eigenvalue, trusted, L)``.
 
-    Cholesky log-determinant (``log det G = 2 Σ log L_ii``) where the factorisation succeeds
-    with a smallest pivot well above the rank tolerance, eigenvalues elsewhere.
+    ``log det G = 2 Σ log L_ii``; ``trusted`` where the factorisation succeeded with a smallest
+    pivot ``L_ii²`` above ``_CHOLESKY_MARGIN · rtol · max_i G_ii`` (``mean_log`` is 0 elsewhere).
+    No host synchronisation.
     """
+    n = G64.shape[-1]
+    L, info = torch.linalg.cholesky_ex(G64)
+    pivots = L.diagonal(dim1=-2, dim2=-1).square()
+    scale = G64.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    trusted = (info == 0) & (pivots.amin(-1) > _CHOLESKY_MARGIN * rtol * scale)
+    mean_log = torch.where(trusted, pivots.log().sum(-1) / n, torch.zeros_like(scale))
+    return mean_log, trusted, L
+
+
+def _finite_matrices(G: torch.Tensor) -> torch.Tensor:
+    """Which matrices of ``(..., n, n)`` have only finite entries: a sum is finite iff every
+    entry is (an overflowing sum of finite entries is checked entry by entry). One pass."""
+    finite = torch.isfinite(G.sum((-2, -1)))
+    if not bool(finite.all()):
+        finite = torch.isfinite(G).flatten(-2).all(-1)
+    return finite
+
+
+def _spectral_stats(
+    G: torch.Tensor, rtol: float | None = None
+) -> tuple[SpectralStats, torch.Tensor, torch.Tensor]:
+    """:func:`spectral_stats` and its Cholesky part: ``(stats, trusted, L)`` (``L`` is valid
+    where ``trusted``), for callers that reuse the factor (rank-one updates of ``G``)."""
     G = _check_gram(G)
     if rtol is None:
         rtol = _default_rtol(G)
     G64 = G.to(torch.float64)
     n = G64.shape[-1]
-    finite = torch.isfinite(G64).flatten(-2).all(-1)
-    G64 = torch.where(finite[..., None, None], G64, torch.eye(n, dtype=G64.dtype, device=G64.device))
-    diag = G64.diagonal(dim1=-2, dim2=-1)
-    trace = diag.sum(-1)
-    log_mean = (trace / n).log()
-
-    L, info = torch.linalg.cholesky_ex(G64)
-    pivots = L.diagonal(dim1=-2, dim2=-1).square()
-    scale = diag.amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
-    trusted = (info == 0) & (pivots.amin(-1) > _CHOLESKY_MARGIN * rtol * scale)
-    mean_log = torch.where(trusted, pivots.log().sum(-1) / n, torch.zeros_like(trace))
-    rank = torch.full_like(info, n, dtype=torch.int64)
+    finite = _finite_matrices(G64)
+    if not bool(finite.all()):
+        G64 = torch.where(finite[..., None, None], G64, torch.eye(n, dtype=G64.dtype, device=G64.device))
+    log_mean = (G64.diagonal(dim1=-2, dim2=-1).sum(-1) / n).log()
+    mean_log, trusted, L = _cholesky_mean_log(G64, rtol)
+    rank = torch.full_like(mean_log, n, dtype=torch.int64)
 
     untrusted = ~trusted
     if bool(untrusted.any()):
@@ -162,10 +182,19 @@ def spectral_stats(G: torch.Tensor, rtol: float | None = None) -> SpectralStats:
         mean_log = mean_log.masked_scatter(untrusted, eig_mean_log)
         rank = rank.masked_scatter(untrusted, eig_rank)
 
-    nan = torch.full_like(trace, torch.nan)
+    nan = torch.full_like(log_mean, torch.nan)
     log_mean = torch.where(finite, log_mean, nan)
     mean_log = torch.where(finite, mean_log, nan)
-    return SpectralStats(log_mean, mean_log, rank)
+    return SpectralStats(log_mean, mean_log, rank), trusted & finite, L
+
+
+def spectral_stats(G: torch.Tensor, rtol: float | None = None) -> SpectralStats:
+    """Float64 log mean and mean log of the eigenvalues of ``G``, and its numerical rank.
+
+    Cholesky log-determinant (``log det G = 2 Σ log L_ii``) where the factorisation succeeds
+    with a smallest pivot well above the rank tolerance, eigenvalues elsewhere.
+    """
+    return _spectral_stats(G, rtol)[0]
 
 
 def isometry_gap(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
@@ -174,11 +203,15 @@ def isometry_gap(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
     ``(..., n, n) -> (...)`` float64, in ``[0, +inf]``; ``+inf`` exactly when ``G`` is singular
     (numerical rank below ``n``, see the module docstring for ``rtol``).
     """
-    stats = spectral_stats(G, rtol)
+    return _gap_of(spectral_stats(G, rtol), G.shape[-1])
+
+
+def _gap_of(stats: SpectralStats, n: int) -> torch.Tensor:
+    """``log mean λ - mean log λ`` from :class:`SpectralStats`: 0 for a rounding hair below
+    zero, ``+inf`` where the rank is below ``n`` (a zero G has rank 0), NaN where G was not finite."""
     gap = stats.log_mean_eig - stats.mean_log_eig
-    # rounding can put a perfect isometry a hair below zero; a zero G is singular (rank 0)
     gap = torch.where(gap < 0, torch.zeros_like(gap), gap)
-    return torch.where(stats.rank < G.shape[-1], torch.full_like(gap, torch.inf), gap)
+    return torch.where(stats.rank < n, torch.full_like(gap, torch.inf), gap)
 
 
 def isometry(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
@@ -197,11 +230,16 @@ def numerical_rank(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
 
 def orthogonality_gap(G: torch.Tensor) -> torch.Tensor:
     """Orthogonality gap ``‖G/tr(G) - I_n/n‖_F`` (Daneshmand et al. 2021). NaN for a zero G."""
-    G64 = _check_gram(G).to(torch.float64)
-    n = G64.shape[-1]
-    trace = G64.diagonal(dim1=-2, dim2=-1).sum(-1)
-    eye = torch.eye(n, dtype=torch.float64, device=G64.device)
-    return torch.linalg.matrix_norm(G64 / trace[..., None, None] - eye / n)
+    return _orthogonality_gap(_check_gram(G))
+
+
+def _orthogonality_gap(G: torch.Tensor) -> torch.Tensor:
+    """:func:`orthogonality_gap` of a checked ``G``: ``‖G - (tr G / n) I‖_F / tr G`` in float64."""
+    D = G.to(torch.float64, copy=True)
+    n = D.shape[-1]
+    trace = D.diagonal(dim1=-2, dim2=-1).sum(-1)
+    D.diagonal(dim1=-2, dim2=-1).sub_((trace / n)[..., None])
+    return torch.linalg.matrix_norm(D) / trace
 
 
 def lyapunov_gamma(G: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,11 @@ class Record:
     (Corollary 2 for layer norm, Corollary 3 for batch norm) says ``isometry`` cannot fall below;
     ``theorem1_holds`` is that check up to rounding. ``flag`` says why values are missing
     (``"undefined: fewer than 2 items"``) or untrustworthy (``"non-finite"``: NaN or inf in the
-    activations); values a record does not have are ``None``.
+    activations); values a record does not have are ``None``. ``gap_error``, for float32 Grams
+    (``Probe(gram_dtype=torch.float32)``): an estimate (probabilistic rounding model) of the
+    isometry gap's error against the exact Gram of the same items (``0.0``: it exceeded the Probe's
+    ``float32_tolerance`` and the record was recomputed with float64 Grams); ``None`` for
+    float64 Grams.
     """
 
     site: str
@@ -87,6 +91,7 @@ class Record:
     theorem1_holds: bool | None = None
     norm_factor: float | None = None
     flag: str | None = None
+    gap_error: float | None = None
     call: int = 0
 
     @property
