@@ -62,6 +62,8 @@ __all__ = [
     "ActivationStats",
     "activation_stats",
     "beta_report",
+    "format_beta_rows",
+    "gain_text",
     "beta_table",
     "dual_activation",
     "hermite_coefficients",
@@ -639,7 +641,18 @@ def beta_table(activations: Sequence[ActivationLike], gains: Sequence[float] = (
 
 def beta_report(activations: Sequence[ActivationLike], gains: Sequence[float] = (1.0,), as_json: bool = False) -> str:
     """:func:`beta_table` as a text table or as JSON."""
-    rows = beta_table(activations, gains)
+    return format_beta_rows(beta_table(activations, gains), as_json)
+
+
+def gain_text(gain: float) -> str:
+    """``gain`` in the fewest characters that read back as the same float (``1e+06``, ``0.1``,
+    ``1.23456789``): ``:g`` when it round-trips, else the shortest repr."""
+    short = f"{gain:g}"
+    return short if float(short) == gain else repr(float(gain))
+
+
+def format_beta_rows(rows: Sequence[dict], as_json: bool = False) -> str:
+    """Rows of :func:`beta_table` as a text table (gains by :func:`gain_text`) or as JSON."""
     if as_json:
         return json.dumps(rows, indent=2)
     header = ("activation", "gain", "c0", "c1", "σ̄(1)", "β", "β closed form")
@@ -648,7 +661,7 @@ def beta_report(activations: Sequence[ActivationLike], gains: Sequence[float] = 
         return "" if v is None else f"{v:.12f}".replace("-0.000000000000", "0.000000000000")
 
     body = [
-        (r["activation"], f"{r['gain']:g}", *(fixed(r[k]) for k in ("c0", "c1", "var", "beta", "beta_closed_form")))
+        (r["activation"], gain_text(r["gain"]), *(fixed(r[k]) for k in ("c0", "c1", "var", "beta", "beta_closed_form")))
         for r in rows
     ]
     return _format_table(header, body)

@@ -459,13 +459,17 @@ _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 def _layer_ticks(units: Sequence[tuple[str, int]]) -> tuple[list[float], list[str]]:
     """x ticks: the first site of every layer index (the first integer in the site's name),
-    labelled by it; a site without one (``ln_f``, ``embeddings.LayerNorm``) by its last name part.
+    labelled by it; a site without one by the first part of its name after the prefix all sites
+    share (``transformer.ln_f`` → ``ln_f``, ``embeddings.LayerNorm`` → ``embeddings``).
     At most about 14 labelled layers: every k-th beyond."""
+    names = [site for site, _ in units]
+    prefix = names[0].split(".")[0] + "." if names else ""
+    strip = len(prefix) if len(names) > 1 and all(n.startswith(prefix) for n in names) else 0
     ticks: list[tuple[float, str, bool]] = []
     last: object = object()
     for i, (site, _) in enumerate(units):
         m = _LAYER.search(site)
-        layer = int(m.group(1)) if m else site.rsplit(".", 1)[-1]
+        layer = int(m.group(1)) if m else site[strip:].split(".")[0]
         if layer != last:
             ticks.append((2 * i + 0.5, str(layer), m is not None))
             last = layer
@@ -504,6 +508,7 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str | None 
     Drawn on a bare matplotlib ``Figure``: pyplot and the user's backend are left alone.
     """
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     rows = {(r["site"], r["call"], r["point"]): r for r in summarize(records)}
     units = list(dict.fromkeys((site, call) for site, call, _ in rows))
@@ -532,7 +537,7 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str | None 
         pre, post = gap(unit, "pre"), gap(unit, "post")
         if is_norm:
             ax.axvspan(2 * i - 0.2, 2 * i + 1.2, color="C3", alpha=0.15, lw=0)
-        draw([2 * i, 2 * i + 1], [y(pre), y(post)], "norm: input → output (shaded)" if is_norm
+        draw([2 * i, 2 * i + 1], [y(pre), y(post)], "norm: input → output" if is_norm
              else "activation: input → output", color="C3" if is_norm else "C0", marker="o", ms=2, lw=1.2)
         if is_norm and gap(unit, "normalized") is not None:
             draw([2 * i + 0.5], [y(gap(unit, "normalized"))], "norm, before its affine part",
@@ -548,11 +553,19 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str | None 
     ax.set_xlim(-0.6, 2 * len(units) - 0.4)
     ticks, labels = _layer_ticks(units)
     ax.set_xticks(ticks, labels, fontsize=6)
+    for label in ax.get_xticklabels():  # named sites (embeddings, ln_f) upright, beside the numbers
+        if not label.get_text().isdigit():
+            label.set_rotation(90)
     ax.tick_params(axis="y", labelsize=6)
     ax.set_xlabel("layer index (sites in forward order)", fontsize=7)
     ax.set_ylabel("isometry gap  −log I", fontsize=7)
-    ax.set_title(textwrap.shorten(title or "isometry gap along depth", 60, placeholder="…"), fontsize=8)
-    fig.legend(loc="outside lower center", ncol=2, fontsize=6, frameon=False)
+    title = textwrap.shorten(title or "isometry gap along depth", 104, placeholder="…")
+    ax.set_title(textwrap.fill(title, 52), fontsize=7.5)  # at most two lines over the axes
+    handles, names = ax.get_legend_handles_labels()
+    if any(rows[(*u, "pre")]["kind"] == "norm" for u in units):
+        handles.append(Patch(color="C3", alpha=0.15, lw=0))
+        names.append("norm layer (shaded band)")
+    fig.legend(handles, names, loc="outside lower center", ncol=2, fontsize=6, frameon=False)
     path = Path(path)
     fig.savefig(path, dpi=300)
     return path
