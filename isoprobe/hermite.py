@@ -1,4 +1,4 @@
-"""Hermite expansion, isometry strength β and the dual activation, by exact quadrature (SPEC §3).
+"""Hermite expansion, isometry strength β and the dual activation, by exact quadrature (Joudaki et al. 2023, §5.1).
 
 For ``z ~ N(0, 1)`` and an activation ``σ`` with gain ``α`` (``σ_α(x) = σ(α x)``):
 
@@ -86,7 +86,7 @@ _RHO_SLACK = 1e-12  # |ρ| up to 1 + this is rounding and counts as ±1
 
 
 class ActivationStats(NamedTuple):
-    """Hermite statistics of ``σ_α`` (SPEC §3): ``c0 = E σ_α(z)`` (offset), ``c1 = E[z σ_α(z)]``,
+    """Hermite statistics of ``σ_α`` (Joudaki et al., Defs. 2–3): ``c0 = E σ_α(z)`` (offset), ``c1 = E[z σ_α(z)]``,
     ``var = σ̄(1) = Var σ_α(z) = Σ_{k≥1} c_k²`` (scale), ``beta = 2 − c1²/var`` (Definition 3)."""
 
     c0: float
@@ -538,7 +538,7 @@ def hermite_coefficients(act: ActivationLike, k_max: int, gain: float = 1.0) -> 
 
 
 def activation_stats(act: ActivationLike, gain: float = 1.0) -> ActivationStats:
-    """``c0``, ``c1``, ``var = σ̄(1)`` and ``β = 2 − c1²/var`` of ``σ(α ·)`` (SPEC §3, Definition 3).
+    """``c0``, ``c1``, ``var = σ̄(1)`` and ``β = 2 − c1²/var`` of ``σ(α ·)`` (Joudaki et al. 2023, Definition 3).
 
     Raises ``ValueError`` where ``σ(α z)`` is constant (gain 0): β is undefined there.
     """

@@ -603,7 +603,8 @@ class Probe:
     attention_mask: ``(batch, seq)`` mask (1 = real token) used for the token view instead of
         the one the model's forward receives.
     gram_dtype: ``torch.float64`` (default) or ``torch.float32`` (cheaper Grams, but not accurate
-        near collapse: its rank tolerance flags more Grams as singular; see "Numerics" above).
+        near collapse: its rank tolerance flags more Grams as singular; see **Numerics** in the
+        ``isoprobe.hooks`` module docstring).
     gather: under ``torch.distributed`` (e.g. DistributedDataParallel), form the sample and
         feature views over the global batch: every rank all-gathers each site's input and output
         (:func:`isoprobe.distributed.all_gather_features`, no gradient) and records the same
