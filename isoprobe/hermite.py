@@ -86,8 +86,9 @@ _RHO_SLACK = 1e-12  # |ρ| up to 1 + this is rounding and counts as ±1
 
 
 class ActivationStats(NamedTuple):
-    """Hermite statistics of ``σ_α`` (Joudaki et al., Defs. 2–3): ``c0 = E σ_α(z)`` (offset), ``c1 = E[z σ_α(z)]``,
-    ``var = σ̄(1) = Var σ_α(z) = Σ_{k≥1} c_k²`` (scale), ``beta = 2 − c1²/var`` (Definition 3)."""
+    """Hermite statistics of ``σ_α`` (Joudaki et al. 2023, §5.1): ``c0 = E σ_α(z)`` (offset),
+    ``c1 = E[z σ_α(z)]``, ``var = σ̄(1) = Var σ_α(z) = Σ_{k≥1} c_k²`` (scale),
+    ``beta = 2 − c1²/var`` (Definition 3)."""
 
     c0: float
     c1: float
