@@ -508,12 +508,25 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str | None 
     Drawn on a bare matplotlib ``Figure``: pyplot and the user's backend are left alone.
     """
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
 
     rows = {(r["site"], r["call"], r["point"]): r for r in summarize(records)}
     units = list(dict.fromkeys((site, call) for site, call, _ in rows))
     if not units:
         raise ValueError("no records to plot")
+    fig = Figure(figsize=(3.5, 3.1), layout="constrained")
+    ax = fig.add_subplot()
+    _draw_sites(ax, rows, units)
+    _label_axes(fig, ax, rows, units, title)
+    path = Path(path)
+    fig.savefig(path, dpi=300)
+    return path
+
+
+_Rows = dict[tuple[str, int, str], dict[str, Any]]
+
+
+def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
+    """The curve of :func:`plot_records`: segments, bands, markers, and the y axis."""
 
     def gap(unit: tuple[str, int], point: str) -> float | None:
         row = rows.get((*unit, point))
@@ -524,8 +537,6 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str | None 
     def y(g: float | None) -> float:
         return math.nan if g is None else top if math.isinf(g) else max(g, bottom)
 
-    fig = Figure(figsize=(3.5, 3.1), layout="constrained")
-    ax = fig.add_subplot()
     labelled: set[str] = set()
 
     def draw(xs: list[float], ys: list[float], label: str, **style: Any) -> None:
@@ -550,11 +561,17 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str | None 
             draw(singular, [top] * len(singular), "singular Gram (gap = ∞)", color="k", marker="^", ms=3, ls="none")
     ax.set_yscale(scale)
     ax.set_ylim(bottom, top)
+
+
+def _label_axes(fig: Any, ax: Any, rows: _Rows, units: list[tuple[str, int]], title: str | None) -> None:
+    """Ticks by layer index, axis labels, a title of at most two lines, the legend under the axes."""
+    from matplotlib.patches import Patch
+
     ax.set_xlim(-0.6, 2 * len(units) - 0.4)
     ticks, labels = _layer_ticks(units)
     ax.set_xticks(ticks, labels, fontsize=6)
-    for label in ax.get_xticklabels():  # named sites (embeddings, ln_f) upright, beside the numbers
-        if not label.get_text().isdigit():
+    for label in ax.get_xticklabels():  # long site names (embeddings) upright, beside the numbers
+        if len(label.get_text()) > 4:
             label.set_rotation(90)
     ax.tick_params(axis="y", labelsize=6)
     ax.set_xlabel("layer index (sites in forward order)", fontsize=7)
@@ -566,6 +583,3 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str | None 
         handles.append(Patch(color="C3", alpha=0.15, lw=0))
         names.append("norm layer (shaded band)")
     fig.legend(handles, names, loc="outside lower center", ncol=2, fontsize=6, frameon=False)
-    path = Path(path)
-    fig.savefig(path, dpi=300)
-    return path
