@@ -130,6 +130,7 @@ def test_long_text_truncated_or_windowed(tiny_gpt2_dir):
                  "--batch-size", "3", "--format", "json")
     assert result.exit_code == 0, result.output
     obj = json.loads(result.stdout)
+    assert "probing" not in result.stderr and "batch 1/2" not in result.stderr  # no bar: not a terminal
     assert obj["tokens"] == [64] * 4  # windows start at 0, 16, 32 and 36 (the tail)
     assert {(r["step"], r["item"]) for r in obj["records"]} == {(0, 0), (0, 1), (0, 2), (1, 0)}
 

@@ -70,11 +70,6 @@ def test_progress_bar_over_windows_and_batches(tiny_gpt2_dir, monkeypatch):
     assert err.getvalue() == ""
 
 
-def test_no_progress_bar_when_stderr_is_not_a_terminal(tiny_gpt2_dir):
-    result = run("gpt2", "--model", str(tiny_gpt2_dir), "--text", "abcdefghij" * 10, "--stride", "16")
-    assert result.exit_code == 0 and "probing" not in result.stderr and "batch" not in result.stderr
-
-
 def test_a_model_given_by_path_is_named_by_its_folder_not_its_path(minilm_path, tmp_path):
     plot = tmp_path / "p.png"
     result = run("inspect", "--model", str(minilm_path), "--text", TEXT, "--format", "json",
