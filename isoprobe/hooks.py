@@ -34,7 +34,7 @@ part). An RMSNorm does not centre: its ``centered`` point *is* ``pre``. A BatchN
 ``centered``/``normalized`` points use the batch's own statistics (Corollary 3), whatever the
 module's mode; its ``post`` is what the module returned (running statistics in eval mode).
 
-**Views** (SPEC §1): *token* — one Gram per sequence of a ``(batch, seq, hidden)`` activation,
+**Views** (Joudaki et al. 2023, App. C.4): *token* — one Gram per sequence of a ``(batch, seq, hidden)`` activation,
 items = tokens, padding excluded by the attention mask the model's forward received (or one
 given to the Probe); *sample* — one Gram per batch, items = the flattened samples; *feature* —
 the feature covariance ``C = X Xᵀ`` of a batch (items = channels, entries = batch × spatial
@@ -49,7 +49,7 @@ one-group GroupNorm, feature view for BatchNorm). The check is ``gap(normalized)
 projection onto the sphere; a norm's ``eps`` makes it slightly different, and the inequality can
 fail when ``eps`` is not small against the items' variance (roughly ``eps > 2.4 var``).
 
-**Numerics** (DESIGN.md, "Numerics that matter"). Grams in ``gram_dtype`` (float64 by default;
+**Numerics** (see also :mod:`isoprobe.metrics`). Grams in ``gram_dtype`` (float64 by default;
 float32 is allowed but, on CPU, not faster: ``metrics`` trusts a Cholesky factor of a float32
 Gram only far above float32's rank tolerance, so most float32 Grams take the eigenvalue path),
 the spectrum always in float64 (``metrics``). A norm site needs two Grams for four points:

@@ -1,6 +1,6 @@
 """Joudaki, Daneshmand & Bach (NeurIPS 2023): every random-initialisation figure, one command each.
 
-Setups follow SPEC §6 and the paper (n items, width d, depth L, 10 runs unless noted). Inputs
+Setups follow the paper, §4.2, §6 and App. C (n items, width d, depth L, 10 runs unless noted). Inputs
 the paper does not specify are Gaussian items with a shared component,
 ``x_i = sqrt(ρ) u + sqrt(1 − ρ) z_i`` (cosine ≈ ρ between items), so that the input is far
 from isometric and the decay is visible. The networks are :class:`~isoprobe.theory.LNMLPSpec`
