@@ -14,7 +14,6 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from isoprobe import Probe
-from isoprobe.records import format_table
 
 
 def main(out: Path) -> None:
@@ -30,7 +29,7 @@ def main(out: Path) -> None:
     with torch.no_grad(), Probe(model) as probe:
         model(input_ids=input_ids, attention_mask=attention_mask)
 
-    print(format_table(probe.records))
+    print(probe.summary())  # the table: one row per site and point, gap mean ± std, Theorem 1
     last = probe["transformer.h.3.ln_1:normalized"][0]
     print(f"\n{last.key}: I = {last.isometry:.4f} >= Theorem 1 bound {last.theorem1_bound:.4f}: "
           f"{last.theorem1_holds}")

@@ -1,4 +1,4 @@
-"""Named activations: elementwise torch functions with their kinks and closed-form β (SPEC §3).
+"""Named activations: elementwise torch functions with their kinks and closed-form β (Joudaki et al. 2023, Table 2).
 
 An :class:`Activation` is a plain elementwise function ``σ`` plus what exact quadrature needs to
 know about it: its *kinks*, the points where ``σ`` is not smooth (a jump, a corner, a jump of a

@@ -102,7 +102,7 @@ def repro_command(names: tuple[str, ...], show_list: bool, quick: bool, runs: in
         click.echo(experiments.summarize(summaries, out_dir))
 
 
-# --- beta: Hermite statistics and isometry strength of activations (SPEC §3) -------------------
+# --- beta: Hermite statistics and isometry strength β of activations (Joudaki et al. 2023, Def. 3)
 
 
 @main.command("beta")
@@ -137,16 +137,29 @@ def beta_command(activations: tuple[str, ...], gains: tuple[float, ...], as_json
             "(`isoprobe beta --list` shows them all)"
         )
     try:
-        click.echo(hermite.beta_report(activations, gains or (1.0,), as_json))
+        for name in activations:  # unknown names fail before any work
+            registry.get_activation(name)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
+    rows, failed = [], []
+    for name in activations:
+        for gain in gains or (1.0,):
+            try:
+                rows += hermite.beta_table([name], [gain])
+            except ValueError as error:
+                failed.append(f"{name} at gain {hermite.gain_text(gain)}: {error}")
+    if rows:
+        click.echo(hermite.format_beta_rows(rows, as_json))
+    if failed:
+        done = f" (the {len(rows)} other row{'s' * (len(rows) != 1)} above are fine)" if rows else ""
+        raise click.UsageError("; ".join(failed) + done)
 
 
 # --- gpt2 and inspect: isometry of a transformer's tokens at every norm and activation --------
 
 
 def _text_probe_options(command):
-    """Options shared by ``gpt2`` and ``inspect`` (see isoprobe.models.run_gpt2/run_inspect)."""
+    """Options shared by ``gpt2`` and ``inspect`` (the fields of isoprobe.jobs.TextJob)."""
     options = [
         click.option("--text", "texts", multiple=True, help="A text to probe (repeatable)."),
         click.option("--text-file", "text_files", multiple=True, type=click.Path(dir_okay=False),
@@ -172,22 +185,37 @@ def _text_probe_options(command):
         click.option("--gram-dtype", type=click.Choice(["float64", "float32"]), default="float64",
                      show_default=True,
                      help="Gram dtype (float32: less exact near collapse, and on CPU not faster)."),
+        click.option("--quiet", is_flag=True, help="No progress bar on stderr (it is off anyway when "
+                     "stderr is not a terminal)."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def _run_text_probe(job_name: str, **options) -> None:
-    from isoprobe import models
+def _run_text_probe(family: str, **options) -> None:
+    """Run the job; print its table even when writing ``--out``/``--plot`` fails afterwards."""
+    from isoprobe import jobs, models
 
+    def notify(message: str) -> None:
+        click.echo(message, err=True)
+
+    job = jobs.TextJob(family=family, **options)
     try:
-        output = getattr(models, job_name)(notify=lambda m: click.echo(m, err=True), **options)
+        report = jobs.run(job, notify)
     except (ValueError, models.ModelLoadError) as error:
         raise click.UsageError(str(error)) from None
-    except OSError as error:  # --out / --plot not writable
-        raise click.ClickException(f"cannot write {error.filename or 'output'}: {error.strerror or error}") from None
-    click.echo(output)
+    except OSError as error:  # --out / --plot not writable: found before the model loads
+        raise click.ClickException(_cannot_write(error)) from None
+    click.echo(jobs.render(report, job.fmt))
+    try:
+        jobs.write_outputs(report, job, notify)
+    except OSError as error:
+        raise click.ClickException(_cannot_write(error) + " (the table above is complete)") from None
+
+
+def _cannot_write(error: OSError) -> str:
+    return f"cannot write {error.filename or 'output'}: {error.strerror or error}"
 
 
 @main.command("gpt2")
@@ -207,7 +235,7 @@ def gpt2_command(**options) -> None:
     Example:
       isoprobe gpt2 --init random --text "The quick brown fox jumps over the lazy dog."
     """
-    _run_text_probe("run_gpt2", **options)
+    _run_text_probe("gpt2", **options)
 
 
 @main.command("inspect")
@@ -220,5 +248,11 @@ def gpt2_command(**options) -> None:
 @_text_probe_options
 def inspect_command(**options) -> None:
     """Token isometry at every norm and activation of any transformers model (BERT, GPT-2,
-    Llama-style, ...), with the Theorem 1 check at every norm."""
-    _run_text_probe("run_inspect", **options)
+    Llama-style, ...), with the Theorem 1 check at every norm.
+
+    \b
+    Examples:
+      isoprobe inspect --model bert-base-uncased --text "Norms make tokens isometric."
+      isoprobe inspect --model ./my-checkpoint --dataset texts.csv --column sentence --plot gaps.png
+    """
+    _run_text_probe("auto", **options)

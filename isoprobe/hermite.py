@@ -1,4 +1,4 @@
-"""Hermite expansion, isometry strength β and the dual activation, by exact quadrature (SPEC §3).
+"""Hermite expansion, isometry strength β and the dual activation, by exact quadrature (Joudaki et al. 2023, §5.1).
 
 For ``z ~ N(0, 1)`` and an activation ``σ`` with gain ``α`` (``σ_α(x) = σ(α x)``):
 
@@ -62,6 +62,8 @@ __all__ = [
     "ActivationStats",
     "activation_stats",
     "beta_report",
+    "format_beta_rows",
+    "gain_text",
     "beta_table",
     "dual_activation",
     "hermite_coefficients",
@@ -84,8 +86,9 @@ _RHO_SLACK = 1e-12  # |ρ| up to 1 + this is rounding and counts as ±1
 
 
 class ActivationStats(NamedTuple):
-    """Hermite statistics of ``σ_α`` (SPEC §3): ``c0 = E σ_α(z)`` (offset), ``c1 = E[z σ_α(z)]``,
-    ``var = σ̄(1) = Var σ_α(z) = Σ_{k≥1} c_k²`` (scale), ``beta = 2 − c1²/var`` (Definition 3)."""
+    """Hermite statistics of ``σ_α`` (Joudaki et al. 2023, §5.1): ``c0 = E σ_α(z)`` (offset),
+    ``c1 = E[z σ_α(z)]``, ``var = σ̄(1) = Var σ_α(z) = Σ_{k≥1} c_k²`` (scale),
+    ``beta = 2 − c1²/var`` (Definition 3)."""
 
     c0: float
     c1: float
@@ -536,7 +539,7 @@ def hermite_coefficients(act: ActivationLike, k_max: int, gain: float = 1.0) -> 
 
 
 def activation_stats(act: ActivationLike, gain: float = 1.0) -> ActivationStats:
-    """``c0``, ``c1``, ``var = σ̄(1)`` and ``β = 2 − c1²/var`` of ``σ(α ·)`` (SPEC §3, Definition 3).
+    """``c0``, ``c1``, ``var = σ̄(1)`` and ``β = 2 − c1²/var`` of ``σ(α ·)`` (Joudaki et al. 2023, Definition 3).
 
     Raises ``ValueError`` where ``σ(α z)`` is constant (gain 0): β is undefined there.
     """
@@ -639,7 +642,18 @@ def beta_table(activations: Sequence[ActivationLike], gains: Sequence[float] = (
 
 def beta_report(activations: Sequence[ActivationLike], gains: Sequence[float] = (1.0,), as_json: bool = False) -> str:
     """:func:`beta_table` as a text table or as JSON."""
-    rows = beta_table(activations, gains)
+    return format_beta_rows(beta_table(activations, gains), as_json)
+
+
+def gain_text(gain: float) -> str:
+    """``gain`` in the fewest characters that read back as the same float (``1e+06``, ``0.1``,
+    ``1.23456789``): ``:g`` when it round-trips, else the shortest repr."""
+    short = f"{gain:g}"
+    return short if float(short) == gain else repr(float(gain))
+
+
+def format_beta_rows(rows: Sequence[dict], as_json: bool = False) -> str:
+    """Rows of :func:`beta_table` as a text table (gains by :func:`gain_text`) or as JSON."""
     if as_json:
         return json.dumps(rows, indent=2)
     header = ("activation", "gain", "c0", "c1", "σ̄(1)", "β", "β closed form")
@@ -648,7 +662,7 @@ def beta_report(activations: Sequence[ActivationLike], gains: Sequence[float] = 
         return "" if v is None else f"{v:.12f}".replace("-0.000000000000", "0.000000000000")
 
     body = [
-        (r["activation"], f"{r['gain']:g}", *(fixed(r[k]) for k in ("c0", "c1", "var", "beta", "beta_closed_form")))
+        (r["activation"], gain_text(r["gain"]), *(fixed(r[k]) for k in ("c0", "c1", "var", "beta", "beta_closed_form")))
         for r in rows
     ]
     return _format_table(header, body)

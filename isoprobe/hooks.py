@@ -3,7 +3,15 @@
     with Probe(model, sites=None, view="auto", every=1) as probe:
         model(**batch)
     probe.records      # list[Record] in forward order
-    probe.summary()    # one row per (site, call, point)
+    probe.summary()    # a Summary: print() it for the table, iterate for one dict per (site, call, point)
+    probe["transformer.h.3.ln_1:pre"]   # the records of one site and point (a glob)
+
+**Long runs.** ``Probe(model, sink="records.jsonl")`` streams every record to a JSON-lines (or
+``.csv``) file as it is made and keeps in memory only a running summary per (site, call, point)
+(:class:`isoprobe.records.RunningSummary`: count, Welford mean and std), so memory stays flat
+however many steps are probed; ``probe.summary()`` then gives those running summaries and
+:func:`isoprobe.records.read_records` reads the file back. Without a sink, ``pop_records()`` in
+the loop hands the new records over and keeps the Probe's own list empty.
 
 **Sites** (:mod:`isoprobe.sites`) are found without changing the model: norms and activations
 by what the modules do (torch's norm and activation classes, modules declaring an
@@ -23,7 +31,7 @@ part). An RMSNorm does not centre: its ``centered`` point *is* ``pre``. A BatchN
 ``centered``/``normalized`` points use the batch's own statistics (Corollary 3), whatever the
 module's mode; its ``post`` is what the module returned (running statistics in eval mode).
 
-**Views** (SPEC §1): *token* — one Gram per sequence of a ``(batch, seq, hidden)`` activation,
+**Views** (Joudaki et al. 2023, App. C.4): *token* — one Gram per sequence of a ``(batch, seq, hidden)`` activation,
 items = tokens, padding excluded by the attention mask the model's forward received (or one
 given to the Probe); *sample* — one Gram per batch, items = the flattened samples; *feature* —
 the feature covariance ``C = X Xᵀ`` of a batch (items = channels, entries = batch × spatial
@@ -109,7 +117,7 @@ from isoprobe.metrics import (
     _orthogonality_gap,
     _spectral_stats,
 )
-from isoprobe.records import Record
+from isoprobe.records import Record, RecordSink, RunningSummary, Summary
 from isoprobe.sites import NormSpec, Site, discover_sites, no_site_message, select_sites
 
 __all__ = ["NormSpec", "Probe", "Site", "discover_sites", "select_sites"]
@@ -654,6 +662,22 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]
 # ---------------------------------------------------------------------------------- Probe
 
 
+_SITES_ACCEPTS = ("None (every site), 'norm', 'activation', a glob on module names such as "
+                  "'transformer.h.*.ln_*', or a list of these strings")
+
+
+def _check_sites_argument(sites: object) -> None:
+    """``sites`` is None, a string or a list/tuple of strings; anything else is a TypeError
+    saying what it accepts."""
+    if sites is None or isinstance(sites, str):
+        return
+    if not isinstance(sites, (list, tuple)):
+        raise TypeError(f"sites must be {_SITES_ACCEPTS}; got {type(sites).__name__} {sites!r}")
+    bad = [s for s in sites if not isinstance(s, str)]
+    if bad:
+        raise TypeError(f"sites must be {_SITES_ACCEPTS}; the list holds {type(bad[0]).__name__} {bad[0]!r}")
+
+
 class Probe:
     """Measure the isometry of a model's representations at its norm and activation sites.
 
@@ -676,6 +700,10 @@ class Probe:
         Without a process group it changes nothing.
     equal_batches: with ``gather``, promise that every rank's batch has the same size (DDP with
         ``drop_last``), which skips the size exchange and its host synchronisation on a GPU.
+    sink: bounded memory for long runs: a path (``.csv``, else JSON lines) or a
+        :class:`~isoprobe.records.RecordSink`; every record is written there as it is made and
+        only per-(site, call, point) running summaries stay in memory (``summary()``), while
+        ``records``/``pop_records()``/``probe[key]`` refuse (the records are in the file).
 
     Records are made during calls of ``model``; ``probe.records`` lists them in forward order.
     Use as a context manager, or ``attach()``/``detach()`` (e.g. from a training callback).
@@ -697,6 +725,7 @@ class Probe:
         gram_dtype: torch.dtype = torch.float64,
         gather: bool = False,
         equal_batches: bool = False,
+        sink: str | Path | RecordSink | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -708,6 +737,7 @@ class Probe:
             raise ValueError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError(f"attention_mask must be shaped (batch, seq), got {tuple(attention_mask.shape)}")
+        _check_sites_argument(sites)
         found = discover_sites(model)
         if not found and sites is None:
             raise ValueError(no_site_message(model))
@@ -723,6 +753,8 @@ class Probe:
         self._forward_sig = _mask_signature(model)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._records: list[Record] = []
+        self._sink = sink if isinstance(sink, RecordSink) or sink is None else RecordSink(sink)
+        self._running = RunningSummary()
         self._pending: list[_Pending | _Finished] = []
         self._pending_bytes = 0
         self._calls = 0
@@ -761,6 +793,8 @@ class Probe:
         self._recording = False
         self._flush()
         self._work.clear()
+        if self._sink is not None:
+            self._sink.close()
 
     def __enter__(self) -> Probe:
         return self.attach()
@@ -878,38 +912,68 @@ class Probe:
         if not finished:
             return
         for f, table in zip(finished, _to_host([f.table for f in finished])):
-            self._records.extend(_records(f, table))
+            self._store(_records(f, table))
+
+    def _store(self, records: list[Record]) -> None:
+        """Keep ``records``, or (with a sink) write them out and fold them into running summaries."""
+        if self._sink is None:
+            self._records.extend(records)
+        else:
+            self._sink.write(records)
+            self._running.add(records)
 
     # -- results
+    def _kept(self) -> list[Record]:
+        if self._sink is not None:
+            raise RuntimeError(
+                f"this Probe streams its records to {str(self._sink.path)!r} (sink=...) and keeps only "
+                "running summaries: use probe.summary(), or isoprobe.records.read_records(path) for the records"
+            )
+        if not self._recording:
+            self._flush()
+        return self._records
+
     @property
     def records(self) -> list[Record]:
         """All records so far, in forward order (a copy)."""
-        if not self._recording:
-            self._flush()
-        return list(self._records)
+        return list(self._kept())
 
     def pop_records(self) -> list[Record]:
         """The records so far, which the Probe then forgets (bounded memory in training loops)."""
-        out = self.records
-        self._records.clear()
+        kept = self._kept()
+        out = list(kept)
+        kept.clear()
         return out
 
     def __getitem__(self, key: str) -> list[Record]:
         """Records whose key matches the glob ``key`` (:meth:`Record.matches`): ``"site:point"``
         for every call of the module, e.g. ``probe["*.ln_1:pre"]``; ``"site@k:point"`` for its
         k-th call in each forward only (``probe["blocks.act@1:pre"]``; ``@0`` the first)."""
-        return [r for r in self.records if r.matches(key)]
+        return [r for r in self._kept() if r.matches(key)]
 
-    def summary(self) -> list[dict[str, Any]]:
-        """One row per (site, call, point): mean/std over items and steps
-        (:func:`records.summarize`); the calls of a module used twice in a forward are not mixed."""
+    def summary(self) -> Summary:
+        """One row per (site, call, point): mean/std over items and steps (:func:`records.summarize`).
+
+        ``print(probe.summary())`` shows the table; iterating gives the rows as dicts;
+        ``.to_pandas()`` a DataFrame. With a ``sink``: the running summaries of every record made.
+        The calls of a module used twice in a forward are not mixed.
+        """
+        if self._sink is not None:
+            if not self._recording:
+                self._flush()
+            return self._running.summary()
         return _rec.summarize(self.records)
 
     def to_csv(self, path: str | Path) -> Path:
+        """Write every record as one CSV row (columns: the :class:`Record` fields) to ``path``."""
         return _rec.to_csv(self.records, path)
 
     def to_json(self, path: str | Path) -> Path:
+        """Write ``{"records": [...]}`` to ``path`` as strict JSON (``+inf`` as ``"inf"``;
+        :func:`isoprobe.records.read_json` reads it back)."""
         return _rec.to_json(self.records, path)
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Save the gap-along-depth plot (Joudaki et al. 2023, Fig. C.5 style) of the records as
+        an image at ``path`` (format from its suffix; :func:`isoprobe.records.plot_records`)."""
         return _rec.plot_records(self.records, path, title)

@@ -3,7 +3,7 @@
     from isoprobe.integrations import ProbeCallback, tensorboard_writer
     callback = ProbeCallback(sites="norm", every=50, writer=tensorboard_writer("runs/iso"))
     Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
-    callback.history   # one row per (recorded step, site, point): mean/std of the isometry gap
+    callback.history   # one row per (recorded step, site, call, point): mean/std of the isometry gap
 
 ``every`` counts forward calls of the model (with gradient accumulation, several per optimizer
 step; evaluation forwards count too and are probed as well). TensorBoard is optional:
@@ -76,7 +76,8 @@ class ProbeCallback(TrainerCallback):
 
     On train begin a :class:`~isoprobe.hooks.Probe` (``sites``, ``view``, ``every``,
     ``gram_dtype``) is attached to the model; after every optimizer step its new records are
-    summarised per (site, point) (:func:`records.summarize`) and appended to ``history`` with
+    popped (the probe keeps none between steps, so memory stays bounded however long the run),
+    summarised per (site, call, point) (:func:`records.summarize`) and appended to ``history`` with
     the ``global_step``, and written to ``writer`` if one is given; on train end the hooks are
     removed. Call :meth:`close` yourself if training stops with an exception.
     """

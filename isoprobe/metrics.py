@@ -1,4 +1,4 @@
-"""Isometry statistics of Gram matrices: pure functions on tensors (SPEC §1).
+"""Isometry statistics of Gram matrices: pure functions on tensors.
 
 Every function is batched over any leading dimensions: a Gram argument is shaped
 ``(..., n, n)`` and a feature argument ``(..., n, d)`` with the ``n`` items as rows. Results are
@@ -22,8 +22,14 @@ positive definite, the eigenvalues where it is not. ``G`` counts as singular whe
 rank (eigenvalues above ``rtol · λ_max``; by default ``rtol = n · eps`` of ``G``'s own dtype, the
 convention of ``numpy.linalg.matrix_rank``) is below ``n``; a singular ``G`` (``n > d`` among
 them) has isometry exactly 0 and gap exactly ``+inf``, never NaN nor a huge finite number.
-A zero Gram (all items zero) counts as singular too. Non-finite entries give NaN results;
-that is the one documented source of NaN and callers that record statistics flag it.
+A zero Gram (all items zero) counts as singular too.
+
+Inputs are checked. Every function taking ``G`` reads it as a symmetric matrix and raises
+``ValueError`` when a matrix is not symmetric beyond rounding (``max |G - Gᵀ| > sqrt(eps) ·
+max |G|``, eps of ``G``'s dtype: one pass over ``G``). Non-finite in, NaN out: a matrix (or
+feature block) with a NaN or inf entry gives NaN from every function (``numerical_rank``
+included, hence its float64 result), the other matrices of a batch are unaffected; that is the
+one documented source of NaN and callers that record statistics flag it.
 """
 
 from __future__ import annotations
@@ -78,6 +84,37 @@ def _check_gram(G: torch.Tensor) -> torch.Tensor:
     if G.shape[-1] < 2:
         raise ValueError(f"isometry needs at least n = 2 items, got G of shape {tuple(G.shape)}")
     return G
+
+
+def _check_symmetric(G: torch.Tensor) -> torch.Tensor:
+    """``G`` unchanged, or ``ValueError`` if a finite matrix of it is not symmetric beyond
+    rounding: ``max |G - Gᵀ| > sqrt(eps) · max |G|`` (eps of G's dtype), one pass over G."""
+    eps = torch.finfo(G.dtype if G.dtype.is_floating_point else torch.float64).eps
+    asym = (G - G.mT).abs().amax((-2, -1))
+    scale = G.abs().amax((-2, -1))
+    bad = asym > eps**0.5 * scale  # False for non-finite matrices (NaN comparisons): NaN out instead
+    if bool(bad.any()):
+        worst = int(torch.argmax(torch.where(bad, asym / scale, torch.zeros_like(asym))).item())
+        rel = (asym / scale).flatten()[worst].item()
+        raise ValueError(
+            f"G is not symmetric: max |G - Gᵀ| is {rel:.3g} of max |G|"
+            + (f" (matrix {worst} of the batch)" if bad.numel() > 1 else "")
+            + "; pass a Gram matrix X Xᵀ (isoprobe.gram(X))"
+        )
+    return G
+
+
+def _finite_or_eye(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G64, finite)``: float64 ``G`` with every matrix holding a NaN or inf replaced by the
+    identity (so that no factorisation sees it), and the ``(...)`` mask of the finite ones."""
+    G64 = G.to(torch.float64)
+    finite = torch.isfinite(G64).flatten(-2).all(-1)
+    eye = torch.eye(G64.shape[-1], dtype=G64.dtype, device=G64.device)
+    return torch.where(finite[..., None, None], G64, eye), finite
+
+
+def _nan_unless(values: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    return torch.where(finite, values, torch.full_like(values, torch.nan))
 
 
 def _default_rtol(G: torch.Tensor) -> float:
@@ -203,7 +240,7 @@ def isometry_gap(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
     ``(..., n, n) -> (...)`` float64, in ``[0, +inf]``; ``+inf`` exactly when ``G`` is singular
     (numerical rank below ``n``, see the module docstring for ``rtol``).
     """
-    return _gap_of(spectral_stats(G, rtol), G.shape[-1])
+    return _gap_of(spectral_stats(_check_symmetric(_check_gram(G)), rtol), G.shape[-1])
 
 
 def _gap_of(stats: SpectralStats, n: int) -> torch.Tensor:
@@ -220,17 +257,21 @@ def isometry(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
 
 
 def numerical_rank(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
-    """Number of eigenvalues of ``G`` above ``rtol · λ_max`` (default ``rtol = n · eps``), int64."""
-    G = _check_gram(G)
+    """Number of eigenvalues of ``G`` above ``rtol · λ_max`` (default ``rtol = n · eps``), as
+    float64 (a whole number; NaN for a matrix with a NaN or inf entry)."""
+    G = _check_symmetric(_check_gram(G))
     if rtol is None:
         rtol = _default_rtol(G)
-    eig = torch.linalg.eigvalsh(G.to(torch.float64))
-    return (eig > rtol * eig[..., -1:].clamp_min(0)).sum(-1)
+    G64, finite = _finite_or_eye(G)
+    eig = torch.linalg.eigvalsh(G64)
+    return _nan_unless((eig > rtol * eig[..., -1:].clamp_min(0)).sum(-1).to(torch.float64), finite)
 
 
 def orthogonality_gap(G: torch.Tensor) -> torch.Tensor:
-    """Orthogonality gap ``‖G/tr(G) - I_n/n‖_F`` (Daneshmand et al. 2021). NaN for a zero G."""
-    return _orthogonality_gap(_check_gram(G))
+    """Orthogonality gap ``‖G/tr(G) - I_n/n‖_F`` (Daneshmand et al. 2021). NaN for a zero G
+    and for non-finite entries."""
+    G64, finite = _finite_or_eye(_check_symmetric(_check_gram(G)))
+    return _nan_unless(_orthogonality_gap(G64), finite)
 
 
 def _orthogonality_gap(G: torch.Tensor) -> torch.Tensor:
@@ -245,15 +286,16 @@ def _orthogonality_gap(G: torch.Tensor) -> torch.Tensor:
 def lyapunov_gamma(G: torch.Tensor) -> torch.Tensor:
     """Lyapunov potential ``γ(G) = max_{i≠j} |Ĝ_ij| / (1 - |Ĝ_ij|)`` (Joudaki et al., Def. 4).
 
-    ``Ĝ`` is the cosine matrix. Two parallel items give ``+inf``; a zero item gives NaN.
+    ``Ĝ`` is the cosine matrix. Two parallel items give ``+inf``; a zero item or a non-finite
+    entry gives NaN.
     """
-    G64 = _check_gram(G).to(torch.float64)
+    G64, finite = _finite_or_eye(_check_symmetric(_check_gram(G)))
     n = G64.shape[-1]
     d = G64.diagonal(dim1=-2, dim2=-1).sqrt()
     cos = (G64 / (d[..., :, None] * d[..., None, :])).abs()
     off = ~torch.eye(n, dtype=torch.bool, device=G64.device)
     m = cos[..., off].amax(-1).clamp(max=1.0)  # |cos| > 1 only by rounding
-    return m / (1 - m)
+    return _nan_unless(m / (1 - m), finite)
 
 
 def norm_variation_factor(X: torch.Tensor) -> torch.Tensor:
@@ -268,8 +310,10 @@ def norm_variation_factor(X: torch.Tensor) -> torch.Tensor:
 
 
 def effective_rank(G: torch.Tensor) -> torch.Tensor:
-    """Effective rank ``exp(-Σ p_i log p_i)``, ``p = λ / Σλ`` (Roy & Vetterli 2007), in [1, n]."""
-    eig = torch.linalg.eigvalsh(_check_gram(G).to(torch.float64)).clamp_min(0)
+    """Effective rank ``exp(-Σ p_i log p_i)``, ``p = λ / Σλ`` (Roy & Vetterli 2007), in [1, n];
+    NaN for a matrix with a NaN or inf entry."""
+    G64, finite = _finite_or_eye(_check_symmetric(_check_gram(G)))
+    eig = torch.linalg.eigvalsh(G64).clamp_min(0)
     p = eig / eig.sum(-1, keepdim=True)
     plogp = torch.where(p > 0, p * p.log(), torch.zeros_like(p))
-    return torch.exp(-plogp.sum(-1))
+    return _nan_unless(torch.exp(-plogp.sum(-1)), finite)

@@ -1,4 +1,5 @@
-"""Models and tokenizers for the text probes, offline-aware, and the ``gpt2``/``inspect`` jobs.
+"""Models, tokenizers and texts for the text probes, offline-aware (loading only; the
+``gpt2``/``inspect`` jobs that probe them and write the output are :mod:`isoprobe.jobs`).
 
 Loading never waits on an unreachable Hub: a name is looked up in the local cache first; the
 Hub is asked only when it answers (a 3-second connection test, skipped when ``HF_HUB_OFFLINE``
@@ -10,18 +11,19 @@ a path or cached id) seeded by ``--seed``. Its tokenizer is GPT-2's own when cac
 byte-level fallback (UTF-8 bytes → ids 0–255, all inside GPT-2's vocabulary), announced on
 stderr; a random model has no trained vocabulary to honour anyway.
 
-Texts run through the model in batches, right-padded, with the attention mask passed to the
-forward (so the Probe leaves padding out of the token Grams). A text longer than the model's
-context is truncated with a warning, or cut into overlapping windows with ``stride``.
+A loaded model carries a display name for titles and headers: its Hub id, or for a local path
+the checkpoint folder's own name (a generic folder name such as ``model`` is replaced by its
+parent's) with the architecture and layer count, never the whole path.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -29,31 +31,16 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from isoprobe.hooks import Probe
-from isoprobe.records import (
-    NONFINITE,
-    Record,
-    csv_text,
-    format_table,
-    json_text,
-    plot_records,
-    theorem1_counts,
-    to_csv,
-)
-
 __all__ = [
     "ByteTokenizer",
     "LoadedModel",
     "ModelLoadError",
-    "TextProbeReport",
-    "encode_texts",
+    "display_name",
     "hub_reachable",
     "load_gpt2",
     "load_model",
-    "probe_texts",
     "read_texts",
-    "run_gpt2",
-    "run_inspect",
+    "resolve_device",
 ]
 
 Notify = Callable[[str], None]
@@ -95,7 +82,7 @@ def _load(loader: Callable[..., Any], name: str, what: str, hint: str) -> Any:
         return loader(name, local_files_only=True)
     except Exception as local_error:  # not cached (OSError), or not a checkpoint directory
         if Path(name).exists():
-            raise ModelLoadError(f"cannot load {what} from {name!r}: {_first_line(local_error)}") from None
+            raise ModelLoadError(f"cannot load {what} from {name!r}: {first_line(local_error)}") from None
         if name.startswith((".", "~")) or os.sep in name:  # meant as a path, and there is none
             raise ModelLoadError(f"cannot load {what} from {name!r}: no such directory. {hint}") from None
     if not hub_reachable():
@@ -106,10 +93,11 @@ def _load(loader: Callable[..., Any], name: str, what: str, hint: str) -> Any:
     try:
         return loader(name)
     except Exception as error:
-        raise ModelLoadError(f"cannot load {what} {name!r}: {_first_line(error)}. {hint}") from None
+        raise ModelLoadError(f"cannot load {what} {name!r}: {first_line(error)}. {hint}") from None
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name when the message is empty)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -128,7 +116,7 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
 
-class _HFTokenizer:
+class HFTokenizer:
     """A transformers tokenizer seen through the same small interface as :class:`ByteTokenizer`."""
 
     def __init__(self, tokenizer: Any) -> None:
@@ -150,7 +138,7 @@ def _usable(tokenizer: Any) -> bool:
         return False
 
 
-def _local_tokenizer(names: Sequence[str]) -> _HFTokenizer | None:
+def _local_tokenizer(names: Sequence[str]) -> HFTokenizer | None:
     from transformers import AutoTokenizer
 
     for name in names:
@@ -159,7 +147,7 @@ def _local_tokenizer(names: Sequence[str]) -> _HFTokenizer | None:
         except Exception:
             continue
         if _usable(tok):
-            return _HFTokenizer(tok)
+            return HFTokenizer(tok)
     return None
 
 
@@ -171,7 +159,7 @@ class LoadedModel:
     """A model ready to probe, its tokenizer, a description, and its context length (or None)."""
 
     model: nn.Module
-    tokenizer: ByteTokenizer | _HFTokenizer
+    tokenizer: ByteTokenizer | HFTokenizer
     name: str
     context: int | None
     device: torch.device
@@ -196,7 +184,7 @@ def _dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _context(config: Any, tokenizer: ByteTokenizer | _HFTokenizer) -> int | None:
+def _context(config: Any, tokenizer: ByteTokenizer | HFTokenizer) -> int | None:
     limits = [getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None),
               tokenizer.max_length]
     limits = [v for v in limits if isinstance(v, int) and v > 0]
@@ -205,6 +193,30 @@ def _context(config: Any, tokenizer: ByteTokenizer | _HFTokenizer) -> int | None
 
 def _prepare(model: nn.Module, device: torch.device, dtype: str) -> nn.Module:
     return model.to(device=device, dtype=_dtype(dtype)).eval()
+
+
+_GENERIC_DIRS = {"model", "models", "checkpoint", "checkpoints", "final", "weights", "pretrained", "hf",
+                 "snapshots", "main", "output", "outputs"}
+
+
+def display_name(model: str, net: nn.Module) -> str:
+    """A short name for ``model`` (what the user passed): a Hub id as given; a local path as
+    ``"folder (Architecture, L layers)"``, where a generic folder name (``model``, a checkpoint
+    hash, ...) is replaced by its parent's."""
+    path = Path(model)
+    if not path.exists():
+        return model
+    parts = [p for p in path.resolve().parts if p not in ("/", "")]
+    name = next((p for p in reversed(parts) if not _generic(p)), parts[-1] if parts else model)
+    config = getattr(net, "config", None)
+    arch = (getattr(config, "architectures", None) or [type(net).__name__])[0]
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    return f"{name} ({arch}" + (f", {layers} layers)" if layers else ")")
+
+
+def _generic(folder: str) -> bool:
+    return (folder.lower() in _GENERIC_DIRS or re.fullmatch(r"[0-9a-f]{16,}", folder) is not None
+            or re.fullmatch(r"checkpoint-\d+", folder) is not None)
 
 
 def load_gpt2(
@@ -231,15 +243,15 @@ def load_gpt2(
             "checkpoint directory saved with save_pretrained.")
     if init == "pretrained":
         net = _load(AutoModelForCausalLM.from_pretrained, model, "pretrained model", hint)
-        name = f"{model} (pretrained)"
+        name = f"{display_name(model, net)} (pretrained)"
     else:
         config = GPT2Config() if model == "gpt2" else _load(AutoConfig.from_pretrained, model, "config", hint)
         torch.manual_seed(seed)
         net = AutoModelForCausalLM.from_config(config)
-        name = f"{model} (random init, seed {seed})"
+        name = f"{display_name(model, net)} (random init, seed {seed})"
     tokenizer = _local_tokenizer([model] + (["gpt2"] if model != "gpt2" else []))
     if tokenizer is None and init == "pretrained" and not Path(model).exists() and hub_reachable():
-        tokenizer = _HFTokenizer(_load(_auto_tokenizer, model, "tokenizer", hint))
+        tokenizer = HFTokenizer(_load(_auto_tokenizer, model, "tokenizer", hint))
     if tokenizer is None:
         if net.config.vocab_size < 256:
             raise ModelLoadError(f"no tokenizer for {model!r} and its vocabulary ({net.config.vocab_size}) "
@@ -269,9 +281,9 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32") -> Loade
         tok = _load(_auto_tokenizer, model, "tokenizer", hint)
         if not _usable(tok):
             raise ModelLoadError(f"{model!r} has no tokenizer files: save its tokenizer next to it")
-        tokenizer = _HFTokenizer(tok)
+        tokenizer = HFTokenizer(tok)
     net = _prepare(net, dev, dtype)
-    return LoadedModel(net, tokenizer, model, _context(net.config, tokenizer), dev)
+    return LoadedModel(net, tokenizer, display_name(model, net), _context(net.config, tokenizer), dev)
 
 
 # ----------------------------------------------------------------------------- texts
@@ -337,219 +349,10 @@ def _dataset_texts(name: str, split: str, column: str, limit: int) -> list[str]:
     except (ValueError, ModelLoadError):
         raise
     except Exception as error:
-        message = f"cannot load dataset {name!r} (split {split!r}): {_first_line(error)}"
+        message = f"cannot load dataset {name!r} (split {split!r}): {first_line(error)}"
         raise ModelLoadError(message) from None
     if column not in data.column_names:
         columns = ", ".join(data.column_names)
         raise ValueError(f"dataset {name!r} has no column {column!r}; columns: {columns}")
     rows = data.select(range(min(limit, len(data))))[column]
     return [str(t) for t in rows if str(t).strip()]
-
-
-def encode_texts(
-    tokenizer: ByteTokenizer | _HFTokenizer,
-    texts: Sequence[str],
-    context: int | None,
-    stride: int | None = None,
-    notify: Notify = _stderr,
-) -> list[list[int]]:
-    """Token ids of each text; a text longer than ``context`` is truncated (with a warning) or,
-    with ``stride``, cut into windows of ``context`` tokens starting every ``stride`` tokens
-    (the last window ends at the text's end)."""
-    if stride is not None and (stride < 1 or (context is not None and stride > context)):
-        raise ValueError(f"--stride must be between 1 and the context ({context}), got {stride}")
-    sequences = []
-    for i, text in enumerate(texts):
-        ids = tokenizer.encode(text)
-        if not ids:
-            raise ValueError(f"text {i + 1} has no tokens")
-        if len(ids) == 1:
-            notify(f"note: text {i + 1} is a single token: a token Gram needs at least 2, "
-                   "so its records are reported as undefined")
-        if context is None or len(ids) <= context:
-            sequences.append(ids)
-        elif stride is None:
-            notify(f"warning: text {i + 1} has {len(ids)} tokens, more than the context of {context}: "
-                   f"truncated to {context} (use --stride to probe it in windows)")
-            sequences.append(ids[:context])
-        else:
-            starts = list(range(0, len(ids) - context + 1, stride))
-            if starts[-1] + context < len(ids):
-                starts.append(len(ids) - context)
-            sequences += [ids[s : s + context] for s in starts]
-    return sequences
-
-
-# ----------------------------------------------------------------------------- probing
-
-
-@dataclass
-class TextProbeReport:
-    """Records of probing a model on texts; ``tokens``: token count of each sequence run
-    (a record of step s, item i belongs to sequence ``s · batch_size + i``)."""
-
-    model: str
-    tokens: list[int]
-    records: list[Record] = field(repr=False)
-
-    @property
-    def theorem1(self) -> dict[str, int]:
-        return theorem1_counts(self.records)
-
-    def json(self) -> str:
-        return json_text(self.records, model=self.model, tokens=self.tokens, theorem1=self.theorem1)
-
-
-def probe_texts(
-    loaded: LoadedModel,
-    texts: Sequence[str],
-    *,
-    sites: str | Sequence[str] | None = None,
-    stride: int | None = None,
-    batch_size: int = 8,
-    train_mode: bool = False,
-    seed: int = 0,
-    gram_dtype: torch.dtype = torch.float64,
-    notify: Notify = _stderr,
-) -> TextProbeReport:
-    """Run ``loaded.model`` on ``texts`` under a token-view :class:`Probe`.
-
-    ``train_mode`` runs with dropout on (as the paper's GPT-2 notebook did; seeded by
-    ``seed``); eval mode is the default.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    sequences = encode_texts(loaded.tokenizer, texts, loaded.context, stride, notify)
-    model = loaded.model
-    model.train(train_mode)
-    torch.manual_seed(seed)
-    with torch.no_grad(), Probe(model, sites=sites, gram_dtype=gram_dtype) as probe:
-        for start in range(0, len(sequences), batch_size):
-            ids, mask = _pad(sequences[start : start + batch_size], loaded.tokenizer.pad_id, loaded.device)
-            try:
-                model(input_ids=ids, attention_mask=mask)
-            except Exception as error:
-                raise ValueError(f"the model's forward failed on the texts: {_first_line(error)}") from None
-    records = probe.records
-    bad = sorted({r.site for r in records if r.flag == NONFINITE})
-    if bad:
-        notify(f"warning: non-finite activations (NaN/inf) at {len(bad)} sites, first {bad[0]!r}: "
-               "their records are flagged 'non-finite'")
-    return TextProbeReport(loaded.name, [len(s) for s in sequences], records)
-
-
-def _pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, s in enumerate(batch):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _emit(report: TextProbeReport, fmt: str, out: str | Path | None, plot: str | Path | None,
-          notify: Notify) -> str:
-    """Write ``--out``/``--plot`` files; return what goes to stdout in ``fmt``."""
-    title = f"isometry gap along depth: {report.model}"
-    table = format_table(report.records)
-    t1 = report.theorem1
-    footer = (f"Theorem 1 (I(normalized) >= I(centered) * norm-variation factor): "
-              + (f"{t1['checked'] - t1['violations']}/{t1['checked']} checks held" if t1["checked"]
-                 else "nothing to check (no sequence of at least 2 tokens)"))
-    count = len(report.tokens)
-    header = (f"model: {report.model}; {count} sequence{'s' * (count != 1)}, "
-              f"{sum(report.tokens)} tokens")
-    text_table = f"{header}\n{table}\n{footer}"
-    if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "table.txt").write_text(text_table + "\n")
-        to_csv(report.records, folder / "records.csv")
-        (folder / "records.json").write_text(report.json())
-        plot_records(report.records, folder / "plot.png", title)
-        notify(f"wrote table.txt, records.csv, records.json and plot.png to {folder}")
-    if plot is not None:
-        plot_records(report.records, plot, title)
-        notify(f"wrote {plot}")
-    if fmt == "json":
-        return report.json()
-    if fmt == "csv":
-        return csv_text(report.records).rstrip("\n")
-    if fmt != "table":
-        raise ValueError(f"format must be table, json or csv; got {fmt!r}")
-    return text_table
-
-
-def _sites_option(sites: str | None) -> list[str] | None:
-    if sites is None:
-        return None
-    parts = [s.strip() for s in sites.split(",") if s.strip()]
-    if not parts:
-        raise ValueError("--sites is empty: give norm, activation or globs, comma-separated")
-    return parts
-
-
-def run_gpt2(
-    *,
-    texts: Sequence[str] = (),
-    text_files: Sequence[str] = (),
-    model: str = "gpt2",
-    init: str = "pretrained",
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: str = "float32",
-    sites: str | None = None,
-    out: str | None = None,
-    fmt: str = "table",
-    plot: str | None = None,
-    train_mode: bool = False,
-    stride: int | None = None,
-    batch_size: int = 8,
-    gram_dtype: str = "float64",
-    notify: Notify = _stderr,
-) -> str:
-    """The ``isoprobe gpt2`` job: probe GPT-2 on texts; returns what the command prints."""
-    text_list = read_texts(texts, text_files)
-    loaded = load_gpt2(model, init, seed, device, dtype, notify)
-    report = probe_texts(loaded, text_list, sites=_sites_option(sites), stride=stride,
-                         batch_size=batch_size, train_mode=train_mode, seed=seed,
-                         gram_dtype=_gram_dtype(gram_dtype), notify=notify)
-    return _emit(report, fmt, out, plot, notify)
-
-
-def run_inspect(
-    *,
-    model: str,
-    texts: Sequence[str] = (),
-    text_files: Sequence[str] = (),
-    dataset: str | None = None,
-    split: str = "train",
-    column: str = "text",
-    limit: int = 16,
-    device: str = "cpu",
-    dtype: str = "float32",
-    sites: str | None = None,
-    out: str | None = None,
-    fmt: str = "table",
-    plot: str | None = None,
-    train_mode: bool = False,
-    stride: int | None = None,
-    batch_size: int = 8,
-    gram_dtype: str = "float64",
-    notify: Notify = _stderr,
-) -> str:
-    """The ``isoprobe inspect`` job: probe any AutoModel on texts; returns what it prints."""
-    text_list = read_texts(texts, text_files, dataset, split, column, limit)
-    loaded = load_model(model, device, dtype)
-    report = probe_texts(loaded, text_list, sites=_sites_option(sites), stride=stride,
-                         batch_size=batch_size, train_mode=train_mode,
-                         gram_dtype=_gram_dtype(gram_dtype), notify=notify)
-    return _emit(report, fmt, out, plot, notify)
-
-
-def _gram_dtype(name: str) -> torch.dtype:
-    choices = {"float64": torch.float64, "float32": torch.float32}
-    if name not in choices:
-        raise ValueError(f"gram dtype must be float64 or float32, got {name!r}")
-    return choices[name]

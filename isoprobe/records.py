@@ -1,13 +1,16 @@
 """One record type for everything a :class:`~isoprobe.hooks.Probe` measures, and its writers.
 
-A :class:`Record` is one isometry measurement: one Gram matrix (SPEC §1) at one *point* of one
+A :class:`Record` is one isometry measurement: one Gram matrix ``G = X Xᵀ`` of items as rows
+(Joudaki et al. 2023, Definition 1: ``I(G) = det(G)^(1/n) / (tr(G)/n)``) at one *point* of one
 *site* (a module of the model) for one *item group* (a sequence in the token view, the whole batch
 in the sample and feature views) at one forward call (*step*). Everything here reads plain lists of
-records: summaries, a text table, CSV, JSON and a plot in the style of Joudaki et al., Fig. C.5
-(isometry gap along depth, before and after every LayerNorm). No torch in this module.
+records: a :class:`Summary` (a table object, also kept as a :class:`RunningSummary` in bounded
+memory), a text table, CSV, JSON, a streaming :class:`RecordSink` and a plot in the style of
+Joudaki et al. 2023, Fig. C.5 (isometry gap along depth, before and after every LayerNorm). No
+torch in this module.
 
 JSON encodes ``+inf`` (the gap of a singular Gram) as the string ``"inf"`` so that the file stays
-valid JSON; :func:`read_json` turns it back into a float.
+valid JSON; :func:`read_json` and :func:`read_records` turn it back into a float.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import fnmatch
 import io
 import json
 import math
-import statistics
+import re
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +33,16 @@ from isoprobe.names import match_name
 __all__ = [
     "POINTS",
     "Record",
+    "RecordSink",
+    "RunningSummary",
+    "Summary",
     "csv_text",
+    "format_summary",
     "format_table",
     "json_text",
     "plot_records",
     "read_json",
+    "read_records",
     "record_key",
     "site_label",
     "summarize",
@@ -114,7 +123,8 @@ class Record:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a dict (a flat record: no deep copy needed, unlike ``dataclasses.asdict``)."""
+        return {name: getattr(self, name) for name in FIELDS}
 
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> Record:
@@ -137,63 +147,148 @@ def record_key(site: str, point: str, call: int = 0) -> str:
     return f"{site_label(site, call)}:{point}"
 
 
-def _groups(records: Iterable[Record]) -> dict[tuple[str, int, str], list[Record]]:
-    """Records grouped by (site, call, point), groups in first-appearance (forward) order."""
-    groups: dict[tuple[str, int, str], list[Record]] = {}
-    for r in records:
-        groups.setdefault((r.site, r.call, r.point), []).append(r)
-    return groups
+class _Moments:
+    """Running count, mean and population std of a stream of floats (Welford's algorithm)."""
+
+    __slots__ = ("count", "mean", "m2")
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, x: float) -> None:
+        self.count += 1
+        delta = x - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (x - self.mean)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.m2, 0.0) / self.count)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and population std; ``(inf, None)`` when a value is infinite; ``(None, None)`` if empty."""
-    if not values:
-        return None, None
-    if any(math.isinf(v) for v in values):
-        return math.inf, None
-    return statistics.fmean(values), statistics.pstdev(values)
+class _Group:
+    """The running statistics of one (site, call, point): what a summary row needs, O(1) memory."""
+
+    def __init__(self, r: Record) -> None:
+        self.first = r
+        self.count = self.singular = self.undefined = self.nonfinite = 0
+        self.checked = self.violations = 0
+        self.n_min, self.n_max, self.n_sum = r.n, r.n, 0
+        self.isometry, self.gap, self.bound = _Moments(), _Moments(), _Moments()
+
+    def add(self, r: Record) -> None:
+        self.count += 1
+        self.n_sum += r.n
+        self.n_min, self.n_max = min(self.n_min, r.n), max(self.n_max, r.n)
+        if r.flag is not None:
+            self.undefined += r.flag == UNDEFINED
+            self.nonfinite += r.flag == NONFINITE
+            return
+        if r.isometry is not None:
+            self.isometry.add(r.isometry)
+        if r.isometry_gap is not None:
+            if math.isinf(r.isometry_gap):
+                self.singular += 1
+            else:
+                self.gap.add(r.isometry_gap)
+        if r.theorem1_bound is not None:
+            self.bound.add(r.theorem1_bound)
+        if r.theorem1_holds is not None:
+            self.checked += 1
+            self.violations += not r.theorem1_holds
+
+    def row(self) -> dict[str, Any]:
+        r = self.first
+        iso, gap = self.isometry, self.gap
+        if self.singular:
+            gap_mean, gap_std = math.inf, None
+        else:
+            gap_mean, gap_std = (gap.mean, gap.std) if gap.count else (None, None)
+        return {
+            "site": r.site, "call": r.call, "key": record_key(r.site, r.point, r.call),
+            "kind": r.kind, "point": r.point, "view": r.view, "count": self.count,
+            "n_min": self.n_min, "n_max": self.n_max, "n_mean": self.n_sum / self.count,
+            "isometry_mean": iso.mean if iso.count else None, "isometry_std": iso.std if iso.count else None,
+            "gap_mean": gap_mean, "gap_std": gap_std, "singular": self.singular,
+            "undefined": self.undefined, "nonfinite": self.nonfinite,
+            "bound_mean": self.bound.mean if self.bound.count else None,
+            "theorem1_checked": self.checked, "theorem1_violations": self.violations,
+        }
 
 
-def summarize(records: Iterable[Record]) -> list[dict[str, Any]]:
+class RunningSummary:
+    """Per-(site, call, point) summaries updated record by record, in memory independent of how
+    many records were added (what :class:`~isoprobe.hooks.Probe` keeps with a ``sink``).
+
+    Means and standard deviations are Welford's running ones (the same numbers as
+    :func:`summarize` on all the records, to rounding).
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[str, int, str], _Group] = {}
+
+    def add(self, records: Iterable[Record]) -> None:
+        for r in records:
+            key = (r.site, r.call, r.point)
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group(r)
+            group.add(r)
+
+    def summary(self) -> Summary:
+        return Summary(g.row() for g in self._groups.values())
+
+
+class Summary(Sequence[dict[str, Any]]):
+    """Summary rows, one per (site, call, point) in forward order, as a small table object.
+
+    ``print(summary)`` shows the table the ``isoprobe gpt2``/``inspect`` commands print
+    (:func:`format_summary`); iterating or indexing gives the rows as dicts (keys listed in
+    :func:`summarize`); :meth:`to_pandas` gives a ``pandas.DataFrame`` when pandas is installed.
+    """
+
+    def __init__(self, rows: Iterable[dict[str, Any]] = ()) -> None:
+        self._rows = list(rows)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._rows[index]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __str__(self) -> str:
+        return format_summary(self)
+
+    def __repr__(self) -> str:
+        return f"Summary of {len(self)} rows (site, call, point):\n{self}"
+
+    def to_pandas(self) -> Any:
+        """The rows as a ``pandas.DataFrame`` (one column per row key); needs pandas."""
+        try:
+            import pandas
+        except ImportError as error:
+            raise ImportError("Summary.to_pandas needs pandas: pip install pandas "
+                              "(or iterate over the summary: its rows are dicts)") from error
+        return pandas.DataFrame(self._rows)
+
+
+def summarize(records: Iterable[Record]) -> Summary:
     """One row per (site, call, point) in forward order: mean and std over items and steps.
 
     The calls of a module used more than once in a forward are kept apart (``call`` 0, 1, ...).
-    Columns: ``site, call, point, key`` (:func:`record_key`), ``kind, view, count`` (records), ``n_mean`` (items per Gram),
-    ``isometry_mean/std``, ``gap_mean/std`` (``gap_mean`` is ``inf`` and ``gap_std`` ``None``
-    when one Gram is singular), ``singular`` (records with an infinite gap), ``undefined`` and
-    ``nonfinite`` (flagged records, left out of the means), ``bound_mean`` (Theorem 1 bound,
-    normalized points), ``theorem1_checked``, ``theorem1_violations``.
+    Row keys: ``site, call, point, key`` (:func:`record_key`), ``kind, view, count`` (records),
+    ``n_min, n_max, n_mean`` (items per Gram), ``isometry_mean/std``, ``gap_mean/std``
+    (population std; ``gap_mean`` is ``inf`` and ``gap_std`` ``None`` when one Gram is singular),
+    ``singular`` (records with an infinite gap), ``undefined`` and ``nonfinite`` (flagged
+    records, left out of the means), ``bound_mean`` (Theorem 1 bound, normalized points),
+    ``theorem1_checked``, ``theorem1_violations``. Returns a :class:`Summary`.
     """
-    rows = []
-    for (site, call, point), group in _groups(records).items():
-        ok = [r for r in group if r.flag is None]
-        iso_mean, iso_std = _mean_std([r.isometry for r in ok if r.isometry is not None])
-        gap_mean, gap_std = _mean_std([r.isometry_gap for r in ok if r.isometry_gap is not None])
-        bounds = [r.theorem1_bound for r in ok if r.theorem1_bound is not None]
-        checks = [r.theorem1_holds for r in ok if r.theorem1_holds is not None]
-        rows.append(
-            {
-                "site": site,
-                "call": call,
-                "key": record_key(site, point, call),
-                "kind": group[0].kind,
-                "point": point,
-                "view": group[0].view,
-                "count": len(group),
-                "n_mean": statistics.fmean(r.n for r in group),
-                "isometry_mean": iso_mean,
-                "isometry_std": iso_std,
-                "gap_mean": gap_mean,
-                "gap_std": gap_std,
-                "singular": sum(1 for r in ok if r.isometry_gap == math.inf),
-                "undefined": sum(1 for r in group if r.flag == UNDEFINED),
-                "nonfinite": sum(1 for r in group if r.flag == NONFINITE),
-                "bound_mean": statistics.fmean(bounds) if bounds else None,
-                "theorem1_checked": len(checks),
-                "theorem1_violations": sum(1 for c in checks if not c),
-            }
-        )
-    return rows
+    running = RunningSummary()
+    running.add(records)
+    return running.summary()
 
 
 def theorem1_counts(records: Iterable[Record]) -> dict[str, int]:
@@ -243,11 +338,72 @@ def read_json(path: str | Path) -> tuple[list[Record], dict[str, Any]]:
     """Read a file written by :func:`to_json`: ``(records, the other top-level entries)``."""
     obj = json.loads(Path(path).read_text())
     rows = obj.pop("records")
-    records = [
-        Record.from_dict({k: (float(v) if v in ("inf", "-inf") else v) for k, v in row.items()})
-        for row in rows
-    ]
-    return records, obj
+    return [_from_json_row(row) for row in rows], obj
+
+
+_INT_FIELDS = ("item", "step", "n", "dim", "call")
+_FLOAT_FIELDS = ("isometry", "isometry_gap", "orthogonality_gap", "theorem1_bound", "norm_factor")
+
+
+def _from_csv_row(row: dict[str, str]) -> Record:
+    def value(name: str, text: str) -> Any:
+        if text == "":
+            return None
+        if name in _INT_FIELDS:
+            return int(text)
+        if name in _FLOAT_FIELDS:
+            return float(text)
+        if name == "theorem1_holds":
+            return text == "True"
+        return text
+
+    return Record.from_dict({k: value(k, v) for k, v in row.items()})
+
+
+def _from_json_row(row: dict[str, Any]) -> Record:
+    return Record.from_dict({k: (float(v) if v in ("inf", "-inf") else v) for k, v in row.items()})
+
+
+class RecordSink:
+    """Records streamed to a file as they are made: CSV (``.csv``, the columns of :func:`csv_text`)
+    or JSON lines (any other suffix, e.g. ``.jsonl``: one record per line, ``+inf`` as ``"inf"``).
+
+    The file is created (emptied) when the sink is made, so a path that cannot be written fails
+    before any work; each :meth:`write` appends and flushes; :meth:`close` closes the file, and a
+    later write reopens it for appending. :func:`read_records` reads it back.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.csv = self.path.suffix.lower() == ".csv"
+        self._file: io.TextIOBase | None = self.path.open("w", newline="", encoding="utf-8")
+        if self.csv:
+            csv.writer(self._file, lineterminator="\n").writerow(FIELDS)
+
+    def write(self, records: Iterable[Record]) -> None:
+        if self._file is None:
+            self._file = self.path.open("a", newline="", encoding="utf-8")
+        if self.csv:
+            writer = csv.writer(self._file, lineterminator="\n")
+            writer.writerows(["" if (v := getattr(r, name)) is None else v for name in FIELDS] for r in records)
+        else:
+            self._file.writelines(json.dumps({k: _json_safe(v) for k, v in r.to_dict().items()}) + "\n"
+                                  for r in records)
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """The records of a :class:`RecordSink` file (``.csv`` or JSON lines), or of :func:`to_csv`."""
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as file:
+        if path.suffix.lower() == ".csv":
+            return [_from_csv_row(row) for row in csv.DictReader(file)]
+        return [_from_json_row(json.loads(line)) for line in file if line.strip()]
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -258,120 +414,184 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def format_table(records: Sequence[Record]) -> str:
-    """Text table, one row per site in forward order, means over items and steps; a module
-    called more than once in a forward has one row per call (``site@k``, :func:`site_label`).
+def _n_cell(row: dict[str, Any]) -> str:
+    lo, hi = row["n_min"], row["n_max"]
+    return str(lo) if lo == hi else f"{lo}–{hi}"
 
-    Columns: the gap at every point in forward order — before the site (``pre``), for norms
-    ``centered`` and ``normalized``, after the site (``post``); for norms the mean isometry after
-    normalisation, the mean Theorem 1 bound, and whether the bound held for every Gram
-    (``yes k/k`` or ``NO v/k``).
-    The last column counts flagged Grams: undefined (one-item Grams: one-token texts) and
-    non-finite (NaN/inf activations), which the means leave out.
+
+def _gap_cell(row: dict[str, Any]) -> str:
+    if row["gap_mean"] is None:
+        return "non-finite" if row["nonfinite"] else "undefined"
+    if math.isinf(row["gap_mean"]):
+        return f"inf ({row['singular']} singular)"
+    return f"{_fmt(row['gap_mean'])} ± {_fmt(row['gap_std'], 2)}"
+
+
+def _theorem1_cell(row: dict[str, Any]) -> str:
+    k, v = row["theorem1_checked"], row["theorem1_violations"]
+    return "-" if k == 0 else (f"yes {k}/{k}" if v == 0 else f"NO {v}/{k}")
+
+
+def _flag_cell(row: dict[str, Any]) -> str:
+    return ", ".join(f"{row[k]} {k}" for k in ("undefined", "nonfinite") if row[k]) or "-"
+
+
+def format_summary(rows: Iterable[dict[str, Any]]) -> str:
+    """Summary rows (:func:`summarize`) as a text table, one line per (site, call, point).
+
+    Columns: ``site`` (``site@k`` for the k-th call of a module called more than once per
+    forward), ``point``, ``view``, ``n`` (items per Gram: one number, or the range ``min–max``
+    where the Grams differ, e.g. sequences of different lengths), ``gap mean ± std`` (isometry
+    gap ``−log I``, population std over items and steps; ``inf`` when a Gram is singular),
+    ``Theorem 1`` (on the ``normalized`` point of a norm: ``yes k/k`` when
+    ``I(normalized) ≥ I(centered) · norm-variation factor`` held for all k Grams, ``NO v/k`` when
+    it failed v times) and ``flagged`` (undefined one-item Grams and non-finite activations,
+    left out of the means).
     """
-    by_key = {(site_label(row["site"], row["call"]), row["point"]): row for row in summarize(records)}
-    sites: list[str] = []
-    for site, _ in by_key:
-        if site not in sites:
-            sites.append(site)
-    header = ["site", "kind", "view", "n", "gap pre", "gap centered", "gap normalized",
-              "gap post", "I(normalized)", "Thm1 bound", "Thm1 holds", "flagged"]
+    header = ["site", "point", "view", "n", "gap mean ± std", "Theorem 1", "flagged"]
     lines = [header]
-    for site in sites:
-        pre = by_key[(site, "pre")]
-        cells = [site, pre["kind"], pre["view"], _fmt(pre["n_mean"], 3)]
-        for point in POINTS:
-            row = by_key.get((site, point))
-            cells.append(_gap_cell(row))
-        norm = by_key.get((site, "normalized"))
-        if norm is None:
-            cells += ["-", "-", "-"]
-        else:
-            k, v = norm["theorem1_checked"], norm["theorem1_violations"]
-            holds = "-" if k == 0 else (f"yes {k}/{k}" if v == 0 else f"NO {v}/{k}")
-            cells += [_fmt(norm["isometry_mean"]), _fmt(norm["bound_mean"]), holds]
-        notes = [f"{pre[k]} {k}" for k in ("undefined", "nonfinite") if pre[k]]
-        cells.append(", ".join(notes) or "-")
-        lines.append(cells)
+    for row in rows:
+        lines.append([site_label(row["site"], row["call"]), row["point"], row["view"], _n_cell(row),
+                      _gap_cell(row), _theorem1_cell(row), _flag_cell(row)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 
 
-def _gap_cell(row: dict[str, Any] | None) -> str:
-    if row is None:
-        return "-"
-    if row["gap_mean"] is None:
-        return "non-finite" if row["nonfinite"] else "undefined"
-    return _fmt(row["gap_mean"])
+def format_table(records: Iterable[Record]) -> str:
+    """:func:`format_summary` of :func:`summarize` of ``records``: what the CLI prints."""
+    return format_summary(summarize(records))
 
 
-def plot_records(records: Sequence[Record], path: str | Path, title: str | None = None) -> Path:
-    """Isometry gap along depth, before and after every site (Joudaki et al., Fig. C.5 style).
+# ----------------------------------------------------------------------------- the plot
 
-    The x axis walks the sites in forward order, two positions per site (``pre``, ``post``)
-    joined by a solid segment: red for norm sites (shaded), blue for activations; a dotted grey
-    line joins one site's ``post`` to the next site's ``pre`` (the layers in between). Crosses
-    mark the norms' ``normalized`` point (before the affine part). y is the mean gap over items
-    and steps, log scale; a singular Gram (gap ``+inf``) is drawn as a triangle at the top.
-    Saved with matplotlib's Agg backend (no display needed).
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def _layer_ticks(units: Sequence[tuple[str, int]]) -> tuple[list[float], list[str]]:
+    """x ticks: the first site of every layer index (the first integer in the site's name),
+    labelled by it; a site without one by the first part of its name after the prefix all sites
+    share (``transformer.ln_f`` → ``ln_f``, ``embeddings.LayerNorm`` → ``embeddings``).
+    At most about 14 labelled layers: every k-th beyond."""
+    names = [site for site, _ in units]
+    prefix = names[0].split(".")[0] + "." if names else ""
+    strip = len(prefix) if len(names) > 1 and all(n.startswith(prefix) for n in names) else 0
+    ticks: list[tuple[float, str, bool]] = []
+    last: object = object()
+    for i, (site, _) in enumerate(units):
+        m = _LAYER.search(site)
+        layer = int(m.group(1)) if m else site[strip:].split(".")[0]
+        if layer != last:
+            ticks.append((2 * i + 0.5, str(layer), m is not None))
+            last = layer
+    numbered = [t for t in ticks if t[2]]
+    k = max(1, math.ceil(len(numbered) / 14))
+    keep = {id(t) for t in numbered[::k]} | {id(t) for t in ticks if not t[2]}
+    ticks = [t for t in ticks if id(t) in keep]
+    return [t[0] for t in ticks], [t[1] for t in ticks]
+
+
+def _y_range(values: Sequence[float]) -> tuple[str, float, float]:
+    """Log scale when the finite positive gaps span more than a factor 20, else linear; limits
+    hug the data (5 % margins, a factor 1.3 on a log axis)."""
+    finite = [v for v in values if math.isfinite(v)]
+    positive = [v for v in finite if v > 0]
+    if not finite:
+        return "linear", 0.0, 1.0
+    if positive and max(positive) > 20 * min(positive):
+        return "log", min(positive) / 1.3, max(positive) * 1.3
+    lo, hi = min(finite), max(finite)
+    pad = 0.05 * (hi - lo) or 0.05 * max(abs(hi), 1e-3)
+    return "linear", max(lo - pad, 0.0), hi + pad
+
+
+def plot_records(records: Iterable[Record], path: str | Path, title: str | None = None) -> Path:
+    """Isometry gap along depth, before and after every site (Joudaki et al. 2023, Fig. C.5).
+
+    Sites in forward order (a module's k-th call in a forward is its own site, ``site@k``), two
+    x positions each, input (``pre``) and output (``post``); x ticks name the layer index (the
+    first integer of the site name). Inside a norm site the line is red on a red band (shaded:
+    the norm, input → output), inside an activation blue; a dotted grey line joins one site's
+    output to the next site's input (the layers between sites: attention, linear maps). Crosses
+    mark a norm's ``normalized`` point (before its affine part); triangles at the top a singular
+    Gram (gap ``+inf``). y: mean gap ``−log I`` over items and steps (log scale when it spans
+    more than a factor 20). Sized for one column (3.5 in wide, 300 dpi), legend under the axes.
+    Drawn on a bare matplotlib ``Figure``: pyplot and the user's backend are left alone.
     """
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = {(site_label(r["site"], r["call"]), r["point"]): r for r in summarize(records)}
-    sites = list(dict.fromkeys(site for site, _ in rows))
-    if not sites:
+    rows = {(r["site"], r["call"], r["point"]): r for r in summarize(records)}
+    units = list(dict.fromkeys((site, call) for site, call, _ in rows))
+    if not units:
         raise ValueError("no records to plot")
+    fig = Figure(figsize=(3.5, 3.1), layout="constrained")
+    ax = fig.add_subplot()
+    _draw_sites(ax, rows, units)
+    _label_axes(fig, ax, rows, units, title)
+    path = Path(path)
+    fig.savefig(path, dpi=300)
+    return path
 
-    def gap(site: str, point: str) -> float | None:
-        row = rows.get((site, point))
+
+_Rows = dict[tuple[str, int, str], dict[str, Any]]
+
+
+def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
+    """The curve of :func:`plot_records`: segments, bands, markers, and the y axis."""
+
+    def gap(unit: tuple[str, int], point: str) -> float | None:
+        row = rows.get((*unit, point))
         return None if row is None else row["gap_mean"]
 
-    shown = [g for site in sites for p in POINTS if (g := gap(site, p)) is not None]
-    finite = [g for g in shown if math.isfinite(g) and g > 0]
-    top = max(finite) * 3 if finite else 1.0
-    bottom = min(finite) / 3 if finite else 1e-3
+    scale, bottom, top = _y_range([g for u in units for p in POINTS if (g := gap(u, p)) is not None])
 
     def y(g: float | None) -> float:
         return math.nan if g is None else top if math.isinf(g) else max(g, bottom)
 
-    fig, ax = plt.subplots(figsize=(min(max(6.0, 0.3 * len(sites)), 18.0), 4.5))
     labelled: set[str] = set()
 
     def draw(xs: list[float], ys: list[float], label: str, **style: Any) -> None:
         ax.plot(xs, ys, label=None if label in labelled else label, **style)
         labelled.add(label)
 
-    for i, site in enumerate(sites):
-        is_norm = rows[(site, "pre")]["kind"] == "norm"
+    for i, unit in enumerate(units):
+        is_norm = rows[(*unit, "pre")]["kind"] == "norm"
+        pre, post = gap(unit, "pre"), gap(unit, "post")
         if is_norm:
-            ax.axvspan(2 * i - 0.3, 2 * i + 1.3, color="red", alpha=0.12, lw=0)
-        pre, post = gap(site, "pre"), gap(site, "post")
-        kind = "norm" if is_norm else "activation"
-        draw([2 * i, 2 * i + 1], [y(pre), y(post)], f"{kind}: pre → post",
-             color="C3" if is_norm else "C0", marker="o", ms=3, lw=2)
-        if is_norm and gap(site, "normalized") is not None:
-            draw([2 * i + 0.5], [y(gap(site, "normalized"))], "normalized (before affine)",
-                 color="C3", marker="x", ms=5, ls="none")
-        if i + 1 < len(sites):
-            draw([2 * i + 1, 2 * i + 2], [y(post), y(gap(sites[i + 1], "pre"))], "between sites",
-                 color="0.6", ls=":", lw=1)
+            ax.axvspan(2 * i - 0.2, 2 * i + 1.2, color="C3", alpha=0.15, lw=0)
+        draw([2 * i, 2 * i + 1], [y(pre), y(post)], "norm: input → output" if is_norm
+             else "activation: input → output", color="C3" if is_norm else "C0", marker="o", ms=2, lw=1.2)
+        if is_norm and gap(unit, "normalized") is not None:
+            draw([2 * i + 0.5], [y(gap(unit, "normalized"))], "norm, before its affine part",
+                 color="C3", marker="x", ms=3, ls="none")
+        if i + 1 < len(units):
+            draw([2 * i + 1, 2 * i + 2], [y(post), y(gap(units[i + 1], "pre"))], "between sites",
+                 color="0.55", ls=":", lw=0.8)
         singular = [2 * i + j for j, g in enumerate((pre, post)) if g is not None and math.isinf(g)]
         if singular:
-            draw(singular, [top] * len(singular), "singular (gap = inf)", color="k", marker="^", ls="none")
-    ax.set_yscale("log")
-    ax.set_ylim(bottom, top * 1.5)
-    ax.set_xticks([2 * i + 0.5 for i in range(len(sites))])
-    ax.set_xticklabels(sites, rotation=90, fontsize=6 if len(sites) > 20 else 8)
-    ax.set_ylabel("isometry gap  −log I(G)")
-    ax.set_title(title or "isometry gap along depth (norm sites shaded)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+            draw(singular, [top] * len(singular), "singular Gram (gap = ∞)", color="k", marker="^", ms=3, ls="none")
+    ax.set_yscale(scale)
+    ax.set_ylim(bottom, top)
+
+
+def _label_axes(fig: Any, ax: Any, rows: _Rows, units: list[tuple[str, int]], title: str | None) -> None:
+    """Ticks by layer index, axis labels, a title of at most two lines, the legend under the axes."""
+    from matplotlib.patches import Patch
+
+    ax.set_xlim(-0.6, 2 * len(units) - 0.4)
+    ticks, labels = _layer_ticks(units)
+    ax.set_xticks(ticks, labels, fontsize=6)
+    for label in ax.get_xticklabels():  # long site names (embeddings) upright, beside the numbers
+        if len(label.get_text()) > 4:
+            label.set_rotation(90)
+    ax.tick_params(axis="y", labelsize=6)
+    ax.set_xlabel("layer index (sites in forward order)", fontsize=7)
+    ax.set_ylabel("isometry gap  −log I", fontsize=7)
+    title = textwrap.shorten(title or "isometry gap along depth", 104, placeholder="…")
+    ax.set_title(textwrap.fill(title, 52), fontsize=7.5)  # at most two lines over the axes
+    handles, names = ax.get_legend_handles_labels()
+    if any(rows[(*u, "pre")]["kind"] == "norm" for u in units):
+        handles.append(Patch(color="C3", alpha=0.15, lw=0))
+        names.append("norm layer (shaded band)")
+    fig.legend(handles, names, loc="outside lower center", ncol=2, fontsize=6, frameon=False)

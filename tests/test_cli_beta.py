@@ -35,7 +35,8 @@ def test_table_values_match_closed_forms():
         assert float(relu[4]) == pytest.approx(gain * gain * (0.5 - 1 / (2 * math.pi)), abs=1e-12)  # σ̄(1)
         assert float(relu[5]) == pytest.approx(RELU, abs=1e-12) and float(relu[6]) == pytest.approx(RELU, abs=1e-12)
         sin = rows["sin", gain]
-        assert float(sin[5]) == pytest.approx(_sin(gain), abs=1e-12) and float(sin[6]) == pytest.approx(_sin(gain), abs=1e-12)
+        assert float(sin[5]) == pytest.approx(_sin(gain), abs=1e-12)
+        assert float(sin[6]) == pytest.approx(_sin(gain), abs=1e-12)
         assert len(rows["tanh", gain]) == 6  # no closed form: the last column is blank
 
 

@@ -29,10 +29,13 @@ def test_gpt2_table_from_a_saved_model(tiny_gpt2_dir):
     assert result.exit_code == 0, result.output
     assert "byte-level fallback" in result.stderr  # no tokenizer files next to the weights
     lines = result.stdout.splitlines()
-    sites = [line.split()[0] for line in lines[3:-1]]
+    sites = list(dict.fromkeys(line.split()[0] for line in lines[3:-1]))
     assert sites == ["transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.h.0.mlp.act",
                      "transformer.h.1.ln_1", "transformer.h.1.ln_2", "transformer.h.1.mlp.act",
                      "transformer.ln_f"]
+    assert [line.split()[1] for line in lines[3:7]] == ["pre", "centered", "normalized", "post"]
+    n = sorted((len(TEXT.encode()), len(TEXT2.encode())))
+    assert all(line.split()[3] == f"{n[0]}–{n[1]}" for line in lines[3:-1])  # tokens per text: a range
     assert lines[0].endswith(f"2 sequences, {len(TEXT.encode()) + len(TEXT2.encode())} tokens")
     assert lines[-1].endswith("10/10 checks held")
 
@@ -127,6 +130,7 @@ def test_long_text_truncated_or_windowed(tiny_gpt2_dir):
                  "--batch-size", "3", "--format", "json")
     assert result.exit_code == 0, result.output
     obj = json.loads(result.stdout)
+    assert "probing" not in result.stderr and "batch 1/2" not in result.stderr  # no bar: not a terminal
     assert obj["tokens"] == [64] * 4  # windows start at 0, 16, 32 and 36 (the tail)
     assert {(r["step"], r["item"]) for r in obj["records"]} == {(0, 0), (0, 1), (0, 2), (1, 0)}
 
@@ -159,7 +163,7 @@ def test_inspect_pretrained_minilm_with_texts_and_a_dataset_file(minilm_path, tm
                  "--limit", "2", "--sites", "encoder.layer.5.*")
     assert result.exit_code == 0, result.output
     assert "2 sequences" in result.stdout.splitlines()[0]
-    assert len(result.stdout.splitlines()) == 3 + 3 + 1  # header, 3 sites of layer 5, footer
+    assert len(result.stdout.splitlines()) == 3 + 4 + 2 + 4 + 1  # header, 3 sites of layer 5 by point, footer
 
 
 def test_text_file_paragraphs_and_low_precision_options(tiny_gpt2_dir, tmp_path):

@@ -515,7 +515,7 @@ def test_module_called_twice_records_each_call_apart():
         assert row["count"] == 6 and row["gap_mean"] == pytest.approx(np.mean(own))
         assert row["key"] == (f"act:{point}" if call == 0 else f"act@1:{point}")
     table = format_table(records).splitlines()
-    assert [line.split()[0] for line in table[2:]] == ["act", "act@1"]
+    assert [line.split()[0] for line in table[2:]] == ["act", "act", "act@1", "act@1"]  # one line per point
 
 
 # ---------------------------------------------------------------------- numerics

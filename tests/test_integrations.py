@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import TrainerControl, TrainerState
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from isoprobe.integrations import ProbeCallback, log_summary, tensorboard_writer
 
@@ -72,12 +72,48 @@ def test_tensorboard_missing_gives_install_hint(monkeypatch):
         tensorboard_writer("runs/x")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
-def test_tensorboard_writer_writes_event_file(tmp_path):
-    writer = tensorboard_writer(tmp_path)
-    writer.add_scalar("x", 1.0, 0)
+def tiny_lm():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=16, n_positions=12,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+class PoppedCheck(TrainerCallback):
+    """Runs after ProbeCallback at every step end: the probe must hold no record then."""
+
+    def __init__(self, callback):
+        self.callback, self.seen = callback, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(len(self.callback.probe.records))
+
+
+def test_callback_under_a_real_trainer_logs_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.arange(12).remainder(5).repeat(8, 1)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    writer = tensorboard_writer(tmp_path / "tb")
+    callback = ProbeCallback(sites="transformer.h.*.ln_*", every=1, writer=writer)
+    check = PoppedCheck(callback)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, logging_strategy="no")
+    Trainer(model=tiny_lm(), args=args, train_dataset=data, callbacks=[callback, check]).train()
     writer.close()
-    assert any(p.name.startswith("events.out") for p in tmp_path.iterdir())
+    assert check.seen == [0, 0, 0] and callback.probe is None  # popped every step, detached at the end
+    assert sorted({row["global_step"] for row in callback.history}) == [1, 2, 3]
+    assert {row["key"] for row in callback.history} == {
+        f"transformer.h.0.{ln}:{p}" for ln in ("ln_1", "ln_2") for p in ("pre", "centered", "normalized", "post")}
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    for row in callback.history:
+        logged = {e.step: e.value for e in events.Scalars(f"isoprobe/gap/{row['key']}")}
+        assert logged[row["global_step"]] == pytest.approx(row["gap_mean"], rel=1e-6)  # float32 in the file
+    assert all(e.value == 0 for e in events.Scalars("isoprobe/theorem1_violations/transformer.h.0.ln_1"))
 
 
 def load_example(name):

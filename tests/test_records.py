@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
 
 from isoprobe.records import (
     Record,
+    RecordSink,
+    RunningSummary,
+    Summary,
     csv_text,
     format_table,
     json_text,
     plot_records,
     read_json,
+    read_records,
     summarize,
     theorem1_counts,
     to_csv,
@@ -87,15 +93,74 @@ def test_json_is_strict_and_roundtrips(tmp_path):
 
 def test_table_rows_in_forward_order():
     lines = format_table(sample_records()).splitlines()
-    assert lines[0].split()[:4] == ["site", "kind", "view", "n"]
-    assert lines[2].startswith("a.ln") and lines[3].startswith("b.act")
-    assert "NO 1/2" in lines[2]
-    assert "inf" in lines[3] and "1 nonfinite" in lines[3]
+    assert lines[0].split()[:4] == ["site", "point", "view", "n"]
+    cells = [line.split()[:2] for line in lines[2:]]
+    assert cells == [["a.ln", "pre"], ["a.ln", "normalized"], ["b.act", "pre"], ["b.act", "post"]]
+    assert "0.8 ± 0.1" in lines[2]  # mean ± population std of 0.9 and 0.7
+    assert "NO 1/2" in lines[3]
+    assert "inf (1 singular)" in lines[4] and "1 nonfinite" in lines[4]
 
 
 def test_table_says_undefined():
     records = [rec(gap=None, flag="undefined: fewer than 2 items")]
     assert "undefined" in format_table(records).splitlines()[2]
+
+
+def test_table_n_is_an_integer_or_a_range():
+    records = [dataclasses.replace(rec(item=i), n=n) for i, n in enumerate((9, 15, 1024))]
+    records.append(dataclasses.replace(rec(site="c", item=0), n=1024))
+    lines = format_table(records).splitlines()
+    assert lines[2].split()[3] == "9–1024" and lines[3].split()[3] == "1024"
+    row = summarize(records)[0]
+    assert (row["n_min"], row["n_max"], row["n_mean"]) == (9, 1024, (9 + 15 + 1024) / 3)
+
+
+def test_summary_object_prints_the_table_iterates_rows_and_converts_to_pandas(monkeypatch):
+    records = sample_records()
+    summary = summarize(records)
+    assert isinstance(summary, Summary)
+    assert str(summary) == format_table(records) and str(summary) in repr(summary)
+    rows = list(summary)
+    assert all(isinstance(row, dict) for row in rows) and len(summary) == 4
+    assert summary[0]["key"] == "a.ln:pre" and summary[-1]["key"] == "b.act:post"
+    assert summary == rows
+    frame = summary.to_pandas()
+    assert list(frame["key"]) == [row["key"] for row in rows]
+    assert frame["gap_mean"][0] == pytest.approx(0.8)
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match="pip install pandas"):
+        summary.to_pandas()
+
+
+def test_running_summary_equals_summarize_of_all_records():
+    rng = np.random.default_rng(0)
+    gaps = rng.exponential(0.3, size=500)
+    records = [rec(site=f"s{i % 3}", gap=float(g), item=i, step=i // 7) for i, g in enumerate(gaps)]
+    running = RunningSummary()
+    for start in range(0, len(records), 37):
+        running.add(records[start : start + 37])
+    got = running.summary()
+    assert [row["key"] for row in got] == ["s0:pre", "s1:pre", "s2:pre"]
+    for j, row in enumerate(got):
+        own = gaps[j::3]
+        assert row["count"] == len(own)
+        assert row["gap_mean"] == pytest.approx(own.mean(), rel=1e-12)
+        assert row["gap_std"] == pytest.approx(own.std(), rel=1e-10)
+        assert row["isometry_std"] == pytest.approx(np.exp(-own).std(), rel=1e-10)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_sink_streams_records_and_reads_them_back(tmp_path, suffix):
+    records = sample_records() + [rec(site="b.act", gap=0.3, call=1)]
+    sink = RecordSink(tmp_path / f"r{suffix}")
+    sink.write(records[:3])
+    sink.close()
+    sink.write(records[3:])  # reopens and appends
+    sink.close()
+    assert read_records(tmp_path / f"r{suffix}") == records
+    assert read_records(to_csv(records, tmp_path / "all.csv")) == records
+    with pytest.raises(OSError):
+        RecordSink(tmp_path / "no-such-dir" / f"r{suffix}")
 
 
 def test_plot_writes_png(tmp_path):
@@ -115,3 +180,30 @@ def test_calls_are_keyed_apart_and_old_files_read_as_call_0(tmp_path):
     row = first.to_dict()
     del row["call"]  # a file written before records had a call
     assert Record.from_dict(row) == first
+
+
+def test_plot_leaves_the_users_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        plot_records(sample_records(), tmp_path / "p.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
+def test_plot_ticks_name_layers_and_fit_a_column(tmp_path):
+    from PIL import Image
+
+    from isoprobe.records import _layer_ticks
+
+    units = [("transformer.h.0.ln_1", 0), ("transformer.h.0.mlp.act", 0), ("transformer.h.1.ln_1", 0),
+             ("transformer.ln_f", 0)]
+    assert _layer_ticks(units) == ([0.5, 4.5, 6.5], ["0", "1", "ln_f"])
+    many = [(f"h.{i}.ln", 0) for i in range(48)]
+    assert len(_layer_ticks(many)[1]) <= 14
+    records = [rec(site=site, point=p, gap=g) for site, _ in units for p, g in (("pre", 0.5), ("post", 0.2))]
+    with Image.open(plot_records(records, tmp_path / "p.png", title="t")) as image:
+        assert image.size == (1050, 930)  # 3.5 x 3.1 in at 300 dpi

@@ -4,7 +4,7 @@ The chain ``H_{ℓ+1} = BN(W_ℓ H_ℓ)`` with Gaussian ``W_ℓ`` (entries ``N(0
 ``1/sqrt(d)`` scaling) and batch norm dividing each feature by its RMS over the batch
 (:class:`isoprobe.nets.BNMLP` with ``weights="gaussian"``, ``norm="rms"``), against the same
 chain without normalisation (``norm="none"``). Their result: the expected orthogonality gap
-(SPEC §1) is ``O((1 − α)^ℓ + n / (α sqrt(d)))``, so with BN it falls to a floor that shrinks
+(``‖G/tr G − I/n‖_F``) is ``O((1 − α)^ℓ + n / (α sqrt(d)))``, so with BN it falls to a floor that shrinks
 with the width like ``d^(-1/2)``; without BN it stays ``Θ(1)`` (the representations align).
 """
 

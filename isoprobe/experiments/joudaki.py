@@ -2,7 +2,7 @@
 
 Each reproduction is a :class:`~isoprobe.experiments.base.Reproduction`: a config (sizes), units
 (pure computations of tidy rows), a verdict (a pure function of the rows and the config) and a
-figure drawn from the rows. Setups follow the paper (n items, width d, depth L, 10 runs unless
+figure drawn from the rows. Setups follow the paper, §4.2, §6 and App. C (n items, width d, depth L, 10 runs unless
 noted). Inputs the paper does not specify are Gaussian items with a shared component,
 ``x_i = sqrt(ρ) u + sqrt(1 − ρ) z_i`` (cosine ≈ ρ between items), so that the input is far from
 isometric and the decay is visible. The networks are :class:`~isoprobe.theory.LNMLPSpec`

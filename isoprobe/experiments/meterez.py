@@ -1,6 +1,6 @@
 """Meterez et al. (ICLR 2024), *Towards Training Without Depth Limits*: Figs. 1, 2, 3, 5, Table D1.
 
-The network is :class:`isoprobe.nets.BNMLP`: ``H_ℓ = BN(σ(γ_ℓ W_ℓ H_{ℓ-1}))`` with
+The network is :class:`isoprobe.nets.BNMLP` (Meterez et al. 2024, §3): ``H_ℓ = BN(σ(γ_ℓ W_ℓ H_{ℓ-1}))`` with
 Haar-orthogonal (or Gaussian) weights and batch norm without mean reduction (or standard BN).
 Gradients are ``log ‖∇_{W_1} L‖_F`` of the mean cross-entropy of a linear read-out, for the
 nested nets made of the first ``ℓ`` blocks (:func:`isoprobe.nets.bn_mlp.first_layer_grad_log_norms`).

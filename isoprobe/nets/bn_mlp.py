@@ -1,4 +1,4 @@
-"""Batch-norm MLPs of Meterez et al. (2024) and Daneshmand et al. (2021) (SPEC §5).
+"""Batch-norm MLPs of Meterez et al. (2024, §3, eq. 4) and Daneshmand et al. (2021).
 
 One block per layer, ``ℓ = 1..L``, on a batch ``H ∈ R^{n×d}`` (samples as rows, as torch
 keeps them; the papers write the transpose)::
@@ -16,7 +16,7 @@ keeps them; the papers write the transpose)::
   ``γ_ℓ = gain · ℓ^(-gain_exponent)`` (:func:`isoprobe.theory.batchnorm.shaped_gains`). The
   extracted App. E lost its formulas; what we inferred, from its text and the authors' code:
   the gain multiplies the pre-activation, it decays as a power of the 1-based layer index,
-  ``gain_exponent = 0`` is no shaping. The activation sits before the norm, as SPEC §5
+  ``gain_exponent = 0`` is no shaping. The activation sits before the norm, as Meterez et al. §3
   writes the chain (``BN(σ(W H))``); the authors' code for their Fig. 5 applies σ after the
   norm instead. With the identity activation the order is immaterial.
 
@@ -176,7 +176,7 @@ def _make_norm(norm: str, width: int, dtype: torch.dtype) -> nn.Module:
 
 
 class BNMLP(nn.Module):
-    """The batch-norm MLP of SPEC §5 (see the module docstring for the exact map).
+    """The batch-norm MLP of Meterez et al. (2024, §3) (see the module docstring for the exact map).
 
     Args:
         d_in: input dimension (inputs shaped ``(n, ...)`` are flattened to ``(n, d_in)``).

@@ -1,4 +1,4 @@
-"""The LayerNorm MLP of Joudaki et al. (2023) eq. (1) as an ordinary ``nn.Module`` (SPEC §4).
+"""The LayerNorm MLP of Joudaki et al. (2023) eq. (1) as an ordinary ``nn.Module``.
 
 Built from one :class:`~isoprobe.theory.spec.LNMLPSpec`: its activation and norm modules call
 the spec's own maps (:meth:`~isoprobe.theory.spec.LNMLPSpec.act_map`,

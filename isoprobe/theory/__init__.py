@@ -1,7 +1,7 @@
 """Random-init theory: the fast exact sampler, the mean-field recursion and the depth bounds.
 
 Pure tensor math (no ``nn.Module``, no file I/O). One :class:`LNMLPSpec` declares a LayerNorm
-MLP (Joudaki et al. 2023, eq. 1, with the switches of SPEC §4); :func:`simulate` draws its
+MLP (Joudaki et al. 2023, eq. 1, with the switches of :mod:`isoprobe.theory.spec`); :func:`simulate` draws its
 Grams at finite width (fast sampler or dense reference), :func:`mean_field_grams` gives their
 infinite-width limit, and :mod:`~isoprobe.theory.bounds` the Theorem 4 / Corollary B.2 bounds.
 The same spec builds the real network, :class:`isoprobe.nets.LNMLP`.

@@ -1,8 +1,8 @@
-"""Closed-form predictions for the batch-norm MLPs of SPEC §5: pure functions, no modules, no I/O.
+"""Closed-form predictions for the batch-norm MLPs of Meterez et al. (2024, §3): pure functions, no I/O.
 
 The chain (Meterez et al. 2024, eq. 3–4) is ``H_{ℓ+1} = BN(W_ℓ H_ℓ)`` with ``H_ℓ ∈ R^{d×n}``
 (features × samples), ``W_ℓ`` Haar-orthogonal and ``BN`` dividing each feature (row) by its
-RMS over the batch, without mean reduction. ``φ`` is the isometry gap (SPEC §1).
+RMS over the batch, without mean reduction. ``φ`` is the isometry gap (Joudaki et al. 2023, Def. 1).
 
 Rate of Theorem 1, as far as it can be recovered. The extracted paper text lost its formulas;
 the theorem states that ``E φ(H_ℓ)`` decays exponentially in depth at a width-dependent rate,

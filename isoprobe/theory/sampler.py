@@ -6,7 +6,7 @@ draws of the weights, as one ``(runs, L + 1, n, n)`` float64 tensor.
 
 ``"dense"`` multiplies by real random weights, ``O(d² n)`` per layer and run.
 
-``"sampler"`` never forms ``W`` (DESIGN.md, "The fast exact sampler"): the activation and the
+``"sampler"`` never forms ``W`` (derivation below): the activation and the
 norm act on each feature (row of ``Wx``) identically, so one layer only needs the *law* of
 the pre-activations ``H = X Wᵀ`` (``n × d_out``) given ``X`` (``n × d_in``, items as rows), and
 that law depends on ``X`` only through its Gram ``G = X Xᵀ``:

@@ -1,4 +1,4 @@
-"""One declaration of the LayerNorm MLP of Joudaki et al. (2023) eq. (1) and its variants (SPEC §4).
+"""One declaration of the LayerNorm MLP of Joudaki et al. (2023) eq. (1) and its variants.
 
 A :class:`LNMLPSpec` is a small frozen record. The same record drives all three views of the
 network, so they cannot drift apart:
@@ -114,7 +114,7 @@ def _positive_int(what: str, value: object) -> int:
 
 @dataclass(frozen=True)
 class LNMLPSpec:
-    """The LayerNorm MLP of eq. (1) with every switch of SPEC §4 (see the module docstring).
+    """The LayerNorm MLP of eq. (1) with every switch of the module docstring.
 
     The defaults are the paper's network: layer centering and projection after the activation,
     Gaussian weights, constant width, gain 1.

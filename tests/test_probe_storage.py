@@ -1,0 +1,99 @@
+"""The Probe's record storage: summary object, bounded streaming mode (sink), `sites` checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import tracemalloc
+
+import pytest
+import torch
+from torch import nn
+
+from isoprobe import Probe
+from isoprobe.records import RecordSink, RunningSummary, Summary, read_records, summarize
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Tanh())
+
+
+def test_summary_is_a_table_object_of_the_records():
+    model = tiny_model()
+    with torch.no_grad(), Probe(model) as probe:
+        for _ in range(3):
+            model(torch.randn(5, 6))
+    summary = probe.summary()
+    assert isinstance(summary, Summary) and summary == summarize(probe.records)
+    lines = str(summary).splitlines()
+    assert lines[0].split() == ["site", "point", "view", "n", "gap", "mean", "±", "std", "Theorem", "1", "flagged"]
+    assert [line.split()[:2] for line in lines[2:]] == [
+        ["1", "pre"], ["1", "centered"], ["1", "normalized"], ["1", "post"], ["2", "pre"], ["2", "post"]]
+    assert "yes 3/3" in lines[4]
+    assert [row["key"] for row in summary] == [r.key for r in probe.records[:6]]
+
+
+def test_sink_streams_every_record_and_keeps_only_running_summaries(tmp_path):
+    model = tiny_model()
+    reference = tiny_model()
+    inputs = [torch.randn(5, 6) for _ in range(40)]
+    path = tmp_path / "records.jsonl"
+    with torch.no_grad(), Probe(model, every=3, sink=path) as probe, Probe(reference, every=3) as kept:
+        for x in inputs:
+            model(x)
+            reference(x)
+            assert probe._records == []  # nothing kept in memory
+        streamed = probe.summary()
+    written = read_records(path)
+    assert written == kept.records and len(written) == 14 * 6  # calls 0, 3, ..., 39
+    expected = summarize(kept.records)
+    for got, want in zip(streamed, expected, strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
+    for access in (lambda: probe.records, probe.pop_records, lambda: probe["1:pre"]):
+        with pytest.raises(RuntimeError, match="read_records"):
+            access()
+
+
+def test_sink_path_that_cannot_be_written_fails_before_any_forward(tmp_path):
+    with pytest.raises(OSError):
+        Probe(tiny_model(), sink=tmp_path / "missing-dir" / "r.csv")
+
+
+def test_bounded_storage_stays_flat_over_10000_probed_steps(tmp_path):
+    """10 000 steps' records of a real probed forward through the sink and running summaries:
+    traced memory stays flat, while keeping the records (the Probe without a sink) grows."""
+    model = tiny_model()
+    with torch.no_grad(), Probe(model, sites="activation") as probe:
+        model(torch.randn(5, 6))
+    step_records = probe.records  # the 2 records of one probed step
+    sink, running = RecordSink(tmp_path / "r.csv"), RunningSummary()
+    kept: list = []
+
+    def traced_growth(store, steps: int) -> int:
+        tracemalloc.start()
+        try:
+            store(step_records)  # first groups and buffers
+            start = tracemalloc.get_traced_memory()[0]
+            for step in range(1, steps + 1):  # fresh records every step, as a probed forward makes
+                store([dataclasses.replace(r, step=step) for r in step_records])
+            return tracemalloc.get_traced_memory()[0] - start
+        finally:
+            tracemalloc.stop()
+
+    bounded = traced_growth(lambda rs: (sink.write(rs), running.add(rs)), 10_000)
+    sink.close()
+    unbounded = traced_growth(kept.extend, 1_000)
+    assert bounded < 32_000, bounded
+    assert unbounded > 10 * 32_000, unbounded  # a tenth of the steps, kept: far above the bound
+    assert running.summary()[0]["count"] == 10_001
+    with (tmp_path / "r.csv").open() as f:
+        assert sum(1 for _ in f) == 1 + 2 * 10_001
+
+
+@pytest.mark.parametrize(("sites", "shown"), [(123, "int 123"), (["norm", 5], "int 5"), ({"norm"}, "set")])
+def test_sites_of_the_wrong_type_say_what_sites_accepts(sites, shown):
+    with pytest.raises(TypeError, match="sites must be None .every site., 'norm', 'activation', a glob") as info:
+        Probe(tiny_model(), sites=sites)
+    assert shown in str(info.value)
