@@ -126,7 +126,7 @@ def _normalize_parts(x: torch.Tensor, spec: NormSpec) -> tuple[torch.Tensor, tor
     elif spec.rule in ("batch", "batch-rms"):
         dims = (0, *range(2, x.ndim))
     else:
-        dims = tuple(range(-spec.dims, 0))
+        dims = (1,) if spec.channels else tuple(range(-spec.dims, 0))
     xc = x - x.mean(dims, keepdim=True) if spec.centers else x
     eps = torch.finfo(x.dtype).eps if spec.eps is None else spec.eps
     xn = xc / (xc.square().mean(dims, keepdim=True) + eps).sqrt()
@@ -135,6 +135,8 @@ def _normalize_parts(x: torch.Tensor, spec: NormSpec) -> tuple[torch.Tensor, tor
 
 def _aligned(spec: NormSpec, view: str, ndim: int) -> bool:
     """Does the norm normalise each item of ``view`` as a whole (Theorem 1 applies)?"""
+    if spec.channels and ndim > 2:  # per position over the channels: no view's items
+        return False
     if spec.rule in ("layer", "rms"):
         return (view == "token" and spec.dims == 1 and ndim == 3) or (
             view == "sample" and spec.dims == ndim - 1
