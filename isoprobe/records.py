@@ -306,7 +306,8 @@ def plot_records(records: Sequence[Record], path: str | Path, title: str | None 
     """Isometry gap along depth, before and after every site (Joudaki et al., Fig. C.5 style).
 
     The x axis walks the sites in forward order, two positions per site (``pre``, ``post``)
-    joined by a solid segment: red for norm sites (shaded), blue for activations; a dotted grey
+    joined by a solid segment: red for norm sites (shaded), blue for activations, green for
+    named modules; a dotted grey
     line joins one site's ``post`` to the next site's ``pre`` (the layers in between). Crosses
     mark the norms' ``normalized`` point (before the affine part). y is the mean gap over items
     and steps, log scale; a singular Gram (gap ``+inf``) is drawn as a triangle at the top.
@@ -346,9 +347,9 @@ def plot_records(records: Sequence[Record], path: str | Path, title: str | None 
         if is_norm:
             ax.axvspan(2 * i - 0.3, 2 * i + 1.3, color="red", alpha=0.12, lw=0)
         pre, post = gap(site, "pre"), gap(site, "post")
-        kind = "norm" if is_norm else "activation"
+        kind = rows[(site, "pre")]["kind"]
         draw([2 * i, 2 * i + 1], [y(pre), y(post)], f"{kind}: pre → post",
-             color="C3" if is_norm else "C0", marker="o", ms=3, lw=2)
+             color={"norm": "C3", "activation": "C0"}.get(kind, "C2"), marker="o", ms=3, lw=2)
         if is_norm and gap(site, "normalized") is not None:
             draw([2 * i + 0.5], [y(gap(site, "normalized"))], "normalized (before affine)",
                  color="C3", marker="x", ms=5, ls="none")
