@@ -100,8 +100,9 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -155,7 +156,7 @@ def _normalize_parts(x: torch.Tensor, spec: NormSpec) -> tuple[torch.Tensor, tor
     elif spec.rule in ("batch", "batch-rms"):
         dims = (0, *range(2, x.ndim))
     else:
-        dims = tuple(range(-spec.dims, 0))
+        dims = (1,) if spec.channels else tuple(range(-spec.dims, 0))
     xc = x - x.mean(dims, keepdim=True) if spec.centers else x
     eps = torch.finfo(x.dtype).eps if spec.eps is None else spec.eps
     xn = xc / (xc.square().mean(dims, keepdim=True) + eps).sqrt()
@@ -164,6 +165,8 @@ def _normalize_parts(x: torch.Tensor, spec: NormSpec) -> tuple[torch.Tensor, tor
 
 def _aligned(spec: NormSpec, view: str, ndim: int) -> bool:
     """Does the norm normalise each item of ``view`` as a whole (Theorem 1 applies)?"""
+    if spec.channels and ndim > 2:  # per position over the channels: no view's items
+        return False
     if spec.rule in ("layer", "rms"):
         return (view == "token" and spec.dims == 1 and ndim == 3) or (
             view == "sample" and spec.dims == ndim - 1
@@ -639,6 +642,22 @@ def _describe(t: torch.Tensor | None) -> str:
     return "no tensor" if t is None else f"a {t.dtype} tensor"
 
 
+def _eager_module(model: nn.Module) -> nn.Module:
+    """The model that ``torch.compile`` wraps (its ``OptimizedModule`` keeps it as ``_orig_mod``),
+    so that sites keep the eager model's names; any other model as it is."""
+    dynamo = sys.modules.get("torch._dynamo")  # not imported: nothing can have been compiled
+    while dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
+def _outside_graphs(hook: Callable[..., None]) -> Callable[..., None]:
+    """``hook`` kept out of the graphs ``torch.compile`` traces (``torch.compiler.disable``): it
+    runs eagerly between them, so its Python state (step counter, recording flag) is never
+    guarded on and cannot cause recompilation, in either order of compiling and probing."""
+    return torch.compiler.disable(hook, recursive=True)
+
+
 def _mask_signature(model: nn.Module) -> inspect.Signature | None:
     """The forward's signature if it takes an ``attention_mask`` (to find it passed by position)."""
     try:
@@ -738,6 +757,7 @@ class Probe:
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError(f"attention_mask must be shaped (batch, seq), got {tuple(attention_mask.shape)}")
         _check_sites_argument(sites)
+        model = _eager_module(model)
         found = discover_sites(model)
         if not found and sites is None:
             raise ValueError(no_site_message(model))
@@ -773,13 +793,15 @@ class Probe:
             raise RuntimeError("this Probe is already attached")
         try:
             self._handles.append(
-                self.model.register_forward_pre_hook(self._on_call, with_kwargs=True)
+                self.model.register_forward_pre_hook(_outside_graphs(self._on_call), with_kwargs=True)
             )
             for site in self.sites:
                 self._handles.append(site.module.register_forward_hook(
-                    self._site_hook(site), with_kwargs=True
+                    _outside_graphs(self._site_hook(site)), with_kwargs=True
                 ))
-            self._handles.append(self.model.register_forward_hook(self._on_return, always_call=True))
+            self._handles.append(
+                self.model.register_forward_hook(_outside_graphs(self._on_return), always_call=True)
+            )
         except BaseException:
             self.detach()
             raise

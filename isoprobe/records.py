@@ -512,7 +512,7 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str | None 
     Sites in forward order (a module's k-th call in a forward is its own site, ``site@k``), two
     x positions each, input (``pre``) and output (``post``); x ticks name the layer index (the
     first integer of the site name). Inside a norm site the line is red on a red band (shaded:
-    the norm, input → output), inside an activation blue; a dotted grey line joins one site's
+    the norm, input → output), inside an activation blue, inside a named module (kind ``"module"``) green; a dotted grey line joins one site's
     output to the next site's input (the layers between sites: attention, linear maps). Crosses
     mark a norm's ``normalized`` point (before its affine part); triangles at the top a singular
     Gram (gap ``+inf``). y: mean gap ``−log I`` over items and steps (log scale when it spans
@@ -560,8 +560,9 @@ def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
         pre, post = gap(unit, "pre"), gap(unit, "post")
         if is_norm:
             ax.axvspan(2 * i - 0.2, 2 * i + 1.2, color="C3", alpha=0.15, lw=0)
-        draw([2 * i, 2 * i + 1], [y(pre), y(post)], "norm: input → output" if is_norm
-             else "activation: input → output", color="C3" if is_norm else "C0", marker="o", ms=2, lw=1.2)
+        kind = rows[(*unit, "pre")]["kind"]
+        draw([2 * i, 2 * i + 1], [y(pre), y(post)], f"{kind}: input → output",
+             color={"norm": "C3", "activation": "C0"}.get(kind, "C2"), marker="o", ms=2, lw=1.2)
         if is_norm and gap(unit, "normalized") is not None:
             draw([2 * i + 0.5], [y(gap(unit, "normalized"))], "norm, before its affine part",
                  color="C3", marker="x", ms=3, ls="none")

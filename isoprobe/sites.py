@@ -10,13 +10,14 @@ they do.
 - any other module by its *behaviour* (class names and parameter names are not consulted): a
   module whose own parameters are 1-D vectors of one size (or none), whose descendants hold no
   parameter and no site, is run (``.forward``, so that hooks on it do not fire; no gradient;
-  random state restored) on a small probe input of shape ``(2, 3, d)``. It is an *activation*
+  random state restored) on a small probe input of shape ``(2, 3, d)`` (rows along the last
+  dimension), and then ``(2, d, 3, 3)`` (rows along the channels). It is an *activation*
   if it acts entry by entry (permuting the input's entries permutes the output's) and is not
-  affine (``f(x + x') + f(0) ≠ f(x) + f(x')``); a *norm over the last dimension* if, not entrywise,
-  its output is unchanged when each row is scaled by its own positive factor — LayerNorm-like
-  (rule ``"layer"``) if a per-row shift leaves it unchanged too, RMSNorm-like (``"rms"``)
-  otherwise. ``d`` is the size of the module's 1-D parameters, else 8, else the last entry of a
-  ``normalized_shape`` attribute. This finds e.g. OLMo's LayerNorm (no parameter at all,
+  affine (``f(x + x') + f(0) ≠ f(x) + f(x')``); a *norm over the rows* if, not entrywise, its
+  output is unchanged when each row is scaled by its own positive factor — LayerNorm-like (rule
+  ``"layer"``) if a per-row shift leaves it unchanged too, RMSNorm-like (``"rms"``) otherwise;
+  rows along the channels give ``NormSpec.channels``. ``d`` is the size of the module's 1-D
+  parameters, else 8, else the last entry of a ``normalized_shape`` attribute. This finds e.g. OLMo's LayerNorm (no parameter at all,
   ``F.layer_norm`` in a plain module) and BLOOM's ``BloomGelu``.
 
 A norm's ``eps`` is read from an ``eps``/``variance_epsilon``/``epsilon`` attribute, else
@@ -58,12 +59,15 @@ class NormSpec:
     ``"batch"`` (per channel over batch and spatial positions), ``"batch-rms"`` (per channel
     over the batch, scale only: Meterez et al.'s batch norm). ``eps`` is the module's own
     (``None`` for a torch RMSNorm without eps: the input dtype's machine epsilon).
+    ``channels``: a ``"layer"``/``"rms"`` norm over dimension 1 of a ``(batch, channels, ...)``
+    input, at every position (ConvNeXt's channels-first LayerNorm), instead of the last ``dims``.
     """
 
     rule: Literal["layer", "rms", "group", "batch", "batch-rms"]
     eps: float | None
     dims: int = 1
     groups: int = 1
+    channels: bool = False
 
     @property
     def centers(self) -> bool:
@@ -103,6 +107,11 @@ def _declared(module: nn.Module) -> tuple[str, NormSpec | None] | None:
 
 
 def _torch_kind(module: nn.Module) -> tuple[str, NormSpec | None] | None:
+    """torch's norm and activation classes; a subclass with its own ``forward`` may compute
+    something else (ConvNeXt's LayerNorm permutes channels first) and is judged by behaviour."""
+    base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.")), None)
+    if base is None or type(module).forward is not base.forward:
+        return None
     if isinstance(module, nn.LayerNorm):
         return "norm", NormSpec("layer", module.eps, dims=len(module.normalized_shape))
     if _TORCH_RMSNORM is not None and isinstance(module, _TORCH_RMSNORM):
@@ -134,9 +143,11 @@ def _probe_widths(module: nn.Module) -> list[int] | None:
 
 
 class _Trial:
-    """Runs ``module.forward`` on probe inputs (fresh copies, no gradient, random state restored)."""
+    """Runs ``module.forward`` on probe inputs (fresh copies, no gradient, random state restored)
+    in one layout: ``(2, 3, width)`` with rows along the last dimension, or ``(2, width, 3, 3)``
+    with rows along the channels (``channels``)."""
 
-    def __init__(self, module: nn.Module, width: int) -> None:
+    def __init__(self, module: nn.Module, width: int, channels: bool) -> None:
         tensor = next(module.parameters(), None)
         if tensor is None:
             tensor = next(module.buffers(), None)
@@ -144,7 +155,10 @@ class _Trial:
         self.dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else torch.float32
         self.device = tensor.device if tensor is not None else torch.device("cpu")
         self.gen = torch.Generator(device="cpu").manual_seed(0)
-        self.width = width
+        self.width, self.channels = width, channels
+        self.shape = (2, width, 3, 3) if channels else (2, 3, width)
+        self.row_dim = 1 if channels else 2
+        self.per_row = (2, 1, 3, 3) if channels else (2, 3, 1)  # one factor per row
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen, dtype=torch.float64)
@@ -164,26 +178,29 @@ def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
 
 
 def _behaviour(trial: _Trial) -> tuple[str, NormSpec | None] | None:
-    """Activation, norm over the last dimension, or neither (module docstring)."""
-    x = 10 * trial.randn(2, 3, trial.width)
+    """Activation, norm over the trial's rows, or neither (module docstring)."""
+    x = 10 * trial.randn(*trial.shape)
     y = trial(x)
     if y is None or not bool(torch.isfinite(y).all()):
         return None
     perm = torch.randperm(x.numel(), generator=trial.gen)
     if _same(trial(x.flatten()[perm].view_as(x)), y.flatten()[perm].view_as(y)):  # entrywise
+        if trial.channels:  # entrywise maps are judged in the first layout
+            return None
         other = 10 * trial.randn(*x.shape)
         f_other = trial(other)
         f_zero = trial(torch.zeros_like(x))
         if f_other is None or f_zero is None or _same(trial(x + other) + f_zero, y + f_other):
             return None  # affine (f(x + x') + f(0) = f(x) + f(x')): a shift or scale, no activation
         return "activation", None
-    if not _same(trial(x * (1 + 3 * torch.rand(2, 3, 1, generator=trial.gen, dtype=torch.float64))), y):
+    scale = 1 + 3 * torch.rand(*trial.per_row, generator=trial.gen, dtype=torch.float64)
+    if not _same(trial(x * scale), y):
         return None
-    layer = _same(trial(x + 10 * trial.randn(2, 3, 1)), y)
+    layer = _same(trial(x + 10 * trial.randn(*trial.per_row)), y)
     eps = next((getattr(trial.module, a) for a in _EPS_ATTRS if hasattr(trial.module, a)), None)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         eps = _measured_eps(trial, center=layer)
-    return "norm", NormSpec("layer" if layer else "rms", float(eps))
+    return "norm", NormSpec("layer" if layer else "rms", float(eps), channels=trial.channels)
 
 
 def _measured_eps(trial: _Trial, center: bool) -> float:
@@ -192,11 +209,12 @@ def _measured_eps(trial: _Trial, center: bool) -> float:
     u = u - u.mean() if center else u
     u = u / u.square().mean().sqrt()
     s2 = 10.0 ** -torch.arange(0, 29, dtype=torch.float64)
-    x = (s2.sqrt()[:, None] * u)[None]
+    x = s2.sqrt()[:, None] * u  # (scales, width) rows
+    x = x.T[None, :, :, None] if trial.channels else x[None]  # (1, width, scales, 1) or (1, scales, width)
     y, y_neg = trial(x), trial(-x)
     if y is None or y_neg is None:
         return 0.0
-    odd = ((y - y_neg) / 2)[0].square().sum(-1)
+    odd = ((y - y_neg) / 2).square().sum(trial.row_dim).flatten()
     R = odd[1:] / odd[0]
     s2 = s2[1:]
     k = int((R - 0.5).abs().argmin())
@@ -207,16 +225,24 @@ def _measured_eps(trial: _Trial, center: bool) -> float:
     return rounded if abs(eps - rounded) <= 1e-3 * rounded else eps
 
 
+def _torch_own(module: nn.Module) -> bool:
+    """A torch.nn class with torch's own forward (Dropout, Linear, ...): known, nothing to try."""
+    cls = type(module)
+    return cls.__module__.startswith("torch.nn.") and cls is not nn.Module
+
+
 def _kind_of(module: nn.Module, below_a_site: bool) -> tuple[str, NormSpec | None] | None:
     found = _declared(module) or _torch_kind(module)
-    if found is not None or below_a_site:
+    if found is not None or below_a_site or _torch_own(module):
         return found
     for width in _probe_widths(module) or []:
-        try:
-            trial = _Trial(module, width)
-            return _behaviour(trial)
-        except Exception:  # not callable on one (2, 3, width) tensor: try the next width
-            continue
+        for channels in (False, True):
+            try:
+                found = _behaviour(_Trial(module, width, channels))
+            except Exception:  # not callable on a tensor of this layout: try the next one
+                continue
+            if found is not None:
+                return found
     return None
 
 

@@ -164,3 +164,42 @@ def test_lnmlp_fc_layers_are_named_sites():
         W = net.layers[i].fc.weight.detach().numpy()
         assert post.isometry_gap == pytest.approx(ref_stats(reps[i].numpy() @ W.T)[0], rel=1e-9)
     assert np.isfinite([r.isometry_gap for r in probe.records]).all()
+
+
+# --------------------------------------------------------------- discovery by behaviour
+
+def test_olmo_layernorm_bloom_gelu_and_channels_first_layernorm_by_behaviour():
+    """Found by what they do: OLMo's LayerNorm has no parameter and no eps attribute (its eps,
+    1e-5, is measured), BLOOM's GELU is its own class, ConvNeXt's LayerNorm subclasses
+    nn.LayerNorm but normalises over the channels; every value against the reference."""
+    from transformers.models.bloom.modeling_bloom import BloomGelu
+    from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
+    from transformers.models.olmo.modeling_olmo import OlmoLayerNorm
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(12, 16), OlmoLayerNorm(16), BloomGelu()).double()
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), ConvNextLayerNorm(8, eps=1e-6, data_format="channels_first")).double()
+    found = {s.name: s for s in Probe(seq).sites}
+    assert {n: s.kind for n, s in found.items()} == {"1": "norm", "2": "activation"}
+    assert (found["1"].norm.rule, found["1"].norm.eps) == ("layer", 1e-5)
+    (ln,) = Probe(conv).sites
+    assert (ln.name, ln.norm.rule, ln.norm.eps, ln.norm.channels) == ("1", "layer", 1e-6, True)
+
+    x = torch.randn(3, 9, 12, dtype=torch.float64)
+    capture = Capture(seq, ["1", "2"])
+    with torch.no_grad(), Probe(seq) as probe:
+        seq(x)
+    capture.close()
+    assert check_records(probe.records, capture, {"1": (1e-5, True)}) == 3
+
+    def channel_parts(a):  # the reference's own channels-first layer norm, before the affine part
+        ac = a - a.mean(1, keepdims=True)
+        return ac, ac / np.sqrt((ac**2).mean(1, keepdims=True) + 1e-6)
+
+    img = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    capture = Capture(conv, ["1"])
+    with torch.no_grad(), Probe(conv) as probe:
+        conv(img)
+    capture.close()
+    assert {r.view for r in probe.records} == {"sample"}
+    check_records(probe.records, capture, {"1": channel_parts})
