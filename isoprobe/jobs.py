@@ -260,6 +260,7 @@ def probe_texts(
     torch.manual_seed(seed)
     batches = range(0, len(sequences), batch_size)
     bar = tqdm(total=len(sequences), unit=" windows" if stride else " texts", file=sys.stderr, leave=False,
+               mininterval=0, miniters=1,  # one refresh per batch: a batch is a whole forward, never too frequent
                disable=not (sys.stderr.isatty() if progress is None else progress), desc="probing")
     with bar, torch.no_grad(), Probe(model, sites=sites, gram_dtype=gram_dtype) as probe:
         for k, start in enumerate(batches):

@@ -453,11 +453,11 @@ def _config(options) -> dict:
 
 
 def _text_rows(cfg: dict, text: str, index: int, env) -> list[dict]:
-    from isoprobe.models import probe_texts
+    from isoprobe.jobs import probe_texts
 
     loaded = _loaded(cfg["model"]["asked"], cfg["device"])
     report = probe_texts(
-        loaded, [text], sites=cfg["sites"], batch_size=1, notify=env.note
+        loaded, [text], sites=cfg["sites"], batch_size=1, progress=False, notify=env.note
     )
     return site_rows(report.records, index)
 
