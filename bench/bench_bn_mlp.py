@@ -40,8 +40,7 @@ def fresh(width: int, depths: list[int], x, y, seed: int) -> list[float]:
     out = []
     for L in depths:
         net = BNMLP(x.shape[1], width, L, generator=torch.Generator().manual_seed(seed + L), dtype=F64)
-        net.load_state_dict({k: v for k, v in state.items()
-                             if k.startswith("readout") or int(k.split(".")[1]) < L})
+        net.load_state_dict({k: v for k, v in state.items() if k.startswith("readout") or int(k.split(".")[1]) < L})
         out += first_layer_grad_log_norms(net, x, y, [L]).tolist()
     return out
 
@@ -70,8 +69,10 @@ def main() -> None:
         a, b = nested(args.width, depths, x, y, 1), fresh(args.width, depths, x, y, 1)
     assert max(abs(p - q) for p, q in zip(a, b)) < 1e-9, (a, b)
 
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"default threads {torch.get_num_threads()}; width {args.width}, depths {depths}")
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"default threads {torch.get_num_threads()}; width {args.width}, depths {depths}"
+    )
     t_default = timed(lambda: nested(args.width, depths, x, y, 2), args.repeat)
     with single_thread():
         t_single = timed(lambda: nested(args.width, depths, x, y, 2), args.repeat)

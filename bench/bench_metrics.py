@@ -64,8 +64,10 @@ def main() -> None:
         "naive per-item numpy loop": best_time(naive_loop, G, args.repeat),
     }
     base = timings["isometry_gap (Cholesky)"]
-    print(f"{args.batch} Grams of n = {args.n} (d = {args.d}), float64, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"{args.batch} Grams of n = {args.n} (d = {args.d}), float64, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
     print(f"{'method':30s} {'best of ' + str(args.repeat):>12s} {'ratio':>8s}")
     for name, t in timings.items():
         print(f"{name:30s} {t * 1e3:10.2f} ms {t / base:7.2f}x")

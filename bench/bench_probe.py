@@ -50,8 +50,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 BATCH = 8
 TIMED = ("plain", "probe", "probe-f32", "gemm-f64", "gemm-f32")
-CATEGORIES = ("Gram GEMM", "conversion/copy", "centring", "elementwise/reduction",
-              "Cholesky/triangular", "eigenvalues", "Python, records, host transfer")
+CATEGORIES = (
+    "Gram GEMM",
+    "conversion/copy",
+    "centring",
+    "elementwise/reduction",
+    "Cholesky/triangular",
+    "eigenvalues",
+    "Python, records, host transfer",
+)
 
 
 def build_model(seq: int, device: str):
@@ -126,8 +133,18 @@ def timings(model, ids, reps: int, device: str) -> dict[str, list[float]]:
 def _category(name: str) -> str | None:
     if name in ("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm"):
         return "Gram GEMM"
-    if name in ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::stack", "aten::cat",
-                "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::contiguous"):
+    if name in (
+        "aten::copy_",
+        "aten::to",
+        "aten::_to_copy",
+        "aten::clone",
+        "aten::stack",
+        "aten::cat",
+        "aten::empty",
+        "aten::empty_strided",
+        "aten::empty_like",
+        "aten::contiguous",
+    ):
         return "conversion/copy"
     if name in ("aten::mean", "aten::sub_", "aten::mul_"):
         return "centring"
@@ -142,8 +159,13 @@ def _category(name: str) -> str | None:
 
 # what makes the host wait for the device: explicit synchronisations, synchronous copies, and a
 # tensor's value read on the host (.item(), bool(), .tolist(): aten::_local_scalar_dense)
-_SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-                "aten::_local_scalar_dense")
+_SYNC_EVENTS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "cudaMemcpy",
+    "aten::_local_scalar_dense",
+)
 
 
 def breakdown(model, ids, dtype: torch.dtype, device: str) -> dict:
@@ -216,8 +238,21 @@ def rss_bytes() -> int:
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                                     "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def heap_bytes() -> int:
@@ -252,8 +287,16 @@ def memory_child(config: str, seq: int) -> dict:
 def memory(args) -> dict[str, dict]:
     mem = {}
     for config in ("plain", "probe", "probe-f32"):
-        child = [sys.executable, __file__, "--memory-child", config, "--seq", str(args.seq),
-                 "--threads", str(args.threads)]
+        child = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            config,
+            "--seq",
+            str(args.seq),
+            "--threads",
+            str(args.threads),
+        ]
         out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
         mem[config] = json.loads(out.strip().splitlines()[-1])
     return mem
@@ -265,9 +308,13 @@ def report(args, times, parts, mem) -> dict:
     unit = "wall s (synchronised)" if args.device.startswith("cuda") else "CPU s"
     print(f"\n| configuration | {unit} / forward (median of {args.reps}) | ratio to plain | runs |")
     print("|---|---|---|---|")
-    labels = {"plain": "plain forward", "probe": "`Probe(model)` (float64 Grams)",
-              "probe-f32": "`Probe(model, gram_dtype=torch.float32)`",
-              "gemm-f64": "floor: the 74 Gram GEMMs alone, float64", "gemm-f32": "floor: the 74 Gram GEMMs alone, float32"}
+    labels = {
+        "plain": "plain forward",
+        "probe": "`Probe(model)` (float64 Grams)",
+        "probe-f32": "`Probe(model, gram_dtype=torch.float32)`",
+        "gemm-f64": "floor: the 74 Gram GEMMs alone, float64",
+        "gemm-f32": "floor: the 74 Gram GEMMs alone, float32",
+    }
     for c in TIMED:
         ratio = med[c] / base + (1 if c.startswith("gemm") else 0)
         shown = f"1 + {med[c] / base:.3f}" if c.startswith("gemm") else f"**{ratio:.3f}×**"
@@ -281,19 +328,26 @@ def report(args, times, parts, mem) -> dict:
         print(f"| {cat} | " + " | ".join(cells) + " |")
     print("| **all inside the hooks** | " + " | ".join(f"**{p['total']:.3f}**" for p in parts.values()) + " |")
     extra = {"probe": med["probe"] - base, "probe-f32": med["probe-f32"] - base}
-    print("| extra time of the timed runs (probe − plain) | "
-          + " | ".join(f"{extra[k]:.3f}" for k in parts) + " |")
-    print("| non-GEMM share of the hooks' time | "
-          + " | ".join(f"{1 - p['seconds']['Gram GEMM'] / p['total']:.0%}" for p in parts.values()) + " |")
+    print("| extra time of the timed runs (probe − plain) | " + " | ".join(f"{extra[k]:.3f}" for k in parts) + " |")
+    print(
+        "| non-GEMM share of the hooks' time | "
+        + " | ".join(f"{1 - p['seconds']['Gram GEMM'] / p['total']:.0%}" for p in parts.values())
+        + " |"
+    )
     if args.device.startswith("cuda"):
-        print("| host synchronisations inside site hooks / in the end-of-forward flush | "
-              + " | ".join(f"{p['syncs']['site-hook']} / {p['syncs']['flush']}" for p in parts.values()) + " |")
+        print(
+            "| host synchronisations inside site hooks / in the end-of-forward flush | "
+            + " | ".join(f"{p['syncs']['site-hook']} / {p['syncs']['flush']}" for p in parts.values())
+            + " |"
+        )
     if mem:
         b = mem["plain"]
         print("\n| configuration | peak live heap (MiB) | ratio | peak RSS (MiB) | ratio |\n|---|---|---|---|---|")
         for c, m in mem.items():
-            print(f"| {c} | {m['heap_peak'] / 2**20:.0f} | {m['heap_peak'] / b['heap_peak']:.3f}× | "
-                  f"{m['rss_peak'] / 2**20:.0f} | {m['rss_peak'] / b['rss_peak']:.3f}× |")
+            print(
+                f"| {c} | {m['heap_peak'] / 2**20:.0f} | {m['heap_peak'] / b['heap_peak']:.3f}× | "
+                f"{m['rss_peak'] / 2**20:.0f} | {m['rss_peak'] / b['rss_peak']:.3f}× |"
+            )
     return {"median": med, "times": times, "breakdown": parts, "memory": mem}
 
 
@@ -314,16 +368,22 @@ def main() -> None:
         return
     start = time.perf_counter()
     load0 = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} thread(s), "
-          f"batch {BATCH} × {args.seq} tokens, {os.cpu_count()} CPUs, load average {load0:.1f} at start")
+    print(
+        f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} thread(s), "
+        f"batch {BATCH} × {args.seq} tokens, {os.cpu_count()} CPUs, load average {load0:.1f} at start"
+    )
     model, ids = build_model(args.seq, args.device)
     times = timings(model, ids, args.reps, args.device)
-    parts = {"probe": breakdown(model, ids, torch.float64, args.device),
-             "probe-f32": breakdown(model, ids, torch.float32, args.device)}
+    parts = {
+        "probe": breakdown(model, ids, torch.float64, args.device),
+        "probe-f32": breakdown(model, ids, torch.float32, args.device),
+    }
     mem = {} if args.no_memory or args.device != "cpu" else memory(args)
     out = report(args, times, parts, mem)
-    print(f"\nload average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
-          f"whole script {time.perf_counter() - start:.0f} s")
+    print(
+        f"\nload average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
+        f"whole script {time.perf_counter() - start:.0f} s"
+    )
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 

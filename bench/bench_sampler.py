@@ -66,10 +66,14 @@ def main() -> None:
     d, n, L, R = args.width, args.n, args.depth, args.runs
     g = torch.Generator().manual_seed(0)
     X0 = torch.randn(n, d, generator=g, dtype=torch.float64) + 2 * torch.randn(1, d, generator=g, dtype=torch.float64)
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; d = {d}, n = {n}, depth {L}, float64, ReLU + layer norm")
-    print("| weights | method | runs timed | layers timed | seconds (timed) | seconds for depth "
-          f"{L}, 1 run | sampler speed-up |")
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; d = {d}, n = {n}, depth {L}, float64, ReLU + layer norm"
+    )
+    print(
+        "| weights | method | runs timed | layers timed | seconds (timed) | seconds for depth "
+        f"{L}, 1 run | sampler speed-up |"
+    )
     print("|---|---|---|---|---|---|---|")
     for weights, dense_layers in (("gaussian", args.dense_layers), ("orthogonal", args.orthogonal_dense_layers)):
         spec = LNMLPSpec("relu", depth=L, width=d, weights=weights)
@@ -84,15 +88,23 @@ def main() -> None:
         t_mult = multiply_only(spec, X0, dense_layers) * L / dense_layers
         scaled = "" if dense_layers == L else f" (scaled from {dense_layers})"
         print(f"| {weights} | sampler | 1 | {L} | {t_one:.3f} | {t_one:.3f} | 1 |")
-        print(f"| {weights} | sampler, {R} runs batched | {R} | {L} | {t_batch:.3f} | {t_batch / R:.3f} per run | "
-              f"{dense_full / (t_batch / R):.0f}× vs dense per run |")
-        print(f"| {weights} | dense | 1 | {dense_layers} | {t_dense:.3f} | {dense_full:.3f}{scaled} | "
-              f"{dense_full / t_one:.0f}× |")
-        print(f"| {weights} | dense, multiply only | 1 | {dense_layers} | – | {t_mult:.3f}{scaled} | "
-              f"{t_mult / t_one:.0f}× |")
+        print(
+            f"| {weights} | sampler, {R} runs batched | {R} | {L} | {t_batch:.3f} | {t_batch / R:.3f} per run | "
+            f"{dense_full / (t_batch / R):.0f}× vs dense per run |"
+        )
+        print(
+            f"| {weights} | dense | 1 | {dense_layers} | {t_dense:.3f} | {dense_full:.3f}{scaled} | "
+            f"{dense_full / t_one:.0f}× |"
+        )
+        print(
+            f"| {weights} | dense, multiply only | 1 | {dense_layers} | – | {t_mult:.3f}{scaled} | "
+            f"{t_mult / t_one:.0f}× |"
+        )
         G = simulate_spec(spec, X0, runs=1, seed=1)
-        print(f"|  | (check) gap at layer {dense_layers}: sampler {isometry_gap(G[0, dense_layers]).item():.4f}, "
-              f"dense {isometry_gap(G_dense[0, -1]).item():.4f} | | | | | |")
+        print(
+            f"|  | (check) gap at layer {dense_layers}: sampler {isometry_gap(G[0, dense_layers]).item():.4f}, "
+            f"dense {isometry_gap(G_dense[0, -1]).item():.4f} | | | | | |"
+        )
 
 
 if __name__ == "__main__":

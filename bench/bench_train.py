@@ -48,9 +48,11 @@ def fig7_models() -> dict[str, list[nn.Module]]:
 
 
 def fig4_models() -> dict[str, list[nn.Module]]:
-    return {f"{w}-{L}": [BNMLP(784, 32, L, 10, weights=w, generator=torch.Generator().manual_seed(r))
-                         for r in range(2)]
-            for w in ("orthogonal", "gaussian") for L in (4, 16, 64)}
+    return {
+        f"{w}-{L}": [BNMLP(784, 32, L, 10, weights=w, generator=torch.Generator().manual_seed(r)) for r in range(2)]
+        for w in ("orthogonal", "gaussian")
+        for L in (4, 16, 64)
+    }
 
 
 def run_ensemble(ens: Ensemble, opt, x, y) -> torch.Tensor:
@@ -104,8 +106,15 @@ def bench(name: str, groups: dict[str, list[nn.Module]], batch: int, steps: int,
         s_times.append(timed(lambda t: run_sequential(seq_models, s_opts, xs[t], ys[t])))
     e, s = statistics.median(e_times), statistics.median(s_times)
     work = G * runs * batch * steps
-    return {"workload": name, "models": G * runs, "ensemble_s_per_step": e / steps, "sequential_s_per_step": s / steps,
-            "ensemble_throughput": work / e, "sequential_throughput": work / s, "ratio": s / e}
+    return {
+        "workload": name,
+        "models": G * runs,
+        "ensemble_s_per_step": e / steps,
+        "sequential_s_per_step": s / steps,
+        "ensemble_throughput": work / e,
+        "sequential_throughput": work / s,
+        "ratio": s / e,
+    }
 
 
 def time_reproductions() -> dict[str, float]:
@@ -128,23 +137,30 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repro", action="store_true", help="also time the four --quick training reproductions")
     args = p.parse_args()
-    print(f"# torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}, device {args.device}")
-    print("| workload | models | threads | ensemble (ms/step) | sequential (ms/step) | ensemble (model-samples/s) "
-          "| sequential (model-samples/s) | ratio |")
+    print(
+        f"# torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}, device {args.device}"
+    )
+    print(
+        "| workload | models | threads | ensemble (ms/step) | sequential (ms/step) | ensemble (model-samples/s) "
+        "| sequential (model-samples/s) | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     before = torch.get_num_threads()
     for threads in args.threads:
         torch.set_num_threads(threads)
         for name, make, batch in (("fig7-quick", fig7_models, 64), ("meterez-fig4-quick", fig4_models, 64)):
             r = bench(name, make(), batch, args.steps, args.repeat, args.device)
-            print(f"| {r['workload']} | {r['models']} | {threads} | {1e3 * r['ensemble_s_per_step']:.0f} | "
-                  f"{1e3 * r['sequential_s_per_step']:.0f} | {r['ensemble_throughput']:.0f} | "
-                  f"{r['sequential_throughput']:.0f} | {r['ratio']:.2f}× |", flush=True)
+            print(
+                f"| {r['workload']} | {r['models']} | {threads} | {1e3 * r['ensemble_s_per_step']:.0f} | "
+                f"{1e3 * r['sequential_s_per_step']:.0f} | {r['ensemble_throughput']:.0f} | "
+                f"{r['sequential_throughput']:.0f} | {r['ratio']:.2f}× |",
+                flush=True,
+            )
     torch.set_num_threads(before)
     if args.repro:
         total = 0.0
-        print(f"\n| reproduction (--quick, synthetic) | wall time (s) | held |\n|---|---|---|")
+        print("\n| reproduction (--quick, synthetic) | wall time (s) | held |\n|---|---|---|")
         for name, (secs, held) in time_reproductions().items():
             total += secs
             print(f"| {name} | {secs:.1f} | {held} |", flush=True)

@@ -31,8 +31,7 @@ def main(out: Path) -> None:
 
     print(probe.summary())  # the table: one row per site and point, gap mean ± std, Theorem 1
     last = probe["transformer.h.3.ln_1:normalized"][0]
-    print(f"\n{last.key}: I = {last.isometry:.4f} >= Theorem 1 bound {last.theorem1_bound:.4f}: "
-          f"{last.theorem1_holds}")
+    print(f"\n{last.key}: I = {last.isometry:.4f} >= Theorem 1 bound {last.theorem1_bound:.4f}: {last.theorem1_holds}")
     out.mkdir(parents=True, exist_ok=True)
     probe.to_csv(out / "records.csv")
     probe.plot(out / "plot.png", title="random GPT-2, 4 layers")

@@ -21,15 +21,23 @@ def main(steps: int = 12) -> None:
     try:
         from transformers import Trainer, TrainingArguments
 
-        args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="isoprobe-trainer-"), max_steps=steps,
-                                 per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
-                                 logging_steps=steps, save_strategy="no", use_cpu=True)
+        args = TrainingArguments(
+            output_dir=tempfile.mkdtemp(prefix="isoprobe-trainer-"),
+            max_steps=steps,
+            per_device_train_batch_size=4,
+            learning_rate=1e-3,
+            report_to=[],
+            logging_steps=steps,
+            save_strategy="no",
+            use_cpu=True,
+        )
     except ImportError as error:  # transformers' Trainer requires accelerate
         sys.exit(f"this example needs the Trainer's dependencies: {error}")
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=64, n_positions=32,
-                                        bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    )
     ids = torch.arange(32).remainder(7).repeat(16, 1)  # a periodic toy language
     data = [{"input_ids": row, "labels": row} for row in ids]
 
@@ -38,8 +46,10 @@ def main(steps: int = 12) -> None:
 
     for row in callback.history:
         if row["point"] == "normalized":
-            print(f"step {row['global_step']:3d}  {row['site']:22s}  gap {row['gap_mean']:.4f}  "
-                  f"Theorem 1 violations {row['theorem1_violations']}/{row['theorem1_checked']}")
+            print(
+                f"step {row['global_step']:3d}  {row['site']:22s}  gap {row['gap_mean']:.4f}  "
+                f"Theorem 1 violations {row['theorem1_violations']}/{row['theorem1_checked']}"
+            )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The public API is re-exported here; see README.md for a tour.
 from importlib.metadata import PackageNotFoundError, version
 
 from isoprobe.activations import Activation, get_activation, list_activations
+from isoprobe.data import load_images
 from isoprobe.hermite import (
     ActivationStats,
     activation_stats,
@@ -15,17 +16,6 @@ from isoprobe.hermite import (
     mean_field_map,
 )
 from isoprobe.hooks import Probe
-from isoprobe.records import Record
-from isoprobe.data import load_images
-from isoprobe.nets import LNMLP
-from isoprobe.theory import (
-    LNMLPSpec,
-    corollary_b2_bound,
-    mean_field_grams,
-    simulate,
-    theorem4_bound,
-    theorem4_constant,
-)
 from isoprobe.metrics import (
     effective_rank,
     gram,
@@ -36,6 +26,16 @@ from isoprobe.metrics import (
     numerical_rank,
     orthogonality_gap,
     spectral_stats,
+)
+from isoprobe.nets import LNMLP
+from isoprobe.records import Record
+from isoprobe.theory import (
+    LNMLPSpec,
+    corollary_b2_bound,
+    mean_field_grams,
+    simulate,
+    theorem4_bound,
+    theorem4_constant,
 )
 
 try:

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,7 @@ class Activation:
         return self.fn(x) if origin == 0.0 else self.fn(x) - origin
 
 
-ActivationLike = Union[str, Activation, Callable[[torch.Tensor], torch.Tensor]]
+ActivationLike = str | Activation | Callable[[torch.Tensor], torch.Tensor]
 
 
 def _constant(value: float) -> Callable[[float], float]:
@@ -167,8 +167,13 @@ ACTIVATIONS: dict[str, Activation] = dict(
         _entry("abs", torch.abs, "|x|", (0.0,), _constant(2.0)),
         _entry("sin", torch.sin, "sin(x)", beta=_beta_sin),
         _entry("cos", torch.cos, "cos(x)", beta=_constant(2.0), shifted=lambda x: -2 * torch.sin(x / 2) ** 2),
-        _entry("exp", lambda x: torch.exp(x - 2), "exp(x − 2)", beta=_beta_exp,
-               shifted=lambda x: math.exp(-2) * torch.expm1(x)),
+        _entry(
+            "exp",
+            lambda x: torch.exp(x - 2),
+            "exp(x − 2)",
+            beta=_beta_exp,
+            shifted=lambda x: math.exp(-2) * torch.expm1(x),
+        ),
     ]
 )
 
@@ -217,7 +222,12 @@ def registry_report(as_json: bool = False) -> str:
         return json.dumps(rows, indent=2, ensure_ascii=False)
     header = ("name", "formula", "kinks", "closed-form β")
     body = [
-        (r["name"], r["formula"], ", ".join(f"{k:g}" for k in r["kinks"]) or "-", "yes" if r["closed_form_beta"] else "no")
+        (
+            r["name"],
+            r["formula"],
+            ", ".join(f"{k:g}" for k in r["kinks"]) or "-",
+            "yes" if r["closed_form_beta"] else "no",
+        )
         for r in rows
     ]
     return _format_table(header, body)

@@ -45,25 +45,60 @@ def _repro_list() -> str:
 @click.argument("names", nargs=-1)
 @click.option("--list", "show_list", is_flag=True, help="List the reproductions: name, figure, claim, by paper.")
 @click.option("--quick", is_flag=True, help="Smaller sizes and fewer runs; the claims stay decidable.")
-@click.option("--runs", type=click.IntRange(min=1), default=None,
-              help="Independent runs per series (default: the paper's, usually 10; fewer with --quick).")
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Independent runs per series (default: the paper's, usually 10; fewer with --quick).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights and inputs.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results", show_default=True,
-              help="Output directory; a partly filled one is resumed, finished reproductions are skipped.")
-@click.option("--data", default="auto", show_default=True,
-              help="Image data for fig2/figC4 and the like: auto (the paper's data set, else a substitute, "
-                   "labelled as such), synthetic, digits, mnist, fashion_mnist, cifar10, cifar100, or a path.")
-@click.option("--protocol", type=click.Choice(["isoprobe", "paper"]), default="isoprobe", show_default=True,
-              help="paper: Joudaki et al.'s notebook protocol (inputs, aggregation, sizes), written as "
-                   "NAME.paper.*; with `all`, only the reproductions that have it run.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="results",
+    show_default=True,
+    help="Output directory; a partly filled one is resumed, finished reproductions are skipped.",
+)
+@click.option(
+    "--data",
+    default="auto",
+    show_default=True,
+    help="Image data for fig2/figC4 and the like: auto (the paper's data set, else a substitute, "
+    "labelled as such), synthetic, digits, mnist, fashion_mnist, cifar10, cifar100, or a path.",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["isoprobe", "paper"]),
+    default="isoprobe",
+    show_default=True,
+    help="paper: Joudaki et al.'s notebook protocol (inputs, aggregation, sizes), written as "
+    "NAME.paper.*; with `all`, only the reproductions that have it run.",
+)
 @click.option("--model", default=None, help="figC5: a pretrained model (gpt2, a Hub id or a local path).")
-@click.option("--text-file", "text_file", type=click.Path(dir_okay=False), default=None,
-              help="figC5: a file of texts, separated by blank lines.")
+@click.option(
+    "--text-file",
+    "text_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="figC5: a file of texts, separated by blank lines.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
-def repro_command(names: tuple[str, ...], show_list: bool, quick: bool, runs: int | None, seed: int,
-                  device: str, out_dir: str, data: str, protocol: str, model: str | None, text_file: str | None,
-                  no_progress: bool) -> None:
+def repro_command(
+    names: tuple[str, ...],
+    show_list: bool,
+    quick: bool,
+    runs: int | None,
+    seed: int,
+    device: str,
+    out_dir: str,
+    data: str,
+    protocol: str,
+    model: str | None,
+    text_file: str | None,
+    no_progress: bool,
+) -> None:
     """Reproduce figures and tables of the papers: NAME... or all.
 
     Each reproduction writes OUT/STEM.csv (tidy data), OUT/STEM.png (the figure) and
@@ -85,12 +120,17 @@ def repro_command(names: tuple[str, ...], show_list: bool, quick: bool, runs: in
     if show_list:
         click.echo(_repro_list())
         return
-    options = experiments.Options(quick=quick, runs=runs, seed=seed, device=device, data=data, protocol=protocol,
-                                  model=model, text_file=text_file)
+    options = experiments.Options(
+        quick=quick, runs=runs, seed=seed, device=device, data=data, protocol=protocol, model=model, text_file=text_file
+    )
     try:
         with distributed.torchrun_group() as (rank, _world):
             summaries = experiments.run_reproductions(
-                names, options, out_dir, show_progress=not no_progress, echo=lambda msg: click.echo(msg, err=True),
+                names,
+                options,
+                out_dir,
+                show_progress=not no_progress,
+                echo=lambda msg: click.echo(msg, err=True),
             )
     except experiments.ReproductionOptionError as exc:  # bad name or option: checked before running
         raise click.UsageError(str(exc)) from exc
@@ -107,11 +147,13 @@ def repro_command(names: tuple[str, ...], show_list: bool, quick: bool, runs: in
 
 @main.command("beta")
 @click.argument("activations", nargs=-1)
-@click.option("--gain", "gains", type=float, multiple=True,
-              help="Pre-activation gain α: σ(α x) (repeatable; default 1).")
+@click.option(
+    "--gain", "gains", type=float, multiple=True, help="Pre-activation gain α: σ(α x) (repeatable; default 1)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--list", "show_list", is_flag=True,
-              help="Show the registry: name, formula, kinks, whether β has a closed form.")
+@click.option(
+    "--list", "show_list", is_flag=True, help="Show the registry: name, formula, kinks, whether β has a closed form."
+)
 def beta_command(activations: tuple[str, ...], gains: tuple[float, ...], as_json: bool, show_list: bool) -> None:
     """Isometry strength β = 2 − c1²/σ̄(1) of activations, by exact quadrature.
 
@@ -162,31 +204,65 @@ def _text_probe_options(command):
     """Options shared by ``gpt2`` and ``inspect`` (the fields of isoprobe.jobs.TextJob)."""
     options = [
         click.option("--text", "texts", multiple=True, help="A text to probe (repeatable)."),
-        click.option("--text-file", "text_files", multiple=True, type=click.Path(dir_okay=False),
-                     help="A file of texts, separated by blank lines (repeatable)."),
+        click.option(
+            "--text-file",
+            "text_files",
+            multiple=True,
+            type=click.Path(dir_okay=False),
+            help="A file of texts, separated by blank lines (repeatable).",
+        ),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-                     default="float32", show_default=True, help="The model's dtype."),
-        click.option("--sites", default=None,
-                     help="Comma-separated: norm, activation, or globs on module names "
-                          "(e.g. 'transformer.h.*.ln_*'). Default: all."),
-        click.option("--out", type=click.Path(file_okay=False), default=None,
-                     help="Write table.txt, records.csv, records.json and plot.png to this folder."),
-        click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
-                     default="table", show_default=True, help="What to print."),
-        click.option("--plot", type=click.Path(dir_okay=False), default=None,
-                     help="Save the gap-along-depth plot (PNG) here."),
-        click.option("--train-mode", is_flag=True,
-                     help="Run with dropout on, as the paper's notebook did (default: eval mode)."),
-        click.option("--stride", type=int, default=None,
-                     help="Probe texts longer than the context in windows starting every STRIDE "
-                          "tokens (default: truncate, with a warning)."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "float16", "bfloat16"]),
+            default="float32",
+            show_default=True,
+            help="The model's dtype.",
+        ),
+        click.option(
+            "--sites",
+            default=None,
+            help="Comma-separated: norm, activation, or globs on module names "
+            "(e.g. 'transformer.h.*.ln_*'). Default: all.",
+        ),
+        click.option(
+            "--out",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Write table.txt, records.csv, records.json and plot.png to this folder.",
+        ),
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(["table", "json", "csv"]),
+            default="table",
+            show_default=True,
+            help="What to print.",
+        ),
+        click.option(
+            "--plot", type=click.Path(dir_okay=False), default=None, help="Save the gap-along-depth plot (PNG) here."
+        ),
+        click.option(
+            "--train-mode", is_flag=True, help="Run with dropout on, as the paper's notebook did (default: eval mode)."
+        ),
+        click.option(
+            "--stride",
+            type=int,
+            default=None,
+            help="Probe texts longer than the context in windows starting every STRIDE "
+            "tokens (default: truncate, with a warning).",
+        ),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
-        click.option("--gram-dtype", type=click.Choice(["float64", "float32"]), default="float64",
-                     show_default=True,
-                     help="Gram dtype (float32: less exact near collapse, and on CPU not faster)."),
-        click.option("--quiet", is_flag=True, help="No progress bar on stderr (it is off anyway when "
-                     "stderr is not a terminal)."),
+        click.option(
+            "--gram-dtype",
+            type=click.Choice(["float64", "float32"]),
+            default="float64",
+            show_default=True,
+            help="Gram dtype (float32: less exact near collapse, and on CPU not faster).",
+        ),
+        click.option(
+            "--quiet", is_flag=True, help="No progress bar on stderr (it is off anyway when stderr is not a terminal)."
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -219,10 +295,19 @@ def _cannot_write(error: OSError) -> str:
 
 
 @main.command("gpt2")
-@click.option("--model", default="gpt2", show_default=True,
-              help="gpt2, another Hub id of a causal LM, or a local checkpoint PATH.")
-@click.option("--init", type=click.Choice(["pretrained", "random"]), default="pretrained",
-              show_default=True, help="random: GPT-2 small's config with random weights (offline).")
+@click.option(
+    "--model",
+    default="gpt2",
+    show_default=True,
+    help="gpt2, another Hub id of a causal LM, or a local checkpoint PATH.",
+)
+@click.option(
+    "--init",
+    type=click.Choice(["pretrained", "random"]),
+    default="pretrained",
+    show_default=True,
+    help="random: GPT-2 small's config with random weights (offline).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --init random and of dropout.")
 @_text_probe_options
 def gpt2_command(**options) -> None:
@@ -240,8 +325,11 @@ def gpt2_command(**options) -> None:
 
 @main.command("inspect")
 @click.option("--model", required=True, help="A Hub id or local PATH of any transformers AutoModel.")
-@click.option("--dataset", default=None,
-              help="Read texts from a datasets dataset: Hub name, saved directory or csv/json/parquet/txt file.")
+@click.option(
+    "--dataset",
+    default=None,
+    help="Read texts from a datasets dataset: Hub name, saved directory or csv/json/parquet/txt file.",
+)
 @click.option("--split", default="train", show_default=True)
 @click.option("--column", default="text", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=16, show_default=True, help="Rows to read.")

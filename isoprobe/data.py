@@ -63,7 +63,9 @@ def _synthetic(limit: int | None, seed: int) -> ImageBatch:
     """Ten fixed classes of smooth blob patterns; samples are shifted, rescaled, noised copies."""
     size = 28
     proto_gen = torch.Generator().manual_seed(20230528)  # the classes are part of the data set
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64), indexing="ij"
+    )
     protos = torch.zeros(_SYNTHETIC_CLASSES, size, size, dtype=torch.float64)
     for c in range(_SYNTHETIC_CLASSES):
         for _ in range(3):
@@ -101,7 +103,9 @@ def _digits(limit: int | None, seed: int) -> ImageBatch:
 
 
 def _offline() -> bool:
-    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    ):
         return True
     try:
         from huggingface_hub import constants
@@ -182,7 +186,9 @@ def _as_images(arr: np.ndarray, where: str) -> torch.Tensor:
     elif arr.ndim == 4 and arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
         arr = arr.transpose(0, 3, 1, 2)
     elif arr.ndim != 4:
-        raise DataUnavailable(f"{where}: images must be shaped (N, H, W), (N, H, W, C) or (N, C, H, W), got {arr.shape}")
+        raise DataUnavailable(
+            f"{where}: images must be shaped (N, H, W), (N, H, W, C) or (N, C, H, W), got {arr.shape}"
+        )
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
@@ -193,8 +199,10 @@ def _local(path, limit: int | None, seed: int) -> ImageBatch:
             xk = next((k for k in _NPZ_IMAGES if k in z.files), None)
             yk = next((k for k in _NPZ_LABELS if k in z.files), None)
             if xk is None or yk is None:
-                raise DataUnavailable(f"{path}: needs an image array ({'/'.join(_NPZ_IMAGES)}) and a label array "
-                                 f"({'/'.join(_NPZ_LABELS)}); found {', '.join(z.files) or 'none'}")
+                raise DataUnavailable(
+                    f"{path}: needs an image array ({'/'.join(_NPZ_IMAGES)}) and a label array "
+                    f"({'/'.join(_NPZ_LABELS)}); found {', '.join(z.files) or 'none'}"
+                )
             x, y = z[xk], z[yk]
         if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
             raise DataUnavailable(f"{path}: labels must be {len(x)} integers, got {y.dtype} {y.shape}")
@@ -204,8 +212,12 @@ def _local(path, limit: int | None, seed: int) -> ImageBatch:
         from PIL import Image
 
         classes = sorted(d.name for d in path.iterdir() if d.is_dir())
-        files = [(f, c) for c, name in enumerate(classes) for f in sorted((path / name).iterdir())
-                 if f.suffix.lower() in _IMAGE_SUFFIXES]
+        files = [
+            (f, c)
+            for c, name in enumerate(classes)
+            for f in sorted((path / name).iterdir())
+            if f.suffix.lower() in _IMAGE_SUFFIXES
+        ]
         if not files:
             raise DataUnavailable(f"{path}: no images found; expected {path}/CLASS/IMAGE.png (one folder per class)")
         idx = _subset(len(files), limit, seed)
@@ -229,8 +241,10 @@ def load_images(name: str, limit: int | None = None, seed: int = 0) -> ImageBatc
     when the data cannot be had here.
     """
     if not is_image_source(name):
-        raise ValueError(f"unknown image data {name!r}; valid names: {', '.join(IMAGE_SOURCES)}, "
-                         "or a path to a .npz file or an image folder")
+        raise ValueError(
+            f"unknown image data {name!r}; valid names: {', '.join(IMAGE_SOURCES)}, "
+            "or a path to a .npz file or an image folder"
+        )
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     if name not in IMAGE_SOURCES:

@@ -50,8 +50,9 @@ import functools
 import json
 import math
 import types
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -216,9 +217,7 @@ def _evaluator(act: Activation, gain: float) -> Callable[[np.ndarray], np.ndarra
         except Exception as exc:  # the user's function failed: say which and why
             raise ValueError(f"activation {act.name!r} failed on a float64 tensor: {exc}") from exc
         if not isinstance(out, torch.Tensor) or out.shape != t.shape:
-            raise ValueError(
-                f"activation {act.name!r} must map a tensor to a tensor of the same shape (elementwise)"
-            )
+            raise ValueError(f"activation {act.name!r} must map a tensor to a tensor of the same shape (elementwise)")
         if out.dtype != torch.float64:
             raise ValueError(
                 f"activation {act.name!r} returned {out.dtype} for a float64 input; exact quadrature "
@@ -366,9 +365,7 @@ class _Context:
     def minus_one(self) -> float:
         """``σ̄(−1) = E[(σ_α(z) − c0)(σ_α(−z) − c0)]``."""
         brk = np.concatenate([_grid(-self.W, self.W, self.h0), self.zkinks, -self.zkinks])
-        (v,), _, _ = _adaptive(
-            lambda z: ((self.sig(z) - self.c0) * (self.sig(-z) - self.c0) * _phi(z))[None], brk
-        )
+        (v,), _, _ = _adaptive(lambda z: ((self.sig(z) - self.c0) * (self.sig(-z) - self.c0) * _phi(z))[None], brk)
         return float(v)
 
     def centered_dual_direct(self, sign: int, b: float) -> float:

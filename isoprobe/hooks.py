@@ -98,6 +98,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import math
 import sys
@@ -168,9 +169,7 @@ def _aligned(spec: NormSpec, view: str, ndim: int) -> bool:
     if spec.channels and ndim > 2:  # per position over the channels: no view's items
         return False
     if spec.rule in ("layer", "rms"):
-        return (view == "token" and spec.dims == 1 and ndim == 3) or (
-            view == "sample" and spec.dims == ndim - 1
-        )
+        return (view == "token" and spec.dims == 1 and ndim == 3) or (view == "sample" and spec.dims == ndim - 1)
     if spec.rule == "group":
         return view == "sample" and spec.groups == 1
     return view == "feature"
@@ -217,8 +216,13 @@ def _gap(G: torch.Tensor, n: torch.Tensor, pad: torch.Tensor | None) -> torch.Te
 
 
 def _gap_rank_one(
-    Gc: torch.Tensor, v: torch.Tensor, n: torch.Tensor, pad: torch.Tensor | None,
-    gap_c: torch.Tensor, trusted: torch.Tensor, L: torch.Tensor,
+    Gc: torch.Tensor,
+    v: torch.Tensor,
+    n: torch.Tensor,
+    pad: torch.Tensor | None,
+    gap_c: torch.Tensor,
+    trusted: torch.Tensor,
+    L: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Isometry gap of ``G = G_c + v vᵀ`` (a norm's ``pre`` Gram, ``v = sqrt(m) μ``) from the
     Cholesky factor ``L`` of ``G_c`` (with its padded diagonal), by the matrix determinant lemma
@@ -355,13 +359,19 @@ def _measure(
         n, pad = torch.full((g,), N, dtype=torch.int64, device=x.device), None
     spec = site.norm
     post_dim = y.shape[-1] if view == "token" else y[:1].numel() if view == "sample" else y.numel() // y.shape[1]
-    common = dict(site=site, view=view, step=step, call=call, dim=m, post_dim=post_dim, n=n,
-                  token_items=view == "token", pad=pad)
+    common = dict(
+        site=site, view=view, step=step, call=call, dim=m, post_dim=post_dim, n=n, token_items=view == "token", pad=pad
+    )
     points = ("pre", "post") if spec is None else ("pre", "centered", "normalized", "post")
     if N < 2:  # one item per Gram: nothing is defined (records are flagged)
         nan = torch.full((g,), math.nan, dtype=torch.float64, device=x.device)
-        return _Pending(points=points, gram_points=(), grams=x.new_zeros(0, g, N, N, dtype=gram_dtype),
-                        og={p: nan for p in points}, **common)
+        return _Pending(
+            points=points,
+            gram_points=(),
+            grams=x.new_zeros(0, g, N, N, dtype=gram_dtype),
+            og=dict.fromkeys(points, nan),
+            **common,
+        )
     padded = pad is not None
     grams = torch.empty((2 if spec is None else 4, g, N, N), dtype=gram_dtype, device=x.device)
     if spec is None:
@@ -384,8 +394,13 @@ def _gram(X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _measure_aligned(
-    spec: NormSpec, X: torch.Tensor, items: _Items, y: torch.Tensor, x_dtype: torch.dtype,
-    grams: torch.Tensor, common: dict[str, Any],
+    spec: NormSpec,
+    X: torch.Tensor,
+    items: _Items,
+    y: torch.Tensor,
+    x_dtype: torch.dtype,
+    grams: torch.Tensor,
+    common: dict[str, Any],
 ) -> _Pending:
     """A norm that acts on whole items: two Grams serve four points (module docstring).
 
@@ -407,11 +422,7 @@ def _measure_aligned(
     Gn = Gc * d2.sqrt()[..., :, None] * d2.sqrt()[..., None, :]
     real = torch.ones_like(var) if pad is None else (~pad).to(var.dtype)
     nf = n.to(var.dtype)
-    log_ratio = (
-        (d2 * var * real).sum(-1).log()
-        - (var * real).sum(-1).log()
-        - (d2.log() * real).sum(-1) / nf
-    )
+    log_ratio = (d2 * var * real).sum(-1).log() - (var * real).sum(-1).log() - (d2.log() * real).sum(-1) / nf
     a = (var.to(torch.float64) * m).sqrt()
     factor = n.to(torch.float64) * a.square().sum(-1) / a.sum(-1).square()
     Gpost = _gram(items(y), grams[1])
@@ -420,28 +431,45 @@ def _measure_aligned(
     og["centered"] = _orth_gap(Gc, n, padded)
     if mu is None:
         og["pre"] = og["centered"]
-        return _Pending(points=("pre", "centered", "normalized", "post"), gram_points=("pre", "post"),
-                        grams=grams, og=og, same_as_pre=("centered",), log_ratio=log_ratio,
-                        factor=factor, gram_normalized=Gn, **common)
+        return _Pending(
+            points=("pre", "centered", "normalized", "post"),
+            gram_points=("pre", "post"),
+            grams=grams,
+            og=og,
+            same_as_pre=("centered",),
+            log_ratio=log_ratio,
+            factor=factor,
+            gram_normalized=Gn,
+            **common,
+        )
     v = mu * math.sqrt(m)
     og["pre"] = _orth_gap(Gc + v[..., :, None] * v[..., None, :], n, padded)
-    return _Pending(points=("pre", "centered", "normalized", "post"), gram_points=("centered", "post"),
-                    grams=grams, og=og, pre_vector=v, log_ratio=log_ratio, factor=factor,
-                    gram_normalized=Gn, **common)
+    return _Pending(
+        points=("pre", "centered", "normalized", "post"),
+        gram_points=("centered", "post"),
+        grams=grams,
+        og=og,
+        pre_vector=v,
+        log_ratio=log_ratio,
+        factor=factor,
+        gram_normalized=Gn,
+        **common,
+    )
 
 
 def _finish(p: _Pending, tol: float) -> _Finished:
     """Isometry gaps and the Theorem 1 check of one site call (may synchronise the device)."""
     k, g = p.grams.shape[:2]
     nan = torch.full((g,), math.nan, dtype=torch.float64, device=p.n.device)
-    gaps = {q: nan for q in p.points}  # stays NaN only for N < 2 (flagged as undefined)
+    gaps = dict.fromkeys(p.points, nan)  # stays NaN only for N < 2 (flagged as undefined)
     if k:
         pad = None if p.pad is None else p.pad.repeat(k, 1)
         gap, trusted, L = _gap_factored(p.grams.flatten(0, 1), p.n.repeat(k), pad)
         gaps.update(zip(p.gram_points, gap.view(k, g)))
         if p.pre_vector is not None:  # G_pre = G_c + v vᵀ: from G_c's factor (the first Grams)
-            gaps["pre"], lemma = _gap_rank_one(p.grams[0], p.pre_vector, p.n, p.pad, gaps["centered"],
-                                               trusted[:g], L[:g])
+            gaps["pre"], lemma = _gap_rank_one(
+                p.grams[0], p.pre_vector, p.n, p.pad, gaps["centered"], trusted[:g], L[:g]
+            )
     for q in p.same_as_pre:
         gaps[q] = gaps["pre"]
     extra: dict[str, list[torch.Tensor]] = {}
@@ -449,15 +477,15 @@ def _finish(p: _Pending, tol: float) -> _Finished:
         extra["normalized"] = _theorem1(p, gaps, tol)
     errors = {}
     if k and p.grams.dtype == torch.float32:
-        errors = _float32_errors(p, gaps, trusted.view(k, g), L.view(k, g, *L.shape[-2:]),
-                                 lemma if p.pre_vector is not None else None)
+        errors = _float32_errors(
+            p, gaps, trusted.view(k, g), L.view(k, g, *L.shape[-2:]), lemma if p.pre_vector is not None else None
+        )
     rows = [p.n.to(torch.float64)]
     for q in p.points:
         rows += [gaps[q].to(torch.float64), p.og[q].to(torch.float64)]
         rows += extra.get(q, [nan, nan, nan])
         rows.append(errors.get(q, nan))
-    return _Finished(p.site, p.view, p.step, p.call, p.dim, p.post_dim, p.token_items, p.points,
-                     torch.stack(rows))
+    return _Finished(p.site, p.view, p.step, p.call, p.dim, p.post_dim, p.token_items, p.points, torch.stack(rows))
 
 
 # float32 Grams. Worst-case rounding bounds (an entry of a Gram formed from m float32 products
@@ -496,7 +524,10 @@ def _rounding_estimate(gamma: float, w: torch.Tensor, lam_min: torch.Tensor, n: 
 
 
 def _float32_errors(
-    p: _Pending, gaps: dict[str, torch.Tensor], trusted: torch.Tensor, L: torch.Tensor,
+    p: _Pending,
+    gaps: dict[str, torch.Tensor],
+    trusted: torch.Tensor,
+    L: torch.Tensor,
     lemma: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
     """Per point ``(g,)``: an estimate of ``|gap(float32 Gram) - gap(exact Gram)|``
@@ -600,27 +631,46 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
         for i, n in enumerate(ns):
             n = int(n)
             base = dict(
-                site=f.site.name, kind=f.site.kind, point=point, view=f.view,
-                item=i if f.token_items else None, step=f.step, call=f.call, n=n,
+                site=f.site.name,
+                kind=f.site.kind,
+                point=point,
+                view=f.view,
+                item=i if f.token_items else None,
+                step=f.step,
+                call=f.call,
+                n=n,
                 dim=f.post_dim if point == "post" else f.dim,
             )
             gap = gap_row[i]
             if n < 2:
-                out.append(Record(**base, isometry=None, isometry_gap=None, orthogonality_gap=None,
-                                  flag=_rec.UNDEFINED))
+                out.append(
+                    Record(**base, isometry=None, isometry_gap=None, orthogonality_gap=None, flag=_rec.UNDEFINED)
+                )
                 continue
             if math.isnan(gap):
-                out.append(Record(**base, isometry=None, isometry_gap=None,
-                                  orthogonality_gap=_none_if_nan(og_row[i]), flag=_rec.NONFINITE))
+                out.append(
+                    Record(
+                        **base,
+                        isometry=None,
+                        isometry_gap=None,
+                        orthogonality_gap=_none_if_nan(og_row[i]),
+                        flag=_rec.NONFINITE,
+                    )
+                )
                 continue
             holds = holds_row[i]
-            out.append(Record(
-                **base, isometry=math.exp(-gap), isometry_gap=gap,
-                orthogonality_gap=_none_if_nan(og_row[i]),
-                theorem1_bound=_none_if_nan(bound_row[i]),
-                theorem1_holds=None if math.isnan(holds) else bool(holds),
-                norm_factor=_none_if_nan(factor_row[i]), gap_error=_none_if_nan(err_row[i]),
-            ))
+            out.append(
+                Record(
+                    **base,
+                    isometry=math.exp(-gap),
+                    isometry_gap=gap,
+                    orthogonality_gap=_none_if_nan(og_row[i]),
+                    theorem1_bound=_none_if_nan(bound_row[i]),
+                    theorem1_holds=None if math.isnan(holds) else bool(holds),
+                    norm_factor=_none_if_nan(factor_row[i]),
+                    gap_error=_none_if_nan(err_row[i]),
+                )
+            )
     return out
 
 
@@ -681,8 +731,10 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]
 # ---------------------------------------------------------------------------------- Probe
 
 
-_SITES_ACCEPTS = ("None (every site), 'norm', 'activation', a glob on module names such as "
-                  "'transformer.h.*.ln_*', or a list of these strings")
+_SITES_ACCEPTS = (
+    "None (every site), 'norm', 'activation', a glob on module names such as "
+    "'transformer.h.*.ln_*', or a list of these strings"
+)
 
 
 def _check_sites_argument(sites: object) -> None:
@@ -792,16 +844,12 @@ class Probe:
         if self._handles:
             raise RuntimeError("this Probe is already attached")
         try:
-            self._handles.append(
-                self.model.register_forward_pre_hook(_outside_graphs(self._on_call), with_kwargs=True)
-            )
+            self._handles.append(self.model.register_forward_pre_hook(_outside_graphs(self._on_call), with_kwargs=True))
             for site in self.sites:
-                self._handles.append(site.module.register_forward_hook(
-                    _outside_graphs(self._site_hook(site)), with_kwargs=True
-                ))
-            self._handles.append(
-                self.model.register_forward_hook(_outside_graphs(self._on_return), always_call=True)
-            )
+                self._handles.append(
+                    site.module.register_forward_hook(_outside_graphs(self._site_hook(site)), with_kwargs=True)
+                )
+            self._handles.append(self.model.register_forward_hook(_outside_graphs(self._on_return), always_call=True))
         except BaseException:
             self.detach()
             raise
@@ -862,8 +910,7 @@ class Probe:
                 args = (site, x.detach(), y.detach(), view, mask)
                 pending = _measure(*args, self.gram_dtype, self._step, call, self._work)
                 if self.gram_dtype == torch.float32:  # its error estimates decide now (a sync off the CPU)
-                    redo = lambda: _finish(_measure(*args, torch.float64, self._step, call, self._work),
-                                           _TOL64)
+                    redo = functools.partial(self._measured_in_float64, args, call)
                     self._pending.append(_checked(_finish(pending, self._tol), self.float32_tolerance, redo))
                     return
                 if not _defer(x.device):
@@ -877,17 +924,27 @@ class Probe:
 
         return hook
 
+    def _measured_in_float64(self, args: tuple, call: int) -> _Finished:
+        """A float32-Gram measurement redone with float64 Grams (its error estimate was too large)."""
+        return _finish(_measure(*args, torch.float64, self._step, call, self._work), _TOL64)
+
     def _view_for(self, site: Site, x: torch.Tensor | None, y: torch.Tensor | None) -> str | None:
         """``auto``: feature for BatchNorm; sample for GroupNorm and for a norm over all
         non-batch dimensions; else token for 3-D activations, sample otherwise; for a module
         whose input and output imply different views (a pooler: 3-D in, 2-D out), sample at
         both points. ``None``: nothing to measure (warned once for a named module)."""
         if x is None or y is None or not x.is_floating_point() or not y.is_floating_point():
-            return self._skip(site, "its first input and its output are not both floating-point tensors "
-                              f"(got {_describe(x)} and {_describe(y)})")
+            return self._skip(
+                site,
+                "its first input and its output are not both floating-point tensors "
+                f"(got {_describe(x)} and {_describe(y)})",
+            )
         if x.shape[0] != y.shape[0] and self.view != "feature":
-            return self._skip(site, f"its input {tuple(x.shape)} and output {tuple(y.shape)} have "
-                              "different batch sizes, so their items cannot be paired")
+            return self._skip(
+                site,
+                f"its input {tuple(x.shape)} and output {tuple(y.shape)} have "
+                "different batch sizes, so their items cannot be paired",
+            )
         if self.view != "auto":
             return self.view
         spec = site.norm

@@ -95,8 +95,9 @@ class ProbeCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         self.probe: Probe | None = None
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None, **kwargs: Any
+    ) -> None:
         if model is None:
             raise ValueError("ProbeCallback needs the model: the Trainer passes it to on_train_begin")
         self.close()

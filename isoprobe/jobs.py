@@ -32,8 +32,16 @@ from isoprobe.hooks import Probe
 from isoprobe.models import ByteTokenizer, HFTokenizer, LoadedModel, first_line, load_gpt2, load_model, read_texts
 from isoprobe.records import NONFINITE, Record, csv_text, format_table, json_text, plot_records, theorem1_counts, to_csv
 
-__all__ = ["TextJob", "TextProbeReport", "check_outputs", "encode_texts", "probe_texts", "render", "run",
-           "write_outputs"]
+__all__ = [
+    "TextJob",
+    "TextProbeReport",
+    "check_outputs",
+    "encode_texts",
+    "probe_texts",
+    "render",
+    "run",
+    "write_outputs",
+]
 
 Notify = Callable[[str], None]
 
@@ -145,9 +153,18 @@ def run(job: TextJob, notify: Notify = _stderr) -> TextProbeReport:
         else:
             texts = read_texts(job.texts, job.text_files, job.dataset, job.split, job.column, job.limit)
             loaded = load_model(job.model, job.device, job.dtype)
-    return probe_texts(loaded, texts, sites=sites, stride=job.stride, batch_size=job.batch_size,
-                       train_mode=job.train_mode, seed=job.seed, gram_dtype=gram_dtype, notify=notify,
-                       progress=progress)
+    return probe_texts(
+        loaded,
+        texts,
+        sites=sites,
+        stride=job.stride,
+        batch_size=job.batch_size,
+        train_mode=job.train_mode,
+        seed=job.seed,
+        gram_dtype=gram_dtype,
+        notify=notify,
+        progress=progress,
+    )
 
 
 @contextlib.contextmanager
@@ -165,9 +182,11 @@ def _hub_progress_bars(enabled: bool) -> Iterator[None]:
 
 def _text_table(report: TextProbeReport) -> str:
     t1 = report.theorem1
-    footer = ("Theorem 1 (I(normalized) >= I(centered) * norm-variation factor): "
-              + (f"{t1['checked'] - t1['violations']}/{t1['checked']} checks held" if t1["checked"]
-                 else "nothing to check (no sequence of at least 2 tokens)"))
+    footer = "Theorem 1 (I(normalized) >= I(centered) * norm-variation factor): " + (
+        f"{t1['checked'] - t1['violations']}/{t1['checked']} checks held"
+        if t1["checked"]
+        else "nothing to check (no sequence of at least 2 tokens)"
+    )
     count = len(report.tokens)
     header = f"model: {report.model}; {count} sequence{'s' * (count != 1)}, {sum(report.tokens)} tokens"
     return f"{header}\n{format_table(report.records)}\n{footer}"
@@ -217,13 +236,17 @@ def encode_texts(
         if not ids:
             raise ValueError(f"text {i + 1} has no tokens")
         if len(ids) == 1:
-            notify(f"note: text {i + 1} is a single token: a token Gram needs at least 2, "
-                   "so its records are reported as undefined")
+            notify(
+                f"note: text {i + 1} is a single token: a token Gram needs at least 2, "
+                "so its records are reported as undefined"
+            )
         if context is None or len(ids) <= context:
             sequences.append(ids)
         elif stride is None:
-            notify(f"warning: text {i + 1} has {len(ids)} tokens, more than the context of {context}: "
-                   f"truncated to {context} (use --stride to probe it in windows)")
+            notify(
+                f"warning: text {i + 1} has {len(ids)} tokens, more than the context of {context}: "
+                f"truncated to {context} (use --stride to probe it in windows)"
+            )
             sequences.append(ids[:context])
         else:
             starts = list(range(0, len(ids) - context + 1, stride))
@@ -259,9 +282,16 @@ def probe_texts(
     model.train(train_mode)
     torch.manual_seed(seed)
     batches = range(0, len(sequences), batch_size)
-    bar = tqdm(total=len(sequences), unit=" windows" if stride else " texts", file=sys.stderr, leave=False,
-               mininterval=0, miniters=1,  # one refresh per batch: a batch is a whole forward, never too frequent
-               disable=not (sys.stderr.isatty() if progress is None else progress), desc="probing")
+    bar = tqdm(
+        total=len(sequences),
+        unit=" windows" if stride else " texts",
+        file=sys.stderr,
+        leave=False,
+        mininterval=0,
+        miniters=1,  # one refresh per batch: a batch is a whole forward, never too frequent
+        disable=not (sys.stderr.isatty() if progress is None else progress),
+        desc="probing",
+    )
     with bar, torch.no_grad(), Probe(model, sites=sites, gram_dtype=gram_dtype) as probe:
         for k, start in enumerate(batches):
             batch = sequences[start : start + batch_size]
@@ -275,8 +305,10 @@ def probe_texts(
     records = probe.records
     bad = sorted({r.site for r in records if r.flag == NONFINITE})
     if bad:
-        notify(f"warning: non-finite activations (NaN/inf) at {len(bad)} sites, first {bad[0]!r}: "
-               "their records are flagged 'non-finite'")
+        notify(
+            f"warning: non-finite activations (NaN/inf) at {len(bad)} sites, first {bad[0]!r}: "
+            "their records are flagged 'non-finite'"
+        )
     return TextProbeReport(loaded.name, [len(s) for s in sequences], records)
 
 
@@ -288,5 +320,3 @@ def _pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[tor
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
-
-

@@ -67,13 +67,9 @@ def _require_tensor(x: object, what: str) -> torch.Tensor:
 def _check_features(X: torch.Tensor) -> torch.Tensor:
     X = _require_tensor(X, "X")
     if X.ndim < 2:
-        raise ValueError(
-            f"X must be shaped (..., n, d) with items as rows, got shape {tuple(X.shape)}"
-        )
+        raise ValueError(f"X must be shaped (..., n, d) with items as rows, got shape {tuple(X.shape)}")
     if X.shape[-2] < 2:
-        raise ValueError(
-            f"isometry needs at least n = 2 items, got X of shape {tuple(X.shape)} (n = {X.shape[-2]})"
-        )
+        raise ValueError(f"isometry needs at least n = 2 items, got X of shape {tuple(X.shape)} (n = {X.shape[-2]})")
     return X
 
 
@@ -148,9 +144,7 @@ class SpectralStats(NamedTuple):
     rank: torch.Tensor
 
 
-def _eigen_stats(
-    G64: torch.Tensor, rtol: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _eigen_stats(G64: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean log eigenvalue, numerical rank) from eigenvalues; -inf where rank < n."""
     eig = torch.linalg.eigvalsh(G64)
     lam_max = eig[..., -1:].clamp_min(0)
@@ -169,9 +163,7 @@ def _eigen_stats(
     return mean_log, rank
 
 
-def _cholesky_mean_log(
-    G64: torch.Tensor, rtol: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cholesky_mean_log(G64: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched Cholesky of finite float64 Grams: ``(mean log eigenvalue, trusted, L)``.
 
     ``log det G = 2 Σ log L_ii``; ``trusted`` where the factorisation succeeded with a smallest
@@ -196,9 +188,7 @@ def _finite_matrices(G: torch.Tensor) -> torch.Tensor:
     return finite
 
 
-def _spectral_stats(
-    G: torch.Tensor, rtol: float | None = None
-) -> tuple[SpectralStats, torch.Tensor, torch.Tensor]:
+def _spectral_stats(G: torch.Tensor, rtol: float | None = None) -> tuple[SpectralStats, torch.Tensor, torch.Tensor]:
     """:func:`spectral_stats` and its Cholesky part: ``(stats, trusted, L)`` (``L`` is valid
     where ``trusted``), for callers that reuse the factor (rank-one updates of ``G``)."""
     G = _check_gram(G)

@@ -185,8 +185,10 @@ def _dtype(dtype: str) -> torch.dtype:
 
 
 def _context(config: Any, tokenizer: ByteTokenizer | HFTokenizer) -> int | None:
-    limits = [getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None),
-              tokenizer.max_length]
+    limits = [
+        getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None),
+        tokenizer.max_length,
+    ]
     limits = [v for v in limits if isinstance(v, int) and v > 0]
     return min(limits) if limits else None
 
@@ -195,8 +197,20 @@ def _prepare(model: nn.Module, device: torch.device, dtype: str) -> nn.Module:
     return model.to(device=device, dtype=_dtype(dtype)).eval()
 
 
-_GENERIC_DIRS = {"model", "models", "checkpoint", "checkpoints", "final", "weights", "pretrained", "hf",
-                 "snapshots", "main", "output", "outputs"}
+_GENERIC_DIRS = {
+    "model",
+    "models",
+    "checkpoint",
+    "checkpoints",
+    "final",
+    "weights",
+    "pretrained",
+    "hf",
+    "snapshots",
+    "main",
+    "output",
+    "outputs",
+}
 
 
 def display_name(model: str, net: nn.Module) -> str:
@@ -215,8 +229,11 @@ def display_name(model: str, net: nn.Module) -> str:
 
 
 def _generic(folder: str) -> bool:
-    return (folder.lower() in _GENERIC_DIRS or re.fullmatch(r"[0-9a-f]{16,}", folder) is not None
-            or re.fullmatch(r"checkpoint-\d+", folder) is not None)
+    return (
+        folder.lower() in _GENERIC_DIRS
+        or re.fullmatch(r"[0-9a-f]{16,}", folder) is not None
+        or re.fullmatch(r"checkpoint-\d+", folder) is not None
+    )
 
 
 def load_gpt2(
@@ -239,8 +256,10 @@ def load_gpt2(
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
     dev = resolve_device(device)
     _dtype(dtype)
-    hint = ("Use --init random for a random-init GPT-2 small (no download), or --model PATH for a "
-            "checkpoint directory saved with save_pretrained.")
+    hint = (
+        "Use --init random for a random-init GPT-2 small (no download), or --model PATH for a "
+        "checkpoint directory saved with save_pretrained."
+    )
     if init == "pretrained":
         net = _load(AutoModelForCausalLM.from_pretrained, model, "pretrained model", hint)
         name = f"{display_name(model, net)} (pretrained)"
@@ -254,8 +273,10 @@ def load_gpt2(
         tokenizer = HFTokenizer(_load(_auto_tokenizer, model, "tokenizer", hint))
     if tokenizer is None:
         if net.config.vocab_size < 256:
-            raise ModelLoadError(f"no tokenizer for {model!r} and its vocabulary ({net.config.vocab_size}) "
-                                 "is too small for the byte-level fallback")
+            raise ModelLoadError(
+                f"no tokenizer for {model!r} and its vocabulary ({net.config.vocab_size}) "
+                "is too small for the byte-level fallback"
+            )
         tokenizer = ByteTokenizer()
         notify(f"note: no cached tokenizer for {model!r}: using the {tokenizer.name}")
     net = _prepare(net, dev, dtype)

@@ -130,8 +130,12 @@ class Record:
     def from_dict(cls, row: dict[str, Any]) -> Record:
         """The record of :meth:`to_dict`; fields missing from ``row`` (older files) get their
         defaults (``call`` 0), or ``None``."""
-        return cls(**{f.name: row.get(f.name, None if f.default is dataclasses.MISSING else f.default)
-                      for f in dataclasses.fields(cls)})
+        return cls(
+            **{
+                f.name: row.get(f.name, None if f.default is dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(cls)
+            }
+        )
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Record))
@@ -205,14 +209,26 @@ class _Group:
         else:
             gap_mean, gap_std = (gap.mean, gap.std) if gap.count else (None, None)
         return {
-            "site": r.site, "call": r.call, "key": record_key(r.site, r.point, r.call),
-            "kind": r.kind, "point": r.point, "view": r.view, "count": self.count,
-            "n_min": self.n_min, "n_max": self.n_max, "n_mean": self.n_sum / self.count,
-            "isometry_mean": iso.mean if iso.count else None, "isometry_std": iso.std if iso.count else None,
-            "gap_mean": gap_mean, "gap_std": gap_std, "singular": self.singular,
-            "undefined": self.undefined, "nonfinite": self.nonfinite,
+            "site": r.site,
+            "call": r.call,
+            "key": record_key(r.site, r.point, r.call),
+            "kind": r.kind,
+            "point": r.point,
+            "view": r.view,
+            "count": self.count,
+            "n_min": self.n_min,
+            "n_max": self.n_max,
+            "n_mean": self.n_sum / self.count,
+            "isometry_mean": iso.mean if iso.count else None,
+            "isometry_std": iso.std if iso.count else None,
+            "gap_mean": gap_mean,
+            "gap_std": gap_std,
+            "singular": self.singular,
+            "undefined": self.undefined,
+            "nonfinite": self.nonfinite,
             "bound_mean": self.bound.mean if self.bound.count else None,
-            "theorem1_checked": self.checked, "theorem1_violations": self.violations,
+            "theorem1_checked": self.checked,
+            "theorem1_violations": self.violations,
         }
 
 
@@ -270,8 +286,9 @@ class Summary(Sequence[dict[str, Any]]):
         try:
             import pandas
         except ImportError as error:
-            raise ImportError("Summary.to_pandas needs pandas: pip install pandas "
-                              "(or iterate over the summary: its rows are dicts)") from error
+            raise ImportError(
+                "Summary.to_pandas needs pandas: pip install pandas (or iterate over the summary: its rows are dicts)"
+            ) from error
         return pandas.DataFrame(self._rows)
 
 
@@ -387,8 +404,9 @@ class RecordSink:
             writer = csv.writer(self._file, lineterminator="\n")
             writer.writerows(["" if (v := getattr(r, name)) is None else v for name in FIELDS] for r in records)
         else:
-            self._file.writelines(json.dumps({k: _json_safe(v) for k, v in r.to_dict().items()}) + "\n"
-                                  for r in records)
+            self._file.writelines(
+                json.dumps({k: _json_safe(v) for k, v in r.to_dict().items()}) + "\n" for r in records
+            )
         self._file.flush()
 
     def close(self) -> None:
@@ -451,8 +469,17 @@ def format_summary(rows: Iterable[dict[str, Any]]) -> str:
     header = ["site", "point", "view", "n", "gap mean ± std", "Theorem 1", "flagged"]
     lines = [header]
     for row in rows:
-        lines.append([site_label(row["site"], row["call"]), row["point"], row["view"], _n_cell(row),
-                      _gap_cell(row), _theorem1_cell(row), _flag_cell(row)])
+        lines.append(
+            [
+                site_label(row["site"], row["call"]),
+                row["point"],
+                row["view"],
+                _n_cell(row),
+                _gap_cell(row),
+                _theorem1_cell(row),
+                _flag_cell(row),
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -561,14 +588,34 @@ def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
         if is_norm:
             ax.axvspan(2 * i - 0.2, 2 * i + 1.2, color="C3", alpha=0.15, lw=0)
         kind = rows[(*unit, "pre")]["kind"]
-        draw([2 * i, 2 * i + 1], [y(pre), y(post)], f"{kind}: input → output",
-             color={"norm": "C3", "activation": "C0"}.get(kind, "C2"), marker="o", ms=2, lw=1.2)
+        draw(
+            [2 * i, 2 * i + 1],
+            [y(pre), y(post)],
+            f"{kind}: input → output",
+            color={"norm": "C3", "activation": "C0"}.get(kind, "C2"),
+            marker="o",
+            ms=2,
+            lw=1.2,
+        )
         if is_norm and gap(unit, "normalized") is not None:
-            draw([2 * i + 0.5], [y(gap(unit, "normalized"))], "norm, before its affine part",
-                 color="C3", marker="x", ms=3, ls="none")
+            draw(
+                [2 * i + 0.5],
+                [y(gap(unit, "normalized"))],
+                "norm, before its affine part",
+                color="C3",
+                marker="x",
+                ms=3,
+                ls="none",
+            )
         if i + 1 < len(units):
-            draw([2 * i + 1, 2 * i + 2], [y(post), y(gap(units[i + 1], "pre"))], "between sites",
-                 color="0.55", ls=":", lw=0.8)
+            draw(
+                [2 * i + 1, 2 * i + 2],
+                [y(post), y(gap(units[i + 1], "pre"))],
+                "between sites",
+                color="0.55",
+                ls=":",
+                lw=0.8,
+            )
         singular = [2 * i + j for j, g in enumerate((pre, post)) if g is not None and math.isinf(g)]
         if singular:
             draw(singular, [top] * len(singular), "singular Gram (gap = ∞)", color="k", marker="^", ms=3, ls="none")

@@ -227,8 +227,10 @@ class Ensemble:
                         raise ValueError(f"group {g!r}: the state's {kind} have other names")
                     for k, v in mine[g].items():
                         if state[kind][g][k].shape != v.shape:
-                            raise ValueError(f"group {g!r}: {k} has shape {tuple(state[kind][g][k].shape)}, "
-                                             f"expected {tuple(v.shape)}")
+                            raise ValueError(
+                                f"group {g!r}: {k} has shape {tuple(state[kind][g][k].shape)}, "
+                                f"expected {tuple(v.shape)}"
+                            )
                         v.copy_(state[kind][g][k])
 
 
@@ -302,8 +304,17 @@ def _plain(value: Any) -> Any:
 
 def _fingerprint(ens: Ensemble, cfg: TrainConfig, X: torch.Tensor, every: int, tag: Any) -> dict:
     config = {k: v for k, v in asdict(cfg).items() if k != "epochs"}  # more epochs may follow a checkpoint
-    return _plain({"format": _FORMAT, "config": config, "groups": ens.names, "run_ids": ens.run_ids,
-                   "data": [list(X.shape), str(X.dtype)], "every": every, "tag": tag})
+    return _plain(
+        {
+            "format": _FORMAT,
+            "config": config,
+            "groups": ens.names,
+            "run_ids": ens.run_ids,
+            "data": [list(X.shape), str(X.dtype)],
+            "every": every,
+            "tag": tag,
+        }
+    )
 
 
 def _load_checkpoint(path: Path, fingerprint: dict, epochs: int, device: torch.device) -> dict | None:
@@ -340,8 +351,9 @@ def _bar(progress: bool | Callable[..., Any], total: int, initial: int, desc: st
         return bar
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, disable=not progress, leave=False,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total, initial=initial, desc=desc, file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True
+    )
 
 
 def train(
@@ -434,10 +446,16 @@ def train(
             found += rows(evaluate, step0 + steps, epoch)
             logs.append(EpochLog(epoch, step0 + steps, (total / steps).cpu().tolist(), found))
             if path is not None:
-                _save_checkpoint(path, {
-                    "fingerprint": fingerprint, "epoch": epoch, "ensemble": ens.state_dict(),
-                    "optimizer": opt.state_dict(), "logs": [asdict(log) for log in logs],
-                })
+                _save_checkpoint(
+                    path,
+                    {
+                        "fingerprint": fingerprint,
+                        "epoch": epoch,
+                        "ensemble": ens.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "logs": [asdict(log) for log in logs],
+                    },
+                )
             if on_epoch is not None:
                 on_epoch(logs)
     finally:

@@ -13,8 +13,26 @@ from scipy import special
 from isoprobe.activations import ACTIVATIONS, Activation, get_activation, list_activations, registry_report
 
 REQUIRED = [
-    "identity", "he1", "he2", "relu", "leaky_relu", "elu", "selu", "gelu", "gelu_tanh", "silu",
-    "mish", "softplus", "tanh", "sigmoid", "hardtanh", "step", "abs", "sin", "cos", "exp",
+    "identity",
+    "he1",
+    "he2",
+    "relu",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "gelu",
+    "gelu_tanh",
+    "silu",
+    "mish",
+    "softplus",
+    "tanh",
+    "sigmoid",
+    "hardtanh",
+    "step",
+    "abs",
+    "sin",
+    "cos",
+    "exp",
 ]
 
 

@@ -147,8 +147,9 @@ def test_weights_are_reproducible_from_the_generator():
 
 @pytest.mark.parametrize("norm", ["rms", "batchnorm", "none"])
 def test_gradcheck_small_float64_net(norm):
-    net = BNMLP(5, 4, 3, d_out=3, norm=norm, activation="tanh", gain=1.5, gain_exponent=0.5,
-                generator=_gen(11), dtype=f64)
+    net = BNMLP(
+        5, 4, 3, d_out=3, norm=norm, activation="tanh", gain=1.5, gain_exponent=0.5, generator=_gen(11), dtype=f64
+    )
     x = torch.randn(6, 5, dtype=f64, generator=_gen(12), requires_grad=True)
     w = net.blocks[0].fc.weight.detach().clone().requires_grad_(True)
 
@@ -166,8 +167,7 @@ def test_first_layer_grad_matches_autograd_of_fresh_nets():
     for ell, value in zip([2, 5], got):
         fresh = BNMLP(6, 6, ell, d_out=4, dtype=f64)
         fresh.load_state_dict(
-            {k: v for k, v in net.state_dict().items()
-             if k.startswith("readout") or int(k.split(".")[1]) < ell}
+            {k: v for k, v in net.state_dict().items() if k.startswith("readout") or int(k.split(".")[1]) < ell}
         )
         loss = nn.functional.cross_entropy(fresh(x), y)
         loss.backward()
@@ -228,9 +228,7 @@ def test_logits_by_depth_are_the_nested_nets():
     net = BNMLP(5, 6, 4, d_out=3, activation="sin", gain_exponent=0.3, generator=_gen(18), dtype=f64)
     x = torch.randn(7, 5, dtype=f64, generator=_gen(19))
     short = BNMLP(5, 6, 2, d_out=3, activation="sin", gain_exponent=0.3, dtype=f64)
-    short.load_state_dict(
-        {k: v for k, v in net.state_dict().items() if not k.startswith(("blocks.2", "blocks.3"))}
-    )
+    short.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith(("blocks.2", "blocks.3"))})
     got = net.logits_by_depth(x, [2, 4])
     torch.testing.assert_close(got[2], short(x), rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(got[4], net(x), rtol=1e-14, atol=1e-14)
@@ -352,8 +350,9 @@ def test_isometry_gap_contraction_against_monte_carlo():
 def test_meterez_bound_closed_form():
     d, gap0 = 10, 0.2
     k = 0.015 * d**2 * (1 + d * gap0)
-    np.testing.assert_allclose(meterez_bound(np.array([0.0, k, 2 * k]), d, gap0),
-                               [gap0, gap0 / math.e, gap0 / math.e**2], rtol=1e-14)
+    np.testing.assert_allclose(
+        meterez_bound(np.array([0.0, k, 2 * k]), d, gap0), [gap0, gap0 / math.e, gap0 / math.e**2], rtol=1e-14
+    )
     with pytest.raises(ValueError):
         meterez_bound(1, d, float("nan"))
 

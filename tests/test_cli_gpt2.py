@@ -30,9 +30,15 @@ def test_gpt2_table_from_a_saved_model(tiny_gpt2_dir):
     assert "byte-level fallback" in result.stderr  # no tokenizer files next to the weights
     lines = result.stdout.splitlines()
     sites = list(dict.fromkeys(line.split()[0] for line in lines[3:-1]))
-    assert sites == ["transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.h.0.mlp.act",
-                     "transformer.h.1.ln_1", "transformer.h.1.ln_2", "transformer.h.1.mlp.act",
-                     "transformer.ln_f"]
+    assert sites == [
+        "transformer.h.0.ln_1",
+        "transformer.h.0.ln_2",
+        "transformer.h.0.mlp.act",
+        "transformer.h.1.ln_1",
+        "transformer.h.1.ln_2",
+        "transformer.h.1.mlp.act",
+        "transformer.ln_f",
+    ]
     assert [line.split()[1] for line in lines[3:7]] == ["pre", "centered", "normalized", "post"]
     n = sorted((len(TEXT.encode()), len(TEXT2.encode())))
     assert all(line.split()[3] == f"{n[0]}–{n[1]}" for line in lines[3:-1])  # tokens per text: a range
@@ -54,8 +60,21 @@ def test_gpt2_json_matches_the_tokens(tiny_gpt2_dir):
 
 def test_gpt2_csv_and_out_folder_and_plot(tiny_gpt2_dir, tmp_path):
     out, plot = tmp_path / "out", tmp_path / "fig.png"
-    result = run("gpt2", "--model", str(tiny_gpt2_dir), "--text", TEXT, "--format", "csv",
-                 "--out", str(out), "--plot", str(plot), "--sites", "norm")
+    result = run(
+        "gpt2",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--text",
+        TEXT,
+        "--format",
+        "csv",
+        "--out",
+        str(out),
+        "--plot",
+        str(plot),
+        "--sites",
+        "norm",
+    )
     assert result.exit_code == 0, result.output
     header, *rows = result.stdout.splitlines()
     assert header.startswith("site,kind,point,view,item") and len(rows) == 5 * 4
@@ -67,16 +86,29 @@ def test_gpt2_csv_and_out_folder_and_plot(tiny_gpt2_dir, tmp_path):
 
 
 def test_gpt2_random_init_from_a_config_path_and_train_mode(tiny_gpt2_dir):
-    result = run("gpt2", "--model", str(tiny_gpt2_dir), "--init", "random", "--seed", "3",
-                 "--train-mode", "--text", TEXT, "--format", "json")
+    result = run(
+        "gpt2",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--init",
+        "random",
+        "--seed",
+        "3",
+        "--train-mode",
+        "--text",
+        TEXT,
+        "--format",
+        "json",
+    )
     assert result.exit_code == 0, result.output
     obj = json.loads(result.stdout)
     assert obj["model"].endswith("(random init, seed 3)") and obj["theorem1"]["violations"] == 0
 
 
 def test_gpt2_random_small_the_readme_job():
-    result = run("gpt2", "--init", "random", "--text", "The quick brown fox jumps over the lazy dog.",
-                 "--format", "json")
+    result = run(
+        "gpt2", "--init", "random", "--text", "The quick brown fox jumps over the lazy dog.", "--format", "json"
+    )
     assert result.exit_code == 0, result.output
     obj = json.loads(result.stdout)
     sites = {r["site"] for r in obj["records"]}
@@ -101,8 +133,10 @@ def test_unknown_model_and_bad_input_are_usage_errors(tiny_gpt2_dir, tmp_path):
         (("gpt2", *model, "--text", TEXT, "--sites", "transformer.h.*.ln1"), "matches none"),
         (("gpt2", *model, "--text", TEXT, "--device", "cuda:7"), "device"),
         (("inspect", "--model", str(tiny_gpt2_dir), "--text", TEXT), "no tokenizer files"),
-        (("inspect", "--model", str(tiny_gpt2_dir), "--dataset", "no-such-dataset-xyz", "--text", TEXT),
-         "cannot load dataset"),
+        (
+            ("inspect", "--model", str(tiny_gpt2_dir), "--dataset", "no-such-dataset-xyz", "--text", TEXT),
+            "cannot load dataset",
+        ),
     ]
     for args, message in cases:
         if message == "device" and torch.cuda.device_count() > 7:
@@ -126,8 +160,19 @@ def test_long_text_truncated_or_windowed(tiny_gpt2_dir):
     result = run("gpt2", "--model", str(tiny_gpt2_dir), "--text", long_text, "--format", "json")
     assert result.exit_code == 0, result.output
     assert "truncated to 64" in result.stderr and json.loads(result.stdout)["tokens"] == [64]
-    result = run("gpt2", "--model", str(tiny_gpt2_dir), "--text", long_text, "--stride", "16",
-                 "--batch-size", "3", "--format", "json")
+    result = run(
+        "gpt2",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--text",
+        long_text,
+        "--stride",
+        "16",
+        "--batch-size",
+        "3",
+        "--format",
+        "json",
+    )
     assert result.exit_code == 0, result.output
     obj = json.loads(result.stdout)
     assert "probing" not in result.stderr and "batch 1/2" not in result.stderr  # no bar: not a terminal
@@ -159,8 +204,19 @@ def test_inspect_pretrained_minilm_with_texts_and_a_dataset_file(minilm_path, tm
     assert obj["theorem1"] == {"checked": 13 * 2, "violations": 0}
     data = tmp_path / "texts.csv"
     data.write_text("id,sentence\n1,Isometry is scale invariant.\n2,Norms help.\n3,Unused row.\n")
-    result = run("inspect", "--model", str(minilm_path), "--dataset", str(data), "--column", "sentence",
-                 "--limit", "2", "--sites", "encoder.layer.5.*")
+    result = run(
+        "inspect",
+        "--model",
+        str(minilm_path),
+        "--dataset",
+        str(data),
+        "--column",
+        "sentence",
+        "--limit",
+        "2",
+        "--sites",
+        "encoder.layer.5.*",
+    )
     assert result.exit_code == 0, result.output
     assert "2 sequences" in result.stdout.splitlines()[0]
     # header (3 lines), layer 5's three child modules (attention, intermediate, output) by point, footer
@@ -170,8 +226,19 @@ def test_inspect_pretrained_minilm_with_texts_and_a_dataset_file(minilm_path, tm
 def test_text_file_paragraphs_and_low_precision_options(tiny_gpt2_dir, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text(f"{TEXT2}\nmore.\n\n{TEXT}\n")
-    result = run("gpt2", "--model", str(tiny_gpt2_dir), "--text-file", str(texts), "--dtype", "bfloat16",
-                 "--gram-dtype", "float32", "--format", "json")
+    result = run(
+        "gpt2",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--text-file",
+        str(texts),
+        "--dtype",
+        "bfloat16",
+        "--gram-dtype",
+        "float32",
+        "--format",
+        "json",
+    )
     assert result.exit_code == 0, result.output
     obj = json.loads(result.stdout)
     assert obj["tokens"] == [len(f"{TEXT2}\nmore.".encode()), len(TEXT.encode())]
@@ -183,16 +250,28 @@ def test_inspect_llama_style_model(minilm_path, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=tokenizer.vocab_size,
+        max_position_embeddings=64,
+    )
     LlamaModel(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     result = run("inspect", "--model", str(tmp_path), "--text", TEXT, "--text", TEXT2, "--format", "json")
     assert result.exit_code == 0, result.output
     obj = json.loads(result.stdout)
     norms = {r["site"] for r in obj["records"] if r["kind"] == "norm"}
-    assert norms == {"layers.0.input_layernorm", "layers.0.post_attention_layernorm",
-                     "layers.1.input_layernorm", "layers.1.post_attention_layernorm", "norm"}
+    assert norms == {
+        "layers.0.input_layernorm",
+        "layers.0.post_attention_layernorm",
+        "layers.1.input_layernorm",
+        "layers.1.post_attention_layernorm",
+        "norm",
+    }
     assert obj["theorem1"] == {"checked": 5 * 2, "violations": 0}
     pre = {(r["site"], r["item"]): r["isometry_gap"] for r in obj["records"] if r["point"] == "pre"}
     centered = {(r["site"], r["item"]): r["isometry_gap"] for r in obj["records"] if r["point"] == "centered"}
@@ -203,8 +282,9 @@ def test_unwritable_outputs_and_missing_paths_give_clean_errors(tiny_gpt2_dir, t
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     for extra in (["--out", str(blocker / "sub")], ["--plot", str(blocker / "sub" / "p.png")]):
-        result = CliRunner().invoke(main, ["gpt2", "--model", str(tiny_gpt2_dir), "--init", "random",
-                                           "--text", "hello there world", *extra])
+        result = CliRunner().invoke(
+            main, ["gpt2", "--model", str(tiny_gpt2_dir), "--init", "random", "--text", "hello there world", *extra]
+        )
         assert result.exit_code == 1 and "cannot write" in result.output, result.output
         assert "Traceback" not in result.output
     result = CliRunner().invoke(main, ["gpt2", "--model", str(tmp_path / "missing"), "--text", "hi there"])

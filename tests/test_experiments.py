@@ -24,8 +24,22 @@ from isoprobe.experiments.common import (
 )
 from isoprobe.hermite import isometry_strength
 
-JOUDAKI = ["table2", "fig2", "fig3", "fig4", "fig5", "fig6", "fig8a", "fig8b", "fig9", "figB1",
-           "figC1", "figC2", "figC3", "figC4"]
+JOUDAKI = [
+    "table2",
+    "fig2",
+    "fig3",
+    "fig4",
+    "fig5",
+    "fig6",
+    "fig8a",
+    "fig8b",
+    "fig9",
+    "figB1",
+    "figC1",
+    "figC2",
+    "figC3",
+    "figC4",
+]
 
 
 def _verdict(name, rows, cfg):
@@ -41,8 +55,9 @@ def _curve(g0, rate, depth, runs=3, noise=0.02, seed=0):
 
 
 def _rows(curves, value="gap", **series):
-    return [{**series, "run": r, "layer": ell, value: float(v)} for r, row in enumerate(curves)
-            for ell, v in enumerate(row)]
+    return [
+        {**series, "run": r, "layer": ell, value: float(v)} for r, row in enumerate(curves) for ell, v in enumerate(row)
+    ]
 
 
 def _theory_rows(curve, value="gap", **series):
@@ -82,8 +97,9 @@ _TINY = {
     "figC1": dict(acts=["relu", "sin", "exp", "tanh"], gains=[0.5, 1.0, 2.0]),
     "figC2": dict(acts=["tanh", "relu"], n=5, width=120, depth=5, runs=2, gains=[0.5, 2.0]),
     "figC3": dict(acts=["relu", "tanh"], n=5, width=80, depth=5, runs=2),
-    "figC4": dict(n=8, width=60, depth=4, runs=2, data={"paper": ["mnist", "cifar10"], "fallback": "synthetic",
-                                                         "limit": 8}),
+    "figC4": dict(
+        n=8, width=60, depth=4, runs=2, data={"paper": ["mnist", "cifar10"], "fallback": "synthetic", "limit": 8}
+    ),
 }
 
 
@@ -91,17 +107,20 @@ _TINY = {
 def tiny(monkeypatch):
     for name, small in _TINY.items():
         rep = REGISTRY[name]
-        monkeypatch.setitem(REGISTRY, name, dataclasses.replace(rep, config=lambda opt, c=rep.config, s=small: {
-            **c(opt), **s}))
+        monkeypatch.setitem(
+            REGISTRY, name, dataclasses.replace(rep, config=lambda opt, c=rep.config, s=small: {**c(opt), **s})
+        )
 
 
 @pytest.mark.parametrize("name", JOUDAKI)
 def test_runs_end_to_end_through_the_runner(name, tiny, tmp_path):
     # --data synthetic: the offline substitute without trying the hub (auto's fallback: the runner's tests)
-    (summary,) = run_reproductions([name], out_dir=tmp_path, quick=True, data="synthetic", show_progress=False,
-                                   echo=lambda m: None)
+    (summary,) = run_reproductions(
+        [name], out_dir=tmp_path, quick=True, data="synthetic", show_progress=False, echo=lambda m: None
+    )
     assert summary["verdict"] in VERDICTS and summary["held"] == {"held": True, "not held": False}.get(
-        summary["verdict"])
+        summary["verdict"]
+    )
     assert summary["rule"] and (summary["verdict"] != "undecided" or summary["reason"])
     for suffix in ("csv", "png", "json"):
         assert (tmp_path / f"{name}.{suffix}").stat().st_size > 0
@@ -125,8 +144,17 @@ def test_table2_rule():
 
 def test_figC1_rule():
     cfg = {"acts": ["relu", "sin", "exp", "tanh"], "gains": [0.5, 1.0], "tolerance": 1e-6}
-    rows = [dict(act=a, gain=g, beta_numeric=1.2, beta_closed_form=1.2 if a != "tanh" else "",
-                 abs_error=0.0 if a != "tanh" else "") for a in cfg["acts"] for g in cfg["gains"]]
+    rows = [
+        dict(
+            act=a,
+            gain=g,
+            beta_numeric=1.2,
+            beta_closed_form=1.2 if a != "tanh" else "",
+            abs_error=0.0 if a != "tanh" else "",
+        )
+        for a in cfg["acts"]
+        for g in cfg["gains"]
+    ]
     assert _verdict("figC1", rows, cfg).verdict == "held"
     rows[0] = dict(rows[0], beta_numeric=1.3, abs_error=0.0)  # ReLU's β moves with the gain
     assert _verdict("figC1", rows, cfg).verdict == "not held"
@@ -139,10 +167,25 @@ def _fig2_rows(act, run, depth, norm_gap, inf_inputs=False):
     g = math.inf if inf_inputs else 2.0
     rows = [("input", 0, g), ("norm:centered", 0, 1.9), ("norm:normalized", 0, 1.8), ("norm", 0, 1.8)]
     for ell in range(1, depth + 1):
-        rows += [("fc", ell, 2.0), ("act", ell, math.inf if inf_inputs else 1.5), ("norm:centered", ell, 1.5),
-                 ("norm:normalized", ell, 1.4), ("norm", ell, norm_gap)]
-    return [dict(act=act, beta=1.1, run=run, layer=ell, site=site, gap=gap,
-                 theorem1_holds=1 if site == "norm:normalized" else "") for site, ell, gap in rows]
+        rows += [
+            ("fc", ell, 2.0),
+            ("act", ell, math.inf if inf_inputs else 1.5),
+            ("norm:centered", ell, 1.5),
+            ("norm:normalized", ell, 1.4),
+            ("norm", ell, norm_gap),
+        ]
+    return [
+        dict(
+            act=act,
+            beta=1.1,
+            run=run,
+            layer=ell,
+            site=site,
+            gap=gap,
+            theorem1_holds=1 if site == "norm:normalized" else "",
+        )
+        for site, ell, gap in rows
+    ]
 
 
 @pytest.mark.parametrize("norm_gap, verdict", [(1.4, "held"), (1.6, "not held")])
@@ -190,8 +233,15 @@ def test_norm_sites_compare_each_norm_with_the_site_before_it():
 
 # --- Fig. 3: the bound and the rate -------------------------------------------------------------
 
-_FIG3_CFG = {"acts": ["relu", "tanh", "sigmoid"], "n": 30, "width": 5000, "depth": 12, "runs": 3, "seed": 0,
-             "inputs": {"kind": "correlated", "rho": 0.9}}
+_FIG3_CFG = {
+    "acts": ["relu", "tanh", "sigmoid"],
+    "n": 30,
+    "width": 5000,
+    "depth": 12,
+    "runs": 3,
+    "seed": 0,
+    "inputs": {"kind": "correlated", "rho": 0.9},
+}
 
 
 def _fig3_rows(rate_factor, g0=2.0):
@@ -201,8 +251,11 @@ def _fig3_rows(rate_factor, g0=2.0):
         sim = _curve(g0, rate_factor * math.log(beta), _FIG3_CFG["depth"], seed=i)
         bound = _FIG3_CFG["n"] * beta ** -np.arange(_FIG3_CFG["depth"] + 1)
         s = dict(act=act, beta=beta)
-        rows += (_rows(sim, **s, series="simulation") + _theory_rows(sim.mean(0), **s, series="mean-field")
-                 + _theory_rows(bound, **s, series="theorem4_C1"))
+        rows += (
+            _rows(sim, **s, series="simulation")
+            + _theory_rows(sim.mean(0), **s, series="mean-field")
+            + _theory_rows(bound, **s, series="theorem4_C1")
+        )
     return rows
 
 
@@ -274,8 +327,10 @@ def test_fig5_rule_holds_fails_and_is_undecided_within_the_noise():
 
 def test_fig6_rule_and_its_reason_names_the_mechanism():
     cfg = _vcfg("fig6", depth=30)
-    ok = {a: {"layer-projection": (0.5, 0.1), "mean-field-projection": (0.5, 0.1 if a != "exp" else -0.1)}
-          for a in cfg["acts"]}
+    ok = {
+        a: {"layer-projection": (0.5, 0.1), "mean-field-projection": (0.5, 0.1 if a != "exp" else -0.1)}
+        for a in cfg["acts"]
+    }
     assert _verdict("fig6", _variant_rows(ok, depth=30), cfg).verdict == "held"
     relu_drifts = {**ok, "relu": {"layer-projection": (0.5, 0.15), "mean-field-projection": (0.5, 0.05)}}
     v = _verdict("fig6", _variant_rows(relu_drifts, depth=30), cfg)
@@ -289,8 +344,9 @@ def test_fig6_rule_and_its_reason_names_the_mechanism():
 @pytest.mark.parametrize("relu_rate, verdict", [(0.02, "held"), (0.2, "not held")])
 def test_fig8a_rule(relu_rate, verdict):
     cfg = _vcfg("fig8a")
-    spec = {a: {"LN": (0.5, 0.2), "mean-field-projection": (0.5, 0.2 if a != "relu" else relu_rate)}
-            for a in cfg["acts"]}
+    spec = {
+        a: {"LN": (0.5, 0.2), "mean-field-projection": (0.5, 0.2 if a != "relu" else relu_rate)} for a in cfg["acts"]
+    }
     assert _verdict("fig8a", _variant_rows(spec), cfg).verdict == verdict
 
 
@@ -316,8 +372,10 @@ def test_collapsed_runs_are_counted_and_explained():
 def test_figC3_rule_reports_gain_one_beside_torch_gain():
     cfg = _vcfg("figC3")
     rates = {"relu": 0.01, "leaky_relu": 0.01, "tanh": 0.15, "selu": 0.15}
-    spec = {a: {"mean-field-projection": (0.5, 0.2), "xavier": (0.5, rates[a]), "xavier-gain1": (0.5, 0.0)}
-            for a in cfg["acts"]}
+    spec = {
+        a: {"mean-field-projection": (0.5, 0.2), "xavier": (0.5, rates[a]), "xavier-gain1": (0.5, 0.0)}
+        for a in cfg["acts"]
+    }
     v = _verdict("figC3", _variant_rows(spec), cfg)
     assert v.verdict == "held" and "5/3" in v.notes[0]
     spec["tanh"]["xavier"] = (0.5, 0.3)  # Xavier beats the mean-field gains for tanh
@@ -335,8 +393,11 @@ def test_fig9_rule_fails_when_layer_norm_error_accumulates(ln_grows, verdict):
     rows = []
     for d in cfg["widths"]:
         for v, grow in (("mean-field-projection", 1.0), ("layer-projection", ln_grows)):
-            rows += [dict(width=d, variant=v, run=r, layer=ell, mf_error=(1 + grow * ell) / math.sqrt(d), gap=0.1)
-                     for r in range(2) for ell in range(31)]
+            rows += [
+                dict(width=d, variant=v, run=r, layer=ell, mf_error=(1 + grow * ell) / math.sqrt(d), gap=0.1)
+                for r in range(2)
+                for ell in range(31)
+            ]
     assert _verdict("fig9", rows, cfg).verdict == verdict
 
 
@@ -349,8 +410,11 @@ def test_figB1_rule(rate_factor, verdict):
         bound = 100 * b ** -np.arange(11.0)
         sim = 100 * b ** (-rate_factor * np.arange(11.0))[None] * np.ones((3, 1))
         s = dict(act=act, beta=b)
-        rows += (_rows(sim, "gamma", **s, series="simulation") + _theory_rows(sim[0], "gamma", **s, series="mean-field")
-                 + _theory_rows(bound, "gamma", **s, series="corollary_B2"))
+        rows += (
+            _rows(sim, "gamma", **s, series="simulation")
+            + _theory_rows(sim[0], "gamma", **s, series="mean-field")
+            + _theory_rows(bound, "gamma", **s, series="corollary_B2")
+        )
     assert _verdict("figB1", rows, cfg).verdict == verdict
 
 
@@ -403,13 +467,18 @@ def test_figC2_fails_when_a_larger_beta_decays_slower():
 
 
 def _c4_rows(rates):
-    return [r for i, (s, rate) in enumerate(rates.items())
-            for r in _rows(_curve(1.0, rate, 10, seed=i), data="synthetic", schedule=s)]
+    return [
+        r
+        for i, (s, rate) in enumerate(rates.items())
+        for r in _rows(_curve(1.0, rate, 10, seed=i), data="synthetic", schedule=s)
+    ]
 
 
 def test_figC4_rule_and_substitute_label():
-    cfg = {"schedules": ["constant", "growing", "narrowing", "alternating"], "data": {"used": "synthetic",
-                                                                                      "substitute": True}}
+    cfg = {
+        "schedules": ["constant", "growing", "narrowing", "alternating"],
+        "data": {"used": "synthetic", "substitute": True},
+    }
     v = _verdict("figC4", _c4_rows(dict.fromkeys(cfg["schedules"], 0.2)), cfg)
     assert v.verdict == "held" and "substitute" in v.notes[0]
     rates = dict.fromkeys(cfg["schedules"], 0.2) | {"narrowing": 0.01}
@@ -433,8 +502,11 @@ def test_collapsed_and_overflowed_grams_are_counted_never_dropped():
 
 
 def test_run_curves_places_rows_by_run_and_index():
-    rows = [dict(s="a", run=1, layer=2, gap=5.0), dict(s="a", run=0, layer=0, gap=1.0),
-            dict(s="a", run="", layer=1, gap=7.0)]
+    rows = [
+        dict(s="a", run=1, layer=2, gap=5.0),
+        dict(s="a", run=0, layer=0, gap=1.0),
+        dict(s="a", run="", layer=1, gap=7.0),
+    ]
     want = np.array([[1.0, np.nan, np.nan], [np.nan, np.nan, 5.0], [np.nan, 7.0, np.nan]])  # theory run last
     np.testing.assert_array_equal(run_curves(rows, s="a"), want)
 

@@ -110,11 +110,21 @@ def test_single_thread_restores_the_setting():
 
 
 def _cfg(name: str, substitute: bool = False, **over) -> dict:
-    cfg = {"quick": True, "seed": 0, "device": "cpu", "protocol": "isoprobe",
-           **REGISTRY[name].config(Options(quick=True))}
+    cfg = {
+        "quick": True,
+        "seed": 0,
+        "device": "cpu",
+        "protocol": "isoprobe",
+        **REGISTRY[name].config(Options(quick=True)),
+    }
     if REGISTRY[name].uses_data:
-        cfg["data"] = {"paper": "cifar10", "asked": "auto", "used": "synthetic" if substitute else "cifar10",
-                       "substitute": substitute, "limit": None}
+        cfg["data"] = {
+            "paper": "cifar10",
+            "asked": "auto",
+            "used": "synthetic" if substitute else "cifar10",
+            "substitute": substitute,
+            "limit": None,
+        }
     return {**cfg, **over}
 
 
@@ -126,8 +136,12 @@ def test_fig1_verdict_on_rows():
     cfg = _cfg("meterez-fig1")
 
     def rows(rate):
-        return [dict(width=w, run=r, layer=ell, gap=1e-2 * math.exp(-rate(w) * ell))
-                for w in cfg["widths"] for r in range(2) for ell in range(cfg["depth"] + 1)]
+        return [
+            dict(width=w, run=r, layer=ell, gap=1e-2 * math.exp(-rate(w) * ell))
+            for w in cfg["widths"]
+            for r in range(2)
+            for ell in range(cfg["depth"] + 1)
+        ]
 
     assert _verdict("meterez-fig1", rows(isometry_gap_rate), cfg).verdict == "held"
     assert _verdict("meterez-fig1", rows(lambda w: 0.1), cfg).verdict == "not held"  # width-independent
@@ -137,8 +151,12 @@ def test_fig1_verdict_on_rows():
 
 
 def _grad_rows(curves: dict[str, list[np.ndarray]]) -> list[dict]:
-    return [dict(series=s, run=r, depth=d, log_grad_norm=float(v))
-            for s, runs in curves.items() for r, c in enumerate(runs) for d, v in zip(meterez.DEPTHS, c)]
+    return [
+        dict(series=s, run=r, depth=d, log_grad_norm=float(v))
+        for s, runs in curves.items()
+        for r, c in enumerate(runs)
+        for d, v in zip(meterez.DEPTHS, c)
+    ]
 
 
 D = np.asarray(meterez.DEPTHS, dtype=np.float64)
@@ -157,27 +175,35 @@ def test_fig2_verdict_on_rows():
     dup = [f"{k} duplicated pairs" for k in cfg["duplicated_pairs"]]
     ok = _verdict("meterez-fig2", _grad_rows({"distinct samples": _flat(), **{s: _rising(0.01) for s in dup}}), cfg)
     assert ok.verdict == "held" and ok.measured["growth"]["distinct samples"] == "bounded"
-    bad = _verdict("meterez-fig2", _grad_rows({"distinct samples": _rising(0.002),
-                                               **{s: _rising(0.01) for s in dup}}), cfg)
+    bad = _verdict(
+        "meterez-fig2", _grad_rows({"distinct samples": _rising(0.002), **{s: _rising(0.01) for s in dup}}), cfg
+    )
     assert bad.verdict == "not held" and "distinct samples grows" in bad.reason
 
 
 def test_fig3_verdict_on_rows():
     cfg = _cfg("meterez-fig3")
-    assert _verdict("meterez-fig3", _grad_rows({"orthogonal": _flat(), "gaussian": _rising(0.02)}), cfg).verdict \
-        == "held"
-    assert _verdict("meterez-fig3", _grad_rows({"orthogonal": _rising(0.02), "gaussian": _rising(0.02)}), cfg) \
-        .verdict == "not held"
-    assert _verdict("meterez-fig3", _grad_rows({"orthogonal": _flat(), "gaussian": _flat()}), cfg).verdict \
+    assert (
+        _verdict("meterez-fig3", _grad_rows({"orthogonal": _flat(), "gaussian": _rising(0.02)}), cfg).verdict == "held"
+    )
+    assert (
+        _verdict("meterez-fig3", _grad_rows({"orthogonal": _rising(0.02), "gaussian": _rising(0.02)}), cfg).verdict
         == "not held"
+    )
+    assert _verdict("meterez-fig3", _grad_rows({"orthogonal": _flat(), "gaussian": _flat()}), cfg).verdict == "not held"
 
 
 def test_fig5_verdict_on_rows():
     cfg = _cfg("meterez-fig5")  # judges k = 0.4 against k = 0, per activation
 
     def rows(shaped):
-        return _grad_rows({f"{a}, k = {k:g}": (_rising(0.09) if k == 0 else shaped)
-                           for a in cfg["activations"] for k in cfg["gain_exponents"]})
+        return _grad_rows(
+            {
+                f"{a}, k = {k:g}": (_rising(0.09) if k == 0 else shaped)
+                for a in cfg["activations"]
+                for k in cfg["gain_exponents"]
+            }
+        )
 
     assert _verdict("meterez-fig5", rows(_flat()), cfg).verdict == "held"
     # what the old rule passed: slope cut > 10x, yet the shaped log-norm still rises ~1.5 nats over 100..1000
@@ -191,8 +217,10 @@ def _d1_rows(deficient: str | None = None) -> list[dict]:
     rows = []
     for name, dim in (("mnist", 784), ("cifar10", 3072)):
         for n in (8, 16, 32):
-            rows += [dict(dataset=name, dim=dim, batch_size=n, batch=b, rank=n - (name == deficient and b % 2))
-                     for b in range(10)]
+            rows += [
+                dict(dataset=name, dim=dim, batch_size=n, batch=b, rank=n - (name == deficient and b % 2))
+                for b in range(10)
+            ]
     return rows
 
 
@@ -208,8 +236,13 @@ def test_daneshmand_verdict_on_rows():
     cfg = _cfg("daneshmand-orth", runs=2)
 
     def rows(floor):
-        return [dict(bn=bn, width=w, run=r, layer=ell, orth_gap=(floor(w) if bn else 0.85) if ell else 0.5)
-                for bn in (1, 0) for w in cfg["widths"] for r in range(2) for ell in range(cfg["depth"] + 1)]
+        return [
+            dict(bn=bn, width=w, run=r, layer=ell, orth_gap=(floor(w) if bn else 0.85) if ell else 0.5)
+            for bn in (1, 0)
+            for w in cfg["widths"]
+            for r in range(2)
+            for ell in range(cfg["depth"] + 1)
+        ]
 
     assert _verdict("daneshmand-orth", rows(lambda w: 0.4 * w**-0.5), cfg).verdict == "held"
     assert _verdict("daneshmand-orth", rows(lambda w: 0.2), cfg).verdict == "not held"
@@ -245,8 +278,9 @@ def tiny(monkeypatch):
 @pytest.mark.parametrize("name", NAMES)
 def test_runs_end_to_end(tiny, tmp_path, name):
     data = "synthetic" if REGISTRY[name].uses_data else "auto"
-    (summary,) = run_reproductions([name], Options(quick=True, data=data), tmp_path, show_progress=False,
-                                   echo=lambda _m: None)
+    (summary,) = run_reproductions(
+        [name], Options(quick=True, data=data), tmp_path, show_progress=False, echo=lambda _m: None
+    )
     on_disk = json.loads((tmp_path / f"{name}.json").read_text())
     assert on_disk == summary and summary["verdict"] in VERDICTS and summary["rule"]
     assert summary["held"] == {"held": True, "not held": False, "undecided": None}[summary["verdict"]]

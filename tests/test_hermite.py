@@ -39,9 +39,7 @@ def _quad(f, points) -> float:
     pts = sorted({-L, L, *(p for p in points if -L < p < L)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", integrate.IntegrationWarning)
-        return sum(
-            integrate.quad(f, a, b, epsabs=1e-16, epsrel=1e-14, limit=200)[0] for a, b in zip(pts[:-1], pts[1:])
-        )
+        return sum(integrate.quad(f, a, b, epsabs=1e-16, epsrel=1e-14, limit=200)[0] for a, b in zip(pts[:-1], pts[1:]))
 
 
 def _ref_stats(f, kinks, gain=1.0):
@@ -224,7 +222,9 @@ def test_hermite_coefficients_match_scipy(name):
 
 def test_hermite_coefficients_closed_forms():
     he2 = hermite_coefficients("he2", 6)
-    torch.testing.assert_close(he2, torch.tensor([0, 0, math.sqrt(2), 0, 0, 0, 0], dtype=torch.float64), atol=1e-14, rtol=0)
+    torch.testing.assert_close(
+        he2, torch.tensor([0, 0, math.sqrt(2), 0, 0, 0, 0], dtype=torch.float64), atol=1e-14, rtol=0
+    )
     # E[e^{αz} He_k(z)]/√k! = e^{α²/2} α^k/√k!, times e^{-2}
     a = 1.5
     exp = hermite_coefficients("exp", 40, gain=a)
@@ -303,8 +303,12 @@ def test_erf_dual_closed_form(a):
 @pytest.mark.parametrize("gain", [0.5, 1.0, 2.0, 3.0])
 def test_entire_activations_dual_closed_forms(gain):
     r, a2 = RHO.numpy(), gain * gain
-    np.testing.assert_allclose(dual_activation("sin", RHO, gain).numpy(), np.exp(-a2) * np.sinh(a2 * r), atol=1e-13, rtol=0)
-    np.testing.assert_allclose(dual_activation("cos", RHO, gain).numpy(), np.exp(-a2) * np.cosh(a2 * r), atol=1e-13, rtol=0)
+    np.testing.assert_allclose(
+        dual_activation("sin", RHO, gain).numpy(), np.exp(-a2) * np.sinh(a2 * r), atol=1e-13, rtol=0
+    )
+    np.testing.assert_allclose(
+        dual_activation("cos", RHO, gain).numpy(), np.exp(-a2) * np.cosh(a2 * r), atol=1e-13, rtol=0
+    )
     # E[e^{αx−2} e^{αy−2}] = e^{−4} e^{α²(1+ρ)}, up to e^{14}: accurate relative to σ̂(1)
     ref = np.exp(-4 + a2 * (1 + r))
     np.testing.assert_allclose(dual_activation("exp", RHO, gain).numpy(), ref, atol=1e-13 * ref.max(), rtol=0)
@@ -358,7 +362,9 @@ def test_dual_endpoints_and_centering(name):
     minus_one = _quad(lambda z: f(z) * f(-z) * _phi(z), [0.0, 1.0, -1.0])
     assert dual_activation(name, -1.0) == pytest.approx(minus_one, abs=1e-12)  # σ̂(−1) = E σ(z)σ(−z)
     rho = torch.linspace(-1, 1, 41, dtype=torch.float64)
-    torch.testing.assert_close(dual_activation(name, rho, centered=True), dual_activation(name, rho) - s.c0**2, atol=1e-14, rtol=0)
+    torch.testing.assert_close(
+        dual_activation(name, rho, centered=True), dual_activation(name, rho) - s.c0**2, atol=1e-14, rtol=0
+    )
     # derivative at 0 is c1² (Lemma B.5)
     h = 1e-5
     slope = (dual_activation(name, h) - dual_activation(name, -h)) / (2 * h)
@@ -413,7 +419,12 @@ def test_rho_validation():
 def test_beta_table_rows():
     rows = beta_table(["relu", "tanh", "exp"], [1.0, 2.0])
     assert [(r["activation"], r["gain"]) for r in rows] == [
-        ("relu", 1.0), ("relu", 2.0), ("tanh", 1.0), ("tanh", 2.0), ("exp", 1.0), ("exp", 2.0)
+        ("relu", 1.0),
+        ("relu", 2.0),
+        ("tanh", 1.0),
+        ("tanh", 2.0),
+        ("exp", 1.0),
+        ("exp", 2.0),
     ]
     for r in rows:
         assert r["beta"] == pytest.approx(2 - r["c1"] ** 2 / r["var"], abs=1e-15)

@@ -57,9 +57,7 @@ class Capture:
     def _hook(self, name):
         def hook(module, args, output):
             out = output[0] if isinstance(output, tuple) else output
-            self.data[name].append(
-                (args[0].detach().double().cpu().numpy(), out.detach().double().cpu().numpy())
-            )
+            self.data[name].append((args[0].detach().double().cpu().numpy(), out.detach().double().cpu().numpy()))
 
         return hook
 
@@ -231,9 +229,7 @@ def test_sample_view_cnn_groupnorm():
 @pytest.mark.parametrize("train", [True, False])
 def test_feature_view_batchnorm_corollary3(train):
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(40, 24), nn.BatchNorm1d(24), nn.Tanh(), nn.Linear(24, 12), nn.BatchNorm1d(12)
-    )
+    model = nn.Sequential(nn.Linear(40, 24), nn.BatchNorm1d(24), nn.Tanh(), nn.Linear(24, 12), nn.BatchNorm1d(12))
     model.train(train)
     x = torch.randn(64, 40) * torch.linspace(0.1, 3, 40)
     capture = Capture(model, ["1", "2", "4"])
@@ -328,8 +324,14 @@ def test_llama_style_model():
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     model = LlamaModel(config).eval()
     norm_names = [n for n, m in model.named_modules() if type(m).__name__ == "LlamaRMSNorm"]
     probe = Probe(model, sites="norm")
@@ -339,7 +341,7 @@ def test_llama_style_model():
     with torch.no_grad(), probe:
         model(input_ids=torch.randint(0, 100, (2, 10)))
     capture.close()
-    spec = {n: (config.rms_norm_eps, False) for n in norm_names}
+    spec = dict.fromkeys(norm_names, (config.rms_norm_eps, False))
     assert check_records(probe.records, capture, spec) == 5 * 2
 
 
@@ -510,7 +512,7 @@ def test_module_called_twice_records_each_call_apart():
     # the summary keeps the calls apart: its means are those of each call's own records
     rows = {(row["site"], row["call"], row["point"]): row for row in probe.summary()}
     assert sorted(rows) == [("act", c, p) for c in (0, 1) for p in ("post", "pre")]
-    for (site, call, point), row in rows.items():
+    for (_, call, point), row in rows.items():
         own = [r.isometry_gap for r in records if (r.call, r.point) == (call, point)]
         assert row["count"] == 6 and row["gap_mean"] == pytest.approx(np.mean(own))
         assert row["key"] == (f"act:{point}" if call == 0 else f"act@1:{point}")
@@ -695,8 +697,16 @@ def test_probe_sees_isoprobe_own_networks():
     kinds = {(r.site, r.kind) for r in probe.records}
     assert ("layers.0.act", "activation") in kinds and ("layers.0.norm", "norm") in kinds
 
-    bn = BNMLP(16, 32, 4, weights="orthogonal", norm="rms", activation="identity",
-               generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    bn = BNMLP(
+        16,
+        32,
+        4,
+        weights="orthogonal",
+        norm="rms",
+        activation="identity",
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
     x = torch.randn(24, 16, dtype=torch.float64)
     with Probe(bn, sites="norm") as probe:
         bn(x)

@@ -54,8 +54,16 @@ def test_callback_records_every_nth_forward_and_removes_hooks():
 
 
 def test_log_summary_skips_infinite_gaps():
-    rows = [{"site": "s", "point": "pre", "isometry_mean": 0.0, "gap_mean": float("inf"),
-             "theorem1_checked": 0, "theorem1_violations": 0}]
+    rows = [
+        {
+            "site": "s",
+            "point": "pre",
+            "isometry_mean": 0.0,
+            "gap_mean": float("inf"),
+            "theorem1_checked": 0,
+            "theorem1_violations": 0,
+        }
+    ]
     writer = FakeWriter()
     assert log_summary(writer, rows, 7, prefix="p") == 1
     assert writer.scalars == [("p/isometry/s:pre", 0.0, 7)]
@@ -76,8 +84,9 @@ def tiny_lm():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=16, n_positions=12,
-                                      bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=16, n_positions=12, bos_token_id=0, eos_token_id=0)
+    )
 
 
 class PoppedCheck(TrainerCallback):
@@ -99,15 +108,24 @@ def test_callback_under_a_real_trainer_logs_to_tensorboard(tmp_path):
     writer = tensorboard_writer(tmp_path / "tb")
     callback = ProbeCallback(sites="transformer.h.*.ln_*", every=1, writer=writer)
     check = PoppedCheck(callback)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
-                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
-                             disable_tqdm=True, logging_strategy="no")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
     Trainer(model=tiny_lm(), args=args, train_dataset=data, callbacks=[callback, check]).train()
     writer.close()
     assert check.seen == [0, 0, 0] and callback.probe is None  # popped every step, detached at the end
     assert sorted({row["global_step"] for row in callback.history}) == [1, 2, 3]
     assert {row["key"] for row in callback.history} == {
-        f"transformer.h.0.{ln}:{p}" for ln in ("ln_1", "ln_2") for p in ("pre", "centered", "normalized", "post")}
+        f"transformer.h.0.{ln}:{p}" for ln in ("ln_1", "ln_2") for p in ("pre", "centered", "normalized", "post")
+    }
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     for row in callback.history:

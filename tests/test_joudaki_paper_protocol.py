@@ -17,9 +17,7 @@ SIX = ["fig4", "fig5", "fig6", "fig8a", "fig8b", "fig9"]
 
 
 def _run(names, out, **opts):
-    return run_reproductions(
-        names, Options(**opts), out, show_progress=False, echo=lambda m: None
-    )
+    return run_reproductions(names, Options(**opts), out, show_progress=False, echo=lambda m: None)
 
 
 @pytest.fixture(scope="module")
@@ -40,25 +38,17 @@ def test_paper_protocol_writes_the_default_layout_with_its_own_stem(both, name):
         "not held",
         "undecided",
     )
-    assert (out / f"{name}.paper.png").stat().st_size > 10_000 and (
-        out / f"{name}.paper.csv"
-    ).exists()
+    assert (out / f"{name}.paper.png").stat().st_size > 10_000 and (out / f"{name}.paper.csv").exists()
     assert on_disk["config"]["inputs"] == {
         "kind": "degenerate-gaussian",
         "degeneracy": SETUPS[name].degeneracy,
         "then": "rows rescaled to unit RMS, not centred",
     }
     notes = " ".join(on_disk["notes"])
-    assert (
-        "pre-norm and post-norm" in notes
-        and "under isoprobe's protocol" in notes
-        and "published" in notes
-    )
+    assert "pre-norm and post-norm" in notes and "under isoprobe's protocol" in notes and "published" in notes
     # the same measured keys as isoprobe's own protocol, which ran alongside with its own config
     default = json.loads(json.dumps(on_disk["config"]["isoprobe"]))
-    assert (
-        default["protocol"] == "isoprobe" and default["inputs"]["kind"] == "correlated"
-    )
+    assert default["protocol"] == "isoprobe" and default["inputs"]["kind"] == "correlated"
 
 
 def _keys(measured: dict) -> set:
@@ -72,9 +62,7 @@ def test_paper_protocol_has_the_measured_keys_of_the_default_run(both, name):
     rep = REGISTRY[name]
     rows = _read_rows((out / f"{name}.paper.csv").read_text().splitlines(keepends=True))
     iso_cfg = paper[name]["config"]["isoprobe"]
-    default = rep.verdict(
-        [r for r in rows if r["protocol"] == "isoprobe"], iso_cfg
-    )  # the default rule, its rows
+    default = rep.verdict([r for r in rows if r["protocol"] == "isoprobe"], iso_cfg)  # the default rule, its rows
     assert _keys(default.measured) == _keys(paper[name]["measured"])
     assert {r["protocol"] for r in rows} == {"paper", "isoprobe"}
 
@@ -84,9 +72,7 @@ def test_paper_protocol_follows_the_notebook_sizes(both):
     assert paper["fig9"]["config"]["widths"] == [100, 500, 1000]
     assert paper["fig8b"]["config"]["acts"] == ["relu"]
     nb = paper["fig8a"]["config"]["notebook"]
-    assert nb["extra_variants"] == {
-        "notebook:layer-None": ["layer", "None", True]
-    }  # the published series
+    assert nb["extra_variants"] == {"notebook:layer-None": ["layer", "None", True]}  # the published series
     assert nb["variants"]["mean-field-projection"] == ["MF", "MF", True]
     assert paper["fig9"]["measured"].keys() >= {"100", "500", "1000"}
 
@@ -136,9 +122,7 @@ def _fig8b_rows(protocol: str, final: dict[str, float], depth: int = 30) -> list
         ),
     ],
 )
-def test_paper_verdict_applies_the_default_rule_to_the_notebook_rows_alone(
-    paper_final, iso_final, verdict
-):
+def test_paper_verdict_applies_the_default_rule_to_the_notebook_rows_alone(paper_final, iso_final, verdict):
     rep = REGISTRY["fig8b"]
     opts = Options(protocol="paper", runs=1)
     cfg = {
@@ -163,10 +147,7 @@ def test_paper_verdict_applies_the_default_rule_to_the_notebook_rows_alone(
         paper_final["norm-act"] / paper_final["act-norm"]
     )
     other = "not held" if verdict == "held" else "held"
-    assert (
-        f"under isoprobe's protocol (the default run, computed alongside): {other}"
-        in " ".join(v.notes)
-    )
+    assert f"under isoprobe's protocol (the default run, computed alongside): {other}" in " ".join(v.notes)
 
 
 @pytest.mark.parametrize("name", SIX)

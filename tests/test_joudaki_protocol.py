@@ -31,18 +31,8 @@ def _np_gap(X: np.ndarray) -> float:
 @pytest.mark.parametrize("kappa", [1.0, 5.0, 100.0])
 def test_degenerate_gaussian_scales_the_top_singular_value_and_rescales(kappa):
     n, d = 8, 300
-    X = (
-        degenerate_gaussian(n, d, kappa, torch.Generator().manual_seed(3))
-        .double()
-        .numpy()
-    )
-    Z = (
-        torch.randn(
-            n, d, generator=torch.Generator().manual_seed(3), dtype=torch.float32
-        )
-        .double()
-        .numpy()
-    )
+    X = degenerate_gaussian(n, d, kappa, torch.Generator().manual_seed(3)).double().numpy()
+    Z = torch.randn(n, d, generator=torch.Generator().manual_seed(3), dtype=torch.float32).double().numpy()
     s_z = np.linalg.svd(Z, compute_uv=False)
     s_x = np.linalg.svd(X, compute_uv=False)
     target = s_z.copy()
@@ -62,9 +52,7 @@ def test_degenerate_gaussian_rejects_bad_sizes():
 def test_monte_carlo_stats_agree_with_quadrature_within_sampling_error(act):
     samples = 200_000
     st = monte_carlo_stats(act, torch.Generator().manual_seed(0), samples=samples)
-    if (
-        act == "exp"
-    ):  # the notebook's exp is eˣ: E e^z = e^½, E z e^z = e^½, E e^{2z} = e²
+    if act == "exp":  # the notebook's exp is eˣ: E e^z = e^½, E z e^z = e^½, E e^{2z} = e²
         c0, c1, c2, sd = (
             math.exp(0.5),
             math.exp(0.5),
@@ -74,9 +62,7 @@ def test_monte_carlo_stats_agree_with_quadrature_within_sampling_error(act):
     else:
         ex = activation_stats(act)
         c0, c1, c2, sd = ex.c0, ex.c1, ex.var + ex.c0**2, math.sqrt(ex.var)
-    tol = (
-        6 * sd / math.sqrt(samples) * (8 if act == "exp" else 2)
-    )  # heavier tails for the moments of eˣ
+    tol = 6 * sd / math.sqrt(samples) * (8 if act == "exp" else 2)  # heavier tails for the moments of eˣ
     assert st.c0 == pytest.approx(c0, abs=tol)
     assert st.c1 == pytest.approx(c1, abs=tol)
     assert st.c2 == pytest.approx(c2, abs=4 * tol)
@@ -96,10 +82,7 @@ def test_preactivation_has_the_covariance_of_x_times_a_gaussian_matrix():
     # E (xW)(xW)ᵀ = x E[W Wᵀ] xᵀ = gain² x xᵀ for W (d × d) iid N(0, gain²/d); average many draws
     gain, draws = 1.7, 400
     x = degenerate_gaussian(5, 40, 3.0, torch.Generator().manual_seed(0)).double()
-    hs = [
-        preactivation(x, gain, torch.Generator().manual_seed(s)).double()
-        for s in range(draws)
-    ]
+    hs = [preactivation(x, gain, torch.Generator().manual_seed(s)).double() for s in range(draws)]
     emp = sum(h @ h.T for h in hs) / draws
     want = gain**2 * (x @ x.T)
     assert hs[0].shape == x.shape
@@ -134,9 +117,7 @@ def test_constant_scaling_leaves_the_gap_unchanged():
     v = PaperVariant("mf", centering="None", normalization="MF")
     X0 = degenerate_gaussian(10, 300, 10.0, torch.Generator().manual_seed(2))
     st = MCStats(c0=0.3, c1=0.5, c2=0.7)
-    rec = notebook_run(
-        X0, "relu", v, st, depth=5, gain=1.0, generator=torch.Generator().manual_seed(5)
-    ).records
+    rec = notebook_run(X0, "relu", v, st, depth=5, gain=1.0, generator=torch.Generator().manual_seed(5)).records
     pairs = [(g, h) for (l1, p1, g), (l2, p2, h) in zip(rec[1::2], rec[2::2])]
     assert all(g == pytest.approx(h, rel=1e-4) for g, h in pairs)
 
@@ -153,10 +134,7 @@ def test_a_run_that_overflows_stops_recording():
         gain=30.0,
         generator=torch.Generator().manual_seed(0),
     )
-    assert (
-        len(res.records) < 2 * 30 + 1
-        and len(res.grams) == len(res.centred_rms) == (len(res.records) + 1) // 2
-    )
+    assert len(res.records) < 2 * 30 + 1 and len(res.grams) == len(res.centred_rms) == (len(res.records) + 1) // 2
     rows = notebook_rows(res, 30, run=0)
     assert len(rows) == 31 and rows[-1]["gap"] == math.inf and rows[-1]["gap_pre"] == ""
 
@@ -190,18 +168,12 @@ def test_notebook_rows_average_pre_and_post_and_count_missing_as_collapsed():
 def test_pooled_curve_pools_both_records_of_all_runs_like_seaborn():
     rec_a = [(0, "input", 4.0), (1, "pre_norm", 3.0), (1, "post_norm", 1.0)]
     rec_b = [(0, "input", 2.0), (1, "pre_norm", 5.0), (1, "post_norm", math.nan)]
-    rows = notebook_rows(_result(rec_a, 2), 2, run=0) + notebook_rows(
-        _result(rec_b, 2), 2, run=1
-    )
+    rows = notebook_rows(_result(rec_a, 2), 2, run=0) + notebook_rows(_result(rec_b, 2), 2, run=1)
     mean, lo, hi = pooled_curve(rows, 2)
     assert mean[0] == pytest.approx(3.0)
-    assert mean[1] == pytest.approx(
-        (3 + 1 + 5) / 3
-    )  # the NaN record is dropped, the others pooled
-    assert math.isnan(mean[2]) and math.isnan(
-        lo[2]
-    )  # no record: the published curve ends
-    assert lo[1] <= mean[1] <= hi[1] and 1 <= lo[1] and hi[1] <= 5
+    assert mean[1] == pytest.approx((3 + 1 + 5) / 3)  # the NaN record is dropped, the others pooled
+    assert math.isnan(mean[2]) and math.isnan(lo[2])  # no record: the published curve ends
+    assert lo[1] <= mean[1] <= hi[1] and lo[1] >= 1 and hi[1] <= 5
 
 
 def test_notebook_rows_flag_centred_activations_below_float32_resolution():
@@ -211,20 +183,14 @@ def test_notebook_rows_flag_centred_activations_below_float32_resolution():
         [math.nan, 1e-7],
     )
     rows = notebook_rows(res, 1, c0=0.5)
-    assert (
-        rows[1]["below_floor"] == 1 and rows[0]["below_floor"] == 0
-    )  # 1e-7 < 16 · 1.19e-7 · 0.5
+    assert rows[1]["below_floor"] == 1 and rows[0]["below_floor"] == 0  # 1e-7 < 16 · 1.19e-7 · 0.5
     assert rows[1]["rms"] == pytest.approx(2.0) and rows[1]["norm_cv"] == 0.0
     assert notebook_rows(res, 1, c0=0.01)[1]["below_floor"] == 0
 
 
 def test_notebook_variant_maps_isoprobe_switches():
-    assert notebook_variant(
-        {"centering": "mean-field", "projection": "none"}
-    ) == PaperVariant("", "MF", "None")
-    assert notebook_variant({"order": "norm-act"}) == PaperVariant(
-        "", "layer", "layer", False
-    )
+    assert notebook_variant({"centering": "mean-field", "projection": "none"}) == PaperVariant("", "MF", "None")
+    assert notebook_variant({"order": "norm-act"}) == PaperVariant("", "layer", "layer", False)
     with pytest.raises(ValueError, match="weights"):
         notebook_variant({"weights": "xavier"})
 
@@ -254,9 +220,7 @@ def test_differing_checks_lists_the_yes_no_entries_that_differ():
 
     a = {"ok": {"relu": True, "tanh": False}, "ratio": {"relu": 3.0}, "flag": True}
     b = {"ok": {"relu": True, "tanh": True}, "ratio": {"relu": 1.0}, "flag": True}
-    assert differing_checks(a, b) == [
-        "ok.tanh: notebook protocol False, isoprobe's True"
-    ]
+    assert differing_checks(a, b) == ["ok.tanh: notebook protocol False, isoprobe's True"]
 
 
 def test_a_notebook_run_starts_from_the_rows_it_feeds_the_first_layer():
@@ -273,6 +237,4 @@ def test_a_notebook_run_starts_from_the_rows_it_feeds_the_first_layer():
     rows_unit = (X0 / X0.square().mean(-1, keepdim=True).sqrt()).double().numpy()
     assert res.start_gap == pytest.approx(_np_gap(rows_unit), rel=1e-4)
     assert res.records[0][2] == pytest.approx(_np_gap(X0.double().numpy()), rel=1e-4)
-    assert (
-        res.records[0][2] > res.start_gap
-    )  # rescaling the rows is itself a projection
+    assert res.records[0][2] > res.start_gap  # rescaling the rows is itself a projection

@@ -29,8 +29,9 @@ def models(tmp_path_factory):
     PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<unk>").save_pretrained(path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=16,
-                                      attn_implementation="eager")).eval()  # as the bridge runs it
+    hf = GPT2LMHeadModel(
+        GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=16, attn_implementation="eager")
+    ).eval()  # as the bridge runs it
     wrapped = copy.deepcopy(hf)  # the bridge rewires the model it is given
     bridge = lens.TransformerBridge.boot_transformers("gpt2", hf_model=wrapped, tokenizer=tokenizer).eval()
     return hf, bridge

@@ -46,9 +46,7 @@ def test_gap_matches_numpy_eigenvalues_batched():
     for idx in np.ndindex(2, 3):
         G = X[idx].numpy() @ X[idx].numpy().T
         assert gap[idx].item() == pytest.approx(_numpy_gap(G), rel=1e-12, abs=1e-14)
-        assert ip.isometry(torch.from_numpy(G)).item() == pytest.approx(
-            math.exp(-_numpy_gap(G)), rel=1e-12
-        )
+        assert ip.isometry(torch.from_numpy(G)).item() == pytest.approx(math.exp(-_numpy_gap(G)), rel=1e-12)
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.3, -0.7, 0.999, 1 - 1e-9])

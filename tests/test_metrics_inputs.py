@@ -9,8 +9,14 @@ import torch
 
 import isoprobe as ip
 
-GRAM_METRICS = [ip.isometry, ip.isometry_gap, ip.orthogonality_gap, ip.lyapunov_gamma, ip.effective_rank,
-                ip.numerical_rank]
+GRAM_METRICS = [
+    ip.isometry,
+    ip.isometry_gap,
+    ip.orthogonality_gap,
+    ip.lyapunov_gamma,
+    ip.effective_rank,
+    ip.numerical_rank,
+]
 
 
 @pytest.mark.parametrize("metric", GRAM_METRICS, ids=lambda f: f.__name__)

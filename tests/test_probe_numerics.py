@@ -164,7 +164,10 @@ def test_float32_groups_beyond_the_tolerance_are_recomputed_in_float64():
     for a, b in zip(p64.records, p32.records):
         if b.gap_error == 0.0:  # the float64 answer, exactly
             assert (a.isometry_gap, a.orthogonality_gap, a.theorem1_holds) == (
-                b.isometry_gap, b.orthogonality_gap, b.theorem1_holds)
+                b.isometry_gap,
+                b.orthogonality_gap,
+                b.theorem1_holds,
+            )
         else:
             assert b.gap_error <= 1e-3
 
@@ -231,8 +234,9 @@ def test_deferred_measure_needs_no_host_synchronisation(monkeypatch):
         h = ln(x)
         inputs = [(x, h), (h, act(h))]
     with torch.no_grad(), _NoSync(monkeypatch):
-        pending = [H._measure(s, a, b, "token", mask, torch.float64, 0, 0, H._Workspace())
-                   for s, (a, b) in zip(sites, inputs)]
+        pending = [
+            H._measure(s, a, b, "token", mask, torch.float64, 0, 0, H._Workspace()) for s, (a, b) in zip(sites, inputs)
+        ]
     assert pending[0].pre_vector is not None and pending[0].grams.shape == (2, 3, 7, 7)
     finished = [H._finish(p, 1e-8) for p in pending]
     with torch.no_grad(), Probe(nn.Sequential(ln, act), attention_mask=mask) as direct:

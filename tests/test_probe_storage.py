@@ -28,7 +28,13 @@ def test_summary_is_a_table_object_of_the_records():
     lines = str(summary).splitlines()
     assert lines[0].split() == ["site", "point", "view", "n", "gap", "mean", "±", "std", "Theorem", "1", "flagged"]
     assert [line.split()[:2] for line in lines[2:]] == [
-        ["1", "pre"], ["1", "centered"], ["1", "normalized"], ["1", "post"], ["2", "pre"], ["2", "post"]]
+        ["1", "pre"],
+        ["1", "centered"],
+        ["1", "normalized"],
+        ["1", "post"],
+        ["2", "pre"],
+        ["2", "post"],
+    ]
     assert "yes 3/3" in lines[4]
     assert [row["key"] for row in summary] == [r.key for r in probe.records[:6]]
 

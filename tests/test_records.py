@@ -32,8 +32,20 @@ from isoprobe.records import (
 
 def rec(site="a.ln", point="pre", gap=0.5, item=0, step=0, kind="norm", **kw):
     iso = None if gap is None else math.exp(-gap)
-    return Record(site=site, kind=kind, point=point, view="token", item=item, step=step, n=8, dim=16,
-                  isometry=iso, isometry_gap=gap, orthogonality_gap=None if gap is None else 0.1, **kw)
+    return Record(
+        site=site,
+        kind=kind,
+        point=point,
+        view="token",
+        item=item,
+        step=step,
+        n=8,
+        dim=16,
+        isometry=iso,
+        isometry_gap=gap,
+        orthogonality_gap=None if gap is None else 0.1,
+        **kw,
+    )
 
 
 def sample_records():
@@ -199,8 +211,12 @@ def test_plot_ticks_name_layers_and_fit_a_column(tmp_path):
 
     from isoprobe.records import _layer_ticks
 
-    units = [("transformer.h.0.ln_1", 0), ("transformer.h.0.mlp.act", 0), ("transformer.h.1.ln_1", 0),
-             ("transformer.ln_f", 0)]
+    units = [
+        ("transformer.h.0.ln_1", 0),
+        ("transformer.h.0.mlp.act", 0),
+        ("transformer.h.1.ln_1", 0),
+        ("transformer.ln_f", 0),
+    ]
     assert _layer_ticks(units) == ([0.5, 4.5, 6.5], ["0", "1", "ln_f"])
     many = [(f"h.{i}.ln", 0) for i in range(48)]
     assert len(_layer_ticks(many)[1]) <= 14

@@ -54,8 +54,11 @@ def _units(cfg: dict, env: base.Env) -> list:
 def _verdict(rows: list[dict], cfg: dict) -> Verdict:
     SEEN.append(rows)
     total = sum(r["value"] for r in rows)
-    return Verdict("held" if total > 0 else "not held", rule="held iff the values sum above 0",
-                   measured={"total": total, "n": len(rows)})
+    return Verdict(
+        "held" if total > 0 else "not held",
+        rule="held iff the values sum above 0",
+        measured={"total": total, "n": len(rows)},
+    )
 
 
 def _draw(rows: list[dict], cfg: dict):
@@ -67,17 +70,33 @@ def _draw(rows: list[dict], cfg: dict):
 
 def _toy(name: str, **kw) -> Reproduction:
     uses_data = kw.pop("uses_data", False)
-    return Reproduction(name=name, paper="Toy et al. 2025", figure="Fig. 1", claim="values are positive",
-                        columns=COLUMNS, config=partial(_config, uses_data=uses_data, reads=kw.get("reads", ())),
-                        units=_units,
-                        verdict=_verdict, draw=_draw, uses_data=uses_data, **kw)
+    return Reproduction(
+        name=name,
+        paper="Toy et al. 2025",
+        figure="Fig. 1",
+        claim="values are positive",
+        columns=COLUMNS,
+        config=partial(_config, uses_data=uses_data, reads=kw.get("reads", ())),
+        units=_units,
+        verdict=_verdict,
+        draw=_draw,
+        uses_data=uses_data,
+        **kw,
+    )
 
 
 @pytest.fixture
 def toys(monkeypatch):
     CALLS.clear(), SEEN.clear(), FIGS.clear()
-    reg = {r.name: r for r in (_toy("toy-a"), _toy("toy-b", protocols=("isoprobe", "paper")),
-                               _toy("toy-img", uses_data=True), _toy("toy-llm", reads=("model", "text_file")))}
+    reg = {
+        r.name: r
+        for r in (
+            _toy("toy-a"),
+            _toy("toy-b", protocols=("isoprobe", "paper")),
+            _toy("toy-img", uses_data=True),
+            _toy("toy-llm", reads=("model", "text_file")),
+        )
+    }
     monkeypatch.setattr(base, "REGISTRY", reg)
     return reg
 
@@ -108,11 +127,30 @@ def test_run_writes_the_contract_layout_and_cleans_resume_state(toys, tmp_path):
     (summary,) = run_reproductions(["toy-a"], Options(quick=True), tmp_path, **_quiet())
     on_disk = json.loads((tmp_path / "toy-a.json").read_text())
     assert on_disk == summary
-    assert list(on_disk) == ["name", "paper", "figure", "claim", "verdict", "held", "rule", "measured", "theory",
-                             "reason", "notes", "config", "elapsed_s"]
+    assert list(on_disk) == [
+        "name",
+        "paper",
+        "figure",
+        "claim",
+        "verdict",
+        "held",
+        "rule",
+        "measured",
+        "theory",
+        "reason",
+        "notes",
+        "config",
+        "elapsed_s",
+    ]
     assert on_disk["verdict"] == "held" and on_disk["held"] is True
-    assert on_disk["config"] == {"quick": True, "seed": 0, "device": "cpu", "protocol": "isoprobe",
-                                 "units": 3, "runs": 2}
+    assert on_disk["config"] == {
+        "quick": True,
+        "seed": 0,
+        "device": "cpu",
+        "protocol": "isoprobe",
+        "units": 3,
+        "runs": 2,
+    }
     assert on_disk["measured"] == {"total": 0.5 * 2 * 3 + 3 * 1.0, "n": 6}
     assert (tmp_path / "toy-a.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
     assert (tmp_path / "toy-a.png").stat().st_size > 0
@@ -125,8 +163,10 @@ def test_interrupted_run_resumes_by_unit_and_a_finished_one_is_skipped(toys, tmp
             raise KeyboardInterrupt
         return _rows(cfg, env, i)
 
-    cut = dataclasses.replace(base.REGISTRY["toy-a"], units=lambda cfg, env: [
-        (key, partial(flaky, cfg, env, int(key[1:]))) for key, _ in _units(cfg, env)])
+    cut = dataclasses.replace(
+        base.REGISTRY["toy-a"],
+        units=lambda cfg, env: [(key, partial(flaky, cfg, env, int(key[1:]))) for key, _ in _units(cfg, env)],
+    )
     monkeypatch.setitem(base.REGISTRY, "toy-a", cut)
     with pytest.raises(KeyboardInterrupt):
         run_reproductions(["toy-a"], Options(quick=True), tmp_path, **_quiet())
@@ -140,8 +180,9 @@ def test_interrupted_run_resumes_by_unit_and_a_finished_one_is_skipped(toys, tmp
     fresh_dir = tmp_path / "fresh"
     (fresh,) = run_reproductions(["toy-a"], Options(quick=True), fresh_dir, **_quiet())
     # the verdict saw the same rows, value for value and type for type, fresh or resumed
-    assert [[(k, type(v), v) for k, v in r.items()] for r in SEEN[0]] == \
-           [[(k, type(v), v) for k, v in r.items()] for r in SEEN[1]]
+    assert [[(k, type(v), v) for k, v in r.items()] for r in SEEN[0]] == [
+        [(k, type(v), v) for k, v in r.items()] for r in SEEN[1]
+    ]
     assert resumed["measured"] == fresh["measured"]
     messages: list[str] = []
     (again,) = run_reproductions(["toy-a"], Options(quick=True), tmp_path, **_quiet(messages))
@@ -167,13 +208,16 @@ def test_protocol_is_checked_before_any_work_and_all_keeps_those_that_have_it(to
     assert "leaving out 3" in messages[0]
 
 
-@pytest.mark.parametrize("options, match", [
-    (Options(model="gpt2"), "--model: none of the named reproductions reads it .only toy-llm"),
-    (Options(text_file="/no/such/file.txt"), "--text-file /no/such/file.txt: no such file"),
-    (Options(model="./no/such/model"), "--model ./no/such/model: no such directory"),
-    (Options(runs=0), "--runs must be a positive integer"),
-    (Options(data="imagenet"), "--data must be auto"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (Options(model="gpt2"), "--model: none of the named reproductions reads it .only toy-llm"),
+        (Options(text_file="/no/such/file.txt"), "--text-file /no/such/file.txt: no such file"),
+        (Options(model="./no/such/model"), "--model ./no/such/model: no such directory"),
+        (Options(runs=0), "--runs must be a positive integer"),
+        (Options(data="imagenet"), "--data must be auto"),
+    ],
+)
 def test_bad_options_fail_before_any_work(toys, tmp_path, options, match):
     with pytest.raises(ReproductionOptionError, match=match):
         run_reproductions(["toy-a"], options, tmp_path, **_quiet())
@@ -235,17 +279,26 @@ def test_several_paper_sets_keep_those_that_load_and_add_the_fallbacks(monkeypat
     request = data_request(["mnist", "cifar10"], fallback=["synthetic", "cifar10"], limit=10)
     provenance, images = base.resolve_data(request, "auto", 0, notes.append)
     assert list(images) == ["cifar10", "synthetic"] and all(b.X.shape[0] == 10 for b in images.values())
-    assert provenance == {"paper": ["mnist", "cifar10"], "asked": "auto", "used": ["cifar10", "synthetic"],
-                          "substitute": True, "limit": 10}
+    assert provenance == {
+        "paper": ["mnist", "cifar10"],
+        "asked": "auto",
+        "used": ["cifar10", "synthetic"],
+        "substitute": True,
+        "limit": 10,
+    }
     assert "offline: using synthetic in place of mnist" in notes
     assert base.data_label(provenance) == "on substitute data: synthetic, not MNIST"
 
 
 def test_summary_counts_verdicts_and_keeps_substitute_data_apart():
     sub = {"substitute": True}
-    rows = [dict(name="a", verdict="held"), dict(name="b", verdict="not held"),
-            dict(name="c", verdict="undecided", data={"substitute": False}),
-            dict(name="d", verdict="held", data=sub), dict(name="e", verdict="undecided", data=sub)]
+    rows = [
+        dict(name="a", verdict="held"),
+        dict(name="b", verdict="not held"),
+        dict(name="c", verdict="undecided", data={"substitute": False}),
+        dict(name="d", verdict="held", data=sub),
+        dict(name="e", verdict="undecided", data=sub),
+    ]
     text = summarize(rows, "out")
     first, paper, substitute = text.splitlines()
     assert first == "5 reproduction(s) in out:"
@@ -275,8 +328,13 @@ def _rank_worker(rank: int, world: int, init: str, out: str) -> None:
 def test_units_are_dealt_round_robin_and_rank0_alone_writes(tmp_path):
     world = 2
     # fork: the ranks share the parent's imports (a spawned rank re-imports torch, ~10 s on a loaded machine)
-    mp.start_processes(_rank_worker, args=(world, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=world,
-                       join=True, start_method="fork")
+    mp.start_processes(
+        _rank_worker,
+        args=(world, f"file://{tmp_path}/rendezvous", str(tmp_path)),
+        nprocs=world,
+        join=True,
+        start_method="fork",
+    )
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     assert got[0]["calls"] == ["u0", "u2", "u4"] and got[1]["calls"] == ["u1", "u3"]
     assert got[0]["summary"] == got[1]["summary"]  # every rank returns rank 0's JSON
@@ -308,7 +366,10 @@ def test_no_module_below_the_command_line_imports_the_experiments():
         if rel.startswith("experiments/") or rel in ("cli.py", "__main__.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             offenders += [f"{rel}: {n}" for n in names if n.startswith("isoprobe.experiments")]
     assert offenders == []

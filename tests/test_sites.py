@@ -16,25 +16,35 @@ from isoprobe import LNMLP, Probe
 from isoprobe.names import match_name
 from isoprobe.theory.spec import CENTERINGS, PROJECTIONS, LNMLPSpec
 
-NAMES = ["transformer", "transformer.h", "transformer.h.0", "transformer.h.0.attn",
-         "transformer.h.0.attn.c_attn", "transformer.h.0.ln_1", "transformer.h.11.mlp.act",
-         "transformer.ln_f"]
+NAMES = [
+    "transformer",
+    "transformer.h",
+    "transformer.h.0",
+    "transformer.h.0.attn",
+    "transformer.h.0.attn.c_attn",
+    "transformer.h.0.ln_1",
+    "transformer.h.11.mlp.act",
+    "transformer.ln_f",
+]
 
 
-@pytest.mark.parametrize(("pattern", "expected"), [
-    ("transformer.h.*", ["transformer.h.0"]),
-    ("*.attn", ["transformer.h.0.attn"]),
-    ("attn", ["transformer.h.0.attn"]),
-    ("ln_f", ["transformer.ln_f"]),
-    ("transformer.h.*.ln_*", ["transformer.h.0.ln_1"]),
-    ("h.*.ln_?", ["transformer.h.0.ln_1"]),
-    ("transformer.h.**", NAMES[1:7]),
-    ("transformer.h.1?.**.act", ["transformer.h.11.mlp.act"]),
-    ("transformer.**", NAMES),
-    ("*", NAMES),
-    ("h", ["transformer.h"]),
-    ("ransformer.h", []),
-])
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("transformer.h.*", ["transformer.h.0"]),
+        ("*.attn", ["transformer.h.0.attn"]),
+        ("attn", ["transformer.h.0.attn"]),
+        ("ln_f", ["transformer.ln_f"]),
+        ("transformer.h.*.ln_*", ["transformer.h.0.ln_1"]),
+        ("h.*.ln_?", ["transformer.h.0.ln_1"]),
+        ("transformer.h.**", NAMES[1:7]),
+        ("transformer.h.1?.**.act", ["transformer.h.11.mlp.act"]),
+        ("transformer.**", NAMES),
+        ("*", NAMES),
+        ("h", ["transformer.h"]),
+        ("ransformer.h", []),
+    ],
+)
 def test_name_globs_match_dotted_components_and_suffixes(pattern, expected):
     assert [n for n in NAMES if match_name(n, pattern)] == expected
 
@@ -71,8 +81,12 @@ def test_gpt2_blocks_and_attention_outputs_match_reference(gpt2_small):
 def test_named_modules_next_to_discovered_norms_keep_their_points(gpt2_small):
     probe = Probe(gpt2_small, sites=["transformer.h.0", "transformer.h.0.ln_*", "activation"])
     kinds = {s.name: s.kind for s in probe.sites}
-    assert kinds == {"transformer.h.0": "module", "transformer.h.0.ln_1": "norm", "transformer.h.0.ln_2": "norm",
-                     **{f"transformer.h.{i}.mlp.act": "activation" for i in range(12)}}
+    assert kinds == {
+        "transformer.h.0": "module",
+        "transformer.h.0.ln_1": "norm",
+        "transformer.h.0.ln_2": "norm",
+        **{f"transformer.h.{i}.mlp.act": "activation" for i in range(12)},
+    }
     with torch.no_grad(), probe:
         gpt2_small(input_ids=torch.randint(0, 50257, (1, 10)))
     assert {r.point for r in probe["transformer.h.0.ln_1"]} == {"pre", "centered", "normalized", "post"}
@@ -85,14 +99,19 @@ def test_pretrained_minilm_layers_attention_and_pooler(minilm_path, monkeypatch)
 
     tok = AutoTokenizer.from_pretrained(minilm_path)
     model = AutoModel.from_pretrained(minilm_path).eval()
-    batch = tok(["Named sites measure whole blocks.", "Attention outputs too, and the pooler."],
-                padding=True, return_tensors="pt")
+    batch = tok(
+        ["Named sites measure whole blocks.", "Attention outputs too, and the pooler."],
+        padding=True,
+        return_tensors="pt",
+    )
     layers = [f"encoder.layer.{i}" for i in range(6)]
     attention = [f"{n}.attention" for n in layers]
     norms = [f"{n}.output.LayerNorm" for n in layers]
     capture = Capture(model, [*layers, *attention, *norms, "pooler"])
-    with torch.no_grad(), Probe(model, sites=["encoder.layer.*", "*.attention", "layer.*.output.LayerNorm",
-                                              "pooler"]) as probe:
+    with (
+        torch.no_grad(),
+        Probe(model, sites=["encoder.layer.*", "*.attention", "layer.*.output.LayerNorm", "pooler"]) as probe,
+    ):
         model(**batch)
     capture.close()
     assert len(probe.sites) == 6 * 3 + 1
@@ -113,12 +132,17 @@ def test_module_sites_that_cannot_be_measured_warn_once_and_record_nothing(gpt2_
         for _ in range(2):
             gpt2_small(input_ids=torch.randint(0, 50257, (1, 6)))
     messages = [str(w.message) for w in caught if "not measured" in str(w.message)]
-    assert messages == [("site 'transformer.wte' is not measured: its first input and its output are not both "
-                         "floating-point tensors (got a torch.int64 tensor and a torch.float32 tensor)")]
+    assert messages == [
+        (
+            "site 'transformer.wte' is not measured: its first input and its output are not both "
+            "floating-point tensors (got a torch.int64 tensor and a torch.float32 tensor)"
+        )
+    ]
     assert {r.site for r in probe.records} == {"transformer.h.0"}
 
 
 # --------------------------------------------------------------- isoprobe's own networks
+
 
 @pytest.mark.parametrize("projection", PROJECTIONS)
 @pytest.mark.parametrize("centering", CENTERINGS)
@@ -167,6 +191,7 @@ def test_lnmlp_fc_layers_are_named_sites():
 
 
 # --------------------------------------------------------------- discovery by behaviour
+
 
 def test_olmo_layernorm_bloom_gelu_and_channels_first_layernorm_by_behaviour():
     """Found by what they do: OLMo's LayerNorm has no parameter and no eps attribute (its eps,

@@ -60,13 +60,24 @@ def _ln_model(act: str, run: int) -> nn.Module:
 
 def _bn_model(run: int) -> nn.Module:
     # standard BatchNorm1d: its running statistics are buffers, stacked and updated under vmap
-    return BNMLP(D_IN, 10, 3, CLASSES, norm="batchnorm", activation="tanh",
-                 generator=torch.Generator().manual_seed(run), dtype=F64)
+    return BNMLP(
+        D_IN,
+        10,
+        3,
+        CLASSES,
+        norm="batchnorm",
+        activation="tanh",
+        generator=torch.Generator().manual_seed(run),
+        dtype=F64,
+    )
 
 
 def _groups(runs=(0, 1, 2)) -> dict[str, list[nn.Module]]:
-    return {"tanh": [_ln_model("tanh", r) for r in runs], "relu": [_ln_model("relu", r) for r in runs],
-            "bn": [_bn_model(r) for r in runs]}
+    return {
+        "tanh": [_ln_model("tanh", r) for r in runs],
+        "relu": [_ln_model("relu", r) for r in runs],
+        "bn": [_bn_model(r) for r in runs],
+    }
 
 
 # --- the batched computation equals separate models --------------------------------------------
@@ -189,8 +200,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     X, y = _data()
     cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, momentum=0.9)
     full_ens = Ensemble(_groups())
-    full = train(full_ens, X, y, cfg, measure=_measure, every=2, evaluate=_measure,
-                 checkpoint=tmp_path / "a.pt", progress=False)
+    full = train(
+        full_ens, X, y, cfg, measure=_measure, every=2, evaluate=_measure, checkpoint=tmp_path / "a.pt", progress=False
+    )
 
     def stop_after_2(logs):
         if logs[-1].epoch == 2:
@@ -198,11 +210,22 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
 
     path = tmp_path / "b.pt"
     with pytest.raises(_Stop):
-        train(Ensemble(_groups()), X, y, cfg, measure=_measure, every=2, evaluate=_measure, checkpoint=path,
-              on_epoch=stop_after_2, progress=False)
+        train(
+            Ensemble(_groups()),
+            X,
+            y,
+            cfg,
+            measure=_measure,
+            every=2,
+            evaluate=_measure,
+            checkpoint=path,
+            on_epoch=stop_after_2,
+            progress=False,
+        )
     resumed_ens = Ensemble(_groups())  # a fresh process: the same initial models, rebuilt
-    resumed = train(resumed_ens, X, y, cfg, measure=_measure, every=2, evaluate=_measure, checkpoint=path,
-                    progress=False)
+    resumed = train(
+        resumed_ens, X, y, cfg, measure=_measure, every=2, evaluate=_measure, checkpoint=path, progress=False
+    )
     assert resumed.resumed_from == 2 and full.resumed_from == 0
     np.testing.assert_array_equal(resumed.loss(), full.loss())
     assert resumed.rows() == full.rows()
@@ -211,8 +234,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
             for k, v in getattr(full_ens, kind)[name].items():
                 assert torch.equal(getattr(resumed_ens, kind)[name][k], v), (name, k)
     # finished: a third call trains nothing and returns the same logs
-    again = train(Ensemble(_groups()), X, y, cfg, measure=_measure, every=2, evaluate=_measure, checkpoint=path,
-                  progress=False)
+    again = train(
+        Ensemble(_groups()), X, y, cfg, measure=_measure, every=2, evaluate=_measure, checkpoint=path, progress=False
+    )
     assert again.resumed_from == 3 and again.rows() == full.rows()
 
 
@@ -220,11 +244,19 @@ def test_a_checkpoint_of_another_setup_is_not_used(tmp_path):
     X, y = _data()
     path = tmp_path / "c.pt"
     train(Ensemble(_groups()), X, y, TrainConfig(epochs=1, batch_size=16, lr=0.05), checkpoint=path, progress=False)
-    other = train(Ensemble(_groups()), X, y, TrainConfig(epochs=1, batch_size=16, lr=0.01), checkpoint=path,
-                  progress=False)
+    other = train(
+        Ensemble(_groups()), X, y, TrainConfig(epochs=1, batch_size=16, lr=0.01), checkpoint=path, progress=False
+    )
     assert other.resumed_from == 0
-    tagged = train(Ensemble(_groups()), X, y, TrainConfig(epochs=1, batch_size=16, lr=0.01), checkpoint=path,
-                   tag={"probe_batch": 64}, progress=False)
+    tagged = train(
+        Ensemble(_groups()),
+        X,
+        y,
+        TrainConfig(epochs=1, batch_size=16, lr=0.01),
+        checkpoint=path,
+        tag={"probe_batch": 64},
+        progress=False,
+    )
     assert tagged.resumed_from == 0
 
 
@@ -259,8 +291,12 @@ _ACTS = ["sigmoid", "tanh", "relu"]  # β 1.02 < 1.07 < 1.27
 
 def _fig7_rows(scales: dict[int, list[float]]) -> list[dict]:
     """Loss curves ``c · exp(−e/3)``: ``scales[run][i]`` is activation ``i``'s ``c`` in that run."""
-    return [{"act": a, "beta": 0.0, "run": run, "epoch": e, "loss": c * math.exp(-e / 3)}
-            for run, cs in scales.items() for a, c in zip(_ACTS, cs) for e in range(6)]
+    return [
+        {"act": a, "beta": 0.0, "run": run, "epoch": e, "loss": c * math.exp(-e / 3)}
+        for run, cs in scales.items()
+        for a, c in zip(_ACTS, cs)
+        for e in range(6)
+    ]
 
 
 def test_loss_area_is_the_mean_over_trained_epochs():
@@ -278,8 +314,10 @@ def test_verdict_fig7():
     assert mixed.verdict == "undecided" and "changes from run to run" in mixed.reason
     assert verdict_fig7(_fig7_rows({0: [3, 2, 1]}), cfg).verdict == "undecided"  # one run: no stability
     # the final loss alone would say "faster" here, the area (the speed) says slower: judged on the area
-    rows = [r | {"loss": r["loss"] * (0.1 if r["epoch"] == 5 and r["act"] == "relu" else 1)}
-            for r in _fig7_rows({0: [1, 2, 3], 1: [1, 2, 3]})]
+    rows = [
+        r | {"loss": r["loss"] * (0.1 if r["epoch"] == 5 and r["act"] == "relu" else 1)}
+        for r in _fig7_rows({0: [1, 2, 3], 1: [1, 2, 3]})
+    ]
     assert verdict_fig7(rows, cfg).verdict == "not held"
 
 
@@ -289,8 +327,20 @@ def _fig2_rows(rise: float = 0.0, centring: float = 0.0, t1: int = 1) -> list[di
     rows = []
 
     def row(step, run, layer, site, value, t1=""):
-        rows.append({"act": "tanh", "beta": 1.07, "run": run, "epoch": 0, "step": step, "quantity": "gap",
-                     "layer": layer, "site": site, "value": value, "theorem1_holds": t1})
+        rows.append(
+            {
+                "act": "tanh",
+                "beta": 1.07,
+                "run": run,
+                "epoch": 0,
+                "step": step,
+                "quantity": "gap",
+                "layer": layer,
+                "site": site,
+                "value": value,
+                "theorem1_holds": t1,
+            }
+        )
 
     for step in (0, 5):
         for run in (0, 1):
@@ -328,8 +378,9 @@ def _m4_rows(curves: dict[tuple[str, int, int], list[float]]) -> list[dict]:
     rows = [{"weights": "", "depth": "", "run": "", "epoch": "", "quantity": "chance", "value": 0.1}]
     for (w, L, run), acc in curves.items():
         for q in ("train_accuracy", "test_accuracy"):
-            rows += [{"weights": w, "depth": L, "run": run, "epoch": e, "quantity": q, "value": a}
-                     for e, a in enumerate(acc)]
+            rows += [
+                {"weights": w, "depth": L, "run": run, "epoch": e, "quantity": q, "value": a} for e, a in enumerate(acc)
+            ]
     return rows
 
 
@@ -353,8 +404,10 @@ def test_verdict_meterez_fig4():
     assert noisy.verdict == "undecided"
     flat = [0.1, 0.1, 0.1, 0.1]
     assert verdict_meterez_fig4(_m4({4: [flat, flat], 64: [flat, flat]}), cfg).verdict == "undecided"
-    assert verdict_meterez_fig4(_m4({4: [fast, fast], 64: [fast, [0.1, 0.5, math.nan, math.nan]]}),
-                                cfg).verdict == "not held"
+    assert (
+        verdict_meterez_fig4(_m4({4: [fast, fast], 64: [fast, [0.1, 0.5, math.nan, math.nan]]}), cfg).verdict
+        == "not held"
+    )
 
 
 _SERIES = [["linear", "identity", 0.0], ["tanh, k = 0.4", "tanh", 0.4]]
@@ -366,19 +419,46 @@ def _m6_rows(ratio: float | list[float], move: float = 0.05, loss_end: float = 0
     ratios = ratio if isinstance(ratio, list) else [ratio, ratio]
     for name, _, _ in _SERIES:
         for run, rr in enumerate(ratios):
-            rows += [{"series": name, "run": run, "epoch": e, "step": 10 * e, "layer": "", "quantity": "train_loss",
-                      "value": v} for e, v in enumerate([2.3, loss_end])]
+            rows += [
+                {
+                    "series": name,
+                    "run": run,
+                    "epoch": e,
+                    "step": 10 * e,
+                    "layer": "",
+                    "quantity": "train_loss",
+                    "value": v,
+                }
+                for e, v in enumerate([2.3, loss_end])
+            ]
             for step, m in ((0, 0.0), (10, move)):
                 for ell in range(1, 7):
                     q = {"weight_gap": rr * m * m, "control_gap": m * m, "relative_move": m, "grad_norm": 0.3}
-                    rows += [{"series": name, "run": run, "epoch": step // 10, "step": step, "layer": ell,
-                              "quantity": k, "value": v} for k, v in q.items()]
+                    rows += [
+                        {
+                            "series": name,
+                            "run": run,
+                            "epoch": step // 10,
+                            "step": step,
+                            "layer": ell,
+                            "quantity": k,
+                            "value": v,
+                        }
+                        for k, v in q.items()
+                    ]
     return rows
 
 
 def test_verdict_meterez_fig6():
-    cfg = {"depth": 6, "series": _SERIES, "epochs": 1, "middle": "L/3..2L/3", "max_ratio": 0.5, "min_move": 0.02,
-           "max_loss_ratio": 0.5}
+    cfg = {
+        "depth": 6,
+        "series": _SERIES,
+        "epochs": 1,
+        "middle": "L/3..2L/3",
+        "max_ratio": 0.5,
+        "min_move": 0.02,
+        "max_loss_ratio": 0.5,
+    }
     random_like = verdict_meterez_fig6(_m6_rows(1.0), cfg)  # the gap a random direction gives: no bias
     assert random_like.verdict == "not held" and "random direction" in random_like.reason
     assert random_like.measured["linear"]["gap_over_control_per_run"] == pytest.approx([1.0, 1.0])
@@ -458,15 +538,16 @@ def _worker(rank: int, world: int, init: str, tmp: str) -> None:
         out["same"] = distributed.all_gather_features(torch.full((2, 3), float(rank)), same_size=True)
         net = _probe_net()
         with Probe(net, gather=True) as probe:  # ragged shares of one global batch
-            net(_probe_batch()[sum(_PROBE_SHARES[:rank]): sum(_PROBE_SHARES[: rank + 1])])
+            net(_probe_batch()[sum(_PROBE_SHARES[:rank]) : sum(_PROBE_SHARES[: rank + 1])])
         out["probe"] = [(r.key, r.isometry_gap) for r in probe.records]
         # each rank trains its share of 3 runs; then rank 1 loses its last checkpoint (a crash
         # between the two ranks' saves) and both resume together from epoch 1
         X, y = _data()
         runs = distributed.shard_runs(3)
         path = f"{tmp}/rank{rank}.pt"
-        train(Ensemble(_groups(runs), run_ids=runs), X, y, TrainConfig(1, 16, 0.05, 0.9), checkpoint=path,
-              progress=False)
+        train(
+            Ensemble(_groups(runs), run_ids=runs), X, y, TrainConfig(1, 16, 0.05, 0.9), checkpoint=path, progress=False
+        )
         ens = Ensemble(_groups(runs), run_ids=runs)
         first = train(ens, X, y, _TRAIN, checkpoint=path, progress=False)
         if rank == 1:
@@ -476,8 +557,11 @@ def _worker(rank: int, world: int, init: str, tmp: str) -> None:
         ens = Ensemble(_groups(runs), run_ids=runs)
         res = train(ens, X, y, TrainConfig(3, 16, 0.05, 0.9), checkpoint=path, progress=False)
         out["resumed_from"] = (first.resumed_from, res.resumed_from)
-        rows = [{"group": g, "run": r, "loss": res.logs[-1].loss[gi][ri]}
-                for gi, g in enumerate(ens.names) for ri, r in enumerate(runs)]
+        rows = [
+            {"group": g, "run": r, "loss": res.logs[-1].loss[gi][ri]}
+            for gi, g in enumerate(ens.names)
+            for ri, r in enumerate(runs)
+        ]
         out["losses"] = distributed.gather_rows(rows)
         torch.save(out, f"{tmp}/out{rank}.pt")
     finally:
@@ -489,8 +573,13 @@ _PROBE_SHARES = (5, 7)
 
 def _probe_net() -> torch.nn.Module:
     torch.manual_seed(1)
-    return torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.BatchNorm1d(32), torch.nn.Tanh(),
-                               torch.nn.Linear(32, 16), torch.nn.LayerNorm(16)).eval()  # per-sample maps
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 32),
+        torch.nn.BatchNorm1d(32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 16),
+        torch.nn.LayerNorm(16),
+    ).eval()  # per-sample maps
 
 
 def _probe_batch() -> torch.Tensor:
@@ -500,13 +589,19 @@ def _probe_batch() -> torch.Tensor:
 def test_gather_and_sharded_training_under_gloo(tmp_path):
     world = 2
     # fork: the workers inherit the imported modules (spawn re-imports torch in each, ~15 s under load)
-    mp.start_processes(_worker, args=(world, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=world,
-                       join=True, start_method="fork")
+    mp.start_processes(
+        _worker,
+        args=(world, f"file://{tmp_path}/rendezvous", str(tmp_path)),
+        nprocs=world,
+        join=True,
+        start_method="fork",
+    )
     outs = [torch.load(tmp_path / f"out{r}.pt", weights_only=False) for r in range(world)]
     xs = [torch.arange((3 + 2 * r) * 4, dtype=torch.float32).reshape(-1, 2, 2) + 100 * r for r in range(world)]
     cat = torch.cat(xs)
-    ref_gram = torch.from_numpy(cat.reshape(len(cat), -1).numpy().astype(np.float64)
-                                @ cat.reshape(len(cat), -1).numpy().astype(np.float64).T)
+    ref_gram = torch.from_numpy(
+        cat.reshape(len(cat), -1).numpy().astype(np.float64) @ cat.reshape(len(cat), -1).numpy().astype(np.float64).T
+    )
     net = _probe_net()
     with Probe(net) as reference:
         net(_probe_batch())
@@ -588,8 +683,15 @@ def test_image_folder(tmp_path):
 
 _TOY = {
     "fig7": {"acts": ["sigmoid", "tanh", "relu"], "depth": 2, "width": 16, "batch": 32, "epochs": 2},
-    "fig2-trained": {"acts": ["tanh", "relu"], "depth": 2, "width": 16, "batch": 32, "epochs": 2, "probe_every": 3,
-                     "probe_batch": 8},
+    "fig2-trained": {
+        "acts": ["tanh", "relu"],
+        "depth": 2,
+        "width": 16,
+        "batch": 32,
+        "epochs": 2,
+        "probe_every": 3,
+        "probe_batch": 8,
+    },
     "meterez-fig4": {"depths": [2, 4], "width": 8, "batch": 32, "epochs": 2, "test_size": 64},
     "meterez-fig6": {"depth": 6, "width": 8, "batch": 32, "epochs": 2, "record_every": 4},
 }
@@ -617,8 +719,9 @@ def test_reproduction_runs_and_decides(toy_registry, tmp_path, name):
     from isoprobe.experiments import run_reproductions
 
     data = "synthetic" if name == "fig2-trained" else "digits"  # the offline fallbacks, without the hub probe
-    (summary,) = run_reproductions([name], quick=True, runs=2, data=data, out_dir=tmp_path, show_progress=False,
-                                   echo=lambda _m: None)
+    (summary,) = run_reproductions(
+        [name], quick=True, runs=2, data=data, out_dir=tmp_path, show_progress=False, echo=lambda _m: None
+    )
     assert summary["verdict"] in ("held", "not held", "undecided") and summary["rule"]
     assert summary["data"] == {"paper": "cifar10", "asked": data, "used": data, "substitute": True, "limit": 256}
     for suffix in (".csv", ".png", ".json"):
@@ -633,8 +736,15 @@ def test_interrupted_reproduction_resumes_to_the_same_csv(toy_registry, tmp_path
     from isoprobe.experiments import run_reproductions
 
     def run(out):
-        return run_reproductions(["fig2-trained"], quick=True, runs=2, data="synthetic", out_dir=out,
-                                 show_progress=False, echo=lambda _m: None)[0]
+        return run_reproductions(
+            ["fig2-trained"],
+            quick=True,
+            runs=2,
+            data="synthetic",
+            out_dir=out,
+            show_progress=False,
+            echo=lambda _m: None,
+        )[0]
 
     whole = run(tmp_path / "whole")
     real = exp.train

@@ -60,11 +60,7 @@ def _rows(holds: list[bool | None], n: int = 5) -> list[dict]:
 
 def test_verdict_holds_when_every_layernorm_record_satisfies_theorem1():
     v = figc5_verdict(_rows([True, True, True]), CFG)
-    assert (
-        v.verdict == "held"
-        and v.measured["records_checked"] == 3
-        and v.measured["theorem1_violations"] == 0
-    )
+    assert v.verdict == "held" and v.measured["records_checked"] == 3 and v.measured["theorem1_violations"] == 0
     assert v.measured["layernorms_lowering_the_gap"] == 3
 
 
@@ -76,29 +72,21 @@ def test_verdict_fails_on_one_violating_record():
 
 def test_verdict_is_undecided_when_nothing_could_be_checked():
     v = figc5_verdict(_rows([None, None], n=1), CFG)
-    assert (
-        v.verdict == "undecided"
-        and v.held is None
-        and "no LayerNorm record" in v.reason
-    )
+    assert v.verdict == "undecided" and v.held is None and "no LayerNorm record" in v.reason
 
 
 def test_block_numbers_and_last_blocks():
-    assert (
-        _block("transformer.h.7.ln_1") == 7
-        and _block("encoder.layer.3.output.LayerNorm") == 3
-    )
+    assert _block("transformer.h.7.ln_1") == 7 and _block("encoder.layer.3.output.LayerNorm") == 3
     assert _block("ln_f") == "" and _block("embeddings.LayerNorm") == ""
     rows = _rows([True] * 8) + site_rows([_record("ln_f", "pre", 0.3)], 0)
     assert _drawn(rows, 6) == [(f"h.{i}.ln_1", "norm") for i in range(2, 8)]
-    assert _short(
-        ["encoder.layer.0.output.LayerNorm", "encoder.layer.1.output.LayerNorm"]
-    ) == ["0.output.LayerNorm", "1.output.LayerNorm"]
+    assert _short(["encoder.layer.0.output.LayerNorm", "encoder.layer.1.output.LayerNorm"]) == [
+        "0.output.LayerNorm",
+        "1.output.LayerNorm",
+    ]
 
 
-def test_offline_without_gpt2_weights_fails_fast_with_the_gpt2_message(
-    monkeypatch, tmp_path
-):
+def test_offline_without_gpt2_weights_fails_fast_with_the_gpt2_message(monkeypatch, tmp_path):
     from isoprobe.models import ModelLoadError, load_gpt2
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -109,38 +97,23 @@ def test_offline_without_gpt2_weights_fails_fast_with_the_gpt2_message(
     else:
         pytest.skip("GPT-2 weights are cached here")
     with pytest.raises(ReproductionOptionError) as info:
-        run_reproductions(
-            ["figC5"], Options(), tmp_path, show_progress=False, echo=lambda m: None
-        )
+        run_reproductions(["figC5"], Options(), tmp_path, show_progress=False, echo=lambda m: None)
     assert expected in str(info.value)
     assert not list(tmp_path.iterdir())  # nothing was written
 
 
-def test_figc5_runs_on_the_pretrained_minilm_offline(
-    minilm_path, monkeypatch, tmp_path
-):
+def test_figc5_runs_on_the_pretrained_minilm_offline(minilm_path, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     texts = tmp_path / "texts.txt"
     texts.write_text("The cat sat on the mat and looked at the door.\n")
     opts = Options(model=str(minilm_path), text_file=str(texts))
-    (summary,) = run_reproductions(
-        ["figC5"], opts, tmp_path / "out", show_progress=False, echo=lambda m: None
-    )
+    (summary,) = run_reproductions(["figC5"], opts, tmp_path / "out", show_progress=False, echo=lambda m: None)
     assert summary["verdict"] == "held" and summary["measured"]["texts"] == 1
-    assert (
-        summary["measured"]["records_checked"] == 13
-    )  # 13 LayerNorms in MiniLM-L6, one check each
+    assert summary["measured"]["records_checked"] == 13  # 13 LayerNorms in MiniLM-L6, one check each
     on_disk = json.loads((tmp_path / "out" / "figC5.json").read_text())
     model = on_disk["config"]["model"]
-    assert (
-        model["class"] == "BertModel"
-        and model["pretrained"] is True
-        and model["path"] == str(minilm_path)
-    )
-    assert (
-        on_disk["config"]["texts"]["paper_texts"] is False
-        and on_disk["config"]["texts"]["count"] == 1
-    )
+    assert model["class"] == "BertModel" and model["pretrained"] is True and model["path"] == str(minilm_path)
+    assert on_disk["config"]["texts"]["paper_texts"] is False and on_disk["config"]["texts"]["count"] == 1
     assert (tmp_path / "out" / "figC5.png").stat().st_size > 10_000
 
 
@@ -158,7 +131,4 @@ def test_all_leaves_figc5_out_offline_without_weights_and_says_why(monkeypatch):
     said = []
     names = select(["all"], Options(), echo=said.append)
     assert "figC5" not in names and "fig4" in names
-    assert any(
-        m.startswith("leaving out figC5: cannot load pretrained model 'gpt2'")
-        for m in said
-    )
+    assert any(m.startswith("leaving out figC5: cannot load pretrained model 'gpt2'") for m in said)

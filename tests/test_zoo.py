@@ -27,14 +27,28 @@ from torch import nn
 from isoprobe import Probe
 
 # name: (config class, config kwargs, model class, input kind)
-_LM = {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-       "intermediate_size": 64, "max_position_embeddings": 64}
+_LM = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
 ZOO = {
-    "gpt2": ("GPT2Config", {"vocab_size": 128, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
-             "GPT2Model", "ids"),
+    "gpt2": (
+        "GPT2Config",
+        {"vocab_size": 128, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
+        "GPT2Model",
+        "ids",
+    ),
     "bert": ("BertConfig", _LM, "BertModel", "ids"),
-    "distilbert": ("DistilBertConfig", {"vocab_size": 128, "dim": 32, "n_layers": 2, "n_heads": 4,
-                                        "hidden_dim": 64}, "DistilBertModel", "ids"),
+    "distilbert": (
+        "DistilBertConfig",
+        {"vocab_size": 128, "dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64},
+        "DistilBertModel",
+        "ids",
+    ),
     "llama": ("LlamaConfig", {**_LM, "num_key_value_heads": 2}, "LlamaModel", "ids"),
     "qwen2": ("Qwen2Config", {**_LM, "num_key_value_heads": 2}, "Qwen2Model", "ids"),
     "qwen3": ("Qwen3Config", {**_LM, "num_key_value_heads": 2, "head_dim": 8}, "Qwen3Model", "ids"),
@@ -43,36 +57,100 @@ ZOO = {
     "phi": ("PhiConfig", _LM, "PhiModel", "ids"),
     "phi3": ("Phi3Config", {**_LM, "num_key_value_heads": 2, "pad_token_id": 0}, "Phi3Model", "ids"),
     "gpt_neox": ("GPTNeoXConfig", _LM, "GPTNeoXModel", "ids"),
-    "gptj": ("GPTJConfig", {"vocab_size": 128, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
-                            "rotary_dim": 4}, "GPTJModel", "ids"),
+    "gptj": (
+        "GPTJConfig",
+        {"vocab_size": 128, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "rotary_dim": 4},
+        "GPTJModel",
+        "ids",
+    ),
     "opt": ("OPTConfig", {**_LM, "ffn_dim": 64, "word_embed_proj_dim": 32}, "OPTModel", "ids"),
     "bloom": ("BloomConfig", {"vocab_size": 128, "hidden_size": 32, "n_layer": 2, "n_head": 4}, "BloomModel", "ids"),
-    "falcon": ("FalconConfig", {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2,
-                                "num_attention_heads": 4}, "FalconModel", "ids"),
+    "falcon": (
+        "FalconConfig",
+        {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4},
+        "FalconModel",
+        "ids",
+    ),
     "olmo": ("OlmoConfig", {**_LM, "num_key_value_heads": 2}, "OlmoModel", "ids"),
     "olmo2": ("Olmo2Config", {**_LM, "num_key_value_heads": 2}, "Olmo2Model", "ids"),
     "stablelm": ("StableLmConfig", {**_LM, "num_key_value_heads": 2}, "StableLmModel", "ids"),
     "starcoder2": ("Starcoder2Config", {**_LM, "num_key_value_heads": 2}, "Starcoder2Model", "ids"),
     "cohere": ("CohereConfig", {**_LM, "num_key_value_heads": 2}, "CohereModel", "ids"),
     "persimmon": ("PersimmonConfig", _LM, "PersimmonModel", "ids"),
-    "mixtral": ("MixtralConfig", {**_LM, "num_key_value_heads": 2, "num_local_experts": 2,
-                                  "num_experts_per_tok": 1}, "MixtralModel", "ids"),
+    "mixtral": (
+        "MixtralConfig",
+        {**_LM, "num_key_value_heads": 2, "num_local_experts": 2, "num_experts_per_tok": 1},
+        "MixtralModel",
+        "ids",
+    ),
     "mpt": ("MptConfig", {"vocab_size": 128, "d_model": 32, "n_layers": 2, "n_heads": 4}, "MptModel", "ids"),
-    "codegen": ("CodeGenConfig", {"vocab_size": 128, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
-                                  "rotary_dim": 4}, "CodeGenModel", "ids"),
-    "t5": ("T5Config", {"vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
-                        "num_heads": 4, "decoder_start_token_id": 0}, "T5Model", "seq2seq"),
-    "bart": ("BartConfig", {"vocab_size": 128, "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
-                            "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 64,
-                            "decoder_ffn_dim": 64, "max_position_embeddings": 64}, "BartModel", "seq2seq"),
-    "mamba": ("MambaConfig", {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "state_size": 4},
-              "MambaModel", "ids"),
-    "vit": ("ViTConfig", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                          "intermediate_size": 64, "image_size": 16, "patch_size": 4}, "ViTModel", "pixels"),
-    "convnext": ("ConvNextConfig", {"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2},
-                 "ConvNextModel", "pixels"),
-    "resnet": ("ResNetConfig", {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]},
-               "ResNetModel", "pixels"),
+    "codegen": (
+        "CodeGenConfig",
+        {"vocab_size": 128, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "rotary_dim": 4},
+        "CodeGenModel",
+        "ids",
+    ),
+    "t5": (
+        "T5Config",
+        {
+            "vocab_size": 128,
+            "d_model": 32,
+            "d_kv": 8,
+            "d_ff": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "decoder_start_token_id": 0,
+        },
+        "T5Model",
+        "seq2seq",
+    ),
+    "bart": (
+        "BartConfig",
+        {
+            "vocab_size": 128,
+            "d_model": 32,
+            "encoder_layers": 1,
+            "decoder_layers": 1,
+            "encoder_attention_heads": 4,
+            "decoder_attention_heads": 4,
+            "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64,
+            "max_position_embeddings": 64,
+        },
+        "BartModel",
+        "seq2seq",
+    ),
+    "mamba": (
+        "MambaConfig",
+        {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "state_size": 4},
+        "MambaModel",
+        "ids",
+    ),
+    "vit": (
+        "ViTConfig",
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "image_size": 16,
+            "patch_size": 4,
+        },
+        "ViTModel",
+        "pixels",
+    ),
+    "convnext": (
+        "ConvNextConfig",
+        {"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2},
+        "ConvNextModel",
+        "pixels",
+    ),
+    "resnet": (
+        "ResNetConfig",
+        {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]},
+        "ResNetModel",
+        "pixels",
+    ),
 }
 
 
@@ -97,12 +175,16 @@ class RunCapture:
 
     def __init__(self, model: nn.Module):
         self.calls: dict[str, tuple] = {}
-        self.handles = [m.register_forward_hook(self._hook(n), with_kwargs=True)
-                        for n, m in model.named_modules() if not list(m.children())]
+        self.handles = [
+            m.register_forward_hook(self._hook(n), with_kwargs=True)
+            for n, m in model.named_modules()
+            if not list(m.children())
+        ]
 
     def _hook(self, name):
         def hook(module, args, kwargs, output):
             self.calls.setdefault(name, (module, args, kwargs, output))
+
         return hook
 
     def close(self):
@@ -167,15 +249,25 @@ def test_probe_records_every_norm_and_activation_that_runs(name, zoo_table):
     truth = {n: k for n, call in capture.calls.items() if (k := truth_kind(*call))}
     recorded = {r.site: r.kind for r in probe.records}
     leaf_records = {n: k for n, k in recorded.items() if n in capture.calls}
-    assert leaf_records == truth, f"{name}: missed {set(truth) - set(leaf_records)}, extra {set(leaf_records) - set(truth)}"
+    assert leaf_records == truth, (
+        f"{name}: missed {set(truth) - set(leaf_records)}, extra {set(leaf_records) - set(truth)}"
+    )
     assert recorded == leaf_records, f"{name}: sites above leaf modules {set(recorded) - set(leaf_records)}"
     checked = [r for r in probe.records if r.theorem1_holds is not None]
     applies = [r for r in checked if eps_negligible(r, capture.calls[r.site])]
     failed = [r.site for r in applies if not r.theorem1_holds]
     assert not failed, f"{name}: Theorem 1 fails where it applies, at {failed}"
     kinds = list(truth.values())
-    zoo_table.append((name, kinds.count("norm"), kinds.count("activation"), len(applies),
-                      len(checked) - len(applies), time.perf_counter() - start))
+    zoo_table.append(
+        (
+            name,
+            kinds.count("norm"),
+            kinds.count("activation"),
+            len(applies),
+            len(checked) - len(applies),
+            time.perf_counter() - start,
+        )
+    )
 
 
 def eps_negligible(record, call) -> bool:

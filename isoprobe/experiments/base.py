@@ -164,7 +164,7 @@ class Reproduction:
     claim: str
     columns: tuple[str, ...]
     config: Callable[[Options], dict]
-    units: Callable[[dict, "Env"], Iterable[Unit]]
+    units: Callable[[dict, Env], Iterable[Unit]]
     verdict: Callable[[list[dict], dict], Verdict]
     draw: Callable[[list[dict], dict], Any]
     uses_data: bool = False
@@ -210,8 +210,16 @@ class Env:
     ``image_sets`` maps every loaded set's name to its images.
     """
 
-    def __init__(self, stem: str, out_dir: Path, device: torch.device, rank: int = 0, world: int = 1,
-                 show_progress: bool = True, echo: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        stem: str,
+        out_dir: Path,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+        show_progress: bool = True,
+        echo: Callable[[str], None] = print,
+    ) -> None:
         self.stem, self.out_dir, self.device, self.rank, self.world = stem, Path(out_dir), device, rank, world
         self.images: ImageBatch | None = None
         self.image_sets: dict[str, ImageBatch] = {}
@@ -223,8 +231,15 @@ class Env:
         """A tqdm progress bar on stderr (silent when progress is off, and on ranks > 0)."""
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=f"{self.stem} {desc}".strip(), total=total, file=sys.stderr,
-                    disable=not self._show, leave=False, dynamic_ncols=True)
+        return tqdm(
+            iterable,
+            desc=f"{self.stem} {desc}".strip(),
+            total=total,
+            file=sys.stderr,
+            disable=not self._show,
+            leave=False,
+            dynamic_ncols=True,
+        )
 
     def scratch_path(self, name: str) -> Path:
         """``OUT/STEM.name`` (``OUT/.rankR/STEM.name`` on rank ``R > 0``): a file needed only to
@@ -382,8 +397,10 @@ def check_options(options: Options) -> None:
     if options.protocol not in PROTOCOLS:
         raise ReproductionOptionError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {options.protocol!r}")
     if options.data != "auto" and not is_image_source(options.data):
-        raise ReproductionOptionError(f"--data must be auto, one of {', '.join(IMAGE_SOURCES)}, or a path to a "
-                                      f".npz file or an image folder; got {options.data!r}")
+        raise ReproductionOptionError(
+            f"--data must be auto, one of {', '.join(IMAGE_SOURCES)}, or a path to a "
+            f".npz file or an image folder; got {options.data!r}"
+        )
     if options.text_file is not None and not Path(options.text_file).is_file():
         raise ReproductionOptionError(f"--text-file {options.text_file}: no such file")
     model = options.model
@@ -414,7 +431,7 @@ def select(names: Sequence[str], options: Options, echo: Callable[[str], None] =
     """
     check_options(options)
     selected = resolve_names(names)
-    explicit = set(n for n in names if n != "all")
+    explicit = {n for n in names if n != "all"}
     p = options.protocol
     unsupported = [n for n in selected if p not in REGISTRY[n].protocols]
     supporting = ", ".join(n for n in REGISTRY if p in REGISTRY[n].protocols) or "none"
@@ -423,14 +440,18 @@ def select(names: Sequence[str], options: Options, echo: Callable[[str], None] =
     if unsupported and len(unsupported) == len(selected):
         raise ReproductionOptionError(f"no reproduction here has --protocol {p} (reproductions with it: {supporting})")
     if unsupported:
-        echo(f"--protocol {p}: running the {len(selected) - len(unsupported)} reproduction(s) that support it "
-             f"({supporting}); leaving out {len(unsupported)}")
+        echo(
+            f"--protocol {p}: running the {len(selected) - len(unsupported)} reproduction(s) that support it "
+            f"({supporting}); leaving out {len(unsupported)}"
+        )
         selected = [n for n in selected if n not in unsupported]
     for opt, flag in (("model", "--model"), ("text_file", "--text-file")):
         readers = [n for n in REGISTRY if opt in REGISTRY[n].reads]
         if getattr(options, opt) is not None and not any(n in readers for n in selected):
-            raise ReproductionOptionError(f"{flag}: none of the named reproductions reads it"
-                                          + (f" (only {', '.join(readers)} does)" if readers else ""))
+            raise ReproductionOptionError(
+                f"{flag}: none of the named reproductions reads it"
+                + (f" (only {', '.join(readers)} does)" if readers else "")
+            )
     return _checked(selected, explicit, options, echo)
 
 
@@ -458,8 +479,9 @@ def _checked(selected: list[str], explicit: set[str], options: Options, echo: Ca
 _DISPLAY = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 
-def data_request(paper: str | Sequence[str], fallback: str | Sequence[str] = "synthetic",
-                 limit: int | None = None) -> dict:
+def data_request(
+    paper: str | Sequence[str], fallback: str | Sequence[str] = "synthetic", limit: int | None = None
+) -> dict:
     """The ``"data"`` entry of a ``uses_data`` config: the paper's image set(s), the offline
     substitute(s) for ``--data auto``, and how many images to load (``None``: all)."""
     return {"paper": paper, "fallback": fallback, "limit": limit}
@@ -500,8 +522,13 @@ def resolve_data(request: dict, asked: str, seed: int, note: Callable[[str], Non
     for batch in images.values():
         note(f"data: {batch.description}")
     used = list(images)
-    provenance = {"paper": request["paper"], "asked": asked, "used": _one_or_list(used),
-                  "substitute": any(u not in paper for u in used), "limit": limit}
+    provenance = {
+        "paper": request["paper"],
+        "asked": asked,
+        "used": _one_or_list(used),
+        "substitute": any(u not in paper for u in used),
+        "limit": limit,
+    }
     return provenance, images
 
 
@@ -536,8 +563,13 @@ def _up_to_date(paths: dict[str, Path], config: dict) -> dict | None:
 
 def _config(rep: Reproduction, options: Options, env: Env) -> dict:
     """``{quick, seed, device, protocol}`` and the reproduction's own sizes, data resolved."""
-    cfg = {"quick": options.quick, "seed": options.seed, "device": options.device, "protocol": options.protocol,
-           **rep.config(options)}
+    cfg = {
+        "quick": options.quick,
+        "seed": options.seed,
+        "device": options.device,
+        "protocol": options.protocol,
+        **rep.config(options),
+    }
     if rep.uses_data:
         if not isinstance(cfg.get("data"), dict):
             raise TypeError(f"{rep.name} uses data: its config must declare data_request(...) as 'data'")
@@ -571,16 +603,29 @@ def _compute(units: list[Unit], table: TidyTable | None, env: Env) -> list[dict]
 def _save_figure(fig, path: Path, label: str) -> None:
     if label:
         title = fig.get_suptitle()
-        fig.suptitle(f"{title}\n[{label}]" if title else f"[{label}]", color="tab:red",
-                     fontsize="medium" if title else "large")
+        fig.suptitle(
+            f"{title}\n[{label}]" if title else f"[{label}]", color="tab:red", fontsize="medium" if title else "large"
+        )
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def _summary(rep: Reproduction, verdict: Verdict, cfg: dict, notes: Sequence[str], elapsed: float,
-             data: dict | None) -> dict:
-    out = {"name": rep.name, "paper": rep.paper, "figure": rep.figure, "claim": rep.claim,
-           "verdict": verdict.verdict, "held": verdict.held, "rule": verdict.rule, "measured": verdict.measured,
-           "theory": verdict.theory, "reason": verdict.reason, "notes": [*notes, *verdict.notes], "config": cfg}
+def _summary(
+    rep: Reproduction, verdict: Verdict, cfg: dict, notes: Sequence[str], elapsed: float, data: dict | None
+) -> dict:
+    out = {
+        "name": rep.name,
+        "paper": rep.paper,
+        "figure": rep.figure,
+        "claim": rep.claim,
+        "verdict": verdict.verdict,
+        "held": verdict.held,
+        "rule": verdict.rule,
+        "measured": verdict.measured,
+        "theory": verdict.theory,
+        "reason": verdict.reason,
+        "notes": [*notes, *verdict.notes],
+        "config": cfg,
+    }
     if data is not None:
         out["data"] = data
     out["elapsed_s"] = round(elapsed, 3)
@@ -622,8 +667,11 @@ def _run_declared(rep: Reproduction, options: Options, out_dir: Path, env: Env) 
 def _announce(summary: dict, path: Path, echo: Callable[[str], None], st: str) -> None:
     label = data_label(summary.get("data"))
     why = f": {summary['reason']}" if summary.get("verdict") == "undecided" and summary.get("reason") else ""
-    echo(f"{st}: {summary['verdict']}{why}" + (f" [{label}]" if label else "")
-         + f" ({summary['elapsed_s']:.1f} s) -> {path}")
+    echo(
+        f"{st}: {summary['verdict']}{why}"
+        + (f" [{label}]" if label else "")
+        + f" ({summary['elapsed_s']:.1f} s) -> {path}"
+    )
 
 
 def run_reproductions(
@@ -650,8 +698,9 @@ def run_reproductions(
     selected = select(names, options, echo)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(options.device if options.device == "cpu" or world == 1
-                          else f"cuda:{torch.cuda.current_device()}")
+    device = torch.device(
+        options.device if options.device == "cpu" or world == 1 else f"cuda:{torch.cuda.current_device()}"
+    )
     summaries = []
     for name in selected:
         st = stem(name, options.protocol)

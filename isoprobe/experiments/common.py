@@ -77,8 +77,9 @@ def mean_curve(values: np.ndarray) -> np.ndarray:
     return np.where(np.isinf(values).any(axis=0), np.inf, m)
 
 
-def run_curves(rows: Sequence[dict], value: str = "gap", index: str = "layer", length: int | None = None,
-               **match: Any) -> np.ndarray:
+def run_curves(
+    rows: Sequence[dict], value: str = "gap", index: str = "layer", length: int | None = None, **match: Any
+) -> np.ndarray:
     """``(runs, length)`` array of column ``value`` of the tidy ``rows`` that match ``match``.
 
     Row ``r`` goes to line ``r["run"]`` (runs sorted; a deterministic curve, ``run = ""``,
@@ -208,8 +209,15 @@ def plot_depth_curves(
     ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
     if n_inf:
         cols = inf.any(axis=0)
-        ax.plot(x[cols], np.full(cols.sum(), 0.97), "^", color=color, ms=6, clip_on=False,
-                transform=ax.get_xaxis_transform())
+        ax.plot(
+            x[cols],
+            np.full(cols.sum(), 0.97),
+            "^",
+            color=color,
+            ms=6,
+            clip_on=False,
+            transform=ax.get_xaxis_transform(),
+        )
     if bound is not None:
         ax.plot(x[: len(bound)], bound, "--", color=color, lw=1.2, label=bound_label)
     if log and ax.dataLim.y1 > 0 and np.isfinite(ax.dataLim.y1):

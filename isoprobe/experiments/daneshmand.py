@@ -76,8 +76,9 @@ def _rows(cfg: dict, device: torch.device, bn: bool, width: int) -> list[dict]:
         z = torch.randn(n + 1, width, dtype=F64, generator=gen)
         x = z[:1] + 0.5 * z[1:]
         with single_thread(), torch.no_grad():
-            net = BNMLP(width, width, L, d_out=2, weights="gaussian", norm="rms" if bn else "none",
-                        generator=gen, dtype=F64).to(device)
+            net = BNMLP(
+                width, width, L, d_out=2, weights="gaussian", norm="rms" if bn else "none", generator=gen, dtype=F64
+            ).to(device)
             grams = torch.stack([gram(h) for h in net.hidden(x.to(device))])
         gaps = orthogonality_gap(grams).cpu().tolist()
         rows += [dict(bn=int(bn), width=width, run=run, layer=ell, orth_gap=g) for ell, g in enumerate(gaps)]
@@ -85,15 +86,21 @@ def _rows(cfg: dict, device: torch.device, bn: bool, width: int) -> list[dict]:
 
 
 def _units(cfg: dict, env: Env) -> list[Unit]:
-    return [(f"bn={int(bn)} width={w}", partial(_rows, cfg, env.device, bn, w))
-            for bn in (True, False) for w in cfg["widths"]]
+    return [
+        (f"bn={int(bn)} width={w}", partial(_rows, cfg, env.device, bn, w))
+        for bn in (True, False)
+        for w in cfg["widths"]
+    ]
 
 
 def _numbers(rows: list[dict], cfg: dict) -> tuple[dict, list[float], list[float]]:
     """Curves per (bn, width), the BN floor and the no-BN last-layer gap per width."""
     L = cfg["depth"]
-    curves = {(bn, w): run_curves(rows, "orth_gap", length=L + 1, bn=int(bn), width=w)
-              for bn in (True, False) for w in cfg["widths"]}
+    curves = {
+        (bn, w): run_curves(rows, "orth_gap", length=L + 1, bn=int(bn), width=w)
+        for bn in (True, False)
+        for w in cfg["widths"]
+    }
     floor = [float(curves[(True, w)][:, L // 2 + 1 :].mean()) for w in cfg["widths"]]
     final = [float(curves[(False, w)][:, -1].mean()) for w in cfg["widths"]]
     return curves, floor, final
@@ -105,19 +112,23 @@ def _verdict(rows: list[dict], cfg: dict) -> Verdict:
     held = rule_daneshmand(widths, floor, final, n)
     return Verdict(
         "held" if held else "not held",
-        reason="" if held else "the BN floor does not fall with width as d^-1/2 does (slope > -0.25), or a "
-                               "no-BN gap is not of order one",
+        reason=""
+        if held
+        else "the BN floor does not fall with width as d^-1/2 does (slope > -0.25), or a no-BN gap is not of order one",
         rule="held iff the log-log slope of the BN floor (mean gap over the last half of the layers) against "
-             "width is ≤ −0.25 and, at every width, the last-layer gap without BN is ≥ 0.5·sqrt(1 − 1/n) and "
-             "above the BN floor",
-        measured={"bn_floor": dict(zip(map(str, widths), floor)),
-                  "loglog_slope_floor_vs_width": fit_slope(np.log(widths), np.log(floor)),
-                  "no_bn_last_layer_gap": dict(zip(map(str, widths), final)),
-                  "input_gap": float(np.mean([curves[(True, w)][:, 0].mean() for w in widths]))},
-        theory={"bn": "E gap(H_ℓ) = O((1 − α)^ℓ + n / (α sqrt(d))): floor ∝ d^(-1/2), log-log slope −0.5 "
-                      "(an upper bound; α is the smallest singular value along the chain)",
-                "no_bn": "Θ(1); all samples aligned gives the largest gap sqrt(1 − 1/n) = "
-                         f"{math.sqrt(1 - 1 / n):.4f}"},
+        "width is ≤ −0.25 and, at every width, the last-layer gap without BN is ≥ 0.5·sqrt(1 − 1/n) and "
+        "above the BN floor",
+        measured={
+            "bn_floor": dict(zip(map(str, widths), floor)),
+            "loglog_slope_floor_vs_width": fit_slope(np.log(widths), np.log(floor)),
+            "no_bn_last_layer_gap": dict(zip(map(str, widths), final)),
+            "input_gap": float(np.mean([curves[(True, w)][:, 0].mean() for w in widths])),
+        },
+        theory={
+            "bn": "E gap(H_ℓ) = O((1 − α)^ℓ + n / (α sqrt(d))): floor ∝ d^(-1/2), log-log slope −0.5 "
+            "(an upper bound; α is the smallest singular value along the chain)",
+            "no_bn": f"Θ(1); all samples aligned gives the largest gap sqrt(1 − 1/n) = {math.sqrt(1 - 1 / n):.4f}",
+        },
     )
 
 
@@ -142,9 +153,17 @@ def _draw(rows: list[dict], cfg: dict):
     return fig
 
 
-register(Reproduction(
-    "daneshmand-orth", paper=DANESHMAND, figure="Figs. 1–2",
-    claim="with batch norm the orthogonality gap of a Gaussian linear chain falls to a floor that shrinks "
-          "with width; without batch norm it stays of order one",
-    columns=("bn", "width", "run", "layer", "orth_gap"), config=_config, units=_units, verdict=_verdict, draw=_draw,
-))
+register(
+    Reproduction(
+        "daneshmand-orth",
+        paper=DANESHMAND,
+        figure="Figs. 1–2",
+        claim="with batch norm the orthogonality gap of a Gaussian linear chain falls to a floor that shrinks "
+        "with width; without batch norm it stays of order one",
+        columns=("bn", "width", "run", "layer", "orth_gap"),
+        config=_config,
+        units=_units,
+        verdict=_verdict,
+        draw=_draw,
+    )
+)

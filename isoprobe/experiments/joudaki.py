@@ -123,9 +123,17 @@ def _gram_rows(G: torch.Tensor, offset: float | None = None, **series) -> list[d
         rms, cv = np.sqrt(diag.mean(-1)), diag.std(-1) / diag.mean(-1)
     floor = RESOLUTION * _EPS * abs(offset or 0.0)
     return [
-        {**series, "run": r, "layer": ell, "gap": float(gaps[r, ell]), "rms": float(rms[r, ell]),
-         "norm_cv": float(cv[r, ell]), "below_floor": int(bool(rms[r, ell] < floor))}
-        for r in range(gaps.shape[0]) for ell in range(gaps.shape[1])
+        {
+            **series,
+            "run": r,
+            "layer": ell,
+            "gap": float(gaps[r, ell]),
+            "rms": float(rms[r, ell]),
+            "norm_cv": float(cv[r, ell]),
+            "below_floor": int(bool(rms[r, ell] < floor)),
+        }
+        for r in range(gaps.shape[0])
+        for ell in range(gaps.shape[1])
     ]
 
 
@@ -189,8 +197,16 @@ def _mark_floor(ax, rows: list[dict], mean: np.ndarray, color: str, **match) -> 
     """Hollow circles on ``mean`` at the layers where some run is ``below_floor``."""
     x = _flagged_layers(rows, **match)
     if len(x):
-        ax.plot(x, np.where(np.isinf(mean[x]), np.nan, mean[x]), "o", mfc="white", mec=color, ms=4, lw=0,
-                label="○ below float64 resolution of σ(h) − c₀ (see note)")
+        ax.plot(
+            x,
+            np.where(np.isinf(mean[x]), np.nan, mean[x]),
+            "o",
+            mfc="white",
+            mec=color,
+            ms=4,
+            lw=0,
+            label="○ below float64 resolution of σ(h) − c₀ (see note)",
+        )
 
 
 def _one_thread(fn: Callable[..., list[dict]], *args) -> Callable[[], list[dict]]:
@@ -204,8 +220,9 @@ def _one_thread(fn: Callable[..., list[dict]], *args) -> Callable[[], list[dict]
     return rows
 
 
-def _declare(name: str, figure: str, claim: str, columns: Sequence[str], config, units, verdict, draw,
-             **kw) -> Reproduction:
+def _declare(
+    name: str, figure: str, claim: str, columns: Sequence[str], config, units, verdict, draw, **kw
+) -> Reproduction:
     decl = {"columns": tuple(columns), "config": config, "units": units, "verdict": verdict, "draw": draw}
     if name in joudaki_protocol.SETUPS:  # --protocol paper: the authors' notebook (joudaki_protocol)
         switches = {k: v.switches for k, v in VARIANTS.items()}
@@ -238,8 +255,11 @@ def _table2_units(cfg: dict, env: Env) -> list[Unit]:
         for act in cfg["acts"]:
             formula, closed = _TABLE2[act]
             num = _beta(act)
-            out.append(dict(act=act, formula=formula, beta_closed_form=closed(), beta_numeric=num,
-                            abs_error=abs(num - closed())))
+            out.append(
+                dict(
+                    act=act, formula=formula, beta_closed_form=closed(), beta_numeric=num, abs_error=abs(num - closed())
+                )
+            )
         return out
 
     return [("all", rows)]
@@ -271,10 +291,16 @@ def _table2_draw(rows: list[dict], cfg: dict):
     return fig
 
 
-_declare("table2", "Table 2",
-         "isometry strength β of He1, He2, sin, exp, step and ReLU equals the closed forms of Table 2",
-         ["act", "formula", "beta_closed_form", "beta_numeric", "abs_error"],
-         lambda opt: {"acts": list(_TABLE2), "tolerance": _BETA_TOL}, _table2_units, _table2_verdict, _table2_draw)
+_declare(
+    "table2",
+    "Table 2",
+    "isometry strength β of He1, He2, sin, exp, step and ReLU equals the closed forms of Table 2",
+    ["act", "formula", "beta_closed_form", "beta_numeric", "abs_error"],
+    lambda opt: {"acts": list(_TABLE2), "tolerance": _BETA_TOL},
+    _table2_units,
+    _table2_verdict,
+    _table2_draw,
+)
 
 
 # --- Fig. 2 (at initialisation): every fc/act/norm site of the real network ---------------------
@@ -282,9 +308,15 @@ _declare("table2", "Table 2",
 
 def _fig2_config(opt: Options) -> dict:
     big = not opt.quick
-    return {"acts": FIG7_ACTS, "depth": 10, "width": 1000 if big else 256, "batch": 512 if big else 128,
-            "data": data_request("cifar10", "synthetic", limit=512 if big else 128), "runs": opt.n_runs(10, 2),
-            "tolerance": NORM_RISE_TOL}
+    return {
+        "acts": FIG7_ACTS,
+        "depth": 10,
+        "width": 1000 if big else 256,
+        "batch": 512 if big else 128,
+        "data": data_request("cifar10", "synthetic", limit=512 if big else 128),
+        "runs": opt.n_runs(10, 2),
+        "tolerance": NORM_RISE_TOL,
+    }
 
 
 def _fig2_rows(cfg: dict, env: Env, act: str, run: int) -> list[dict]:
@@ -312,21 +344,43 @@ def _fig2_verdict(rows: list[dict], cfg: dict) -> Verdict:
     ok, rises, worst = rule_norms_never_raise(before, after, cfg["tolerance"])
     t1_fail = sum(1 for r in rows if r["site"] == "norm:normalized" and r["theorem1_holds"] == 0)
     finite = int(np.isfinite(before).sum())
-    measured = {"norm_sites": int(before.size), "norm_sites_with_finite_input": finite,
-                "norm_sites_raising_gap": rises, "max_relative_rise": worst, "theorem1_failures": t1_fail}
-    rule = (f"held if no norm layer raises the gap of its input by more than {cfg['tolerance']:g} (relative) and "
-            "the projection step satisfies Theorem 1 at every norm site (Probe's check); smaller rises, from "
-            "centering, are counted in norm_sites_raising_gap")
+    measured = {
+        "norm_sites": int(before.size),
+        "norm_sites_with_finite_input": finite,
+        "norm_sites_raising_gap": rises,
+        "max_relative_rise": worst,
+        "theorem1_failures": t1_fail,
+    }
+    rule = (
+        f"held if no norm layer raises the gap of its input by more than {cfg['tolerance']:g} (relative) and "
+        "the projection step satisfies Theorem 1 at every norm site (Probe's check); smaller rises, from "
+        "centering, are counted in norm_sites_raising_gap"
+    )
     theory = {"corollary_2": "projection onto the sphere never lowers isometry; centering carries no guarantee"}
-    notes = (("Corollary 2 is deterministic (any input, any weights): substitute images test it as well as "
-              "CIFAR10 would"),) if cfg["data"].get("substitute") else ()
+    notes = (
+        (("Corollary 2 is deterministic (any input, any weights): substitute images test it as well as CIFAR10 would"),)
+        if cfg["data"].get("substitute")
+        else ()
+    )
     if finite < before.size / 2:
-        return Verdict("undecided", rule, measured, theory, notes=notes,
-                       reason=f"only {finite} of {before.size} norm inputs have a finite gap: a collapsed input "
-                              "cannot be raised, so the check is vacuous there")
+        return Verdict(
+            "undecided",
+            rule,
+            measured,
+            theory,
+            notes=notes,
+            reason=f"only {finite} of {before.size} norm inputs have a finite gap: a collapsed input "
+            "cannot be raised, so the check is vacuous there",
+        )
     held = ok and t1_fail == 0
-    return Verdict("held" if held else "not held", rule, measured, theory, notes=notes,
-                   reason="" if held else "a norm layer raised the gap of its input, or Theorem 1 failed")
+    return Verdict(
+        "held" if held else "not held",
+        rule,
+        measured,
+        theory,
+        notes=notes,
+        reason="" if held else "a norm layer raised the gap of its input, or Theorem 1 failed",
+    )
 
 
 def _fig2_draw(rows: list[dict], cfg: dict):
@@ -336,16 +390,25 @@ def _fig2_draw(rows: list[dict], cfg: dict):
         plot_depth_curves(ax, _fig2_values(rows, cfg, act), label=_label(act), layers=np.arange(len(order)))
     draw_site_axis(ax, order)
     used = cfg["data"]["used"]
-    ax.set_title(f"LN-MLP at initialisation, {used if isinstance(used, str) else ', '.join(used)} batch of "
-                 f"{cfg['batch']}, width {cfg['width']}")
+    ax.set_title(
+        f"LN-MLP at initialisation, {used if isinstance(used, str) else ', '.join(used)} batch of "
+        f"{cfg['batch']}, width {cfg['width']}"
+    )
     ax.legend(fontsize=7, ncol=2)
     return fig
 
 
-_declare("fig2", "Fig. 2 (left, at initialisation)",
-         "at initialisation, layer-norm layers never raise the isometry gap (Corollary 2)",
-         ["act", "beta", "run", "layer", "site", "gap", "theorem1_holds"],
-         _fig2_config, _fig2_units, _fig2_verdict, _fig2_draw, uses_data=True)
+_declare(
+    "fig2",
+    "Fig. 2 (left, at initialisation)",
+    "at initialisation, layer-norm layers never raise the isometry gap (Corollary 2)",
+    ["act", "beta", "run", "layer", "site", "gap", "theorem1_holds"],
+    _fig2_config,
+    _fig2_units,
+    _fig2_verdict,
+    _fig2_draw,
+    uses_data=True,
+)
 
 
 # --- Fig. 3: isometry gap vs depth with the Theorem 4 bound ----------------------------------
@@ -356,8 +419,14 @@ _RATE_BAND = (0.5, 2.0)
 
 def _fig3_config(opt: Options) -> dict:
     big = not opt.quick
-    return {"acts": ["relu", "tanh", "sigmoid"], "n": 100 if big else 30, "width": 5000 if big else 4000,
-            "depth": 30, "inputs": {"kind": "correlated", "rho": 0.9}, "runs": opt.n_runs(10, 3)}
+    return {
+        "acts": ["relu", "tanh", "sigmoid"],
+        "n": 100 if big else 30,
+        "width": 5000 if big else 4000,
+        "depth": 30,
+        "inputs": {"kind": "correlated", "rho": 0.9},
+        "runs": opt.n_runs(10, 3),
+    }
 
 
 def _fig3_rows(cfg: dict, env: Env, act: str) -> list[dict]:
@@ -367,9 +436,11 @@ def _fig3_rows(cfg: dict, env: Env, act: str) -> list[dict]:
     mf = isometry_gap(mean_field_spec(spec, spec.input_gram(X0), in_features=X0.shape[1])).numpy()
     series = dict(act=act, beta=spec.beta)
     sim = [{k: r[k] for k in ("run", "layer", "gap")} for r in _gram_rows(G)]
-    return ([{**series, "series": "simulation", **r} for r in sim]
-            + _curve_rows(mf, **series, series="mean-field")
-            + _curve_rows(theorem4_bound(cfg["n"], spec.beta, cfg["depth"]), **series, series="theorem4_C1"))
+    return (
+        [{**series, "series": "simulation", **r} for r in sim]
+        + _curve_rows(mf, **series, series="mean-field")
+        + _curve_rows(theorem4_bound(cfg["n"], spec.beta, cfg["depth"]), **series, series="theorem4_C1")
+    )
 
 
 def _fig3_units(cfg: dict, env: Env) -> list[Unit]:
@@ -382,12 +453,19 @@ def _fig3_measure(rows: list[dict], cfg: dict, act: str) -> dict:
     mean, beta = mean_curve(sim), _beta(act)
     floor = cfg["n"] / (2 * cfg["width"])  # the gap of n iid Gaussian items in d dimensions, ≈ n/(2d)
     rate, se, depths = decay_rates(sim, 10 * floor)
-    mf = run_curves(rows, act=act, series="mean-field")[0][:max(depths, 2)]
+    mf = run_curves(rows, act=act, series="mean-field")[0][: max(depths, 2)]
     mf_rate = -fit_slope(np.arange(len(mf)), np.log(np.maximum(mf, GAP_FLOOR)))
-    return {"mean_gap": mean, "below_bound_everywhere": bool(np.all(mean <= bound)), "beta": beta,
-            "decay_rate": rate, "decay_rate_se": se, "fitted_depths": depths,
-            "rate_over_log_beta": rate / math.log(beta), "mean_field_rate_over_log_beta": mf_rate / math.log(beta),
-            "final_over_initial": float(mean[-1] / mean[0])}
+    return {
+        "mean_gap": mean,
+        "below_bound_everywhere": bool(np.all(mean <= bound)),
+        "beta": beta,
+        "decay_rate": rate,
+        "decay_rate_se": se,
+        "fitted_depths": depths,
+        "rate_over_log_beta": rate / math.log(beta),
+        "mean_field_rate_over_log_beta": mf_rate / math.log(beta),
+        "final_over_initial": float(mean[-1] / mean[0]),
+    }
 
 
 def _fig3_verdict(rows: list[dict], cfg: dict) -> Verdict:
@@ -395,36 +473,66 @@ def _fig3_verdict(rows: list[dict], cfg: dict) -> Verdict:
     by_beta = sorted(cfg["acts"], key=lambda a: m[a]["beta"])
     lo, hi = _RATE_BAND
     below = all(m[a]["below_bound_everywhere"] for a in by_beta)
-    steps = [(m[b]["decay_rate"] - m[a]["decay_rate"], 2 * math.hypot(m[a]["decay_rate_se"], m[b]["decay_rate_se"]))
-             for a, b in pairwise(by_beta)]
+    steps = [
+        (m[b]["decay_rate"] - m[a]["decay_rate"], 2 * math.hypot(m[a]["decay_rate_se"], m[b]["decay_rate_se"]))
+        for a, b in pairwise(by_beta)
+    ]
     ordered, resolved = all(d > 0 for d, _ in steps), all(abs(d) > tol for d, tol in steps)  # NaN se: False
     X0 = make_inputs(cfg)
     G0 = LNMLPSpec("relu").input_gram(X0)
-    theory = {a: {"beta": m[a]["beta"], "log_beta": math.log(m[a]["beta"]),
-                  "theorem4_applies_from_depth": theorem4_min_depth(G0, m[a]["beta"])} for a in by_beta}
-    rule = (f"held if the mean simulated gap is at most n·β^(−ℓ) at every depth ℓ ≤ L, its decay rate (−slope of "
-            f"log gap, fitted per run from ℓ = 0 while the mean gap is above 10× the finite-width floor n/(2d)) "
-            f"lies within [{lo:g}, {hi:g}]·log β for every activation, and the rates increase with β by more "
-            "than twice their combined standard error. The band is wide because Theorem 4's rate is an upper bound "
-            "that applies only from the depth ℓ₀ where (n − 1)γ(G_ℓ) ≤ 1/2 (theory: theorem4_applies_from_depth, "
-            "beyond L for these inputs); before it the mean-field recursion itself decays at 0.9–1.7·log β here "
-            "(mean_field_rate_over_log_beta, same depths), finite width adds a drift of order n/(2d) per layer "
-            "that slows the smallest rates, and a rate off by more than 2× (e.g. a linear net: rate 0) fails")
+    theory = {
+        a: {
+            "beta": m[a]["beta"],
+            "log_beta": math.log(m[a]["beta"]),
+            "theorem4_applies_from_depth": theorem4_min_depth(G0, m[a]["beta"]),
+        }
+        for a in by_beta
+    }
+    rule = (
+        f"held if the mean simulated gap is at most n·β^(−ℓ) at every depth ℓ ≤ L, its decay rate (−slope of "
+        f"log gap, fitted per run from ℓ = 0 while the mean gap is above 10× the finite-width floor n/(2d)) "
+        f"lies within [{lo:g}, {hi:g}]·log β for every activation, and the rates increase with β by more "
+        "than twice their combined standard error. The band is wide because Theorem 4's rate is an upper bound "
+        "that applies only from the depth ℓ₀ where (n − 1)γ(G_ℓ) ≤ 1/2 (theory: theorem4_applies_from_depth, "
+        "beyond L for these inputs); before it the mean-field recursion itself decays at 0.9–1.7·log β here "
+        "(mean_field_rate_over_log_beta, same depths), finite width adds a drift of order n/(2d) per layer "
+        "that slows the smallest rates, and a rate off by more than 2× (e.g. a linear net: rate 0) fails"
+    )
     measured = m | {"decay_ordered_by_beta": ordered}
     fitted = [a for a in by_beta if m[a]["fitted_depths"] >= 4]
     if not below or not all(lo <= m[a]["rate_over_log_beta"] <= hi for a in fitted):
-        return Verdict("not held", rule, measured, theory,
-                       reason="the mean gap crosses n·β^(−ℓ), or decays at a rate outside the band")
+        return Verdict(
+            "not held",
+            rule,
+            measured,
+            theory,
+            reason="the mean gap crosses n·β^(−ℓ), or decays at a rate outside the band",
+        )
     if len(fitted) < len(by_beta):
         short = ", ".join(a for a in by_beta if a not in fitted)
-        return Verdict("undecided", rule, measured, theory,
-                       reason=f"{short}: fewer than 4 depths above the finite-width floor to fit a rate")
+        return Verdict(
+            "undecided",
+            rule,
+            measured,
+            theory,
+            reason=f"{short}: fewer than 4 depths above the finite-width floor to fit a rate",
+        )
     if not resolved:
-        return Verdict("undecided", rule, measured, theory,
-                       reason="the decay rates of neighbouring β are not separated by twice their combined "
-                              "standard error (or there is one run only)")
-    return Verdict("held" if ordered else "not held", rule, measured, theory,
-                   reason="" if ordered else "the gap decays slower for a larger β")
+        return Verdict(
+            "undecided",
+            rule,
+            measured,
+            theory,
+            reason="the decay rates of neighbouring β are not separated by twice their combined "
+            "standard error (or there is one run only)",
+        )
+    return Verdict(
+        "held" if ordered else "not held",
+        rule,
+        measured,
+        theory,
+        reason="" if ordered else "the gap decays slower for a larger β",
+    )
 
 
 def _fig3_draw(rows: list[dict], cfg: dict):
@@ -433,20 +541,27 @@ def _fig3_draw(rows: list[dict], cfg: dict):
         sim = run_curves(rows, act=act, series="simulation")
         bound = run_curves(rows, act=act, series="theorem4_C1")[0]
         mf = run_curves(rows, act=act, series="mean-field")[0]
-        plot_depth_curves(ax, sim, label="simulation (mean, min–max)", color="tab:blue",
-                          bound=bound, bound_label="Theorem 4, C = 1")
+        plot_depth_curves(
+            ax, sim, label="simulation (mean, min–max)", color="tab:blue", bound=bound, bound_label="Theorem 4, C = 1"
+        )
         ax.plot(np.where(mf > GAP_FLOOR, mf, np.nan), ":", color="tab:gray", label="mean field")
-        ax.axhline(cfg["n"] / (2 * cfg["width"]), color="tab:red", lw=0.8, alpha=0.6,
-                   label="finite-width floor n/(2d)")
+        ax.axhline(cfg["n"] / (2 * cfg["width"]), color="tab:red", lw=0.8, alpha=0.6, label="finite-width floor n/(2d)")
         ax.set_title(f"{_label(act)}, n = {cfg['n']}, d = {cfg['width']}")
         ax.legend(fontsize=7)
     return fig
 
 
-_declare("fig3", "Fig. 3",
-         "the isometry gap decays with depth below the Theorem 4 bound n·β^(−ℓ) (C = 1), at a rate β predicts: "
-         "faster for larger β",
-         ["act", "beta", "series", "run", "layer", "gap"], _fig3_config, _fig3_units, _fig3_verdict, _fig3_draw)
+_declare(
+    "fig3",
+    "Fig. 3",
+    "the isometry gap decays with depth below the Theorem 4 bound n·β^(−ℓ) (C = 1), at a rate β predicts: "
+    "faster for larger β",
+    ["act", "beta", "series", "run", "layer", "gap"],
+    _fig3_config,
+    _fig3_units,
+    _fig3_verdict,
+    _fig3_draw,
+)
 
 
 # --- Figs. 4, 5, 6, 8a, 8b and C.3: network variants per activation ---------------------------
@@ -464,15 +579,19 @@ VARIANTS: dict[str, _Variant] = {
     "mean-field-centering": _Variant("mean-field centering: LN(a − c₀)", {"centering": "mean-field"}),
     "layer-projection": _Variant("layer projection: LN(a − c₀)", {"centering": "mean-field", "projection": "layer"}),
     "no-projection": _Variant("no projection: a − c₀", {"centering": "mean-field", "projection": "none"}),
-    "mean-field-projection": _Variant("mean-field projection: (a − c₀)/√σ̄(1)",
-                                      {"centering": "mean-field", "projection": "mean-field"}),
+    "mean-field-projection": _Variant(
+        "mean-field projection: (a − c₀)/√σ̄(1)", {"centering": "mean-field", "projection": "mean-field"}
+    ),
     "LN": _Variant("layer norm: LN(a − mean(a))", {"centering": "layer", "projection": "layer"}),
     "act-norm": _Variant("activation then norm: LN(σ(h))", {"order": "act-norm"}),
     "norm-act": _Variant("norm then activation: σ(LN(h))", {"order": "norm-act"}),
-    "xavier": _Variant("Xavier W, torch's gain for σ, no norm",
-                       {"centering": "none", "projection": "none", "weights": "xavier"}),
-    "xavier-gain1": _Variant("Xavier W, gain 1, no norm (not judged)",
-                             {"centering": "none", "projection": "none", "weights": "xavier", "xavier_gain": 1.0}),
+    "xavier": _Variant(
+        "Xavier W, torch's gain for σ, no norm", {"centering": "none", "projection": "none", "weights": "xavier"}
+    ),
+    "xavier-gain1": _Variant(
+        "Xavier W, gain 1, no norm (not judged)",
+        {"centering": "none", "projection": "none", "weights": "xavier", "xavier_gain": 1.0},
+    ),
 }
 _VARIANT_COLUMNS = ["act", "variant", "beta", "run", "layer", "gap", "rms", "norm_cv", "below_floor"]
 _COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
@@ -480,8 +599,15 @@ _COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
 
 def _variants_config(acts: list[str], variants: list[str], quick_runs: int = 3) -> Callable[[Options], dict]:
     def config(opt: Options) -> dict:
-        return {"acts": acts, "variants": variants, "n": 10, "width": 1000, "depth": 30,
-                "inputs": {"kind": "correlated", "rho": 0.5}, "runs": opt.n_runs(10, quick_runs)}
+        return {
+            "acts": acts,
+            "variants": variants,
+            "n": 10,
+            "width": 1000,
+            "depth": 30,
+            "inputs": {"kind": "correlated", "rho": 0.5},
+            "runs": opt.n_runs(10, quick_runs),
+        }
 
     return config
 
@@ -516,9 +642,11 @@ def _collapse_notes(rows: list[dict], cfg: dict) -> tuple[str, ...]:
         for v in cfg["variants"]:
             inf = np.isinf(_curves(rows, a, v)).any(axis=0)
             if inf.any():
-                out.append(f"{a}, {v}: from layer {int(np.argmax(inf))} some Grams are numerically singular (an "
-                           "eigenvalue ratio below float64's ε, or an overflow): counted as collapsed (+inf), drawn "
-                           "at the top; the exact gap there is beyond what float64 resolves")
+                out.append(
+                    f"{a}, {v}: from layer {int(np.argmax(inf))} some Grams are numerically singular (an "
+                    "eigenvalue ratio below float64's ε, or an overflow): counted as collapsed (+inf), drawn "
+                    "at the top; the exact gap there is beyond what float64 resolves"
+                )
     return tuple(out)
 
 
@@ -539,18 +667,30 @@ def _variants_draw(title: str) -> Callable[[list[dict], dict], object]:
             ax.legend(fontsize=7)
         fig.suptitle(f"{title} (n = {cfg['n']}, d = {cfg['width']}, {cfg['runs']} runs)")
         if any(len(_flagged_layers(rows, act=a, variant=v)) for a in cfg["acts"] for v in cfg["variants"]):
-            fig.supxlabel(f"○ note: the representation's RMS is below {RESOLUTION:g}·ε·|c₀| there: a float64 net that "
-                          "computes σ(h) and then subtracts c₀ rounds it away; here σ(h) − c₀ is computed without "
-                          "cancellation, so the curve is exact", fontsize=8)
+            fig.supxlabel(
+                f"○ note: the representation's RMS is below {RESOLUTION:g}·ε·|c₀| there: a float64 net that "
+                "computes σ(h) and then subtracts c₀ rounds it away; here σ(h) − c₀ is computed without "
+                "cancellation, so the curve is exact",
+                fontsize=8,
+            )
         return fig
 
     return draw
 
 
-def _declare_variants(name: str, figure: str, claim: str, acts: list[str], variants: list[str], verdict,
-                      title: str, quick_runs: int = 3) -> Reproduction:
-    return _declare(name, figure, claim, _VARIANT_COLUMNS, _variants_config(acts, variants, quick_runs),
-                    _variants_units, verdict, _variants_draw(title))
+def _declare_variants(
+    name: str, figure: str, claim: str, acts: list[str], variants: list[str], verdict, title: str, quick_runs: int = 3
+) -> Reproduction:
+    return _declare(
+        name,
+        figure,
+        claim,
+        _VARIANT_COLUMNS,
+        _variants_config(acts, variants, quick_runs),
+        _variants_units,
+        verdict,
+        _variants_draw(title),
+    )
 
 
 def _fig4_verdict(rows: list[dict], cfg: dict) -> Verdict:
@@ -563,17 +703,25 @@ def _fig4_verdict(rows: list[dict], cfg: dict) -> Verdict:
     return Verdict(
         "held" if held else "not held",
         rule="held if, for every activation and every depth, the mean gaps of the two centerings agree within a "
-             "factor 2",
+        "factor 2",
         measured={"final_gap": _finals(rows, cfg), "max_ratio_larger_to_smaller_over_depth": ratio},
-        theory={"mean_field": "layer centering converges to subtracting c₀ as d → ∞",
-                "offset_c0": {act: float(activation_stats(act).c0) for act in cfg["acts"]}},
+        theory={
+            "mean_field": "layer centering converges to subtracting c₀ as d → ∞",
+            "offset_c0": {act: float(activation_stats(act).c0) for act in cfg["acts"]},
+        },
         reason="" if held else "the two centerings give gaps more than 2× apart at some depth",
     )
 
 
-_declare_variants("fig4", "Fig. 4", "subtracting the activation's offset c₀ (mean-field centering) replaces layer "
-                  "centering", _FIG_ACTS, ["layer-centering", "mean-field-centering"], _fig4_verdict,
-                  "Layer vs mean-field centering")
+_declare_variants(
+    "fig4",
+    "Fig. 4",
+    "subtracting the activation's offset c₀ (mean-field centering) replaces layer centering",
+    _FIG_ACTS,
+    ["layer-centering", "mean-field-centering"],
+    _fig4_verdict,
+    "Layer vs mean-field centering",
+)
 
 
 def _fig5_verdict(rows: list[dict], cfg: dict) -> Verdict:
@@ -581,37 +729,74 @@ def _fig5_verdict(rows: list[dict], cfg: dict) -> Verdict:
     for act in cfg["acts"]:
         lay, none = _curves(rows, act, "layer-projection"), _curves(rows, act, "no-projection")
         start = float(lay[:, 0].mean())
-        m[act] = {"final_with_projection": _final(lay), "final_without": _final(none), "input_gap": start,
-                  "without_over_input": _ratio(_final(none), start)}
+        m[act] = {
+            "final_with_projection": _final(lay),
+            "final_without": _final(none),
+            "input_gap": start,
+            "without_over_input": _ratio(_final(none), start),
+        }
         sep[act] = _separated(lay, none)
     lower = {a: m[a]["final_with_projection"] < m[a]["final_without"] for a in m}
     no_decay = {a: m[a]["without_over_input"] >= 1 for a in m}
-    measured = {"gaps": m, "separated_by_2se": sep, "projection_lower": lower,
-                "gap_not_decaying_without_projection": no_decay,
-                "layers_below_float64_resolution_of_subtracted_c0": _floor_counts(rows, cfg)}
-    rule = ("held if, for every activation, the final mean gap with layer projection is below the one without "
-            "(collapsed = +inf) by more than twice the combined standard error over runs, and without projection "
-            "the gap ends at or above the input's (it does not decay); undecided if the difference is within the "
-            "noise")
+    measured = {
+        "gaps": m,
+        "separated_by_2se": sep,
+        "projection_lower": lower,
+        "gap_not_decaying_without_projection": no_decay,
+        "layers_below_float64_resolution_of_subtracted_c0": _floor_counts(rows, cfg),
+    }
+    rule = (
+        "held if, for every activation, the final mean gap with layer projection is below the one without "
+        "(collapsed = +inf) by more than twice the combined standard error over runs, and without projection "
+        "the gap ends at or above the input's (it does not decay); undecided if the difference is within the "
+        "noise"
+    )
     theory = {"theorem4": "needs centering and projection"}
     collapsed = [a for a in m if math.isinf(m[a]["final_without"])]
-    notes = ((f"{', '.join(collapsed)} without projection: as |h| shrinks, σ(h) − c₀ tends to the constant "
-              "σ(0) − c₀, the items align and the Gram becomes numerically rank one (eigenvalue ratio below "
-              "float64's ε): counted as collapsed (+inf); the exact gap grows without bound"),) if collapsed else ()
+    notes = (
+        (
+            (
+                f"{', '.join(collapsed)} without projection: as |h| shrinks, σ(h) − c₀ tends to the constant "
+                "σ(0) − c₀, the items align and the Gram becomes numerically rank one (eigenvalue ratio below "
+                "float64's ε): counted as collapsed (+inf); the exact gap grows without bound"
+            ),
+        )
+        if collapsed
+        else ()
+    )
     if not all(lower.values()) or not all(no_decay.values()):
-        return Verdict("not held", rule, measured, theory, notes=notes,
-                       reason="projection did not lower the gap, or without it the gap still decayed")
+        return Verdict(
+            "not held",
+            rule,
+            measured,
+            theory,
+            notes=notes,
+            reason="projection did not lower the gap, or without it the gap still decayed",
+        )
     if not all(sep.values()):
-        return Verdict("undecided", rule, measured, theory, notes=notes,
-                       reason=f"{', '.join(a for a in sep if not sep[a])}: the two variants differ by less than "
-                              "twice their combined standard error (too few runs to separate them)")
+        return Verdict(
+            "undecided",
+            rule,
+            measured,
+            theory,
+            notes=notes,
+            reason=f"{', '.join(a for a in sep if not sep[a])}: the two variants differ by less than "
+            "twice their combined standard error (too few runs to separate them)",
+        )
     return Verdict("held", rule, measured, theory, notes=notes)
 
 
 # --quick: 5 runs, where 3 leave sigmoid's two variants (final gaps ≈ 0.34 and 0.62) within 2 SE of each other
-_declare_variants("fig5", "Fig. 5", "projection (normalising the norms) is needed: without it the isometry gap does "
-                  "not decay and may increase", _FIG_ACTS, ["layer-projection", "no-projection"], _fig5_verdict,
-                  "With vs without projection", quick_runs=5)
+_declare_variants(
+    "fig5",
+    "Fig. 5",
+    "projection (normalising the norms) is needed: without it the isometry gap does not decay and may increase",
+    _FIG_ACTS,
+    ["layer-projection", "no-projection"],
+    _fig5_verdict,
+    "With vs without projection",
+    quick_runs=5,
+)
 
 
 def _norm_map_slope(act: str, h: float = 1e-4) -> float:
@@ -637,15 +822,19 @@ def _depth_marks(cfg: dict) -> list[int]:
 def _fig6_reason(act: str, ratios: dict, slope: float, spread: dict) -> str:
     """Why ``act``'s two projections part: the measured ratios, and the mechanism where the
     squared-norm map is neutral (slope 1) at its fixed point."""
-    out = (f"{act}: mean-field / layer projection gap ratio "
-           f"{', '.join(f'{v:.3g}× at ℓ = {k}' for k, v in ratios.items())}; slope of the squared-norm map at its "
-           f"fixed point {slope:.4f}")
+    out = (
+        f"{act}: mean-field / layer projection gap ratio "
+        f"{', '.join(f'{v:.3g}× at ℓ = {k}' for k, v in ratios.items())}; slope of the squared-norm map at its "
+        f"fixed point {slope:.4f}"
+    )
     if spread:
         out += f"; spread of the squared norms (std/mean) {', '.join(f'{v:.2f}' for v in spread.values())}"
     if abs(slope - 1) < 1e-3:
-        out += (". Under mean-field projection a slope of exactly 1 (ReLU is positively homogeneous) leaves the "
-                "O(1/√d) per-layer fluctuations of the items' norms uncorrected: they random-walk, their spread "
-                "grows with depth, and by Theorem 1 unequal norms cost isometry")
+        out += (
+            ". Under mean-field projection a slope of exactly 1 (ReLU is positively homogeneous) leaves the "
+            "O(1/√d) per-layer fluctuations of the items' norms uncorrected: they random-walk, their spread "
+            "grows with depth, and by Theorem 1 unequal norms cost isometry"
+        )
     return out
 
 
@@ -669,18 +858,32 @@ def _fig6_verdict(rows: list[dict], cfg: dict) -> Verdict:
     return Verdict(
         "held" if held else "not held",
         rule="held if the final mean gaps of the two projections agree within a factor 2 for every activation but "
-             "exp, and exp's mean-field projection ends more than 2× above layer projection (or collapses)",
-        measured={"final_gap": _finals(rows, cfg), "ratio_meanfield_to_layer": ratios,
-                  "squared_norm_spread_meanfield": spread, "comparable": comparable, "exp_not_effective": exp_fails},
-        theory={"mean_field": "LN(a − c₀) converges to (a − c₀)/√σ̄(1) as d → ∞",
-                "squared_norm_map_slope_at_fixed_point": slope},
-        reason=reason, notes=_collapse_notes(rows, cfg),
+        "exp, and exp's mean-field projection ends more than 2× above layer projection (or collapses)",
+        measured={
+            "final_gap": _finals(rows, cfg),
+            "ratio_meanfield_to_layer": ratios,
+            "squared_norm_spread_meanfield": spread,
+            "comparable": comparable,
+            "exp_not_effective": exp_fails,
+        },
+        theory={
+            "mean_field": "LN(a − c₀) converges to (a − c₀)/√σ̄(1) as d → ∞",
+            "squared_norm_map_slope_at_fixed_point": slope,
+        },
+        reason=reason,
+        notes=_collapse_notes(rows, cfg),
     )
 
 
-_declare_variants("fig6", "Fig. 6", "the constant scaling 1/√σ̄(1) matches layer projection for tanh, sigmoid and "
-                  "ReLU, but not for exp", _FIG_ACTS, ["layer-projection", "mean-field-projection"], _fig6_verdict,
-                  "Layer vs mean-field projection")
+_declare_variants(
+    "fig6",
+    "Fig. 6",
+    "the constant scaling 1/√σ̄(1) matches layer projection for tanh, sigmoid and ReLU, but not for exp",
+    _FIG_ACTS,
+    ["layer-projection", "mean-field-projection"],
+    _fig6_verdict,
+    "Layer vs mean-field projection",
+)
 
 
 def _fig8a_verdict(rows: list[dict], cfg: dict) -> Verdict:
@@ -692,21 +895,37 @@ def _fig8a_verdict(rows: list[dict], cfg: dict) -> Verdict:
     return Verdict(
         "held" if held else "not held",
         rule="held if with offset and scale only the final mean gap is at most 2× layer norm's for SELU and tanh, "
-             "and more than 2× for ReLU",
-        measured={"final_gap": finals, "ratio_offsetscale_to_LN": ratio, "self_normalising": self_norm,
-                  "relu_needs_LN": relu_needs_ln},
-        theory={"offset": {a: float(activation_stats(a).c0) for a in cfg["acts"]},
-                "scale": {a: float(activation_stats(a).var) for a in cfg["acts"]},
-                "squared_norm_map_slope_at_fixed_point": {a: _norm_map_slope(a) for a in cfg["acts"]}},
+        "and more than 2× for ReLU",
+        measured={
+            "final_gap": finals,
+            "ratio_offsetscale_to_LN": ratio,
+            "self_normalising": self_norm,
+            "relu_needs_LN": relu_needs_ln,
+        },
+        theory={
+            "offset": {a: float(activation_stats(a).c0) for a in cfg["acts"]},
+            "scale": {a: float(activation_stats(a).var) for a in cfg["acts"]},
+            "squared_norm_map_slope_at_fixed_point": {a: _norm_map_slope(a) for a in cfg["acts"]},
+        },
         reason="" if held else "SELU or tanh needed layer norm, or ReLU did not",
-        notes=(("ReLU's squared-norm map under offset-and-scale has slope 1 at its fixed point (see fig6): its "
-                "norms random-walk, which is why it needs layer norm"),),
+        notes=(
+            (
+                "ReLU's squared-norm map under offset-and-scale has slope 1 at its fixed point (see fig6): its "
+                "norms random-walk, which is why it needs layer norm"
+            ),
+        ),
     )
 
 
-_declare_variants("fig8a", "Fig. 8a", "SELU and tanh reach isometry with offset and scale only (no layer norm); ReLU "
-                  "needs layer norm", ["selu", "tanh", "relu"], ["LN", "mean-field-projection"], _fig8a_verdict,
-                  "Self-normalising activations")
+_declare_variants(
+    "fig8a",
+    "Fig. 8a",
+    "SELU and tanh reach isometry with offset and scale only (no layer norm); ReLU needs layer norm",
+    ["selu", "tanh", "relu"],
+    ["LN", "mean-field-projection"],
+    _fig8a_verdict,
+    "Self-normalising activations",
+)
 
 
 def _fig8b_verdict(rows: list[dict], cfg: dict) -> Verdict:
@@ -718,7 +937,7 @@ def _fig8b_verdict(rows: list[dict], cfg: dict) -> Verdict:
     return Verdict(
         "held" if held else "not held",
         rule="held if norm-then-activation ends at least 10× above activation-then-norm (or collapses) for every "
-             "activation with c₀ ≠ 0, and within a factor 2 of it for those with c₀ = 0",
+        "activation with c₀ ≠ 0, and within a factor 2 of it for those with c₀ = 0",
         measured={"final_gap": finals, "ratio_normact_to_actnorm": ratio, "as_predicted": ok},
         theory={"offset_c0": offset},
         reason="" if held else f"not as predicted for {', '.join(a for a in ok if not ok[a])}",
@@ -726,17 +945,30 @@ def _fig8b_verdict(rows: list[dict], cfg: dict) -> Verdict:
     )
 
 
-_declare_variants("fig8b", "Fig. 8b", "the order matters: norm then activation leaves a non-isotropic Gram when the "
-                  "activation has an offset c₀ ≠ 0", ["relu", "tanh", "sigmoid"], ["act-norm", "norm-act"],
-                  _fig8b_verdict, "Order of activation and normalisation")
+_declare_variants(
+    "fig8b",
+    "Fig. 8b",
+    "the order matters: norm then activation leaves a non-isotropic Gram when the activation has an offset c₀ ≠ 0",
+    ["relu", "tanh", "sigmoid"],
+    ["act-norm", "norm-act"],
+    _fig8b_verdict,
+    "Order of activation and normalisation",
+)
 
 
 # --- Fig. 9: mean-field accuracy through depth ---------------------------------------------------
 
 
 def _fig9_config(opt: Options) -> dict:
-    return {"act": "relu", "n": 10, "widths": [100, 1000, 10000], "depth": 30, "variants": ["mean-field-projection",
-            "layer-projection"], "inputs": {"kind": "correlated", "rho": 0.5}, "runs": opt.n_runs(10, 3)}
+    return {
+        "act": "relu",
+        "n": 10,
+        "widths": [100, 1000, 10000],
+        "depth": 30,
+        "variants": ["mean-field-projection", "layer-projection"],
+        "inputs": {"kind": "correlated", "rho": 0.5},
+        "runs": opt.n_runs(10, 3),
+    }
 
 
 def _fig9_rows(cfg: dict, env: Env, d: int, key: str) -> list[dict]:
@@ -746,8 +978,11 @@ def _fig9_rows(cfg: dict, env: Env, d: int, key: str) -> list[dict]:
     mf = mean_field_spec(spec, spec.input_gram(X0), in_features=d)
     err = (torch.linalg.matrix_norm(G - mf) / torch.linalg.matrix_norm(mf)).numpy()
     gaps, _ = gap_curves(G)
-    return [dict(width=d, variant=key, run=r, layer=ell, mf_error=float(err[r, ell]), gap=float(gaps[r, ell]))
-            for r in range(err.shape[0]) for ell in range(err.shape[1])]
+    return [
+        dict(width=d, variant=key, run=r, layer=ell, mf_error=float(err[r, ell]), gap=float(gaps[r, ell]))
+        for r in range(err.shape[0])
+        for ell in range(err.shape[1])
+    ]
 
 
 def _fig9_units(cfg: dict, env: Env) -> list[Unit]:
@@ -760,8 +995,10 @@ def _fig9_verdict(rows: list[dict], cfg: dict) -> Verdict:
     for d in cfg["widths"]:
         ln = mean_curve(run_curves(rows, value="mf_error", width=d, variant="layer-projection"))
         mfn = mean_curve(run_curves(rows, value="mf_error", width=d, variant="mean-field-projection"))
-        measured[str(d)] = {"LN_error": {"at_L/3": ln[third], "final": ln[-1]},
-                            "meanfield_norm_error": {"at_L/3": mfn[third], "final": mfn[-1]}}
+        measured[str(d)] = {
+            "LN_error": {"at_L/3": ln[third], "final": ln[-1]},
+            "meanfield_norm_error": {"at_L/3": mfn[third], "final": mfn[-1]},
+        }
         checks[d] = bool(ln[-1] < mfn[-1] and ln[-1] <= 1.5 * ln[third])
     finals = [measured[str(d)]["LN_error"]["final"] for d in cfg["widths"]]
     shrinks = all(a > b for a, b in pairwise(finals))
@@ -769,11 +1006,13 @@ def _fig9_verdict(rows: list[dict], cfg: dict) -> Verdict:
     return Verdict(
         "held" if held else "not held",
         rule="held if, for every width, the final-depth mean error with layer norm is below the one with mean-field "
-             "normalisation and at most 1.5× its value at depth L/3 (no accumulation), and it decreases with width",
+        "normalisation and at most 1.5× its value at depth L/3 (no accumulation), and it decreases with width",
         measured=measured | {"LN_error_shrinks_with_width": shrinks},
         theory={"mean_field": "G*_ℓ from the same spec; finite-width error O(1/√d) per layer"},
-        reason="" if held else "the layer-norm error accumulates with depth, exceeds mean-field normalisation's, or "
-                               "does not shrink with width",
+        reason=""
+        if held
+        else "the layer-norm error accumulates with depth, exceeds mean-field normalisation's, or "
+        "does not shrink with width",
     )
 
 
@@ -783,25 +1022,44 @@ def _fig9_draw(rows: list[dict], cfg: dict):
     for ax, d in zip(axes, cfg["widths"]):
         for v, c in zip(cfg["variants"], _COLORS):
             err = run_curves(rows, value="mf_error", width=d, variant=v)[:, 1:]  # layer 0: the shared input
-            plot_depth_curves(ax, err, label=VARIANTS[v].label.replace("projection", "normalisation"), color=c,
-                              layers=layers,
-                              ylabel=r"mean-field error $\|G_\ell - G^*_\ell\|_F \,/\, \|G^*_\ell\|_F$")
+            plot_depth_curves(
+                ax,
+                err,
+                label=VARIANTS[v].label.replace("projection", "normalisation"),
+                color=c,
+                layers=layers,
+                ylabel=r"mean-field error $\|G_\ell - G^*_\ell\|_F \,/\, \|G^*_\ell\|_F$",
+            )
         ax.set_title(f"ReLU, n = {cfg['n']}, d = {d}")
         ax.legend(fontsize=7)
     return fig
 
 
-_declare("fig9", "Fig. 9", "layer normalisation keeps the finite-width Grams close to the mean-field prediction at "
-         "every depth; without it the error accumulates", ["width", "variant", "run", "layer", "mf_error", "gap"],
-         _fig9_config, _fig9_units, _fig9_verdict, _fig9_draw)
+_declare(
+    "fig9",
+    "Fig. 9",
+    "layer normalisation keeps the finite-width Grams close to the mean-field prediction at "
+    "every depth; without it the error accumulates",
+    ["width", "variant", "run", "layer", "mf_error", "gap"],
+    _fig9_config,
+    _fig9_units,
+    _fig9_verdict,
+    _fig9_draw,
+)
 
 
 # --- Fig. B.1: the Lyapunov potential γ with Corollary B.2 ----------------------------------------
 
 
 def _figB1_config(opt: Options) -> dict:
-    return {"acts": ["tanh", "relu", "sigmoid"], "n": 10, "width": 10000, "depth": 30,
-            "inputs": {"kind": "correlated", "rho": 0.99}, "runs": opt.n_runs(10, 3)}
+    return {
+        "acts": ["tanh", "relu", "sigmoid"],
+        "n": 10,
+        "width": 10000,
+        "depth": 30,
+        "inputs": {"kind": "correlated", "rho": 0.99},
+        "runs": opt.n_runs(10, 3),
+    }
 
 
 def _figB1_rows(cfg: dict, env: Env, act: str) -> list[dict]:
@@ -811,11 +1069,15 @@ def _figB1_rows(cfg: dict, env: Env, act: str) -> list[dict]:
     G0, b = spec.input_gram(X0), spec.beta
     mf = lyapunov_gamma(mean_field_spec(spec, G0, in_features=cfg["width"])).numpy()
     sim = lyapunov_gamma(G).numpy()
-    return ([dict(act=act, beta=b, series="simulation", run=r, layer=ell, gamma=float(v))
-             for r, row in enumerate(sim) for ell, v in enumerate(row)]
-            + _curve_rows(mf, value="gamma", act=act, beta=b, series="mean-field")
-            + _curve_rows(corollary_b2_bound(G0, b, cfg["depth"]), value="gamma", act=act, beta=b,
-                          series="corollary_B2"))
+    return (
+        [
+            dict(act=act, beta=b, series="simulation", run=r, layer=ell, gamma=float(v))
+            for r, row in enumerate(sim)
+            for ell, v in enumerate(row)
+        ]
+        + _curve_rows(mf, value="gamma", act=act, beta=b, series="mean-field")
+        + _curve_rows(corollary_b2_bound(G0, b, cfg["depth"]), value="gamma", act=act, beta=b, series="corollary_B2")
+    )
 
 
 def _figB1_units(cfg: dict, env: Env) -> list[Unit]:
@@ -833,14 +1095,19 @@ def _figB1_verdict(rows: list[dict], cfg: dict) -> Verdict:
         mf_ok = bool(np.all(mf <= bound * (1 + 1e-9)))
         sim_ok = bool(np.all(mean <= bound * (1 + 1e-9) + 2 * se))  # ℓ = 0 is equality, up to rounding
         held = held and mf_ok and sim_ok
-        measured[act] = {"mean_gamma": mean, "mean_field_gamma": mf, "mean_field_below_bound": mf_ok,
-                         "simulation_below_bound_within_2se": sim_ok}
+        measured[act] = {
+            "mean_gamma": mean,
+            "mean_field_gamma": mf,
+            "mean_field_below_bound": mf_ok,
+            "simulation_below_bound_within_2se": sim_ok,
+        }
         theory[act] = {"beta": _beta(act), "corollary_B2": bound}
     return Verdict(
         "held" if held else "not held",
         rule="held if, for every activation and depth, the mean-field γ is at most γ(G₀)β^(−ℓ) and the simulated mean "
-             "γ at most that bound plus two standard errors over runs (both to 1e-9 relative: ℓ = 0 is an equality)",
-        measured=measured, theory=theory,
+        "γ at most that bound plus two standard errors over runs (both to 1e-9 relative: ℓ = 0 is an equality)",
+        measured=measured,
+        theory=theory,
         reason="" if held else "γ exceeds the Corollary B.2 bound",
     )
 
@@ -851,17 +1118,31 @@ def _figB1_draw(rows: list[dict], cfg: dict):
         sim = run_curves(rows, value="gamma", act=act, series="simulation")
         mf = run_curves(rows, value="gamma", act=act, series="mean-field")[0]
         bound = run_curves(rows, value="gamma", act=act, series="corollary_B2")[0]
-        plot_depth_curves(ax, sim, label="simulation (mean, min–max)", color="tab:blue", bound=bound,
-                          bound_label="Corollary B.2: γ(G₀) β^(−ℓ)", ylabel="Lyapunov potential γ(G_ℓ)")
+        plot_depth_curves(
+            ax,
+            sim,
+            label="simulation (mean, min–max)",
+            color="tab:blue",
+            bound=bound,
+            bound_label="Corollary B.2: γ(G₀) β^(−ℓ)",
+            ylabel="Lyapunov potential γ(G_ℓ)",
+        )
         ax.plot(mf, ":", color="tab:gray", label="mean field")
         ax.set_title(f"{_label(act)}, n = {cfg['n']}, d = {cfg['width']}")
         ax.legend(fontsize=7)
     return fig
 
 
-_declare("figB1", "Fig. B.1", "the Lyapunov potential γ(G_ℓ) decays at least like γ(G_0)·β^(−ℓ) (Corollary B.2), and "
-         "finite width follows it", ["act", "beta", "series", "run", "layer", "gamma"], _figB1_config, _figB1_units,
-         _figB1_verdict, _figB1_draw)
+_declare(
+    "figB1",
+    "Fig. B.1",
+    "the Lyapunov potential γ(G_ℓ) decays at least like γ(G_0)·β^(−ℓ) (Corollary B.2), and finite width follows it",
+    ["act", "beta", "series", "run", "layer", "gamma"],
+    _figB1_config,
+    _figB1_units,
+    _figB1_verdict,
+    _figB1_draw,
+)
 
 
 # --- Fig. C.1 / Table C.1: β as a function of the gain ---------------------------------------
@@ -869,8 +1150,11 @@ _declare("figB1", "Fig. B.1", "the Lyapunov potential γ(G_ℓ) decays at least 
 
 def _figC1_config(opt: Options) -> dict:
     gains = np.linspace(0.1, 3.0, 8 if opt.quick else 30)
-    return {"acts": ["relu", "leaky_relu", "tanh", "sigmoid", "sin", "exp", "gelu", "selu", "silu"],
-            "gains": [round(float(g), 6) for g in gains], "tolerance": _BETA_TOL}
+    return {
+        "acts": ["relu", "leaky_relu", "tanh", "sigmoid", "sin", "exp", "gelu", "selu", "silu"],
+        "gains": [round(float(g), 6) for g in gains],
+        "tolerance": _BETA_TOL,
+    }
 
 
 def _figC1_rows(cfg: dict, act: str) -> list[dict]:
@@ -878,8 +1162,15 @@ def _figC1_rows(cfg: dict, act: str) -> list[dict]:
     for a in cfg["gains"]:
         num = _beta(act, a)
         closed = _TABLE_C1[act](a) if act in _TABLE_C1 else ""
-        out.append(dict(act=act, gain=a, beta_numeric=num, beta_closed_form=closed,
-                        abs_error=abs(num - closed) if closed != "" else ""))
+        out.append(
+            dict(
+                act=act,
+                gain=a,
+                beta_numeric=num,
+                beta_closed_form=closed,
+                abs_error=abs(num - closed) if closed != "" else "",
+            )
+        )
     return out
 
 
@@ -892,7 +1183,7 @@ def _figC1_verdict(rows: list[dict], cfg: dict) -> Verdict:
     return Verdict(
         "held" if held else "not held",
         rule=f"held if the exact β(α) matches Table C.1 to {cfg['tolerance']:g} for exp, sin and ReLU on the gain "
-             f"grid, and ReLU's β varies by at most {cfg['tolerance']:g} over it",
+        f"grid, and ReLU's β varies by at most {cfg['tolerance']:g} over it",
         measured={"max_abs_error": errors, "relu_beta_spread_over_gains": spread},
         theory={"relu_beta": _TABLE_C1["relu"](1.0)},
         reason="" if held else "exact quadrature disagrees with Table C.1, or ReLU's β depends on the gain",
@@ -915,18 +1206,31 @@ def _figC1_draw(rows: list[dict], cfg: dict):
     return fig
 
 
-_declare("figC1", "Table C.1 / Fig. C.1",
-         "β depends on the gain α as Table C.1 states for exp, sin and ReLU; ReLU's β is the same for every α",
-         ["act", "gain", "beta_numeric", "beta_closed_form", "abs_error"], _figC1_config,
-         lambda cfg, env: [(act, _one_thread(_figC1_rows, cfg, act)) for act in cfg["acts"]], _figC1_verdict, _figC1_draw)
+_declare(
+    "figC1",
+    "Table C.1 / Fig. C.1",
+    "β depends on the gain α as Table C.1 states for exp, sin and ReLU; ReLU's β is the same for every α",
+    ["act", "gain", "beta_numeric", "beta_closed_form", "abs_error"],
+    _figC1_config,
+    lambda cfg, env: [(act, _one_thread(_figC1_rows, cfg, act)) for act in cfg["acts"]],
+    _figC1_verdict,
+    _figC1_draw,
+)
 
 
 # --- Fig. C.2: the rate the gain predicts ------------------------------------------------------
 
 
 def _figC2_config(opt: Options) -> dict:
-    return {"acts": ["tanh", "sin", "relu"], "gains": [0.5, 1.0, 1.5, 2.0], "n": 10, "width": 1000, "depth": 30,
-            "inputs": {"kind": "correlated", "rho": 0.5}, "runs": opt.n_runs(10, 3)}
+    return {
+        "acts": ["tanh", "sin", "relu"],
+        "gains": [0.5, 1.0, 1.5, 2.0],
+        "n": 10,
+        "width": 1000,
+        "depth": 30,
+        "inputs": {"kind": "correlated", "rho": 0.5},
+        "runs": opt.n_runs(10, 3),
+    }
 
 
 def _figC2_rows(cfg: dict, env: Env, act: str, i: int) -> list[dict]:
@@ -943,7 +1247,9 @@ def _figC2_rows(cfg: dict, env: Env, act: str, i: int) -> list[dict]:
 
 
 def _figC2_units(cfg: dict, env: Env) -> list[Unit]:
-    return [(f"{a}|{g}", _one_thread(_figC2_rows, cfg, env, a, i)) for a in cfg["acts"] for i, g in enumerate(cfg["gains"])]
+    return [
+        (f"{a}|{g}", _one_thread(_figC2_rows, cfg, env, a, i)) for a in cfg["acts"] for i, g in enumerate(cfg["gains"])
+    ]
 
 
 def _tenth_depth(mean: np.ndarray) -> float:
@@ -964,8 +1270,14 @@ def _figC2_rates(rows: list[dict], cfg: dict, act: str) -> dict:
         censored = depths < 2
         if censored:
             rate, se = float(np.log(mean[0] / threshold)), 0.0
-        out[g] = {"beta": _beta(act, g), "decay_rate": rate, "decay_rate_se": se, "fitted_depths": depths,
-                  "censored": censored, "depth_to_tenth_of_input_gap": _tenth_depth(mean)}
+        out[g] = {
+            "beta": _beta(act, g),
+            "decay_rate": rate,
+            "decay_rate_se": se,
+            "fitted_depths": depths,
+            "censored": censored,
+            "depth_to_tenth_of_input_gap": _tenth_depth(mean),
+        }
     return out
 
 
@@ -998,22 +1310,39 @@ def _figC2_verdict(rows: list[dict], cfg: dict) -> Verdict:
     relu = list(rates.get("relu", {}).values())
     relu_steps = {_step(a, b) for a in relu for b in relu}
     relu_spread = float(np.ptp([v["decay_rate"] for v in relu])) if relu else math.nan
-    rule = ("held if, for tanh and sin, the decay rate of the gap (−slope of log gap, fitted per run from ℓ = 0 "
-            "while the mean gap is above 10× the finite-width floor n/(2d); a gap below that from ℓ = 1 on gives a "
-            "lower bound) increases with β(α), each step larger than twice the combined standard error, and ReLU's "
-            "rates for all gains (independent weights per gain) agree within twice the combined standard error; "
-            "undecided if a step is within the noise or there is one run only")
-    measured = {"rates": {f"{a}@{g}": v for a in rates for g, v in rates[a].items()}, "ordered_by_beta": order,
-                "relu_rate_spread_over_gains": relu_spread}
-    theory = {"beta": {f"{a}@{g}": v["beta"] for a in rates for g, v in rates[a].items()},
-              "relu": "ReLU(αh) = α·ReLU(h) and layer norm removes α: the networks of all gains are equal in law"}
+    rule = (
+        "held if, for tanh and sin, the decay rate of the gap (−slope of log gap, fitted per run from ℓ = 0 "
+        "while the mean gap is above 10× the finite-width floor n/(2d); a gap below that from ℓ = 1 on gives a "
+        "lower bound) increases with β(α), each step larger than twice the combined standard error, and ReLU's "
+        "rates for all gains (independent weights per gain) agree within twice the combined standard error; "
+        "undecided if a step is within the noise or there is one run only"
+    )
+    measured = {
+        "rates": {f"{a}@{g}": v for a in rates for g, v in rates[a].items()},
+        "ordered_by_beta": order,
+        "relu_rate_spread_over_gains": relu_spread,
+    }
+    theory = {
+        "beta": {f"{a}@{g}": v["beta"] for a in rates for g, v in rates[a].items()},
+        "relu": "ReLU(αh) = α·ReLU(h) and layer norm removes α: the networks of all gains are equal in law",
+    }
     if "reversed" in order.values() or relu_steps - {"tie"}:
-        return Verdict("not held", rule, measured, theory,
-                       reason="a larger β decayed significantly slower, or ReLU's rate depends on the gain")
+        return Verdict(
+            "not held",
+            rule,
+            measured,
+            theory,
+            reason="a larger β decayed significantly slower, or ReLU's rate depends on the gain",
+        )
     nan_se = any(math.isnan(v["decay_rate_se"]) for r in rates.values() for v in r.values())
     if "unresolved" in order.values() or nan_se:
-        return Verdict("undecided", rule, measured, theory,
-                       reason="a step between neighbouring gains is within twice its standard error (or one run only)")
+        return Verdict(
+            "undecided",
+            rule,
+            measured,
+            theory,
+            reason="a step between neighbouring gains is within twice its standard error (or one run only)",
+        )
     return Verdict("held", rule, measured, theory)
 
 
@@ -1032,9 +1361,16 @@ def _figC2_draw(rows: list[dict], cfg: dict):
     return fig
 
 
-_declare("figC2", "Fig. C.2", "a gain with larger β(α) reaches isometry faster (a larger decay rate); ReLU's rate does "
-         "not depend on the gain", ["act", "gain", "beta", "series", "run", "layer", "gap"], _figC2_config,
-         _figC2_units, _figC2_verdict, _figC2_draw)
+_declare(
+    "figC2",
+    "Fig. C.2",
+    "a gain with larger β(α) reaches isometry faster (a larger decay rate); ReLU's rate does not depend on the gain",
+    ["act", "gain", "beta", "series", "run", "layer", "gap"],
+    _figC2_config,
+    _figC2_units,
+    _figC2_verdict,
+    _figC2_draw,
+)
 
 
 # --- Fig. C.3: mean-field gains vs Xavier -----------------------------------------------------
@@ -1055,51 +1391,82 @@ def _figC3_reason(losers: list[str], gain: dict, gain1: dict, cfg: dict) -> str:
     parts = []
     for a in losers:
         g, b = _xavier_gain_at_depth(a, cfg["depth"])
-        parts.append(f"{a}: improvement {gain[a]:.3g}× (Xavier's final gap is not above the mean-field one); torch's "
-                     f"Xavier gain drives {a} at a pre-activation gain {g:.3g} by layer {cfg['depth']}, where "
-                     f"β = {b:.4f} against β(1) = {_beta(a):.4f}, and c₀ = {float(activation_stats(a).c0):.2g} needs "
-                     "no centering")
-    return ("; ".join(parts) + "; with gain 1 the improvement factors are "
-            + ", ".join(f"{a} {v:.3g}×" for a, v in gain1.items()))
+        parts.append(
+            f"{a}: improvement {gain[a]:.3g}× (Xavier's final gap is not above the mean-field one); torch's "
+            f"Xavier gain drives {a} at a pre-activation gain {g:.3g} by layer {cfg['depth']}, where "
+            f"β = {b:.4f} against β(1) = {_beta(a):.4f}, and c₀ = {float(activation_stats(a).c0):.2g} needs "
+            "no centering"
+        )
+    return (
+        "; ".join(parts)
+        + "; with gain 1 the improvement factors are "
+        + ", ".join(f"{a} {v:.3g}×" for a, v in gain1.items())
+    )
 
 
 def _figC3_verdict(rows: list[dict], cfg: dict) -> Verdict:
     finals = _finals(rows, cfg)
     gain = {a: _ratio(f["xavier"], f["mean-field-projection"]) for a, f in finals.items()}
-    gain1 = {a: _ratio(f["xavier-gain1"], f["mean-field-projection"]) for a, f in finals.items()
-             if "xavier-gain1" in f}
+    gain1 = {a: _ratio(f["xavier-gain1"], f["mean-field-projection"]) for a, f in finals.items() if "xavier-gain1" in f}
     sep = {a: _separated(_curves(rows, a, "mean-field-projection"), _curves(rows, a, "xavier")) for a in cfg["acts"]}
     losers = [a for a in cfg["acts"] if gain[a] <= 1]
     marked = {"relu", "leaky_relu"}
     others = [gain[a] for a in cfg["acts"] if a not in marked]
     markedly = all(gain[a] > max(others, default=0.0) for a in marked if a in gain)
-    rule = ("held if the mean-field network's final mean gap is below Xavier's (torch's gain for the activation) by "
-            "more than twice the combined standard error for every activation, and the improvement factor for ReLU "
-            "and leaky ReLU exceeds that of every other activation; not held where Xavier's final gap is at or "
-            "below the mean-field one; Xavier with gain 1 is reported beside it, not judged")
-    measured = {"final_gap": finals, "improvement_xavier_over_meanfield": gain,
-                "improvement_xavier_gain1_over_meanfield": gain1, "mean_field_better_by_2se": sep,
-                "relu_leaky_relu_improve_most": markedly}
-    theory = {"offset_c0": {a: float(activation_stats(a).c0) for a in cfg["acts"]},
-              "xavier_gain_torch": {a: float(LNMLPSpec(a, weights="xavier").xavier_gain_value) for a in cfg["acts"]}}
-    notes = ((f"assumptions: activations {', '.join(cfg['acts'])} (the paper's figure does not list them all); "
-              "Xavier weights N(0, ξ²·2/(d_in + d_out)) with ξ = torch.nn.init.calculate_gain (tanh: 5/3, ReLU: "
-              "√2, SELU: 3/4), no centering and no normalisation; the mean-field network subtracts c₀ and divides "
-              "by √σ̄(1) with Gaussian N(0, 1/d) weights"),)
+    rule = (
+        "held if the mean-field network's final mean gap is below Xavier's (torch's gain for the activation) by "
+        "more than twice the combined standard error for every activation, and the improvement factor for ReLU "
+        "and leaky ReLU exceeds that of every other activation; not held where Xavier's final gap is at or "
+        "below the mean-field one; Xavier with gain 1 is reported beside it, not judged"
+    )
+    measured = {
+        "final_gap": finals,
+        "improvement_xavier_over_meanfield": gain,
+        "improvement_xavier_gain1_over_meanfield": gain1,
+        "mean_field_better_by_2se": sep,
+        "relu_leaky_relu_improve_most": markedly,
+    }
+    theory = {
+        "offset_c0": {a: float(activation_stats(a).c0) for a in cfg["acts"]},
+        "xavier_gain_torch": {a: float(LNMLPSpec(a, weights="xavier").xavier_gain_value) for a in cfg["acts"]},
+    }
+    notes = (
+        (
+            f"assumptions: activations {', '.join(cfg['acts'])} (the paper's figure does not list them all); "
+            "Xavier weights N(0, ξ²·2/(d_in + d_out)) with ξ = torch.nn.init.calculate_gain (tanh: 5/3, ReLU: "
+            "√2, SELU: 3/4), no centering and no normalisation; the mean-field network subtracts c₀ and divides "
+            "by √σ̄(1) with Gaussian N(0, 1/d) weights"
+        ),
+    )
     if losers or not markedly:
-        why = (_figC3_reason(losers, gain, gain1, cfg) if losers
-               else "the improvement for ReLU and leaky ReLU is not the largest")
+        why = (
+            _figC3_reason(losers, gain, gain1, cfg)
+            if losers
+            else "the improvement for ReLU and leaky ReLU is not the largest"
+        )
         return Verdict("not held", rule, measured, theory, reason=why, notes=notes)
     if not all(sep.values()):
-        return Verdict("undecided", rule, measured, theory, notes=notes,
-                       reason=f"{', '.join(a for a in sep if not sep[a])}: mean-field better by less than twice the "
-                              "combined standard error")
+        return Verdict(
+            "undecided",
+            rule,
+            measured,
+            theory,
+            notes=notes,
+            reason=f"{', '.join(a for a in sep if not sep[a])}: mean-field better by less than twice the "
+            "combined standard error",
+        )
     return Verdict("held", rule, measured, theory, notes=notes)
 
 
-_declare_variants("figC3", "Fig. C.3", "mean-field centering and scale give more isometry than Xavier initialisation, "
-                  "markedly for ReLU and leaky ReLU", ["relu", "leaky_relu", "tanh", "selu"],
-                  ["mean-field-projection", "xavier", "xavier-gain1"], _figC3_verdict, "Mean-field gains vs Xavier")
+_declare_variants(
+    "figC3",
+    "Fig. C.3",
+    "mean-field centering and scale give more isometry than Xavier initialisation, markedly for ReLU and leaky ReLU",
+    ["relu", "leaky_relu", "tanh", "selu"],
+    ["mean-field-projection", "xavier", "xavier-gain1"],
+    _figC3_verdict,
+    "Mean-field gains vs Xavier",
+)
 
 
 # --- Fig. C.4: variable widths on images ----------------------------------------------------------
@@ -1108,9 +1475,15 @@ _declare_variants("figC3", "Fig. C.3", "mean-field centering and scale give more
 def _figC4_config(opt: Options) -> dict:
     big = not opt.quick
     n = 100 if big else 40
-    return {"act": "relu", "data": data_request(["mnist", "cifar10"], "synthetic", limit=n), "n": n,
-            "width": 1000 if big else 400, "depth": 20 if big else 15,
-            "schedules": ["constant", "growing", "narrowing", "alternating"], "runs": opt.n_runs(10, 3)}
+    return {
+        "act": "relu",
+        "data": data_request(["mnist", "cifar10"], "synthetic", limit=n),
+        "n": n,
+        "width": 1000 if big else 400,
+        "depth": 20 if big else 15,
+        "schedules": ["constant", "growing", "narrowing", "alternating"],
+        "runs": opt.n_runs(10, 3),
+    }
 
 
 def _figC4_rows(cfg: dict, env: Env, name: str, sched: str) -> list[dict]:
@@ -1139,21 +1512,47 @@ def _figC4_verdict(rows: list[dict], cfg: dict) -> Verdict:
             mean = mean_curve(run_curves(rows, data=name, schedule=sched))
             decays = bool(mean[-1] <= mean[1] / 3)
             close = bool(_ratio(max(mean[-1], const[-1]), min(mean[-1], const[-1])) <= 3)
-            m[sched] = {"gap_layer1": mean[1], "gap_final": mean[-1], "decays_3x": decays,
-                        "within_3x_of_constant": close}
+            m[sched] = {
+                "gap_layer1": mean[1],
+                "gap_final": mean[-1],
+                "decays_3x": decays,
+                "within_3x_of_constant": close,
+            }
             ok = ok and decays and close
         measured[name] = m
-    rule = ("held if, for every data set and width schedule, the mean gap falls at least 3× from the first hidden "
-            "layer to the last, and ends within a factor 3 of the constant-width network's")
+    rule = (
+        "held if, for every data set and width schedule, the mean gap falls at least 3× from the first hidden "
+        "layer to the last, and ends within a factor 3 of the constant-width network's"
+    )
     sub = cfg["data"].get("substitute")
-    notes = ((f"judged on substitute images ({', '.join(_datasets(cfg))}), not on MNIST and CIFAR10: the claim "
-              "that width schedules do not matter is tested on these inputs only"),) if sub else ()
+    notes = (
+        (
+            (
+                f"judged on substitute images ({', '.join(_datasets(cfg))}), not on MNIST and CIFAR10: the claim "
+                "that width schedules do not matter is tested on these inputs only"
+            ),
+        )
+        if sub
+        else ()
+    )
     theory = {"theorem4": "mean-field result; needs only large widths"}
     if not decays_const:
-        return Verdict("undecided", rule, measured, theory, notes=notes,
-                       reason="the constant-width network itself does not fall 3× on these inputs: nothing to match")
-    return Verdict("held" if ok else "not held", rule, measured, theory, notes=notes,
-                   reason="" if ok else "a width schedule decays less than 3× or ends more than 3× from constant width")
+        return Verdict(
+            "undecided",
+            rule,
+            measured,
+            theory,
+            notes=notes,
+            reason="the constant-width network itself does not fall 3× on these inputs: nothing to match",
+        )
+    return Verdict(
+        "held" if ok else "not held",
+        rule,
+        measured,
+        theory,
+        notes=notes,
+        reason="" if ok else "a width schedule decays less than 3× or ends more than 3× from constant width",
+    )
 
 
 def _figC4_draw(rows: list[dict], cfg: dict):
@@ -1162,13 +1561,22 @@ def _figC4_draw(rows: list[dict], cfg: dict):
     for ax, name in zip(axes, names):
         for sched, c in zip(cfg["schedules"], _COLORS):
             w = LNMLPSpec(cfg["act"], depth=cfg["depth"], width=cfg["width"], widths=sched).layer_widths
-            plot_depth_curves(ax, run_curves(rows, data=name, schedule=sched), color=c,
-                              label=f"{sched}: {w[0]}, {w[1]}, …, {w[-1]}")
+            plot_depth_curves(
+                ax, run_curves(rows, data=name, schedule=sched), color=c, label=f"{sched}: {w[0]}, {w[1]}, …, {w[-1]}"
+            )
         ax.set_title(f"ReLU LN-MLP on {name} (n = {cfg['n']})")
         ax.legend(fontsize=7)
     return fig
 
 
-_declare("figC4", "Fig. C.4", "with image inputs, growing, narrowing and alternating widths reach isometry like "
-         "constant width", ["data", "schedule", "run", "layer", "gap"], _figC4_config, _figC4_units, _figC4_verdict,
-         _figC4_draw, uses_data=True)
+_declare(
+    "figC4",
+    "Fig. C.4",
+    "with image inputs, growing, narrowing and alternating widths reach isometry like constant width",
+    ["data", "schedule", "run", "layer", "gap"],
+    _figC4_config,
+    _figC4_units,
+    _figC4_verdict,
+    _figC4_draw,
+    uses_data=True,
+)

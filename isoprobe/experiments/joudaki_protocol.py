@@ -162,9 +162,7 @@ def notebook_variant(switches: dict, label: str = "") -> PaperVariant:
     (``centering``/``projection`` default ``"layer"``, ``order`` default ``"act-norm"``)."""
     extra = set(switches) - {"centering", "projection", "order"}
     if extra:
-        raise ValueError(
-            f"the notebook has no counterpart for the switches {sorted(extra)}"
-        )
+        raise ValueError(f"the notebook has no counterpart for the switches {sorted(extra)}")
     return PaperVariant(
         label,
         _NOTEBOOK_NAMES[switches.get("centering", "layer")],
@@ -173,17 +171,13 @@ def notebook_variant(switches: dict, label: str = "") -> PaperVariant:
     )
 
 
-def degenerate_gaussian(
-    n: int, d: int, degeneracy: float, generator: torch.Generator
-) -> torch.Tensor:
+def degenerate_gaussian(n: int, d: int, degeneracy: float, generator: torch.Generator) -> torch.Tensor:
     """``n × d`` float32 inputs: ``Z = U S Vᵀ`` iid ``N(0, 1)``, ``s₁ ← κ s₁``, rescaled so ``mean(X²) = 1``.
 
     With κ > 1 one direction dominates every item, so the input Gram is far from isometric.
     """
     if n < 1 or d < 1 or not degeneracy > 0:
-        raise ValueError(
-            f"need n, d >= 1 and degeneracy > 0, got n={n}, d={d}, degeneracy={degeneracy}"
-        )
+        raise ValueError(f"need n, d >= 1 and degeneracy > 0, got n={n}, d={d}, degeneracy={degeneracy}")
     Z = torch.randn(n, d, generator=generator, dtype=_DTYPE)
     U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
     S = torch.cat([S[:1] * degeneracy, S[1:]])
@@ -215,9 +209,7 @@ class MCStats:
         return 2 - self.c1**2 / self.var
 
 
-def monte_carlo_stats(
-    act: str, generator: torch.Generator, samples: int = MC_SAMPLES
-) -> MCStats:
+def monte_carlo_stats(act: str, generator: torch.Generator, samples: int = MC_SAMPLES) -> MCStats:
     """The notebook's activation constants: float32 sample means over ``samples`` draws of ``N(0, 1)``."""
     z = torch.randn(samples, generator=generator, dtype=_DTYPE)
     f = notebook_activation(act)(z)
@@ -236,9 +228,7 @@ def notebook_gap(X: torch.Tensor) -> float:
     return gap if math.isfinite(gap) else math.nan
 
 
-def _preactivation(
-    x: torch.Tensor, gain: float, generator: torch.Generator
-) -> torch.Tensor:
+def _preactivation(x: torch.Tensor, gain: float, generator: torch.Generator) -> torch.Tensor:
     """A draw of ``x W`` for ``W`` iid ``N(0, gain²/d)``: ``F Z`` with ``F Fᵀ = gain² x xᵀ / d``."""
     n, d = x.shape
     G = x.to(torch.float64) @ x.to(torch.float64).mT * (gain * gain / d)
@@ -294,9 +284,7 @@ def notebook_run(
     non-finite Gram, as the notebook's ``try/except`` does."""
     sigma = notebook_activation(act)
     x = X0 / X0.square().mean(-1, keepdim=True).sqrt()
-    out = NotebookRun(
-        [(0, "input", notebook_gap(X0))], [_gram64(x)], [math.nan], notebook_gap(x)
-    )
+    out = NotebookRun([(0, "input", notebook_gap(X0))], [_gram64(x)], [math.nan], notebook_gap(x))
     try:
         for ell in range(1, depth + 1):
             if variant.activation_first:
@@ -318,9 +306,7 @@ def notebook_run(
 FLOOR_ULPS = 16
 
 
-def notebook_rows(
-    result: NotebookRun, depth: int, c0: float = 0.0, **series
-) -> list[dict]:
+def notebook_rows(result: NotebookRun, depth: int, c0: float = 0.0, **series) -> list[dict]:
     """One row per layer ``0..depth`` of one network's ``result`` (``series`` added to each row).
 
     ``gap_pre``/``gap_post`` are the layer's two records (layer 0: the input's gap in
@@ -358,9 +344,7 @@ def notebook_rows(
     return rows
 
 
-def _gram_stats(
-    result: NotebookRun, ell: int, floor: float
-) -> tuple[float, float, int]:
+def _gram_stats(result: NotebookRun, ell: int, floor: float) -> tuple[float, float, int]:
     if ell >= len(result.grams):
         return math.inf, math.nan, 0
     diag = result.grams[ell].diagonal().numpy()
@@ -368,9 +352,7 @@ def _gram_stats(
     return float(np.sqrt(diag.mean())), float(diag.std() / diag.mean()), below
 
 
-def pooled_curve(
-    rows: Sequence[dict], depth: int, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pooled_curve(rows: Sequence[dict], depth: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(mean, lo, hi)`` per layer as the published plots draw them: the mean of every finite record
     of the layer (pre- and post-norm of all runs pooled) and a 95 % percentile bootstrap band over
     those records; NaN where no record is finite (the published curve ends there)."""
@@ -378,13 +360,7 @@ def pooled_curve(
     mean, lo, hi = (np.full(depth + 1, np.nan) for _ in range(3))
     for ell in range(depth + 1):
         v = np.array(
-            [
-                float(r[k])
-                for r in rows
-                if int(r["layer"]) == ell
-                for k in ("gap_pre", "gap_post")
-                if r[k] != ""
-            ],
+            [float(r[k]) for r in rows if int(r["layer"]) == ell for k in ("gap_pre", "gap_post") if r[k] != ""],
             dtype=np.float64,
         ).reshape(-1)
         v = v[np.isfinite(v)]
@@ -416,11 +392,7 @@ def paper_config(name: str, opt, default: dict, switches: dict[str, dict]) -> di
     notebook network of every variant, and the default config itself under ``"isoprobe"``."""
     setup = SETUPS[name]
     mine = {k: notebook_variant(switches[k]) for k in default["variants"]}
-    extra = [
-        v
-        for v in setup.published
-        if _triple(v) not in [_triple(m) for m in mine.values()]
-    ]
+    extra = [v for v in setup.published if _triple(v) not in [_triple(m) for m in mine.values()]]
     cfg = {
         **default,
         "n": setup.n,
@@ -466,9 +438,7 @@ def _widths(cfg: dict) -> list[int]:
     return cfg["widths"] if "widths" in cfg else [cfg["width"]]
 
 
-def _mf_errors(
-    run: NotebookRun, switches: dict, act: str, depth: int, d: int
-) -> list[float]:
+def _mf_errors(run: NotebookRun, switches: dict, act: str, depth: int, d: int) -> list[float]:
     """``‖G_ℓ − G*_ℓ‖_F / ‖G*_ℓ‖_F`` of the post-norm Grams against the mean field of the same
     network (from the run's own input cosines); ``+inf`` past the end of a stopped run."""
     spec = LNMLPSpec(act, depth=depth, width=d, **switches)
@@ -480,9 +450,7 @@ def _mf_errors(
     return errs + [math.inf] * (depth + 1 - len(errs))
 
 
-def _paper_rows(
-    cfg: dict, columns: Sequence[str], d: int, act: str, key: str
-) -> list[dict]:
+def _paper_rows(cfg: dict, columns: Sequence[str], d: int, act: str, key: str) -> list[dict]:
     nb = cfg["notebook"]
     c, norm, first = {**nb["variants"], **nb["extra_variants"]}[key]
     variant, st, seed = (
@@ -520,10 +488,7 @@ def _paper_rows(
             "width": d,
             "protocol": "paper",
         }
-        rows += [
-            {**r, "mf_error": e}
-            for r, e in zip(notebook_rows(res, cfg["depth"], st.c0, **series), errs)
-        ]
+        rows += [{**r, "mf_error": e} for r, e in zip(notebook_rows(res, cfg["depth"], st.c0, **series), errs)]
     return [{col: r.get(col, "") for col in columns} for r in rows]
 
 
@@ -533,10 +498,7 @@ def _one_thread(compute: Callable[..., list[dict]], *args) -> list[dict]:
 
 
 def _tagged(compute: Callable[[], list[dict]], columns: Sequence[str]) -> list[dict]:
-    return [
-        {col: r.get(col, "") for col in columns} | {"protocol": "isoprobe"}
-        for r in compute()
-    ]
+    return [{col: r.get(col, "") for col in columns} | {"protocol": "isoprobe"} for r in compute()]
 
 
 def paper_units(cfg: dict, env, columns: Sequence[str], default_units) -> list:
@@ -553,25 +515,18 @@ def paper_units(cfg: dict, env, columns: Sequence[str], default_units) -> list:
         for k in keys
     ]
     return own + [
-        (f"isoprobe|{k}", functools.partial(_tagged, f, columns))
-        for k, f in default_units(cfg["isoprobe"], env)
+        (f"isoprobe|{k}", functools.partial(_tagged, f, columns)) for k, f in default_units(cfg["isoprobe"], env)
     ]
 
 
 def split_rows(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     """``(paper, isoprobe)`` rows of a paper-protocol run."""
-    return [r for r in rows if r["protocol"] == "paper"], [
-        r for r in rows if r["protocol"] == "isoprobe"
-    ]
+    return [r for r in rows if r["protocol"] == "paper"], [r for r in rows if r["protocol"] == "isoprobe"]
 
 
 def _final_means(rows: Sequence[dict], depth: int, value: str, **match) -> float:
     """Mean over runs of ``value`` at the last layer; +inf if a run has no finite value there."""
-    v = [
-        r[value]
-        for r in rows
-        if int(r["layer"]) == depth and all(r[k] == m for k, m in match.items())
-    ]
+    v = [r[value] for r in rows if int(r["layer"]) == depth and all(r[k] == m for k, m in match.items())]
     v = [math.inf if x == "" or not math.isfinite(float(x)) else float(x) for x in v]
     return float(np.mean(v)) if v else math.nan
 
@@ -593,9 +548,7 @@ def _fmt(x: float) -> str:
     return "collapsed" if math.isinf(x) else f"{x:.3g}"
 
 
-def compare_notes(
-    paper: Sequence[dict], iso: Sequence[dict], cfg: dict, verdicts: tuple[str, str]
-) -> list[str]:
+def compare_notes(paper: Sequence[dict], iso: Sequence[dict], cfg: dict, verdicts: tuple[str, str]) -> list[str]:
     """The key numbers of both protocols: final-depth gaps (paper: the plotted pre/post mean and the
     post-norm gap alone; isoprobe: its post-norm gap), and the two verdicts."""
     L, iso_L = cfg["depth"], cfg["isoprobe"]["depth"]
@@ -615,13 +568,9 @@ def compare_notes(
         )
         if value == "mf_error":
             line += f", mean-field error {_fmt(_final_means(paper, L, value, variant=key, **m))}"
-        if any(
-            r["variant"] == key and all(str(r.get(k)) == str(v) for k, v in m.items())
-            for r in iso
-        ):
-            line += (
-                f"; isoprobe protocol {_fmt(_final_means(iso, iso_L, value, variant=key, **m))}"
-                + (" (mean-field error)" if value == "mf_error" else "")
+        if any(r["variant"] == key and all(str(r.get(k)) == str(v) for k, v in m.items()) for r in iso):
+            line += f"; isoprobe protocol {_fmt(_final_means(iso, iso_L, value, variant=key, **m))}" + (
+                " (mean-field error)" if value == "mf_error" else ""
             )
         elif iso:
             line += "; isoprobe's protocol does not run this series"
@@ -670,16 +619,10 @@ def _checks(measured: dict, path: str = "") -> dict[str, bool]:
 def differing_checks(paper: dict, iso: dict) -> list[str]:
     """``"path: notebook protocol X, isoprobe's Y"`` for every yes/no check the protocols decide differently."""
     a, b = _checks(paper), _checks(iso)
-    return [
-        f"{k}: notebook protocol {a[k]}, isoprobe's {b[k]}"
-        for k in a
-        if k in b and a[k] != b[k]
-    ]
+    return [f"{k}: notebook protocol {a[k]}, isoprobe's {b[k]}" for k in a if k in b and a[k] != b[k]]
 
 
-def paper_verdict(
-    name: str, rows: Sequence[dict], cfg: dict, default_verdict
-) -> Verdict:
+def paper_verdict(name: str, rows: Sequence[dict], cfg: dict, default_verdict) -> Verdict:
     """The default rule on the notebook-protocol rows (the claim is the same), with notes comparing
     the two protocols."""
     paper, iso = split_rows(rows)
@@ -691,9 +634,7 @@ def paper_verdict(
     ]
     if ref is not None and (diff := differing_checks(v.measured, ref.measured)):
         notes.append("checks the two protocols decide differently: " + "; ".join(diff))
-    return Verdict(
-        v.verdict, v.rule, v.measured, v.theory, v.reason, (*notes, *v.notes)
-    )
+    return Verdict(v.verdict, v.rule, v.measured, v.theory, v.reason, (*notes, *v.notes))
 
 
 _COLORS = ("tab:blue", "tab:orange", "tab:green")
@@ -701,11 +642,7 @@ _COLORS = ("tab:blue", "tab:orange", "tab:green")
 
 def _published_key(cfg: dict, v: PaperVariant) -> str:
     nb = cfg["notebook"]
-    return next(
-        k
-        for k, t in {**nb["variants"], **nb["extra_variants"]}.items()
-        if t == _triple(v)
-    )
+    return next(k for k, t in {**nb["variants"], **nb["extra_variants"]}.items() if t == _triple(v))
 
 
 def _draw_pooled(ax, rows: Sequence[dict], depth: int, label: str, color: str) -> None:
@@ -729,15 +666,9 @@ def paper_draw(name: str, rows: Sequence[dict], cfg: dict):
     mean of the pre- and post-norm gaps per layer with a 95 % bootstrap band, log y axis."""
     setup, (paper, _) = SETUPS[name], split_rows(rows)
     panels = _panels(name, cfg)
-    extra = (
-        setup.hue == "act"
-    )  # Fig. 8a: the published panel, then the claim's comparison
-    fig = Figure(
-        figsize=(3.4 * (len(panels) + extra) + 0.6, 3.4)
-    )  # no layout engine: bbox_inches="tight" suffices
-    axes = list(
-        fig.subplots(1, len(panels) + extra, sharey=not extra, squeeze=False)[0]
-    )
+    extra = setup.hue == "act"  # Fig. 8a: the published panel, then the claim's comparison
+    fig = Figure(figsize=(3.4 * (len(panels) + extra) + 0.6, 3.4))  # no layout engine: bbox_inches="tight" suffices
+    axes = list(fig.subplots(1, len(panels) + extra, sharey=not extra, squeeze=False)[0])
     fig.subplots_adjust(wspace=0.08 if not extra else 0.25, top=0.8, bottom=0.15)
     for ax, (title, match) in zip(axes, panels):
         for v, color in zip(setup.published, _COLORS):
@@ -752,11 +683,7 @@ def paper_draw(name: str, rows: Sequence[dict], cfg: dict):
                         c,
                     )
             else:
-                sel = [
-                    r
-                    for r in paper
-                    if r["variant"] == key and all(r[k] == m for k, m in match.items())
-                ]
+                sel = [r for r in paper if r["variant"] == key and all(r[k] == m for k, m in match.items())]
                 _draw_pooled(ax, sel, cfg["depth"], v.label, color)
         ax.set_title(title or setup.published[0].label, fontsize=9)
     if extra:
@@ -804,35 +731,19 @@ def with_paper_protocol(
     cols = (*columns, *(c for c in PAPER_COLUMNS if c not in columns))
 
     def cfg_(opt) -> dict:
-        return (
-            paper_config(name, opt, config(opt), switches)
-            if opt.protocol == "paper"
-            else config(opt)
-        )
+        return paper_config(name, opt, config(opt), switches) if opt.protocol == "paper" else config(opt)
 
     def columns_(cfg: dict) -> tuple[str, ...]:
         return cols if cfg.get("protocol") == "paper" else tuple(columns)
 
     def units_(cfg: dict, env) -> list:
-        return (
-            paper_units(cfg, env, cols, units)
-            if cfg.get("protocol") == "paper"
-            else units(cfg, env)
-        )
+        return paper_units(cfg, env, cols, units) if cfg.get("protocol") == "paper" else units(cfg, env)
 
     def verdict_(rows: list[dict], cfg: dict) -> Verdict:
-        return (
-            paper_verdict(name, rows, cfg, verdict)
-            if cfg.get("protocol") == "paper"
-            else verdict(rows, cfg)
-        )
+        return paper_verdict(name, rows, cfg, verdict) if cfg.get("protocol") == "paper" else verdict(rows, cfg)
 
     def draw_(rows: list[dict], cfg: dict):
-        return (
-            paper_draw(name, rows, cfg)
-            if cfg.get("protocol") == "paper"
-            else draw(rows, cfg)
-        )
+        return paper_draw(name, rows, cfg) if cfg.get("protocol") == "paper" else draw(rows, cfg)
 
     return {
         "columns": columns_,

@@ -66,9 +66,7 @@ F64 = torch.float64
 # --- decision rules: pure functions of measured numbers ----------------------------------------
 
 
-def rule_fig1(
-    widths: Sequence[int], rates: Sequence[float], predicted: Sequence[float], rel_tol: float = 0.15
-) -> bool:
+def rule_fig1(widths: Sequence[int], rates: Sequence[float], predicted: Sequence[float], rel_tol: float = 0.15) -> bool:
     """Fig. 1 holds iff every width's fitted decay rate is within ``rel_tol`` of the predicted
     ``log(1 + 2/d)`` and the rates fall strictly as the width grows (width-dependent rate)."""
     w, r, p = (np.asarray(a, dtype=np.float64) for a in (widths, rates, predicted))
@@ -123,17 +121,17 @@ def contrast(bounded: dict[str, str], exploding: dict[str, str]) -> tuple[str, s
     wrong += [f"{s} is bounded" for s, c in exploding.items() if c == "bounded"]
     if wrong:
         return "not held", "; ".join(wrong)
-    open_ = [f"{s}: {c}" for s, c in {**bounded, **exploding}.items()
-             if c != ("bounded" if s in bounded else "explodes")]
+    open_ = [
+        f"{s}: {c}" for s, c in {**bounded, **exploding}.items() if c != ("bounded" if s in bounded else "explodes")
+    ]
     if open_:
-        return "undecided", "cannot place " + "; ".join(open_) + " (runs disagree, too few runs, or a rise " \
-                            f"between {RISE_TOL:g} and {EXPLODE_RISE:g} nats)"
+        return "undecided", "cannot place " + "; ".join(
+            open_
+        ) + f" (runs disagree, too few runs, or a rise between {RISE_TOL:g} and {EXPLODE_RISE:g} nats)"
     return "held", ""
 
 
-def rule_tabled1(
-    shares: dict[tuple[str, int], float], dims: dict[str, int], min_share: float = 0.95
-) -> bool:
+def rule_tabled1(shares: dict[tuple[str, int], float], dims: dict[str, int], min_share: float = 0.95) -> bool:
     """Table D1 holds iff, for every data set, at least ``min_share`` of the random batches are
     full rank at every batch size up to half the input dimension (sizes nearer the dimension
     are reported, not judged; the paper stops before the dimension for the same reason)."""
@@ -141,9 +139,11 @@ def rule_tabled1(
     return bool(judged) and all(s >= min_share for s in judged)
 
 
-_GROWTH_RULE = (f"per run, the rise of log ‖∇_W1 L‖_F over the deep window (depths ≥ max/10; least-squares "
-                f"slope × window length): bounded iff every run's |rise| ≤ {RISE_TOL:g} nats, explodes iff "
-                f"every run's rise ≥ {EXPLODE_RISE:g} nats")
+_GROWTH_RULE = (
+    f"per run, the rise of log ‖∇_W1 L‖_F over the deep window (depths ≥ max/10; least-squares "
+    f"slope × window length): bounded iff every run's |rise| ≤ {RISE_TOL:g} nats, explodes iff "
+    f"every run's rise ≥ {EXPLODE_RISE:g} nats"
+)
 
 # --- gradient figures: shared units, numbers and plots -----------------------------------------
 
@@ -151,8 +151,14 @@ _GROWTH_RULE = (f"per run, the rise of log ‖∇_W1 L‖_F over the deep window
 def _grad_config(opt: Options, width: int, quick_width: int, runs: int, quick_runs: int) -> dict:
     w = quick_width if opt.quick else width
     pool = 4 * w if opt.quick else 2000
-    return {"width": w, "batch": w, "depths": list(DEPTHS), "runs": opt.n_runs(default=runs, quick=quick_runs),
-            "loss": "mean cross-entropy, 10 classes", "data": data_request("cifar10", "synthetic", limit=pool)}
+    return {
+        "width": w,
+        "batch": w,
+        "depths": list(DEPTHS),
+        "runs": opt.n_runs(default=runs, quick=quick_runs),
+        "loss": "mean cross-entropy, 10 classes",
+        "data": data_request("cifar10", "synthetic", limit=pool),
+    }
 
 
 def _batch(
@@ -167,8 +173,9 @@ def _batch(
     return x, labels
 
 
-def _grad_rows(cfg: dict, pool: tuple[torch.Tensor, torch.Tensor], device: torch.device, series: str,
-               n_dup: int = 0, **net_kw) -> list[dict]:
+def _grad_rows(
+    cfg: dict, pool: tuple[torch.Tensor, torch.Tensor], device: torch.device, series: str, n_dup: int = 0, **net_kw
+) -> list[dict]:
     """Rows (series, run, depth, log_grad_norm) of one series, all runs.
 
     Run ``r`` draws its images and weights from the same seed in every series, so series differ
@@ -179,8 +186,9 @@ def _grad_rows(cfg: dict, pool: tuple[torch.Tensor, torch.Tensor], device: torch
         for run in range(cfg["runs"]):
             gen = run_generator(cfg["seed"], run)
             x, y = _batch(pool, cfg["batch"], gen, n_dup)
-            net = BNMLP(x.shape[1], cfg["width"], max(cfg["depths"]), d_out=10, generator=gen, dtype=F64,
-                        **net_kw).to(device)
+            net = BNMLP(x.shape[1], cfg["width"], max(cfg["depths"]), d_out=10, generator=gen, dtype=F64, **net_kw).to(
+                device
+            )
             logs = first_layer_grad_log_norms(net, x.to(device), y.to(device), cfg["depths"])
             rows += [dict(series=series, run=run, depth=d, log_grad_norm=v) for d, v in zip(cfg["depths"], logs)]
     return rows
@@ -214,24 +222,35 @@ def _growth(rows: list[dict], cfg: dict, names: Sequence[str]) -> dict[str, dict
     for s in names:
         c = _curves(rows, s, depths)
         rises = deep_rises(c, depths)
-        out[s] = {"rise_per_run": rises.tolist(), "mean_rise": float(np.mean(rises)),
-                  "class": classify_growth(rises),
-                  "deep_slope": fit_slope(np.asarray(depths)[mask], mean_curve(c)[mask])}
+        out[s] = {
+            "rise_per_run": rises.tolist(),
+            "mean_rise": float(np.mean(rises)),
+            "class": classify_growth(rises),
+            "deep_slope": fit_slope(np.asarray(depths)[mask], mean_curve(c)[mask]),
+        }
     return out
 
 
 def _growth_measured(growth: dict[str, dict], depths: Sequence[int]) -> dict:
-    return {"deep_window": _deep_window(depths),
-            "rise_over_deep_window": {s: g["mean_rise"] for s, g in growth.items()},
-            "rise_per_run": {s: g["rise_per_run"] for s, g in growth.items()},
-            "growth": {s: g["class"] for s, g in growth.items()},
-            "deep_slope_per_layer": {s: g["deep_slope"] for s, g in growth.items()}}
+    return {
+        "deep_window": _deep_window(depths),
+        "rise_over_deep_window": {s: g["mean_rise"] for s, g in growth.items()},
+        "rise_per_run": {s: g["rise_per_run"] for s, g in growth.items()},
+        "growth": {s: g["class"] for s, g in growth.items()},
+        "deep_slope_per_layer": {s: g["deep_slope"] for s, g in growth.items()},
+    }
 
 
 def _plot_grad_series(ax, rows: list[dict], names: Sequence[str], depths: Sequence[int], title: str) -> None:
     for s in names:
-        plot_depth_curves(ax, _curves(rows, s, depths), label=s, layers=np.asarray(depths),
-                          ylabel=r"$\log\,\|\nabla_{W_1} L\|_F$", log=False)
+        plot_depth_curves(
+            ax,
+            _curves(rows, s, depths),
+            label=s,
+            layers=np.asarray(depths),
+            ylabel=r"$\log\,\|\nabla_{W_1} L\|_F$",
+            log=False,
+        )
     first = _deep_window(depths)[0]
     ax.axvspan(first, max(depths), color="0.9", zorder=-1, lw=0, label="deep window (judged)")
     ax.set_xlabel("depth L")
@@ -250,7 +269,7 @@ def _fig1_config(opt: Options) -> dict:
         "depth": 100 if opt.quick else 500,
         "runs": opt.n_runs(default=10, quick=3),
         "input": "X = (1 - f) I + f u vᵀ, u, v ~ U[0, 1]^d, f = 0.005: n = d samples near isometry, "
-                 "as in the authors' Fig. 1 notebook (the square setting of the theory)",
+        "as in the authors' Fig. 1 notebook (the square setting of the theory)",
         "fit_window": [1e-11, 1e-2],
         "rel_tol": 0.15,
     }
@@ -290,34 +309,48 @@ def _fig1_verdict(rows: list[dict], cfg: dict) -> Verdict:
     per_run = {w: np.array([_fit_rate(g, cfg["fit_window"]) for g in c]) for w, c in curves.items()}
     rates = [float(np.mean(per_run[w])) for w in widths]
     predicted = [isometry_gap_rate(w) for w in widths]
-    bound_ok = {str(w): bool((mean_curve(c) <= meterez_bound(np.arange(L + 1), w, float(np.mean(c[:, 0])))
-                              * (1 + 1e-9)).all()) for w, c in curves.items()}
+    bound_ok = {
+        str(w): bool((mean_curve(c) <= meterez_bound(np.arange(L + 1), w, float(np.mean(c[:, 0]))) * (1 + 1e-9)).all())
+        for w, c in curves.items()
+    }
     never = [w for w, r in zip(widths, rates) if not math.isfinite(r)]
     if never:
-        verdict, reason = "undecided", (f"the gap of width(s) {never} never stayed inside the fit window for 5 "
-                                        "layers: too shallow to fit a rate")
+        verdict, reason = (
+            "undecided",
+            (f"the gap of width(s) {never} never stayed inside the fit window for 5 layers: too shallow to fit a rate"),
+        )
     else:
-        verdict, reason = ("held", "") if rule_fig1(widths, rates, predicted, cfg["rel_tol"]) else \
-            ("not held", "a fitted rate is off log(1+2/d) by more than the tolerance, or the rates do not fall "
-                         "with width")
+        verdict, reason = (
+            ("held", "")
+            if rule_fig1(widths, rates, predicted, cfg["rel_tol"])
+            else (
+                "not held",
+                "a fitted rate is off log(1+2/d) by more than the tolerance, or the rates do not fall with width",
+            )
+        )
     lo, hi = cfg["fit_window"]
     return Verdict(
-        verdict, reason=reason,
+        verdict,
+        reason=reason,
         rule=f"per run, fit log φ_ℓ (sample Gram of H_ℓ) linearly over the layers with {lo:g} < φ < {hi:g}; "
-             f"held iff every width's mean rate is within {cfg['rel_tol']:.0%} of log(1+2/d) and the rates "
-             "fall strictly with width",
-        measured={"rate_per_layer": dict(zip(map(str, widths), rates)),
-                  "rate_sd_over_runs": {str(w): float(np.std(per_run[w])) for w in widths},
-                  "loglog_slope_rate_vs_width": fit_slope(np.log(widths), np.log(rates)),
-                  "paper_bound_C0.015_holds_at_every_layer": bound_ok},
-        theory={"rate_per_layer": dict(zip(map(str, widths), predicted)),
-                "statement": "E φ(H_{ℓ+1} | H_ℓ) = d/(d+2) φ(H_ℓ) + O(φ^1.5) near isometry (n = d), from the "
-                             "Haar fourth moments of App. A: rate log(1+2/d) ≈ 2/d (derived here; see "
-                             "isoprobe.theory.batchnorm)",
-                "paper_theorem1": "E φ(H_ℓ) ≤ φ(H_0) exp(-ℓ/k), k = C d² (1 + d φ(H_0)); recovered from the "
-                                  "authors' Fig. 1 notebook with C = 0.015 (the extracted text lost the formula); "
-                                  "a worst-case bound, looser than the sharp rate, and not valid at small d as "
-                                  "drawn"},
+        f"held iff every width's mean rate is within {cfg['rel_tol']:.0%} of log(1+2/d) and the rates "
+        "fall strictly with width",
+        measured={
+            "rate_per_layer": dict(zip(map(str, widths), rates)),
+            "rate_sd_over_runs": {str(w): float(np.std(per_run[w])) for w in widths},
+            "loglog_slope_rate_vs_width": fit_slope(np.log(widths), np.log(rates)),
+            "paper_bound_C0.015_holds_at_every_layer": bound_ok,
+        },
+        theory={
+            "rate_per_layer": dict(zip(map(str, widths), predicted)),
+            "statement": "E φ(H_{ℓ+1} | H_ℓ) = d/(d+2) φ(H_ℓ) + O(φ^1.5) near isometry (n = d), from the "
+            "Haar fourth moments of App. A: rate log(1+2/d) ≈ 2/d (derived here; see "
+            "isoprobe.theory.batchnorm)",
+            "paper_theorem1": "E φ(H_ℓ) ≤ φ(H_0) exp(-ℓ/k), k = C d² (1 + d φ(H_0)); recovered from the "
+            "authors' Fig. 1 notebook with C = 0.015 (the extracted text lost the formula); "
+            "a worst-case bound, looser than the sharp rate, and not valid at small d as "
+            "drawn",
+        },
     )
 
 
@@ -331,15 +364,20 @@ def _fig1_draw(rows: list[dict], cfg: dict):
         theory = None
         if len(ok):
             theory = np.full(L + 1, np.nan)
-            theory[ok[0]:] = m[ok[0]] * np.exp(-isometry_gap_rate(w) * (np.arange(ok[0], L + 1) - ok[0]))
+            theory[ok[0] :] = m[ok[0]] * np.exp(-isometry_gap_rate(w) * (np.arange(ok[0], L + 1) - ok[0]))
         plot_depth_curves(ax, np.clip(curves[w], 1e-16, None), label=f"d = n = {w}", bound=theory)
     ax.plot([], [], "k--", label="theory: rate log(1 + 2/d)")
     ax.legend(fontsize=7)
     ax.set_title("isometry gap, orthogonal BN MLP (linear)", fontsize=10)
     per_run = {w: [_fit_rate(g, cfg["fit_window"]) for g in c] for w, c in curves.items()}
     ws = np.asarray(widths, dtype=np.float64)
-    ax2.errorbar(ws, [np.mean(per_run[w]) for w in widths], yerr=[np.std(per_run[w]) for w in widths], fmt="o",
-                 label="measured (fit of log φ)")
+    ax2.errorbar(
+        ws,
+        [np.mean(per_run[w]) for w in widths],
+        yerr=[np.std(per_run[w]) for w in widths],
+        fmt="o",
+        label="measured (fit of log φ)",
+    )
     grid = np.geomspace(ws.min() * 0.8, ws.max() * 1.25, 50)
     ax2.plot(grid, np.log1p(2 / grid), "k--", label="log(1 + 2/d)")
     ax2.plot(grid, 1 / (METEREZ_FIG1_C * grid**2), ":", color="gray", label="1/(C d²), paper's bound, φ₀→0")
@@ -349,13 +387,20 @@ def _fig1_draw(rows: list[dict], cfg: dict):
     return fig
 
 
-register(Reproduction(
-    "meterez-fig1", paper=PAPER, figure="Fig. 1 (Theorem 1)",
-    claim="with Haar-orthogonal weights, linear activation and batch norm without mean reduction, "
-          "the isometry gap decays exponentially in depth at a rate set by the width",
-    columns=("width", "run", "layer", "gap"), config=_fig1_config, units=_fig1_units,
-    verdict=_fig1_verdict, draw=_fig1_draw,
-))
+register(
+    Reproduction(
+        "meterez-fig1",
+        paper=PAPER,
+        figure="Fig. 1 (Theorem 1)",
+        claim="with Haar-orthogonal weights, linear activation and batch norm without mean reduction, "
+        "the isometry gap decays exponentially in depth at a rate set by the width",
+        columns=("width", "run", "layer", "gap"),
+        config=_fig1_config,
+        units=_fig1_units,
+        verdict=_fig1_verdict,
+        draw=_fig1_draw,
+    )
+)
 
 # --- Figs. 2 and 3: explosion against boundedness -------------------------------------------------
 
@@ -378,39 +423,61 @@ def _fig2_config(opt: Options) -> dict:
 
 
 def _fig2_series(cfg: dict) -> dict[str, dict]:
-    return {"distinct samples": {"n_dup": 0}, **{f"{k} duplicated pairs": {"n_dup": k}
-                                                 for k in cfg["duplicated_pairs"]}}
+    return {
+        "distinct samples": {"n_dup": 0},
+        **{f"{k} duplicated pairs": {"n_dup": k} for k in cfg["duplicated_pairs"]},
+    }
 
 
-def _contrast_verdict(rows: list[dict], cfg: dict, bounded: list[str], exploding: list[str],
-                      theory: dict) -> Verdict:
+def _contrast_verdict(rows: list[dict], cfg: dict, bounded: list[str], exploding: list[str], theory: dict) -> Verdict:
     growth = _growth(rows, cfg, bounded + exploding)
     verdict, reason = contrast({s: growth[s]["class"] for s in bounded}, {s: growth[s]["class"] for s in exploding})
-    creeping = [f"{s} rises in every run ({min(g['rise_per_run']):.2f} to {max(g['rise_per_run']):.2f} nats over "
-                "the deep window): bounded by the rule's tolerance, yet a slow residual growth"
-                for s, g in growth.items() if s in bounded and g["class"] == "bounded"
-                and min(g["rise_per_run"]) > 0 and g["mean_rise"] > RISE_TOL / 2]
-    return Verdict(verdict, reason=reason, measured=_growth_measured(growth, cfg["depths"]), theory=theory,
-                   rule=f"{_GROWTH_RULE}; held iff {', '.join(bounded)} bounded and {', '.join(exploding)} "
-                        "explode(s)", notes=tuple(creeping))
+    creeping = [
+        f"{s} rises in every run ({min(g['rise_per_run']):.2f} to {max(g['rise_per_run']):.2f} nats over "
+        "the deep window): bounded by the rule's tolerance, yet a slow residual growth"
+        for s, g in growth.items()
+        if s in bounded and g["class"] == "bounded" and min(g["rise_per_run"]) > 0 and g["mean_rise"] > RISE_TOL / 2
+    ]
+    return Verdict(
+        verdict,
+        reason=reason,
+        measured=_growth_measured(growth, cfg["depths"]),
+        theory=theory,
+        rule=f"{_GROWTH_RULE}; held iff {', '.join(bounded)} bounded and {', '.join(exploding)} explode(s)",
+        notes=tuple(creeping),
+    )
 
 
 def _fig2_verdict(rows: list[dict], cfg: dict) -> Verdict:
     names = list(_fig2_series(cfg))
-    return _contrast_verdict(rows, cfg, names[:1], names[1:], theory={
-        "statement": "Theorem 5 needs linearly independent samples; with duplicates the BN Jacobian bound "
-                     "1/λ_min is infinite and the paper observes exponential explosion (Fig. 2)",
-        "distinct_samples_rise": 0.0})
+    return _contrast_verdict(
+        rows,
+        cfg,
+        names[:1],
+        names[1:],
+        theory={
+            "statement": "Theorem 5 needs linearly independent samples; with duplicates the BN Jacobian bound "
+            "1/λ_min is infinite and the paper observes exponential explosion (Fig. 2)",
+            "distinct_samples_rise": 0.0,
+        },
+    )
 
 
-register(Reproduction(
-    "meterez-fig2", paper=PAPER, figure="Fig. 2",
-    claim="duplicated (degenerate) input samples make the gradient explode in depth even with orthogonal "
-          "weights, while distinct samples keep it bounded",
-    columns=("series", "run", "depth", "log_grad_norm"), config=_fig2_config, units=_grad_units(_fig2_series),
-    verdict=_fig2_verdict, uses_data=True,
-    draw=_one_panel(_fig2_series, lambda cfg: f"orthogonal BN MLP, d = n = {cfg['width']}: degenerate vs distinct"),
-))
+register(
+    Reproduction(
+        "meterez-fig2",
+        paper=PAPER,
+        figure="Fig. 2",
+        claim="duplicated (degenerate) input samples make the gradient explode in depth even with orthogonal "
+        "weights, while distinct samples keep it bounded",
+        columns=("series", "run", "depth", "log_grad_norm"),
+        config=_fig2_config,
+        units=_grad_units(_fig2_series),
+        verdict=_fig2_verdict,
+        uses_data=True,
+        draw=_one_panel(_fig2_series, lambda cfg: f"orthogonal BN MLP, d = n = {cfg['width']}: degenerate vs distinct"),
+    )
+)
 
 
 def _fig3_series(cfg: dict) -> dict[str, dict]:
@@ -418,20 +485,33 @@ def _fig3_series(cfg: dict) -> dict[str, dict]:
 
 
 def _fig3_verdict(rows: list[dict], cfg: dict) -> Verdict:
-    return _contrast_verdict(rows, cfg, ["orthogonal"], ["gaussian"], theory={
-        "orthogonal": "bounded at any depth (Theorem 5): rise 0",
-        "gaussian": "exponential explosion in depth (Yang et al. 2019, Theorem 3.9): a linear rise of the log-norm"})
+    return _contrast_verdict(
+        rows,
+        cfg,
+        ["orthogonal"],
+        ["gaussian"],
+        theory={
+            "orthogonal": "bounded at any depth (Theorem 5): rise 0",
+            "gaussian": "exponential explosion in depth (Yang et al. 2019, Theorem 3.9): a linear rise of the log-norm",
+        },
+    )
 
 
-register(Reproduction(
-    "meterez-fig3", paper=PAPER, figure="Fig. 3 (Theorem 5)",
-    claim="the log-norm of the first layer's gradient stays bounded in depth (to 1000) with orthogonal "
-          "weights and grows linearly with Gaussian weights",
-    columns=("series", "run", "depth", "log_grad_norm"),
-    config=lambda opt: _grad_config(opt, width=100, quick_width=32, runs=10, quick_runs=3),
-    units=_grad_units(_fig3_series), verdict=_fig3_verdict, uses_data=True,
-    draw=_one_panel(_fig3_series, lambda cfg: f"BN MLP (no mean reduction), d = n = {cfg['width']}"),
-))
+register(
+    Reproduction(
+        "meterez-fig3",
+        paper=PAPER,
+        figure="Fig. 3 (Theorem 5)",
+        claim="the log-norm of the first layer's gradient stays bounded in depth (to 1000) with orthogonal "
+        "weights and grows linearly with Gaussian weights",
+        columns=("series", "run", "depth", "log_grad_norm"),
+        config=lambda opt: _grad_config(opt, width=100, quick_width=32, runs=10, quick_runs=3),
+        units=_grad_units(_fig3_series),
+        verdict=_fig3_verdict,
+        uses_data=True,
+        draw=_one_panel(_fig3_series, lambda cfg: f"BN MLP (no mean reduction), d = n = {cfg['width']}"),
+    )
+)
 
 # --- Fig. 5 -----------------------------------------------------------------------------------
 
@@ -441,8 +521,12 @@ _FIG5_K = 0.4
 
 def _fig5_config(opt: Options) -> dict:
     cfg = _grad_config(opt, width=100, quick_width=100, runs=10, quick_runs=2)
-    cfg.update(activations=["tanh", "sin"], gain_exponents=[0.0, _FIG5_K] if opt.quick else [0.0, 0.2, 0.4, 0.6],
-               judged_exponent=_FIG5_K, norm="batchnorm")
+    cfg.update(
+        activations=["tanh", "sin"],
+        gain_exponents=[0.0, _FIG5_K] if opt.quick else [0.0, 0.2, 0.4, 0.6],
+        judged_exponent=_FIG5_K,
+        norm="batchnorm",
+    )
     return cfg
 
 
@@ -451,19 +535,29 @@ def _fig5_name(act: str, k: float) -> str:
 
 
 def _fig5_series(cfg: dict) -> dict[str, dict]:
-    return {_fig5_name(a, k): {"activation": a, "gain_exponent": k, "norm": cfg["norm"]}
-            for a in cfg["activations"] for k in cfg["gain_exponents"]}
+    return {
+        _fig5_name(a, k): {"activation": a, "gain_exponent": k, "norm": cfg["norm"]}
+        for a in cfg["activations"]
+        for k in cfg["gain_exponents"]
+    }
 
 
 def _fig5_verdict(rows: list[dict], cfg: dict) -> Verdict:
     acts, k = cfg["activations"], cfg["judged_exponent"]
     shaped, unshaped = [_fig5_name(a, k) for a in acts], [_fig5_name(a, 0) for a in acts]
-    out = _contrast_verdict(rows, cfg, shaped, unshaped, theory={
-        "statement": "App. E: the per-layer explosion rate shrinks with the gain, so gains decaying like ℓ^-k "
-                     "make the summed rates (the log-norm) bounded in depth; the unshaped (k = 0) rate is "
-                     "constant in depth (linear rise of the log-norm)",
-        "inferred": "gain γ_ℓ = ℓ^-k on the pre-activation, layers counted from 1, k = 0.4 (formula lost in the "
-                    "extracted text; form and exponent from App. E's prose and the authors' notebook)"})
+    out = _contrast_verdict(
+        rows,
+        cfg,
+        shaped,
+        unshaped,
+        theory={
+            "statement": "App. E: the per-layer explosion rate shrinks with the gain, so gains decaying like ℓ^-k "
+            "make the summed rates (the log-norm) bounded in depth; the unshaped (k = 0) rate is "
+            "constant in depth (linear rise of the log-norm)",
+            "inferred": "gain γ_ℓ = ℓ^-k on the pre-activation, layers counted from 1, k = 0.4 (formula lost in the "
+            "extracted text; form and exponent from App. E's prose and the authors' notebook)",
+        },
+    )
     others = {s: g for s, g in out.measured["growth"].items() if s not in shaped + unshaped}
     notes = (f"other exponents, reported and not judged: {others}",) if others else ()
     return Verdict(out.verdict, out.rule, out.measured, out.theory, out.reason, out.notes + notes)
@@ -472,28 +566,48 @@ def _fig5_verdict(rows: list[dict], cfg: dict) -> Verdict:
 def _fig5_draw(rows: list[dict], cfg: dict):
     acts, depths = cfg["activations"], cfg["depths"]
     fig, axes = new_figure(2 * len(acts), ncols=len(acts))
-    for ax, zoom, act in zip(axes, axes[len(acts):], acts):
-        _plot_grad_series(ax, rows, [_fig5_name(act, k) for k in cfg["gain_exponents"]], depths,
-                          rf"{act}$(\ell^{{-k}} x)$, orthogonal, BatchNorm1d, d = n = {cfg['width']}")
+    for ax, zoom, act in zip(axes, axes[len(acts) :], acts):
+        _plot_grad_series(
+            ax,
+            rows,
+            [_fig5_name(act, k) for k in cfg["gain_exponents"]],
+            depths,
+            rf"{act}$(\ell^{{-k}} x)$, orthogonal, BatchNorm1d, d = n = {cfg['width']}",
+        )
         shaped = [_fig5_name(act, k) for k in cfg["gain_exponents"] if k > 0]
         _plot_grad_series(zoom, rows, shaped, depths, f"{act}, shaped only (zoom)")
         judged = _curves(rows, _fig5_name(act, cfg["judged_exponent"]), depths)
         first = _deep_window(depths)[0]
         start = float(np.mean(judged[:, list(depths).index(first)]))
-        zoom.fill_between([first, max(depths)], start - RISE_TOL, start + RISE_TOL, color="tab:green", alpha=0.12,
-                          lw=0, label=f"bounded: within ±{RISE_TOL:g} nats")
+        zoom.fill_between(
+            [first, max(depths)],
+            start - RISE_TOL,
+            start + RISE_TOL,
+            color="tab:green",
+            alpha=0.12,
+            lw=0,
+            label=f"bounded: within ±{RISE_TOL:g} nats",
+        )
         zoom.legend(fontsize=7)
     return fig
 
 
-register(Reproduction(
-    "meterez-fig5", paper=PAPER, figure="Fig. 5 (App. E)",
-    claim="activation shaping (pre-activation gain ℓ^-k, k = 0.4) keeps the log-norm of the first layer's "
-          "gradient of tanh and sin networks with orthogonal weights and batch norm bounded in depth (to 1000), "
-          "where without shaping it explodes",
-    columns=("series", "run", "depth", "log_grad_norm"), config=_fig5_config, units=_grad_units(_fig5_series),
-    verdict=_fig5_verdict, draw=_fig5_draw, uses_data=True,
-))
+register(
+    Reproduction(
+        "meterez-fig5",
+        paper=PAPER,
+        figure="Fig. 5 (App. E)",
+        claim="activation shaping (pre-activation gain ℓ^-k, k = 0.4) keeps the log-norm of the first layer's "
+        "gradient of tanh and sin networks with orthogonal weights and batch norm bounded in depth (to 1000), "
+        "where without shaping it explodes",
+        columns=("series", "run", "depth", "log_grad_norm"),
+        config=_fig5_config,
+        units=_grad_units(_fig5_series),
+        verdict=_fig5_verdict,
+        draw=_fig5_draw,
+        uses_data=True,
+    )
+)
 
 # --- Table D1 ---------------------------------------------------------------------------------
 
@@ -527,8 +641,10 @@ def _d1_rows(cfg: dict, salt: int, name: str, X: torch.Tensor, device: torch.dev
 
 
 def _d1_units(cfg: dict, env: Env) -> list[Unit]:
-    return [(name, partial(_d1_rows, cfg, i, name, batch.X.flatten(1).to(F64), env.device))
-            for i, (name, batch) in enumerate(env.image_sets.items())]
+    return [
+        (name, partial(_d1_rows, cfg, i, name, batch.X.flatten(1).to(F64), env.device))
+        for i, (name, batch) in enumerate(env.image_sets.items())
+    ]
 
 
 def _d1_shares(rows: list[dict]) -> tuple[dict, dict, dict, dict]:
@@ -547,21 +663,31 @@ def _d1_verdict(rows: list[dict], cfg: dict) -> Verdict:
     full = rule_tabled1(shares, dims, cfg["min_share"])
     if cfg["data"]["substitute"]:
         verdict = "undecided"
-        reason = (f"Table D1 is about MNIST, FashionMNIST, CIFAR10 and CIFAR100; this run measured "
-                  f"{', '.join(dims)} instead (the rule {'would hold' if full else 'would not hold'} on them), "
-                  "which says nothing about the data sets the paper names")
+        reason = (
+            f"Table D1 is about MNIST, FashionMNIST, CIFAR10 and CIFAR100; this run measured "
+            f"{', '.join(dims)} instead (the rule {'would hold' if full else 'would not hold'} on them), "
+            "which says nothing about the data sets the paper names"
+        )
     else:
         verdict, reason = ("held", "") if full else ("not held", "a judged batch size has too few full-rank batches")
     return Verdict(
-        verdict, reason=reason,
+        verdict,
+        reason=reason,
         rule=f"rank = numerical rank of the float64 batch Gram (eigenvalues above n·eps·λ_max, as torch's "
-             f"matrix_rank); held iff ≥ {cfg['min_share']:.0%} of batches are full rank for every data set of the "
-             "paper and every batch size ≤ dim/2; undecided on substitute data",
-        measured={"datasets_used": list(dims), "share_full_rank": {f"{m} n={n}": s for (m, n), s in shares.items()},
-                  "mean_rank": mean_rank, "sd_rank": sd_rank, "input_dim": dims,
-                  "rule_on_these_data_sets": full},
-        theory={"statement": "a batch of n ≤ dim generic images is linearly independent (rank n); "
-                             "the paper reports ranks equal to n for MNIST, FashionMNIST, CIFAR10, CIFAR100"},
+        f"matrix_rank); held iff ≥ {cfg['min_share']:.0%} of batches are full rank for every data set of the "
+        "paper and every batch size ≤ dim/2; undecided on substitute data",
+        measured={
+            "datasets_used": list(dims),
+            "share_full_rank": {f"{m} n={n}": s for (m, n), s in shares.items()},
+            "mean_rank": mean_rank,
+            "sd_rank": sd_rank,
+            "input_dim": dims,
+            "rule_on_these_data_sets": full,
+        },
+        theory={
+            "statement": "a batch of n ≤ dim generic images is linearly independent (rank n); "
+            "the paper reports ranks equal to n for MNIST, FashionMNIST, CIFAR10, CIFAR100"
+        },
     )
 
 
@@ -579,10 +705,18 @@ def _d1_draw(rows: list[dict], cfg: dict):
     return fig
 
 
-register(Reproduction(
-    "meterez-tabled1", paper=PAPER, figure="Table D1",
-    claim="random batches of MNIST, FashionMNIST, CIFAR10 and CIFAR100 are full rank (non-degenerate), so "
-          "Theorem 5's assumption holds in practice",
-    columns=("dataset", "dim", "batch_size", "batch", "rank"), config=_d1_config, units=_d1_units,
-    verdict=_d1_verdict, draw=_d1_draw, uses_data=True,
-))
+register(
+    Reproduction(
+        "meterez-tabled1",
+        paper=PAPER,
+        figure="Table D1",
+        claim="random batches of MNIST, FashionMNIST, CIFAR10 and CIFAR100 are full rank (non-degenerate), so "
+        "Theorem 5's assumption holds in practice",
+        columns=("dataset", "dim", "batch_size", "batch", "rank"),
+        config=_d1_config,
+        units=_d1_units,
+        verdict=_d1_verdict,
+        draw=_d1_draw,
+        uses_data=True,
+    )
+)

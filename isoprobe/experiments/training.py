@@ -181,9 +181,17 @@ def _run_batches(cfg: dict, env: Env) -> list[tuple[str, list[int]]]:
     return [(f"runs {a}-{b - 1}", list(range(a, b))) for a, b in itertools.pairwise(bounds)]
 
 
-def _fit(cfg: dict, env: Env, key: str, runs: list[int], build: Callable[[int], dict[str, nn.Module]],
-         data: tuple[torch.Tensor, torch.Tensor], loss_row: Callable[[str, int, EpochLog, float], dict],
-         prepare: Callable[[Ensemble], None] | None = None, **hooks) -> list[dict]:
+def _fit(
+    cfg: dict,
+    env: Env,
+    key: str,
+    runs: list[int],
+    build: Callable[[int], dict[str, nn.Module]],
+    data: tuple[torch.Tensor, torch.Tensor],
+    loss_row: Callable[[str, int, EpochLog, float], dict],
+    prepare: Callable[[Ensemble], None] | None = None,
+    **hooks,
+) -> list[dict]:
     """Train ``build(r)`` for every run ``r`` of ``runs`` as one ensemble; every epoch's rows.
 
     The loss rows (``loss_row(group, run, log, loss)``) of every epoch, then the hooks' rows.
@@ -205,8 +213,12 @@ def _fit(cfg: dict, env: Env, key: str, runs: list[int], build: Callable[[int], 
         result = train(ens, *data, tcfg, checkpoint=checkpoint, tag=cfg, progress=env.progress, desc=key, **hooks)
     if result.resumed_from:
         env.note(f"{key}: resumed training after epoch {result.resumed_from}")
-    losses = [loss_row(g, r, log, log.loss[i][j]) for log in result.logs
-              for i, g in enumerate(ens.names) for j, r in enumerate(ens.run_ids)]
+    losses = [
+        loss_row(g, r, log, log.loss[i][j])
+        for log in result.logs
+        for i, g in enumerate(ens.names)
+        for j, r in enumerate(ens.run_ids)
+    ]
     return losses + result.rows()
 
 
@@ -244,8 +256,11 @@ def _beta_colors(betas: dict[str, float]) -> dict[str, tuple]:
 
 def _common(o: Options, runs: int, quick_runs: int, fallback: str) -> dict:
     """Runs, threads and the data: CIFAR10 (the papers'), else ``fallback`` (the runner says which ran)."""
-    return {"runs": o.n_runs(runs, quick_runs), "single_thread": o.quick and o.device == "cpu",
-            "data": data_request(paper="cifar10", fallback=fallback)}
+    return {
+        "runs": o.n_runs(runs, quick_runs),
+        "single_thread": o.quick and o.device == "cpu",
+        "data": data_request(paper="cifar10", fallback=fallback),
+    }
 
 
 # --- Joudaki et al. Fig. 7: SGD training speed against β ------------------------------------------
@@ -255,9 +270,16 @@ def _fig7_config(o: Options) -> dict:
     """The paper's depth 10, lr 0.01, 20 epochs and 5 runs (quick: 3); its width 1000 and batch 512
     (97 SGD steps per epoch on CIFAR10's 50 000 images) are ours: width 256, batch 64 (28 steps per
     epoch on the 1797 digits; quick: width 128, batch 128, 14 steps)."""
-    return {"acts": list(FIG7_ACTS), "depth": 10, "width": 128 if o.quick else 256, "batch": 128 if o.quick else 64,
-            "lr": 0.01, "epochs": 20, **_common(o, 5, 3, "digits"),
-            "paper_sizes": "depth 10, width 1000, batch 512, lr 0.01, 20 epochs, 5 runs, CIFAR10"}
+    return {
+        "acts": list(FIG7_ACTS),
+        "depth": 10,
+        "width": 128 if o.quick else 256,
+        "batch": 128 if o.quick else 64,
+        "lr": 0.01,
+        "epochs": 20,
+        **_common(o, 5, 3, "digits"),
+        "paper_sizes": "depth 10, width 1000, batch 512, lr 0.01, 20 epochs, 5 runs, CIFAR10",
+    }
 
 
 def _ln_loss_row(group: str, run: int, log: EpochLog, loss: float) -> dict:
@@ -290,26 +312,42 @@ def verdict_fig7(rows: Sequence[dict], cfg: dict) -> Verdict:
     rho_final = [spearman(b, final[:, r]) for r in range(final.shape[1])]
     with np.errstate(invalid="ignore"):
         mean_area = area.mean(axis=1)
-    measured = {"beta": betas, "loss_area": dict(zip(betas, mean_area)),
-                "loss_area_per_run": {a: list(area[i]) for i, a in enumerate(betas)},
-                "spearman_beta_area_per_run": rho, "spearman_beta_area_of_means": spearman(b, mean_area),
-                "final_loss": dict(zip(betas, final.mean(axis=1))), "spearman_beta_final_loss_per_run": rho_final,
-                "slowest": max(betas, key=lambda a: mean_area[list(betas).index(a)]),
-                "sign_test_p": 0.5 ** len(rho),
-                "diverged_runs": int(np.isinf(area).sum())}
-    rule = ("per run (activations share the run's weights and data order): Spearman ρ between β and the loss "
-            "area (mean training loss over all SGD steps of epochs 1..E, a diverged run +inf); held iff ρ < 0 in "
-            "every run, not held iff ρ > 0 in every run, else undecided (with no relation each run's sign is a coin "
-            "flip: one sign in all R runs by chance with probability 2^-R, sign_test_p)")
+    measured = {
+        "beta": betas,
+        "loss_area": dict(zip(betas, mean_area)),
+        "loss_area_per_run": {a: list(area[i]) for i, a in enumerate(betas)},
+        "spearman_beta_area_per_run": rho,
+        "spearman_beta_area_of_means": spearman(b, mean_area),
+        "final_loss": dict(zip(betas, final.mean(axis=1))),
+        "spearman_beta_final_loss_per_run": rho_final,
+        "slowest": max(betas, key=lambda a: mean_area[list(betas).index(a)]),
+        "sign_test_p": 0.5 ** len(rho),
+        "diverged_runs": int(np.isinf(area).sum()),
+    }
+    rule = (
+        "per run (activations share the run's weights and data order): Spearman ρ between β and the loss "
+        "area (mean training loss over all SGD steps of epochs 1..E, a diverged run +inf); held iff ρ < 0 in "
+        "every run, not held iff ρ > 0 in every run, else undecided (with no relation each run's sign is a coin "
+        "flip: one sign in all R runs by chance with probability 2^-R, sign_test_p)"
+    )
     sign = sign_stability(rho) if len(rho) >= 2 else "unstable"
     if sign == "negative":
         return Verdict("held", rule, measured)
     if sign == "positive":
-        return Verdict("not held", rule, measured, reason=(
-            f"in every run a larger β trained slower on the loss area; slowest on average: {measured['slowest']}"))
-    why = ("one run cannot show that the sign is stable (use --runs ≥ 2)" if len(rho) < 2 else
-           f"the sign of ρ changes from run to run (ρ per run: {', '.join(f'{r:.2f}' for r in rho)}): "
-           "the loss curves cannot be told apart at these sizes")
+        return Verdict(
+            "not held",
+            rule,
+            measured,
+            reason=(
+                f"in every run a larger β trained slower on the loss area; slowest on average: {measured['slowest']}"
+            ),
+        )
+    why = (
+        "one run cannot show that the sign is stable (use --runs ≥ 2)"
+        if len(rho) < 2
+        else f"the sign of ρ changes from run to run (ρ per run: {', '.join(f'{r:.2f}' for r in rho)}): "
+        "the loss curves cannot be told apart at these sizes"
+    )
     return Verdict("undecided", rule, measured, reason=why)
 
 
@@ -320,16 +358,23 @@ def figure_fig7(rows: Sequence[dict], cfg: dict):
     fig, (ax, bx) = new_figure(2, size=(5.2, 4.0))
     for a in sorted(betas, key=betas.get):
         curve = run_curves(rows, "loss", "epoch", E + 1, act=a)
-        plot_depth_curves(ax, np.where(np.isnan(curve), np.inf, curve), label=f"{a}, β = {betas[a]:.2f}",
-                          color=colors[a], layers=np.arange(E + 1), ylabel="training loss (log scale)", log=True)
+        plot_depth_curves(
+            ax,
+            np.where(np.isnan(curve), np.inf, curve),
+            label=f"{a}, β = {betas[a]:.2f}",
+            color=colors[a],
+            layers=np.arange(E + 1),
+            ylabel="training loss (log scale)",
+            log=True,
+        )
     ax.set_xlabel("epoch")
-    ax.set_title(f"LN-MLP depth {cfg['depth']}, width {cfg['width']}, SGD lr {cfg['lr']:g}, batch {cfg['batch']}",
-                 fontsize=8)
+    ax.set_title(
+        f"LN-MLP depth {cfg['depth']}, width {cfg['width']}, SGD lr {cfg['lr']:g}, batch {cfg['batch']}", fontsize=8
+    )
     ax.legend(fontsize=7, title="mean and min–max over runs", title_fontsize=7)
     b = np.asarray(list(betas.values()))
     for r in range(area.shape[1]):
-        bx.plot(b, area[:, r], "o-", color="grey", alpha=0.4, lw=0.8, ms=3,
-                label="one run" if r == 0 else None)
+        bx.plot(b, area[:, r], "o-", color="grey", alpha=0.4, lw=0.8, ms=3, label="one run" if r == 0 else None)
     bx.scatter(b, area.mean(axis=1), c=[colors[a] for a in betas], s=40, zorder=3, label="mean over runs")
     rho = ", ".join(f"{spearman(b, area[:, r]):.2f}" for r in range(area.shape[1]))
     bx.set_xlabel("isometry strength β")
@@ -339,13 +384,21 @@ def figure_fig7(rows: Sequence[dict], cfg: dict):
     return fig
 
 
-register(Reproduction(
-    name="fig7", paper=JOUDAKI, figure="Fig. 7",
-    claim="the convergence of SGD is faster for activations with a significantly larger isometry strength β "
-          "(LayerNorm MLP of depth 10)",
-    columns=("act", "beta", "run", "epoch", "loss"),
-    config=_fig7_config, units=_fig7_units, verdict=verdict_fig7, draw=figure_fig7, uses_data=True,
-))
+register(
+    Reproduction(
+        name="fig7",
+        paper=JOUDAKI,
+        figure="Fig. 7",
+        claim="the convergence of SGD is faster for activations with a significantly larger isometry strength β "
+        "(LayerNorm MLP of depth 10)",
+        columns=("act", "beta", "run", "epoch", "loss"),
+        config=_fig7_config,
+        units=_fig7_units,
+        verdict=verdict_fig7,
+        draw=figure_fig7,
+        uses_data=True,
+    )
+)
 
 
 # --- Joudaki et al. Fig. 2 (right): isometry gaps of every layer after training ----------------------
@@ -354,10 +407,19 @@ register(Reproduction(
 def _fig2t_config(o: Options) -> dict:
     """The paper's depth 10, batch 512 (quick: width 128, batch 64), lr 0.01; 20 epochs (quick: 3)."""
     big = not o.quick
-    return {"acts": list(FIG7_ACTS), "depth": 10, "width": 1000 if big else 128, "batch": 512 if big else 64,
-            "lr": 0.01, "epochs": 20 if big else 3, **_common(o, 5, 1, "synthetic"),
-            # probe batch < width: a centred representation of d features has rank ≤ d − 1
-            "probe_every": 100 if big else 15, "probe_batch": 512 if big else 64, "tolerance": NORM_RISE_TOL}
+    return {
+        "acts": list(FIG7_ACTS),
+        "depth": 10,
+        "width": 1000 if big else 128,
+        "batch": 512 if big else 64,
+        "lr": 0.01,
+        "epochs": 20 if big else 3,
+        **_common(o, 5, 1, "synthetic"),
+        # probe batch < width: a centred representation of d features has rank ≤ d − 1
+        "probe_every": 100 if big else 15,
+        "probe_batch": 512 if big else 64,
+        "tolerance": NORM_RISE_TOL,
+    }
 
 
 _FIG2T_COLUMNS = ("act", "beta", "run", "epoch", "step", "quantity", "layer", "site", "value", "theorem1_holds")
@@ -373,14 +435,35 @@ def _fig2t_units(cfg: dict, env: Env):
         for a in ens.names:
             for i, run in enumerate(ens.run_ids):
                 for r in site_gaps(ens.member(a, i).body, probe_x):
-                    rows.append({"act": a, "beta": isometry_strength(a), "run": run, "epoch": epoch, "step": step,
-                                 "quantity": "gap", "layer": r["layer"], "site": r["site"], "value": r["gap"],
-                                 "theorem1_holds": r["theorem1_holds"]})
+                    rows.append(
+                        {
+                            "act": a,
+                            "beta": isometry_strength(a),
+                            "run": run,
+                            "epoch": epoch,
+                            "step": step,
+                            "quantity": "gap",
+                            "layer": r["layer"],
+                            "site": r["site"],
+                            "value": r["gap"],
+                            "theorem1_holds": r["theorem1_holds"],
+                        }
+                    )
         return rows
 
     def loss_row(group: str, run: int, log: EpochLog, loss: float) -> dict:
-        return {"act": group, "beta": isometry_strength(group), "run": run, "epoch": log.epoch, "step": log.step,
-                "quantity": "loss", "layer": "", "site": "", "value": loss, "theorem1_holds": ""}
+        return {
+            "act": group,
+            "beta": isometry_strength(group),
+            "run": run,
+            "epoch": log.epoch,
+            "step": log.step,
+            "quantity": "loss",
+            "layer": "",
+            "site": "",
+            "value": loss,
+            "theorem1_holds": "",
+        }
 
     return _ln_units(cfg, env, loss_row, measure=measure, every=cfg["probe_every"])
 
@@ -405,7 +488,10 @@ def _projection_pairs(rows: Sequence[dict], trained: bool) -> tuple[np.ndarray, 
     ``norm:normalized``) at step 0 (``trained=False``) or at the later probed steps, and the
     number of Theorem 1 failures there."""
     pick = [r for r in _select(rows, quantity="gap") if (int(r["step"]) > 0) == trained]
-    key = lambda r: (r["act"], r["run"], int(r["step"]), int(r["layer"]))
+
+    def key(r: dict) -> tuple:
+        return (r["act"], r["run"], int(r["step"]), int(r["layer"]))
+
     before = {key(r): float(r["value"]) for r in pick if r["site"] == "norm:centered"}
     after = {key(r): float(r["value"]) for r in pick if r["site"] == "norm:normalized"}
     fails = sum(1 for r in pick if r["site"] == "norm:normalized" and r["theorem1_holds"] in (0, "0"))
@@ -429,23 +515,42 @@ def verdict_fig2_trained(rows: Sequence[dict], cfg: dict) -> Verdict:
         before, after, fails = _projection_pairs(rows, trained)
         held, rises, worst = rule_norms_never_raise(before, after, cfg["tolerance"])
         chosen = [s for s in steps if (s > 0) == trained]
-        whole = (rule_norms_never_raise(*norm_site_gaps(np.stack([values[a][s] for a in cfg["acts"] for s in chosen]),
-                                                        sites), cfg["tolerance"]) if chosen else (False, 0, math.nan))
-        measured[phase] = {"held": held and fails == 0, "projections": int(before.size),
-                           "projections_raising_gap": rises, "max_relative_rise": worst, "theorem1_failures": fails,
-                           "whole_norm_layer": {"raising_gap": whole[1], "max_relative_rise": whole[2]}}
+        whole = (
+            rule_norms_never_raise(
+                *norm_site_gaps(np.stack([values[a][s] for a in cfg["acts"] for s in chosen]), sites), cfg["tolerance"]
+            )
+            if chosen
+            else (False, 0, math.nan)
+        )
+        measured[phase] = {
+            "held": held and fails == 0,
+            "projections": int(before.size),
+            "projections_raising_gap": rises,
+            "max_relative_rise": worst,
+            "theorem1_failures": fails,
+            "whole_norm_layer": {"raising_gap": whole[1], "max_relative_rise": whole[2]},
+        }
         ok = ok and measured[phase]["held"]
-    rule = (f"at every probed step (every {cfg['probe_every']} SGD steps on a fixed batch of {cfg['probe_batch']} "
-            "training images, step 0 = initialisation): no layer norm's projection onto the sphere raises the gap "
-            f"of its (centred) input by more than {cfg['tolerance']:g} (relative), and Theorem 1 holds there")
-    theory = {"corollary_2": "projection onto the sphere never lowers isometry, for any weights (trained or not); "
-                             "the centring before it is not covered (whole_norm_layer)"}
+    rule = (
+        f"at every probed step (every {cfg['probe_every']} SGD steps on a fixed batch of {cfg['probe_batch']} "
+        "training images, step 0 = initialisation): no layer norm's projection onto the sphere raises the gap "
+        f"of its (centred) input by more than {cfg['tolerance']:g} (relative), and Theorem 1 holds there"
+    )
+    theory = {
+        "corollary_2": "projection onto the sphere never lowers isometry, for any weights (trained or not); "
+        "the centring before it is not covered (whole_norm_layer)"
+    }
     if not any(s > 0 for s in steps):
         return Verdict("undecided", rule, measured, theory, reason="no probed step after initialisation")
     if ok:
         return Verdict("held", rule, measured, theory)
-    return Verdict("not held", rule, measured, theory,
-                   reason="a layer norm's projection raised the isometry gap of its input (see max_relative_rise)")
+    return Verdict(
+        "not held",
+        rule,
+        measured,
+        theory,
+        reason="a layer norm's projection raised the isometry gap of its input (see max_relative_rise)",
+    )
 
 
 def figure_fig2_trained(rows: Sequence[dict], cfg: dict):
@@ -456,8 +561,9 @@ def figure_fig2_trained(rows: Sequence[dict], cfg: dict):
     last = steps[-1]
     for ax, step, title in ((axes[0], 0, "at initialisation"), (axes[1], last, f"after training (step {last})")):
         for a in sorted(betas, key=betas.get):
-            plot_depth_curves(ax, values[a][step], label=f"{a}, β = {betas[a]:.2f}", color=colors[a],
-                              layers=np.arange(len(sites)))
+            plot_depth_curves(
+                ax, values[a][step], label=f"{a}, β = {betas[a]:.2f}", color=colors[a], layers=np.arange(len(sites))
+            )
         draw_site_axis(ax, sites, fontsize=6)
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=6)
@@ -470,13 +576,21 @@ def figure_fig2_trained(rows: Sequence[dict], cfg: dict):
     return fig
 
 
-register(Reproduction(
-    name="fig2-trained", paper=JOUDAKI, figure="Fig. 2 (right, after training)",
-    claim="both before and after training, the normalization layers maintain or decrease the isometry gap "
-          "(Corollary 2 holds for any weights)",
-    columns=_FIG2T_COLUMNS, config=_fig2t_config, units=_fig2t_units, verdict=verdict_fig2_trained,
-    draw=figure_fig2_trained, uses_data=True,
-))
+register(
+    Reproduction(
+        name="fig2-trained",
+        paper=JOUDAKI,
+        figure="Fig. 2 (right, after training)",
+        claim="both before and after training, the normalization layers maintain or decrease the isometry gap "
+        "(Corollary 2 holds for any weights)",
+        columns=_FIG2T_COLUMNS,
+        config=_fig2t_config,
+        units=_fig2t_units,
+        verdict=verdict_fig2_trained,
+        draw=figure_fig2_trained,
+        uses_data=True,
+    )
+)
 
 
 # --- Meterez et al. Fig. 4: depth-independent training with orthogonal weights --------------------
@@ -485,17 +599,33 @@ register(Reproduction(
 def _m4_config(o: Options) -> dict:
     """Ours (the paper's numbers are lost): width 100, batch 100, lr 0.01, 10 epochs, depths 10–200."""
     big = not o.quick
-    return {"depths": [10, 50, 100, 200] if big else [4, 16, 64], "weights": ["orthogonal", "gaussian"],
-            "activation": "identity", "norm": "rms", "width": 100 if big else 32, "batch": 100 if big else 64,
-            "lr": 0.01, "epochs": 10 if big else 3, **_common(o, 3, 2, "digits"), "test_size": 500 if big else 300,
-            "max_spread": 0.05}
+    return {
+        "depths": [10, 50, 100, 200] if big else [4, 16, 64],
+        "weights": ["orthogonal", "gaussian"],
+        "activation": "identity",
+        "norm": "rms",
+        "width": 100 if big else 32,
+        "batch": 100 if big else 64,
+        "lr": 0.01,
+        "epochs": 10 if big else 3,
+        **_common(o, 3, 2, "digits"),
+        "test_size": 500 if big else 300,
+        "max_spread": 0.05,
+    }
 
 
 _M4_COLUMNS = ("weights", "depth", "run", "epoch", "quantity", "value")
 
 
-def _accuracy_rows(ens: Ensemble, X: torch.Tensor, y: torch.Tensor, batch: int, quantity: str,
-                   group: dict[str, tuple[str, int]], epoch: int) -> list[dict]:
+def _accuracy_rows(
+    ens: Ensemble,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    batch: int,
+    quantity: str,
+    group: dict[str, tuple[str, int]],
+    epoch: int,
+) -> list[dict]:
     """Accuracy of every model on ``(X, y)`` in minibatches of ``batch`` (batch norm uses batch
     statistics); a model with a non-finite logit is NaN (diverged)."""
     hits = {g: torch.zeros(ens.runs, device=X.device) for g in ens.names}
@@ -503,7 +633,7 @@ def _accuracy_rows(ens: Ensemble, X: torch.Tensor, y: torch.Tensor, batch: int, 
     nb = X.shape[0] // batch
     with torch.no_grad():
         for b in range(nb):
-            xb, yb = X[b * batch: (b + 1) * batch], y[b * batch: (b + 1) * batch]
+            xb, yb = X[b * batch : (b + 1) * batch], y[b * batch : (b + 1) * batch]
             for g, logits in ens(xb, shared=True).items():
                 hits[g] += (logits.argmax(-1) == yb).float().mean(-1)
                 finite[g] &= torch.isfinite(logits).flatten(1).all(-1)
@@ -511,26 +641,39 @@ def _accuracy_rows(ens: Ensemble, X: torch.Tensor, y: torch.Tensor, batch: int, 
     for g in ens.names:
         w, L = group[g]
         acc = torch.where(finite[g], hits[g] / nb, torch.nan).tolist()
-        rows += [{"weights": w, "depth": L, "run": run, "epoch": epoch, "quantity": quantity, "value": a}
-                 for run, a in zip(ens.run_ids, acc)]
+        rows += [
+            {"weights": w, "depth": L, "run": run, "epoch": epoch, "quantity": quantity, "value": a}
+            for run, a in zip(ens.run_ids, acc)
+        ]
     return rows
 
 
 def _m4_units(cfg: dict, env: Env):
     X, y, classes = _images(env)
     (Xtr, ytr), (Xt, yt) = _split(X, y, cfg["test_size"], cfg["seed"])
-    evals = {"test_accuracy": (Xt.to(env.device), yt.to(env.device)),
-             "train_accuracy": (Xtr[: cfg["test_size"]].to(env.device), ytr[: cfg["test_size"]].to(env.device))}
+    evals = {
+        "test_accuracy": (Xt.to(env.device), yt.to(env.device)),
+        "train_accuracy": (Xtr[: cfg["test_size"]].to(env.device), ytr[: cfg["test_size"]].to(env.device)),
+    }
     group = {f"{w}, L = {L}": (w, L) for w in cfg["weights"] for L in cfg["depths"]}
 
     def build(run: int) -> dict[str, nn.Module]:
-        return {g: BNMLP(X.shape[1], cfg["width"], L, classes, weights=w, norm=cfg["norm"],
-                         activation=cfg["activation"], generator=_generator(cfg["seed"], run, 1000 + L))
-                for g, (w, L) in group.items()}
+        return {
+            g: BNMLP(
+                X.shape[1],
+                cfg["width"],
+                L,
+                classes,
+                weights=w,
+                norm=cfg["norm"],
+                activation=cfg["activation"],
+                generator=_generator(cfg["seed"], run, 1000 + L),
+            )
+            for g, (w, L) in group.items()
+        }
 
     def evaluate(ens: Ensemble, step: int, epoch: int) -> list[dict]:
-        return [r for q, (xe, ye) in evals.items()
-                for r in _accuracy_rows(ens, xe, ye, cfg["batch"], q, group, epoch)]
+        return [r for q, (xe, ye) in evals.items() for r in _accuracy_rows(ens, xe, ye, cfg["batch"], q, group, epoch)]
 
     def loss_row(name: str, run: int, log: EpochLog, loss: float) -> dict:
         w, L = group[name]
@@ -544,8 +687,11 @@ def _m4_units(cfg: dict, env: Env):
 
 def _m4_curves(rows: Sequence[dict], cfg: dict, quantity: str) -> dict[tuple[str, int], np.ndarray]:
     E = cfg["epochs"]
-    return {(w, L): run_curves(rows, "value", "epoch", E + 1, weights=w, depth=L, quantity=quantity)
-            for w in cfg["weights"] for L in cfg["depths"]}
+    return {
+        (w, L): run_curves(rows, "value", "epoch", E + 1, weights=w, depth=L, quantity=quantity)
+        for w in cfg["weights"]
+        for L in cfg["depths"]
+    }
 
 
 def _depth_spread(curves: dict[int, np.ndarray]) -> dict:
@@ -555,8 +701,13 @@ def _depth_spread(curves: dict[int, np.ndarray]) -> dict:
     if any(math.isnan(m) for m in mean.values()):
         return {"accuracy_area": mean, "spread": math.nan, "separated": True}
     best, worst = max(mean, key=mean.get), min(mean, key=mean.get)
-    return {"accuracy_area": mean, "spread": mean[best] - mean[worst], "best_depth": best, "worst_depth": worst,
-            "separated": bool(np.min(area[best]) > np.max(area[worst]))}
+    return {
+        "accuracy_area": mean,
+        "spread": mean[best] - mean[worst],
+        "best_depth": best,
+        "worst_depth": worst,
+        "separated": bool(np.min(area[best]) > np.max(area[worst])),
+    }
 
 
 def verdict_meterez_fig4(rows: Sequence[dict], cfg: dict) -> Verdict:
@@ -576,34 +727,48 @@ def verdict_meterez_fig4(rows: Sequence[dict], cfg: dict) -> Verdict:
     stats = {w: _depth_spread({L: acc[w, L] for L in cfg["depths"]}) for w in cfg["weights"]}
     orth = {L: acc["orthogonal", L] for L in cfg["depths"]}
     final = {L: float(np.mean(c[:, -1])) for L, c in orth.items()}
-    measured = {"accuracy_area": {w: s["accuracy_area"] for w, s in stats.items()},
-                "spread_over_depths": {w: s["spread"] for w, s in stats.items()},
-                "final_train_accuracy": {w: {L: float(np.mean(acc[w, L][:, -1])) for L in cfg["depths"]}
-                                         for w in cfg["weights"]},
-                "final_test_accuracy": {w: {L: float(np.mean(test[w, L][:, -1])) for L in cfg["depths"]}
-                                        for w in cfg["weights"]}, "chance": chance}
-    rule = (f"orthogonal weights: the training-accuracy area (mean over epochs 1..E; run means) varies by at most "
-            f"{cfg['max_spread']:g} across depths {cfg['depths']} and every depth reaches ≥ 2× chance; not held when "
-            "the spread is larger and the best and worst depths' runs do not overlap")
+    measured = {
+        "accuracy_area": {w: s["accuracy_area"] for w, s in stats.items()},
+        "spread_over_depths": {w: s["spread"] for w, s in stats.items()},
+        "final_train_accuracy": {
+            w: {L: float(np.mean(acc[w, L][:, -1])) for L in cfg["depths"]} for w in cfg["weights"]
+        },
+        "final_test_accuracy": {
+            w: {L: float(np.mean(test[w, L][:, -1])) for L in cfg["depths"]} for w in cfg["weights"]
+        },
+        "chance": chance,
+    }
+    rule = (
+        f"orthogonal weights: the training-accuracy area (mean over epochs 1..E; run means) varies by at most "
+        f"{cfg['max_spread']:g} across depths {cfg['depths']} and every depth reaches ≥ 2× chance; not held when "
+        "the spread is larger and the best and worst depths' runs do not overlap"
+    )
     s = stats["orthogonal"]
     gauss = stats.get("gaussian", {}).get("spread", math.nan)
-    same = (f"Gaussian weights are as depth-independent at these depths (spread {gauss:.3f}): "
-            "the run does not show that orthogonality is what matters")
+    same = (
+        f"Gaussian weights are as depth-independent at these depths (spread {gauss:.3f}): "
+        "the run does not show that orthogonality is what matters"
+    )
     notes = (same,) if gauss <= cfg["max_spread"] else ()
     if math.isnan(s["spread"]):
         return Verdict("not held", rule, measured, notes=notes, reason="a depth diverged (NaN accuracy)")
     if max(final.values()) < 2 * chance:
-        return Verdict("undecided", rule, measured, notes=notes,
-                       reason="no depth learned (final accuracy < 2× chance)")
+        return Verdict("undecided", rule, measured, notes=notes, reason="no depth learned (final accuracy < 2× chance)")
     if min(float(np.min(c[:, 1])) for c in orth.values()) >= 0.99:
         return Verdict("undecided", rule, measured, notes=notes, reason="every depth is saturated after one epoch")
     if s["spread"] <= cfg["max_spread"] and min(final.values()) >= 2 * chance:
         return Verdict("held", rule, measured, notes=notes)
     if s["separated"] or min(final.values()) < 2 * chance:
-        return Verdict("not held", rule, measured, notes=notes, reason=(
-            f"depth {s['worst_depth']} trains slower than depth {s['best_depth']} in every run"))
-    return Verdict("undecided", rule, measured, notes=notes,
-                   reason="the spread over depths lies within the seed-to-seed range")
+        return Verdict(
+            "not held",
+            rule,
+            measured,
+            notes=notes,
+            reason=(f"depth {s['worst_depth']} trains slower than depth {s['best_depth']} in every run"),
+        )
+    return Verdict(
+        "undecided", rule, measured, notes=notes, reason="the spread over depths lies within the seed-to-seed range"
+    )
 
 
 def figure_meterez_fig4(rows: Sequence[dict], cfg: dict):
@@ -612,8 +777,9 @@ def figure_meterez_fig4(rows: Sequence[dict], cfg: dict):
     fig, axes = new_figure(len(cfg["weights"]) + 1)
     for ax, w in zip(axes, cfg["weights"]):
         for L in cfg["depths"]:
-            plot_depth_curves(ax, acc[w, L], label=f"L = {L}", layers=np.arange(E + 1),
-                              ylabel="training accuracy", log=False)
+            plot_depth_curves(
+                ax, acc[w, L], label=f"L = {L}", layers=np.arange(E + 1), ylabel="training accuracy", log=False
+            )
         ax.set_xlabel("epoch")
         ax.set_title(f"{w} weights, BN without mean reduction, width {cfg['width']}", fontsize=8)
         ax.legend(fontsize=7)
@@ -630,13 +796,21 @@ def figure_meterez_fig4(rows: Sequence[dict], cfg: dict):
     return fig
 
 
-register(Reproduction(
-    name="meterez-fig4", paper=METEREZ, figure="Fig. 4",
-    claim="with orthogonal weights and batch norm, SGD converges at an almost depth-independent rate: "
-          "different depths exhibit largely similar (training) accuracy curves",
-    columns=_M4_COLUMNS, config=_m4_config, units=_m4_units, verdict=verdict_meterez_fig4,
-    draw=figure_meterez_fig4, uses_data=True,
-))
+register(
+    Reproduction(
+        name="meterez-fig4",
+        paper=METEREZ,
+        figure="Fig. 4",
+        claim="with orthogonal weights and batch norm, SGD converges at an almost depth-independent rate: "
+        "different depths exhibit largely similar (training) accuracy curves",
+        columns=_M4_COLUMNS,
+        config=_m4_config,
+        units=_m4_units,
+        verdict=verdict_meterez_fig4,
+        draw=figure_meterez_fig4,
+        uses_data=True,
+    )
+)
 
 
 # --- Meterez et al. Fig. 6: middle layers stay near-orthogonal during training ---------------------
@@ -645,17 +819,29 @@ register(Reproduction(
 def _m6_config(o: Options) -> dict:
     """Ours (the paper's numbers are lost): width 100, batch 100, lr 0.1 so that the weights move."""
     big = not o.quick
-    return {"depth": 100 if big else 20, "series": [["linear", "identity", 0.0], ["tanh, k = 0.4", "tanh", 0.4]],
-            "norm": "rms", "width": 100 if big else 32, "batch": 100 if big else 64, "lr": 0.1,
-            "epochs": 10 if big else 3, **_common(o, 3, 2, "digits"), "record_every": 50 if big else 9,
-            "middle": "layers L/3 ≤ ℓ ≤ 2L/3", "max_ratio": 0.5, "min_move": 0.02, "max_loss_ratio": 0.5}
+    return {
+        "depth": 100 if big else 20,
+        "series": [["linear", "identity", 0.0], ["tanh, k = 0.4", "tanh", 0.4]],
+        "norm": "rms",
+        "width": 100 if big else 32,
+        "batch": 100 if big else 64,
+        "lr": 0.1,
+        "epochs": 10 if big else 3,
+        **_common(o, 3, 2, "digits"),
+        "record_every": 50 if big else 9,
+        "middle": "layers L/3 ≤ ℓ ≤ 2L/3",
+        "max_ratio": 0.5,
+        "min_move": 0.02,
+        "max_loss_ratio": 0.5,
+    }
 
 
 _M6_COLUMNS = ("series", "run", "epoch", "step", "layer", "quantity", "value")
 
 
-def weight_measures(W: torch.Tensor, W0: torch.Tensor, grad: torch.Tensor | None,
-                    gens: Sequence[torch.Generator]) -> dict[str, torch.Tensor]:
+def weight_measures(
+    W: torch.Tensor, W0: torch.Tensor, grad: torch.Tensor | None, gens: Sequence[torch.Generator]
+) -> dict[str, torch.Tensor]:
     """Per run (leading axis of the stacked ``W``, ``W₀``): the isometry gap ``-log I(WWᵀ)`` (the
     paper's quantity) and that of the control ``W₀ + O₁(W − W₀)O₂`` (run ``r`` draws from
     ``gens[r]``), the relative move ``‖W − W₀‖_F/‖W₀‖_F``, the relative defect
@@ -664,14 +850,15 @@ def weight_measures(W: torch.Tensor, W0: torch.Tensor, grad: torch.Tensor | None
     G = weight_gram(W64)
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     C = torch.stack([control_update(a, b, g) for a, b, g in zip(W0_64.cpu(), W64.cpu(), gens)])
-    q = {"weight_gap": isometry_gap(G), "control_gap": isometry_gap(weight_gram(C)),
-         "relative_move": torch.linalg.matrix_norm(W64 - W0_64) / torch.linalg.matrix_norm(W0_64),
-         "relative_defect": torch.linalg.matrix_norm(G - eye) / math.sqrt(G.shape[-1])}
+    q = {
+        "weight_gap": isometry_gap(G),
+        "control_gap": isometry_gap(weight_gram(C)),
+        "relative_move": torch.linalg.matrix_norm(W64 - W0_64) / torch.linalg.matrix_norm(W0_64),
+        "relative_defect": torch.linalg.matrix_norm(G - eye) / math.sqrt(G.shape[-1]),
+    }
     if grad is not None:
         q["grad_norm"] = torch.linalg.matrix_norm(grad.double())
     return q
-
-
 
 
 def _m6_units(cfg: dict, env: Env):
@@ -680,9 +867,19 @@ def _m6_units(cfg: dict, env: Env):
     names = [f"blocks.{ell}.fc.weight" for ell in range(L)]
 
     def build(run: int) -> dict[str, nn.Module]:
-        return {name: BNMLP(X.shape[1], cfg["width"], L, classes, norm=cfg["norm"], activation=act,
-                            gain_exponent=k, generator=_generator(cfg["seed"], run, 6000))
-                for name, act, k in series}
+        return {
+            name: BNMLP(
+                X.shape[1],
+                cfg["width"],
+                L,
+                classes,
+                norm=cfg["norm"],
+                activation=act,
+                gain_exponent=k,
+                generator=_generator(cfg["seed"], run, 6000),
+            )
+            for name, act, k in series
+        }
 
     def prepare(ens: Ensemble, start: dict) -> None:  # W_0, taken before a checkpoint is loaded
         start.update({g: {n: ens.params[g][n].detach().clone() for n in names} for g in ens.names})
@@ -694,19 +891,50 @@ def _m6_units(cfg: dict, env: Env):
                 for ell, n in enumerate(names, 1):
                     gens = [_generator(cfg["seed"], run, gi, ell, step) for run in ens.run_ids]
                     q = weight_measures(ens.params[g][n], start[g][n], ens.params[g][n].grad, gens)
-                    rows += [{"series": g, "run": run, "epoch": epoch, "step": step, "layer": ell,
-                              "quantity": quantity, "value": float(x)}
-                             for quantity, v in q.items() for run, x in zip(ens.run_ids, v.tolist())]
+                    rows += [
+                        {
+                            "series": g,
+                            "run": run,
+                            "epoch": epoch,
+                            "step": step,
+                            "layer": ell,
+                            "quantity": quantity,
+                            "value": float(x),
+                        }
+                        for quantity, v in q.items()
+                        for run, x in zip(ens.run_ids, v.tolist())
+                    ]
         return rows
 
     def loss_row(group: str, run: int, log: EpochLog, loss: float) -> dict:
-        return {"series": group, "run": run, "epoch": log.epoch, "step": log.step, "layer": "",
-                "quantity": "train_loss", "value": loss}
+        return {
+            "series": group,
+            "run": run,
+            "epoch": log.epoch,
+            "step": log.step,
+            "layer": "",
+            "quantity": "train_loss",
+            "value": loss,
+        }
 
     for key, runs in _run_batches(cfg, env):
         start: dict = {}
-        yield key, partial(_fit, cfg, env, key, runs, build, (X, y), loss_row, prepare=partial(prepare, start=start),
-                           measure=partial(measure, start=start), every=cfg["record_every"])
+        yield (
+            key,
+            partial(
+                _fit,
+                cfg,
+                env,
+                key,
+                runs,
+                build,
+                (X, y),
+                loss_row,
+                prepare=partial(prepare, start=start),
+                measure=partial(measure, start=start),
+                every=cfg["record_every"],
+            ),
+        )
 
 
 def _middle(depth: int) -> list[int]:
@@ -735,14 +963,17 @@ def _m6_series(rows: Sequence[dict], cfg: dict, name: str) -> dict:
     loss = run_curves(rows, "value", "epoch", cfg["epochs"] + 1, series=name, quantity="train_loss")
     g, c = gap[:, mid, -1].mean(axis=1), control[:, mid, -1].mean(axis=1)
     hidden = list(range(1, L))  # square hidden-to-hidden weights (layer 1 maps the input)
-    return {"middle_weight_gap": float(g.mean()), "middle_control_gap": float(c.mean()),
-            "gap_over_control_per_run": list(g / c),
-            "middle_relative_move": float(move[:, mid, -1].mean()),
-            "hidden_relative_move": float(move[:, hidden, -1].mean()),
-            "random_direction_prediction": float((move[:, mid, -1] ** 2).mean()),
-            "middle_mean_grad_norm": float(np.nanmean(grad[:, mid])),
-            "hidden_mean_grad_norm": float(np.nanmean(grad[:, hidden])),
-            "loss_final_over_initial": float(np.mean(loss[:, -1]) / np.mean(loss[:, 0]))}
+    return {
+        "middle_weight_gap": float(g.mean()),
+        "middle_control_gap": float(c.mean()),
+        "gap_over_control_per_run": list(g / c),
+        "middle_relative_move": float(move[:, mid, -1].mean()),
+        "hidden_relative_move": float(move[:, hidden, -1].mean()),
+        "random_direction_prediction": float((move[:, mid, -1] ** 2).mean()),
+        "middle_mean_grad_norm": float(np.nanmean(grad[:, mid])),
+        "hidden_mean_grad_norm": float(np.nanmean(grad[:, hidden])),
+        "loss_final_over_initial": float(np.mean(loss[:, -1]) / np.mean(loss[:, 0])),
+    }
 
 
 def _m6_decide(m: dict, cfg: dict) -> tuple[str, str]:
@@ -753,14 +984,18 @@ def _m6_decide(m: dict, cfg: dict) -> tuple[str, str]:
     if m["loss_final_over_initial"] > cfg["max_loss_ratio"]:
         return "undecided", f"training did not work (final/initial loss {m['loss_final_over_initial']:.2f})"
     if m["middle_relative_move"] < cfg["min_move"]:
-        return "undecided", (f"the middle weights moved only {m['middle_relative_move']:.3f} (relative): too little "
-                             "for the control to tell a bias from a random update")
+        return "undecided", (
+            f"the middle weights moved only {m['middle_relative_move']:.3f} (relative): too little "
+            "for the control to tell a bias from a random update"
+        )
     if (ratios <= cfg["max_ratio"]).all():
         return "held", ""
     if (ratios > cfg["max_ratio"]).all():
-        return "not held", (f"the middle weights' gap is {ratios.mean():.2f}× that of the same displacement in a "
-                            "random direction: they stay near-orthogonal because they move little "
-                            f"(relative move {m['middle_relative_move']:.3f}, gap ≈ move²), not by an implicit bias")
+        return "not held", (
+            f"the middle weights' gap is {ratios.mean():.2f}× that of the same displacement in a "
+            "random direction: they stay near-orthogonal because they move little "
+            f"(relative move {m['middle_relative_move']:.3f}, gap ≈ move²), not by an implicit bias"
+        )
     return "undecided", "the gap-to-control ratio is below the threshold in some runs only"
 
 
@@ -777,17 +1012,23 @@ def verdict_meterez_fig6(rows: Sequence[dict], cfg: dict) -> Verdict:
     """
     per = {name: _m6_series(rows, cfg, name) for name, _, _ in cfg["series"]}
     decided = {name: _m6_decide(m, cfg) for name, m in per.items()}
-    measured = {**{name: {**m, "verdict": decided[name][0]} for name, m in per.items()},
-                "middle_layers": _middle(cfg["depth"])}
-    rule = (f"per series and run, middle layers ({cfg['middle']}) at the last recorded step: mean isometry gap "
-            "-log I(WWᵀ) of the trained weights over that of the control W₀ + O₁(W − W₀)O₂ (Haar O₁, O₂: the same "
-            f"displacement in a random orientation); held iff ≤ {cfg['max_ratio']:g} in every run of every series; "
-            f"undecided if the middle weights moved < {cfg['min_move']:g} (relative) or final/initial loss > "
-            f"{cfg['max_loss_ratio']:g}")
-    theory = {"random_direction": "a random update of relative size ε raises the gap by ≈ ε² "
-                                  "(random_direction_prediction); one tangent to the orthogonal group by O(ε⁴)",
-              "statement": "no theorem: an empirical implicit bias of SGD towards orthogonal weights "
-                           "(Meterez et al. §4, App. F)"}
+    measured = {
+        **{name: {**m, "verdict": decided[name][0]} for name, m in per.items()},
+        "middle_layers": _middle(cfg["depth"]),
+    }
+    rule = (
+        f"per series and run, middle layers ({cfg['middle']}) at the last recorded step: mean isometry gap "
+        "-log I(WWᵀ) of the trained weights over that of the control W₀ + O₁(W − W₀)O₂ (Haar O₁, O₂: the same "
+        f"displacement in a random orientation); held iff ≤ {cfg['max_ratio']:g} in every run of every series; "
+        f"undecided if the middle weights moved < {cfg['min_move']:g} (relative) or final/initial loss > "
+        f"{cfg['max_loss_ratio']:g}"
+    )
+    theory = {
+        "random_direction": "a random update of relative size ε raises the gap by ≈ ε² "
+        "(random_direction_prediction); one tangent to the orthogonal group by O(ε⁴)",
+        "statement": "no theorem: an empirical implicit bias of SGD towards orthogonal weights "
+        "(Meterez et al. §4, App. F)",
+    }
     verdicts = [v for v, _ in decided.values()]
     reasons = "; ".join(f"{name}: {why}" for name, (v, why) in decided.items() if why)
     verdict = "not held" if "not held" in verdicts else "held" if set(verdicts) == {"held"} else "undecided"
@@ -806,20 +1047,32 @@ def figure_meterez_fig6(rows: Sequence[dict], cfg: dict):
         control, _ = _m6_array(rows, name, "control_gap", L)
         grad, grad_steps = _m6_array(rows, name, "grad_norm", L)  # no gradient at step 0
         # step 0 left out of the gap panel: W₀ is orthogonal to rounding (gap ~1e-15)
-        panels = ((axes[3 * k], gap[..., 1:], steps[1:], "isometry gap of W:  −log I(WWᵀ)"),
-                  (axes[3 * k + 1], grad, grad_steps, "‖∇_W L‖_F"))
+        panels = (
+            (axes[3 * k], gap[..., 1:], steps[1:], "isometry gap of W:  −log I(WWᵀ)"),
+            (axes[3 * k + 1], grad, grad_steps, "‖∇_W L‖_F"),
+        )
         for ax, values, xs, label in panels:
             for ell in range(1, L + 1):
                 thick = ell in mid
-                ax.plot(xs, values[:, ell - 1].mean(axis=0), color=cmap(0.9 * (ell - 1) / max(L - 1, 1)),
-                        lw=1.4 if thick else 0.6, alpha=1.0 if thick else 0.5)
+                ax.plot(
+                    xs,
+                    values[:, ell - 1].mean(axis=0),
+                    color=cmap(0.9 * (ell - 1) / max(L - 1, 1)),
+                    lw=1.4 if thick else 0.6,
+                    alpha=1.0 if thick else 0.5,
+                )
             ax.set_yscale("log")
             ax.set_xlabel("SGD step")
             ax.set_ylabel(label)
             ax.set_title(f"{name}: layers 1 (purple) … {L} (yellow); middle thick", fontsize=8)
         middle = [ell - 1 for ell in mid]
-        axes[3 * k].plot(steps[1:], control[:, middle, 1:].mean(axis=(0, 1)), "k--", lw=1.2,
-                         label="control: same displacement, random direction (middle mean)")
+        axes[3 * k].plot(
+            steps[1:],
+            control[:, middle, 1:].mean(axis=(0, 1)),
+            "k--",
+            lw=1.2,
+            label="control: same displacement, random direction (middle mean)",
+        )
         axes[3 * k].legend(fontsize=6)
         ax = axes[3 * k + 2]
         layers = np.arange(1, L + 1)
@@ -834,10 +1087,18 @@ def figure_meterez_fig6(rows: Sequence[dict], cfg: dict):
     return fig
 
 
-register(Reproduction(
-    name="meterez-fig6", paper=METEREZ, figure="Fig. 6 (App. F)",
-    claim="when the MLP grows very deep, the middle layers remain almost orthogonal even after many steps of SGD, "
-          "although their gradients are not negligible: an implicit bias to optimize over orthogonal matrices",
-    columns=_M6_COLUMNS, config=_m6_config, units=_m6_units, verdict=verdict_meterez_fig6,
-    draw=figure_meterez_fig6, uses_data=True,
-))
+register(
+    Reproduction(
+        name="meterez-fig6",
+        paper=METEREZ,
+        figure="Fig. 6 (App. F)",
+        claim="when the MLP grows very deep, the middle layers remain almost orthogonal even after many steps of SGD, "
+        "although their gradients are not negligible: an implicit bias to optimize over orthogonal matrices",
+        columns=_M6_COLUMNS,
+        config=_m6_config,
+        units=_m6_units,
+        verdict=verdict_meterez_fig6,
+        draw=figure_meterez_fig6,
+        uses_data=True,
+    )
+)

@@ -60,10 +60,7 @@ BUILTIN_TEXTS = (
         "Football is a team sport played with a round ball. Each team has eleven players, and they try to "
         "kick the ball into the other team's goal."
     ),
-    (
-        "Bread is made from flour, water and yeast. The yeast makes the dough rise before it is baked in a "
-        "hot oven."
-    ),
+    ("Bread is made from flour, water and yeast. The yeast makes the dough rise before it is baked in a hot oven."),
     (
         "A volcano is an opening in the ground where hot melted rock comes out. Some volcanoes have not "
         "erupted for thousands of years."
@@ -72,10 +69,7 @@ BUILTIN_TEXTS = (
         "The city has a large park with old trees, a small lake and many paths. On weekends families walk "
         "there and children play near the water."
     ),
-    (
-        "Bees collect nectar from flowers and turn it into honey. They live together in large groups "
-        "called colonies."
-    ),
+    ("Bees collect nectar from flowers and turn it into honey. They live together in large groups called colonies."),
 )
 _COLUMNS = (
     "text",
@@ -138,9 +132,7 @@ def _norms(rows: Sequence[dict]) -> list[dict]:
 
 
 def _checks(rows: Sequence[dict]) -> list[dict]:
-    return [
-        r for r in rows if r["point"] == "normalized" and r["theorem1_holds"] in (0, 1)
-    ]
+    return [r for r in rows if r["point"] == "normalized" and r["theorem1_holds"] in (0, 1)]
 
 
 def _margin(rows: Sequence[dict]) -> float:
@@ -156,11 +148,7 @@ def _margin(rows: Sequence[dict]) -> float:
 def _lowered(rows: Sequence[dict]) -> tuple[int, int]:
     """``(lowered, pairs)``: LayerNorm calls whose output gap is below their input gap."""
     gaps = {(r["text"], r["site"], r["point"]): r["gap"] for r in rows}
-    pairs = [
-        (gaps[t, s, "pre"], gaps.get((t, s, "post"), ""))
-        for t, s, p in gaps
-        if p == "pre"
-    ]
+    pairs = [(gaps[t, s, "pre"], gaps.get((t, s, "post"), "")) for t, s, p in gaps if p == "pre"]
     pairs = [(float(a), float(b)) for a, b in pairs if a != "" and b != ""]
     return sum(1 for a, b in pairs if b < a), len(pairs)
 
@@ -186,9 +174,7 @@ def figc5_verdict(rows: Sequence[dict], cfg: dict):
         "rounding) at every LayerNorm record of every text; not held if one record violates it; undecided if "
         "no record could be checked"
     )
-    theory = {
-        "theorem1": "I(LN(x) before affine) ≥ I(centred x) · (1 + Var(‖x_i − x̄_i‖)/mean²), deterministic"
-    }
+    theory = {"theorem1": "I(LN(x) before affine) ≥ I(centred x) · (1 + Var(‖x_i − x̄_i‖)/mean²), deterministic"}
     notes = (
         (
             f"the learned affine part of the LayerNorm comes after the checked point; {lowered} of {pairs} "
@@ -222,8 +208,7 @@ def _differences(cfg: dict) -> tuple[str, ...]:
     """What this run does differently from the authors' ``isometry_transformers.ipynb``."""
     texts = cfg["texts"]
     return (
-        f"model: {cfg['model']['name']}"
-        + ("" if cfg["model"]["asked"] == "gpt2" else " (the paper probed GPT-2)"),
+        f"model: {cfg['model']['name']}" + ("" if cfg["model"]["asked"] == "gpt2" else " (the paper probed GPT-2)"),
         (
             f"texts: {texts['source']} ({texts['count']} texts, first {texts['chars_per_text']} characters each); "
             f"the paper: {texts['paper']}"
@@ -253,21 +238,11 @@ def _drawn(rows: Sequence[dict], blocks: int) -> list[tuple[str, str]]:
     return [(s, k) for _, s, k in sorted(keep)]
 
 
-def _gap_stats(
-    rows: Sequence[dict], site: str, point: str
-) -> tuple[float, float, float]:
+def _gap_stats(rows: Sequence[dict], site: str, point: str) -> tuple[float, float, float]:
     """Mean, min and max over texts of the gap at ``site:point`` (NaN if no finite value)."""
-    v = np.array(
-        [
-            float(r["gap"])
-            for r in rows
-            if r["site"] == site and r["point"] == point and r["gap"] != ""
-        ]
-    )
+    v = np.array([float(r["gap"]) for r in rows if r["site"] == site and r["point"] == point and r["gap"] != ""])
     v = v[np.isfinite(v)]
-    return (
-        (float(v.mean()), float(v.min()), float(v.max())) if v.size else (math.nan,) * 3
-    )
+    return (float(v.mean()), float(v.min()), float(v.max())) if v.size else (math.nan,) * 3
 
 
 def _short(sites: Sequence[str]) -> list[str]:
@@ -368,11 +343,7 @@ def _loaded(model: str, device: str):
     """The model as ``isoprobe gpt2`` loads it (``gpt2``) or as ``isoprobe inspect`` does (any other)."""
     from isoprobe.models import load_gpt2, load_model
 
-    return (
-        load_gpt2(model, "pretrained", device=device)
-        if model == "gpt2"
-        else load_model(model, device)
-    )
+    return load_gpt2(model, "pretrained", device=device) if model == "gpt2" else load_model(model, device)
 
 
 def _model(options) -> str:
@@ -397,11 +368,7 @@ def _sites(model) -> list[str]:
     children of the model's longest ``ModuleList``)."""
     from torch import nn
 
-    lists = [
-        (len(m), name)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m)
-    ]
+    lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
         return ["norm"]
     count, name = max(lists)
@@ -413,12 +380,8 @@ def _texts(text_file: str | None) -> tuple[list[str], str]:
     from isoprobe.models import read_texts
 
     if text_file is None:
-        return [
-            t[:CHARS] for t in BUILTIN_TEXTS
-        ], "built-in sentences, not the paper's Simple English Wikipedia"
-    return [
-        t[:CHARS] for t in read_texts(text_files=[text_file])
-    ], f"texts of {Path(text_file).name}"
+        return [t[:CHARS] for t in BUILTIN_TEXTS], "built-in sentences, not the paper's Simple English Wikipedia"
+    return [t[:CHARS] for t in read_texts(text_files=[text_file])], f"texts of {Path(text_file).name}"
 
 
 def _config(options) -> dict:
@@ -456,18 +419,13 @@ def _text_rows(cfg: dict, text: str, index: int, env) -> list[dict]:
     from isoprobe.jobs import probe_texts
 
     loaded = _loaded(cfg["model"]["asked"], cfg["device"])
-    report = probe_texts(
-        loaded, [text], sites=cfg["sites"], batch_size=1, progress=False, notify=env.note
-    )
+    report = probe_texts(loaded, [text], sites=cfg["sites"], batch_size=1, progress=False, notify=env.note)
     return site_rows(report.records, index)
 
 
 def _units(cfg: dict, env) -> list:
     texts, _ = _texts(cfg["texts"]["file"])
-    return [
-        (f"text-{i}", functools.partial(_text_rows, cfg, t, i, env))
-        for i, t in enumerate(texts)
-    ]
+    return [(f"text-{i}", functools.partial(_text_rows, cfg, t, i, env)) for i, t in enumerate(texts)]
 
 
 register(

@@ -66,9 +66,7 @@ def _check_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def haar_orthogonal_(
-    weight: torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def haar_orthogonal_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Fill ``weight`` (out × in) in place with a Haar-random (semi-)orthogonal matrix.
 
     QR of a standard Gaussian ``Z`` (tall orientation), then ``Q ← Q · diag(sign(diag R))``
@@ -124,9 +122,7 @@ class RMSBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 2 or x.shape[0] < 2:
-            raise ValueError(
-                f"RMSBatchNorm expects a batch shaped (n, d) with n >= 2, got {tuple(x.shape)}"
-            )
+            raise ValueError(f"RMSBatchNorm expects a batch shaped (n, d) with n >= 2, got {tuple(x.shape)}")
         ms = x.square().mean(0, keepdim=True) + self.eps
         alive = ms > 0
         return x * torch.where(alive, torch.rsqrt(torch.where(alive, ms, 1.0)), 0.0)
@@ -269,9 +265,7 @@ class BNMLP(nn.Module):
         return self.readout(self.hidden(x)[-1])
 
 
-def first_layer_grad_log_norms(
-    net: BNMLP, x: torch.Tensor, labels: torch.Tensor, depths: Iterable[int]
-) -> np.ndarray:
+def first_layer_grad_log_norms(net: BNMLP, x: torch.Tensor, labels: torch.Tensor, depths: Iterable[int]) -> np.ndarray:
     """``log ‖∇_{W_1} L‖_F`` of the nested depth-``ℓ`` nets, for each ``ℓ`` in ``sorted(depths)``.
 
     ``L`` is the mean cross-entropy (a Lipschitz loss, Meterez et al. Lemma C.2) of the

@@ -153,9 +153,7 @@ class LNMLP(nn.Module):
         try:
             for name, module in self.named_modules():
                 if name and not list(module.children()):
-                    handles.append(
-                        module.register_forward_hook(lambda _m, _i, y, name=name: out.__setitem__(name, y))
-                    )
+                    handles.append(module.register_forward_hook(lambda _m, _i, y, name=name: out.__setitem__(name, y)))
             self(x)
         finally:
             for h in handles:

@@ -74,9 +74,7 @@ def isometry_gap_rate(d: int) -> float:
     return math.log1p(2.0 / _check_width(d))
 
 
-def meterez_bound(
-    depth: np.ndarray | int, d: int, gap0: float, C: float = METEREZ_FIG1_C
-) -> np.ndarray:
+def meterez_bound(depth: np.ndarray | int, d: int, gap0: float, C: float = METEREZ_FIG1_C) -> np.ndarray:
     """Theorem 1 as drawn in the authors' Fig. 1: ``φ₀ · exp(-ℓ / (C d² (1 + d φ₀)))``.
 
     ``depth`` may be an array of layer indices; returns a float64 array of the same shape.

@@ -200,8 +200,12 @@ class LNMLPSpec:
         key = ("shift", float(gain))
         if key not in self._stats_cache:
             act = self.activation
-            even = Activation(f"{act.name} (even part)", lambda x: (act.from_origin(x) + act.from_origin(-x)) / 2,
-                              tuple(sorted({k for p in act.kinks for k in (p, -p)})), kinks_known=act.kinks_known)
+            even = Activation(
+                f"{act.name} (even part)",
+                lambda x: (act.from_origin(x) + act.from_origin(-x)) / 2,
+                tuple(sorted({k for p in act.kinks for k in (p, -p)})),
+                kinks_known=act.kinks_known,
+            )
             self._stats_cache[key] = float(hermite_coefficients(even, 0, gain=key[1])[0])
         return self._stats_cache[key]
 
