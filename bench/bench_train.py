@@ -117,7 +117,7 @@ def bench(name: str, groups: dict[str, list[nn.Module]], batch: int, steps: int,
     }
 
 
-def time_reproductions() -> dict[str, float]:
+def time_reproductions() -> dict[str, tuple[float, str]]:
     from isoprobe.experiments import run_reproductions
 
     out = {}
@@ -125,7 +125,7 @@ def time_reproductions() -> dict[str, float]:
         for name in ("fig7", "fig2-trained", "meterez-fig4", "meterez-fig6"):
             t0 = time.perf_counter()
             (s,) = run_reproductions([name], quick=True, out_dir=tmp, show_progress=False, echo=lambda _m: None)
-            out[name] = (time.perf_counter() - t0, s["held"])
+            out[name] = (time.perf_counter() - t0, s["verdict"])
     return out
 
 
@@ -160,10 +160,10 @@ def main() -> None:
     torch.set_num_threads(before)
     if args.repro:
         total = 0.0
-        print("\n| reproduction (--quick, synthetic) | wall time (s) | held |\n|---|---|---|")
-        for name, (secs, held) in time_reproductions().items():
+        print("\n| reproduction (--quick, offline data) | wall time (s) | verdict |\n|---|---|---|")
+        for name, (secs, verdict) in time_reproductions().items():
             total += secs
-            print(f"| {name} | {secs:.1f} | {held} |", flush=True)
+            print(f"| {name} | {secs:.1f} | {verdict} |", flush=True)
         print(f"| all four | {total:.1f} | |")
         print(f"# load average after: {os.getloadavg()[0]:.1f}")
 

@@ -25,7 +25,16 @@ def test_sites_are_real_modules_with_stable_names():
     assert isinstance(block.fc, nn.Linear) and block.fc.bias is None
     assert isinstance(block.norm, nn.LayerNorm) and not block.norm.elementwise_affine
     assert isinstance(block.act, Act)
-    assert list(net.sites(_x().float())) == names
+    ran = []  # the leaves in execution order: the same as named_modules' order
+    hooks = [
+        m.register_forward_hook(lambda *_, name=name: ran.append(name))
+        for name in names
+        for m in [net.get_submodule(name)]
+    ]
+    net(_x().float())
+    for h in hooks:
+        h.remove()
+    assert ran == names
 
 
 def test_norm_module_follows_the_switches_and_order():

@@ -21,8 +21,6 @@ Sites, in execution order, each a real module a forward hook can watch::
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import nn
 
@@ -142,20 +140,3 @@ class LNMLP(nn.Module):
         for block in self.layers:
             reps.append(block(reps[-1]))
         return reps
-
-    def sites(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        """Output of every leaf module (``input_norm``, ``layers.ℓ.fc/act/norm``) in execution order.
-
-        Recorded with forward hooks on the modules themselves, removed before returning.
-        """
-        out: OrderedDict[str, torch.Tensor] = OrderedDict()
-        handles = []
-        try:
-            for name, module in self.named_modules():
-                if name and not list(module.children()):
-                    handles.append(module.register_forward_hook(lambda _m, _i, y, name=name: out.__setitem__(name, y)))
-            self(x)
-        finally:
-            for h in handles:
-                h.remove()
-        return out
