@@ -174,7 +174,12 @@ def figc5_verdict(rows: Sequence[dict], cfg: dict):
         "rounding) at every LayerNorm record of every text; not held if one record violates it; undecided if "
         "no record could be checked"
     )
-    theory = {"theorem1": "I(LN(x) before affine) ≥ I(centred x) · (1 + Var(‖x_i − x̄_i‖)/mean²), deterministic"}
+    theory = {
+        "theorem1": "I(LN(x) before affine) ≥ I(centred x) · (1 + Var(‖x_i − x̄_i‖)/mean²), deterministic",
+        "what_held_means": "the inequality holds for every input once eps is negligible against the items' "
+        "variances, so it can fail here only through eps or rounding: held says the Probe's measurement agrees "
+        "with the theorem on this model, not something pretraining causes (a random-init model passes too)",
+    }
     notes = (
         (
             f"the learned affine part of the LayerNorm comes after the checked point; {lowered} of {pairs} "
