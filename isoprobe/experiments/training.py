@@ -861,6 +861,42 @@ def weight_measures(
     return q
 
 
+def _m6_measure(cfg: dict, names: list[str], ens: Ensemble, step: int, epoch: int, start: dict) -> list[dict]:
+    """Rows of :func:`weight_measures` for every series, layer and run at ``step``."""
+    rows = []
+    with torch.no_grad():
+        for gi, g in enumerate(ens.names):
+            for ell, n in enumerate(names, 1):
+                gens = [_generator(cfg["seed"], run, gi, ell, step) for run in ens.run_ids]
+                q = weight_measures(ens.params[g][n], start[g][n], ens.params[g][n].grad, gens)
+                rows += [
+                    {
+                        "series": g,
+                        "run": run,
+                        "epoch": epoch,
+                        "step": step,
+                        "layer": ell,
+                        "quantity": quantity,
+                        "value": float(x),
+                    }
+                    for quantity, v in q.items()
+                    for run, x in zip(ens.run_ids, v.tolist())
+                ]
+    return rows
+
+
+def _m6_loss_row(group: str, run: int, log: EpochLog, loss: float) -> dict:
+    return {
+        "series": group,
+        "run": run,
+        "epoch": log.epoch,
+        "step": log.step,
+        "layer": "",
+        "quantity": "train_loss",
+        "value": loss,
+    }
+
+
 def _m6_units(cfg: dict, env: Env):
     X, y, classes = _images(env)
     L, series = cfg["depth"], [tuple(s) for s in cfg["series"]]
@@ -884,39 +920,6 @@ def _m6_units(cfg: dict, env: Env):
     def prepare(ens: Ensemble, start: dict) -> None:  # W_0, taken before a checkpoint is loaded
         start.update({g: {n: ens.params[g][n].detach().clone() for n in names} for g in ens.names})
 
-    def measure(ens: Ensemble, step: int, epoch: int, start: dict) -> list[dict]:
-        rows = []
-        with torch.no_grad():
-            for gi, g in enumerate(ens.names):
-                for ell, n in enumerate(names, 1):
-                    gens = [_generator(cfg["seed"], run, gi, ell, step) for run in ens.run_ids]
-                    q = weight_measures(ens.params[g][n], start[g][n], ens.params[g][n].grad, gens)
-                    rows += [
-                        {
-                            "series": g,
-                            "run": run,
-                            "epoch": epoch,
-                            "step": step,
-                            "layer": ell,
-                            "quantity": quantity,
-                            "value": float(x),
-                        }
-                        for quantity, v in q.items()
-                        for run, x in zip(ens.run_ids, v.tolist())
-                    ]
-        return rows
-
-    def loss_row(group: str, run: int, log: EpochLog, loss: float) -> dict:
-        return {
-            "series": group,
-            "run": run,
-            "epoch": log.epoch,
-            "step": log.step,
-            "layer": "",
-            "quantity": "train_loss",
-            "value": loss,
-        }
-
     for key, runs in _run_batches(cfg, env):
         start: dict = {}
         yield (
@@ -929,9 +932,9 @@ def _m6_units(cfg: dict, env: Env):
                 runs,
                 build,
                 (X, y),
-                loss_row,
+                _m6_loss_row,
                 prepare=partial(prepare, start=start),
-                measure=partial(measure, start=start),
+                measure=partial(_m6_measure, cfg, names, start=start),
                 every=cfg["record_every"],
             ),
         )
