@@ -49,6 +49,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -84,6 +85,9 @@ from isoprobe.metrics import isometry_gap
 from isoprobe.nets import BNMLP, LNMLP
 from isoprobe.theory import LNMLPSpec
 from isoprobe.training import Ensemble, EpochLog, TrainConfig, train
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "accuracy_area",
@@ -351,7 +355,7 @@ def verdict_fig7(rows: Sequence[dict], cfg: dict) -> Verdict:
     return Verdict("undecided", rule, measured, reason=why)
 
 
-def figure_fig7(rows: Sequence[dict], cfg: dict):
+def figure_fig7(rows: Sequence[dict], cfg: dict) -> Figure:
     betas, area, _ = _fig7_areas(rows, cfg)
     colors = _beta_colors(betas)
     E = cfg["epochs"]
@@ -553,7 +557,7 @@ def verdict_fig2_trained(rows: Sequence[dict], cfg: dict) -> Verdict:
     )
 
 
-def figure_fig2_trained(rows: Sequence[dict], cfg: dict):
+def figure_fig2_trained(rows: Sequence[dict], cfg: dict) -> Figure:
     values, steps, sites = _fig2t_values(rows, cfg)
     betas = {a: isometry_strength(a) for a in cfg["acts"]}
     colors = _beta_colors(betas)
@@ -771,7 +775,7 @@ def verdict_meterez_fig4(rows: Sequence[dict], cfg: dict) -> Verdict:
     )
 
 
-def figure_meterez_fig4(rows: Sequence[dict], cfg: dict):
+def figure_meterez_fig4(rows: Sequence[dict], cfg: dict) -> Figure:
     acc = _m4_curves(rows, cfg, "train_accuracy")
     E = cfg["epochs"]
     fig, axes = new_figure(len(cfg["weights"]) + 1)
@@ -1038,7 +1042,7 @@ def verdict_meterez_fig6(rows: Sequence[dict], cfg: dict) -> Verdict:
     return Verdict(verdict, rule, measured, theory, reason=reasons if verdict != "held" else "")
 
 
-def figure_meterez_fig6(rows: Sequence[dict], cfg: dict):
+def figure_meterez_fig6(rows: Sequence[dict], cfg: dict) -> Figure:
     from matplotlib import colormaps
 
     L, mid = cfg["depth"], _middle(cfg["depth"])
