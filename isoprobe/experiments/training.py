@@ -652,6 +652,14 @@ def _accuracy_rows(
     return rows
 
 
+def _keep_hidden_weights(ens: Ensemble, start: dict) -> None:
+    """``start[group][name] = W_ℓ(0)``, a copy of every hidden layer's weight (BNMLP's ``*.fc.weight``);
+    ``_fit`` calls it before a checkpoint is loaded, so it is the initialisation on a resumed run too."""
+    start.update(
+        {g: {n: p.detach().clone() for n, p in ens.params[g].items() if n.endswith(".fc.weight")} for g in ens.names}
+    )
+
+
 def _m4_move_rows(ens: Ensemble, start: dict, group: dict[str, tuple[str, int]], epoch: int) -> list[dict]:
     """``weight_move`` rows: ``Σ_ℓ ‖W_ℓ − W_ℓ(0)‖_F / ‖W_ℓ(0)‖_F`` over the hidden layers, per model."""
     rows = []
@@ -693,14 +701,6 @@ def _m4_units(cfg: dict, env: Env):
             for g, (w, L) in group.items()
         }
 
-    def prepare(ens: Ensemble, start: dict) -> None:  # W_0, taken before a checkpoint is loaded
-        start.update(
-            {
-                g: {n: p.detach().clone() for n, p in ens.params[g].items() if n.endswith(".fc.weight")}
-                for g in ens.names
-            }
-        )
-
     def evaluate(ens: Ensemble, step: int, epoch: int, start: dict) -> list[dict]:
         acc = [r for q, (xe, ye) in evals.items() for r in _accuracy_rows(ens, xe, ye, cfg["batch"], q, group, epoch)]
         return acc + (_m4_move_rows(ens, start, group, epoch) if epoch else [])
@@ -721,7 +721,7 @@ def _m4_units(cfg: dict, env: Env):
             build,
             (Xtr, ytr),
             loss_row,
-            prepare=partial(prepare, start=start),
+            prepare=partial(_keep_hidden_weights, start=start),
             evaluate=partial(evaluate, start=start),
         )
         yield key, lambda fit=fit: [chance, *fit()]
@@ -998,9 +998,6 @@ def _m6_units(cfg: dict, env: Env):
             for name, act, k in series
         }
 
-    def prepare(ens: Ensemble, start: dict) -> None:  # W_0, taken before a checkpoint is loaded
-        start.update({g: {n: ens.params[g][n].detach().clone() for n in names} for g in ens.names})
-
     for key, runs in _run_batches(cfg, env):
         start: dict = {}
         yield (
@@ -1014,7 +1011,7 @@ def _m6_units(cfg: dict, env: Env):
                 build,
                 (X, y),
                 _m6_loss_row,
-                prepare=partial(prepare, start=start),
+                prepare=partial(_keep_hidden_weights, start=start),
                 measure=partial(_m6_measure, cfg, names, start=start),
                 every=cfg["record_every"],
             ),
