@@ -429,30 +429,21 @@ def _measure_aligned(
     padded = pad is not None
     og = {"normalized": _orth_gap(Gn, n, padded), "post": _orth_gap(Gpost, n, padded)}
     og["centered"] = _orth_gap(Gc, n, padded)
-    if mu is None:
+    if mu is None:  # nothing subtracted: G_pre is G_c
         og["pre"] = og["centered"]
-        return _Pending(
-            points=("pre", "centered", "normalized", "post"),
-            gram_points=("pre", "post"),
-            grams=grams,
-            og=og,
-            same_as_pre=("centered",),
-            log_ratio=log_ratio,
-            factor=factor,
-            gram_normalized=Gn,
-            **common,
-        )
-    v = mu * math.sqrt(m)
-    og["pre"] = _orth_gap(Gc + v[..., :, None] * v[..., None, :], n, padded)
+        pre: dict[str, Any] = {"gram_points": ("pre", "post"), "same_as_pre": ("centered",)}
+    else:
+        v = mu * math.sqrt(m)
+        og["pre"] = _orth_gap(Gc + v[..., :, None] * v[..., None, :], n, padded)
+        pre = {"gram_points": ("centered", "post"), "pre_vector": v}
     return _Pending(
         points=("pre", "centered", "normalized", "post"),
-        gram_points=("centered", "post"),
         grams=grams,
         og=og,
-        pre_vector=v,
         log_ratio=log_ratio,
         factor=factor,
         gram_normalized=Gn,
+        **pre,
         **common,
     )
 

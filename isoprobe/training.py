@@ -356,6 +356,93 @@ def _bar(progress: bool | Callable[..., Any], total: int, initial: int, desc: st
     )
 
 
+def _check_train_args(X: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, every: int) -> int:
+    """The number of minibatches per epoch, after checking the inputs of :func:`train`."""
+    if X.shape[0] != y.shape[0] or y.ndim != 1:
+        raise ValueError(f"X has {X.shape[0]} items but y is shaped {tuple(y.shape)}; need (N,) labels")
+    if y.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be integer classes, got {y.dtype}")
+    steps = X.shape[0] // cfg.batch_size
+    if steps < 1:
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {X.shape[0]} training items")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"every must be an integer >= 0, got {every!r}")
+    return steps
+
+
+@dataclass
+class _Loop:
+    """One :func:`train` call's state: the data on the device, the optimizer and the hooks."""
+
+    ens: Ensemble
+    X: torch.Tensor
+    y: torch.Tensor
+    cfg: TrainConfig
+    opt: torch.optim.Optimizer
+    steps: int
+    measure: Hook | None
+    every: int
+    evaluate: Hook | None
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Epoch ``epoch``'s minibatches, ``(R, B, ...)`` inputs and ``(R, B)`` labels."""
+        B = self.cfg.batch_size
+        order = epoch_order(self.X.shape[0], self.ens.run_ids, self.cfg.seed, epoch).to(self.ens.device)
+        for b in range(self.steps):
+            idx = order[:, b * B : (b + 1) * B]
+            yield self.X[idx], self.y[idx]
+
+    def rows(self, hook: Hook | None, step: int, epoch: int) -> list[dict]:
+        if hook is None:
+            return []
+        with self.ens.frozen_buffers():
+            return _plain(list(hook(self.ens, step, epoch)))
+
+    def resume(self, path: Path | None, fingerprint: dict) -> tuple[list[EpochLog], int]:
+        """The logs so far and the last finished epoch: from the checkpoint, else epoch 0's log."""
+        ck = None if path is None else _load_checkpoint(path, fingerprint, self.cfg.epochs, self.ens.device)
+        if ck is not None:
+            self.ens.load_state_dict(ck["ensemble"])
+            self.opt.load_state_dict(ck["optimizer"])
+            return [EpochLog(**log) for log in ck["logs"]], int(ck["epoch"])
+        with torch.no_grad(), self.ens.frozen_buffers():
+            init = sum(self.ens.losses(xb, yb) for xb, yb in self.batches(1)) / self.steps
+        found = self.rows(self.measure, 0, 0) + self.rows(self.evaluate, 0, 0)
+        return [EpochLog(0, 0, init.double().cpu().tolist(), found)], 0
+
+    def epoch(self, epoch: int, bar: Any, postfix: bool) -> EpochLog:
+        """One epoch of SGD steps; ``postfix``: show the running loss on ``bar`` (a host sync)."""
+        ens, steps = self.ens, self.steps
+        step0 = (epoch - 1) * steps
+        show = max(1, steps // 10)
+        total = torch.zeros(len(ens.names), ens.runs, dtype=torch.float64, device=ens.device)
+        found = []
+        for b, (xb, yb) in enumerate(self.batches(epoch)):
+            losses = ens.losses(xb, yb)
+            self.opt.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            self.opt.step()
+            total += losses.detach().double()
+            step = step0 + b + 1
+            if self.every and step % self.every == 0:
+                found += self.rows(self.measure, step, epoch)
+            bar.update(1)
+            if postfix and (b + 1) % show == 0:
+                bar.set_postfix(epoch=epoch, loss=f"{(total / (b + 1)).nanmean().item():.4f}")
+        found += self.rows(self.evaluate, step0 + steps, epoch)
+        return EpochLog(epoch, step0 + steps, (total / steps).cpu().tolist(), found)
+
+    def save(self, path: Path, fingerprint: dict, logs: list[EpochLog]) -> None:
+        state = {
+            "fingerprint": fingerprint,
+            "epoch": logs[-1].epoch,
+            "ensemble": self.ens.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "logs": [asdict(log) for log in logs],
+        }
+        _save_checkpoint(path, state)
+
+
 def train(
     ens: Ensemble,
     X: torch.Tensor,
@@ -381,81 +468,20 @@ def train(
     A tqdm bar on stderr shows the mean loss over the models; ``progress``: ``False`` for none, or
     a factory ``progress(None, desc=..., total=...)`` of a tqdm-like bar (a runner's).
     """
-    if X.shape[0] != y.shape[0] or y.ndim != 1:
-        raise ValueError(f"X has {X.shape[0]} items but y is shaped {tuple(y.shape)}; need (N,) labels")
-    if y.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels must be integer classes, got {y.dtype}")
-    N, B = X.shape[0], cfg.batch_size
-    steps = N // B
-    if steps < 1:
-        raise ValueError(f"batch_size {B} exceeds the {N} training items")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ValueError(f"every must be an integer >= 0, got {every!r}")
+    steps = _check_train_args(X, y, cfg, every)
     device = ens.device
     X, y = X.to(device), y.to(device, torch.int64)
     opt = torch.optim.SGD(ens.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    loop = _Loop(ens, X, y, cfg, opt, steps, measure, every, evaluate)
     fingerprint = _fingerprint(ens, cfg, X, every, tag)
     path = None if checkpoint is None else Path(checkpoint)
-
-    logs: list[EpochLog] = []
-    start = 0
-    ck = None if path is None else _load_checkpoint(path, fingerprint, cfg.epochs, device)
-    if ck is not None:
-        ens.load_state_dict(ck["ensemble"])
-        opt.load_state_dict(ck["optimizer"])
-        logs = [EpochLog(**log) for log in ck["logs"]]
-        start = int(ck["epoch"])
-
-    def batches(epoch: int):
-        order = epoch_order(N, ens.run_ids, cfg.seed, epoch).to(device)
-        for b in range(steps):
-            idx = order[:, b * B : (b + 1) * B]
-            yield X[idx], y[idx]
-
-    def rows(hook: Hook | None, step: int, epoch: int) -> list[dict]:
-        if hook is None:
-            return []
-        with ens.frozen_buffers():
-            return _plain(list(hook(ens, step, epoch)))
-
-    if start == 0:
-        with torch.no_grad(), ens.frozen_buffers():
-            init = sum(ens.losses(xb, yb) for xb, yb in batches(1)) / steps
-        found = rows(measure, 0, 0) + rows(evaluate, 0, 0)
-        logs = [EpochLog(0, 0, init.double().cpu().tolist(), found)]
-
+    logs, start = loop.resume(path, fingerprint)
     bar = _bar(progress, cfg.epochs * steps, start * steps, desc)
-    show = max(1, steps // 10)
     try:
         for epoch in range(start + 1, cfg.epochs + 1):
-            step0 = (epoch - 1) * steps
-            total = torch.zeros(len(ens.names), ens.runs, dtype=torch.float64, device=device)
-            found = []
-            for b, (xb, yb) in enumerate(batches(epoch)):
-                losses = ens.losses(xb, yb)
-                opt.zero_grad(set_to_none=True)
-                losses.sum().backward()
-                opt.step()
-                total += losses.detach().double()
-                step = step0 + b + 1
-                if every and step % every == 0:
-                    found += rows(measure, step, epoch)
-                bar.update(1)
-                if progress is not False and (b + 1) % show == 0:  # a host sync: only for the bar
-                    bar.set_postfix(epoch=epoch, loss=f"{(total / (b + 1)).nanmean().item():.4f}")
-            found += rows(evaluate, step0 + steps, epoch)
-            logs.append(EpochLog(epoch, step0 + steps, (total / steps).cpu().tolist(), found))
+            logs.append(loop.epoch(epoch, bar, postfix=progress is not False))
             if path is not None:
-                _save_checkpoint(
-                    path,
-                    {
-                        "fingerprint": fingerprint,
-                        "epoch": epoch,
-                        "ensemble": ens.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "logs": [asdict(log) for log in logs],
-                    },
-                )
+                loop.save(path, fingerprint, logs)
             if on_epoch is not None:
                 on_epoch(logs)
     finally:

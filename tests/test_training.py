@@ -18,6 +18,7 @@ from torch import nn
 from isoprobe import Probe, distributed
 from isoprobe.experiments.common import rule_norms_never_raise, spearman
 from isoprobe.experiments.training import (
+    _m4_move_rows,
     control_update,
     loss_area,
     verdict_fig2_trained,
@@ -408,6 +409,44 @@ def test_verdict_meterez_fig4():
         verdict_meterez_fig4(_m4({4: [fast, fast], 64: [fast, [0.1, 0.5, math.nan, math.nan]]}), cfg).verdict
         == "not held"
     )
+
+
+def test_meterez_fig4_reason_gives_the_weight_moves():
+    cfg = {"depths": [4, 64], "weights": ["orthogonal", "gaussian"], "epochs": 3, "max_spread": 0.05}
+    fast, slow = [0.1, 0.6, 0.8, 0.9], [0.1, 0.2, 0.3, 0.4]
+    rows = _m4({4: [slow, slow], 64: [fast, fast]})
+
+    def moved(shallow: float, deep: float) -> list[dict]:
+        return [
+            {"weights": w, "depth": L, "run": r, "epoch": 1, "quantity": "weight_move", "value": v + 0.01 * r}
+            for w in cfg["weights"]
+            for L, v in ((4, shallow), (64, deep))
+            for r in range(2)
+        ]
+
+    bigger = verdict_meterez_fig4(rows + moved(0.16, 0.75), cfg)
+    assert bigger.verdict == "not held" and "depth 4 trains slower than depth 64" in bigger.reason
+    assert "moved more" in bigger.reason and "0.755 against 0.165" in bigger.reason
+    assert bigger.measured["weight_move_epoch1"] == {4: pytest.approx(0.165), 64: pytest.approx(0.755)}
+    smaller = verdict_meterez_fig4(rows + moved(0.75, 0.16), cfg)
+    assert smaller.verdict == "not held" and "mechanism not established" in smaller.reason
+    assert "not recorded" in verdict_meterez_fig4(rows, cfg).reason
+
+
+def test_m4_weight_move_is_the_summed_relative_frobenius_change():
+    models = [BNMLP(5, 4, 3, 2, generator=torch.Generator().manual_seed(r)) for r in range(2)]
+    ens = Ensemble({"g": models})
+    start = {"g": {n: p.detach().clone() for n, p in ens.params["g"].items() if n.endswith(".fc.weight")}}
+    scale = torch.tensor([[0.1, -0.3], [0.2, 0.0], [-0.05, 0.5]], dtype=torch.float32)  # (layer, run)
+    with torch.no_grad():
+        for ell, (n, W0) in enumerate(start["g"].items()):
+            ens.params["g"][n].copy_(W0 * (1 + scale[ell])[:, None, None])  # ‖ΔW‖/‖W‖ = |c|
+        ens.params["g"]["readout.weight"].mul_(3.0)  # the read-out is not a hidden layer
+    rows = _m4_move_rows(ens, start, {"g": ("orthogonal", 3)}, 1)
+    assert [r["value"] for r in rows] == pytest.approx(scale.abs().sum(0).tolist(), rel=1e-5)
+    assert {(r["weights"], r["depth"], r["epoch"], r["quantity"]) for r in rows} == {
+        ("orthogonal", 3, 1, "weight_move")
+    }
 
 
 _SERIES = [["linear", "identity", 0.0], ["tanh, k = 0.4", "tanh", 0.4]]

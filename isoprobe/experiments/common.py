@@ -11,12 +11,18 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from isoprobe.metrics import isometry_gap
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from isoprobe.nets import LNMLP
 
 __all__ = [
     "DANESHMAND",
@@ -157,7 +163,9 @@ def run_generator(seed: int, run: int, salt: int = 0) -> torch.Generator:
 # --- plots --------------------------------------------------------------------------------
 
 
-def new_figure(panels: int, ncols: int | None = None, size: tuple[float, float] = (4.2, 3.4)):
+def new_figure(
+    panels: int, ncols: int | None = None, size: tuple[float, float] = (4.2, 3.4)
+) -> tuple[Figure, list[Axes]]:
     """``(fig, axes)`` with ``panels`` axes in a grid (``axes`` a flat list).
 
     A bare ``matplotlib.figure.Figure``: no pyplot state, no backend switch, nothing to close.
@@ -175,7 +183,7 @@ def new_figure(panels: int, ncols: int | None = None, size: tuple[float, float] 
 
 
 def plot_depth_curves(
-    ax,
+    ax: Axes,
     values: np.ndarray,
     label: str,
     color: str | None = None,
@@ -227,7 +235,7 @@ def plot_depth_curves(
     return n_inf
 
 
-def log_axes_with_ticks(ax, xticks: Sequence[float]) -> None:
+def log_axes_with_ticks(ax: Axes, xticks: Sequence[float]) -> None:
     """Log–log axes with the x ticks at the given values, written plainly."""
     from matplotlib.ticker import NullFormatter
 
@@ -239,7 +247,7 @@ def log_axes_with_ticks(ax, xticks: Sequence[float]) -> None:
 # --- the sites of an LN-MLP (Joudaki et al. Fig. 2, at initialisation and trained) --------
 
 
-def site_gaps(net, x: torch.Tensor) -> list[dict]:
+def site_gaps(net: LNMLP, x: torch.Tensor) -> list[dict]:
     """Gaps of every site of one forward of an :class:`~isoprobe.nets.LNMLP`: rows ``{layer,
     site, gap, theorem1_holds}``, all from one :class:`~isoprobe.hooks.Probe` (the norms, and the
     fc layers as named sites); a collapsed site has ``gap = +inf``."""
@@ -272,7 +280,7 @@ def site_order(depth: int) -> list[tuple[int, str]]:
     return [(0, "input"), (0, "norm")] + [(ell, s) for ell in range(1, depth + 1) for s in ("fc", "act", "norm")]
 
 
-def draw_site_axis(ax, order: Sequence[tuple[int, str]], fontsize: float = 7) -> None:
+def draw_site_axis(ax: Axes, order: Sequence[tuple[int, str]], fontsize: float = 7) -> None:
     """Shade the norm (blue) and activation (green) columns of a plot over ``order``
     (:func:`site_order`) and label its x ticks ``input, norm-0, fc-1, act-1, norm-1, …``."""
     for i, (_, s) in enumerate(order):

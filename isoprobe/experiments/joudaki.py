@@ -21,7 +21,7 @@ are exact, the figures mark them with hollow circles).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -468,6 +468,44 @@ def _fig3_measure(rows: list[dict], cfg: dict, act: str) -> dict:
     }
 
 
+def _held_if_separated(
+    sep: Mapping[str, bool], why: str, rule: str, measured: dict, theory: dict, notes: tuple[str, ...] = ()
+) -> Verdict:
+    """``held`` when every activation of ``sep`` has its two curves separated by twice their combined
+    standard error, else ``undecided`` naming those that are not (``why`` says what is too close)."""
+    close = [a for a in sep if not sep[a]]
+    if close:
+        return Verdict("undecided", rule, measured, theory, notes=notes, reason=f"{', '.join(close)}: {why}")
+    return Verdict("held", rule, measured, theory, notes=notes)
+
+
+def _fig3_theory(cfg: dict, m: dict, by_beta: list[str]) -> dict:
+    """β, log β and the depth from which Theorem 4 applies to the inputs, per activation."""
+    G0 = LNMLPSpec("relu").input_gram(make_inputs(cfg))
+    return {
+        a: {
+            "beta": m[a]["beta"],
+            "log_beta": math.log(m[a]["beta"]),
+            "theorem4_applies_from_depth": theorem4_min_depth(G0, m[a]["beta"]),
+        }
+        for a in by_beta
+    }
+
+
+def _fig3_rule(lo: float, hi: float) -> str:
+    """The Fig. 3 rule, with the band [lo, hi] of the decay rate over log β."""
+    return (
+        f"held if the mean simulated gap is at most n·β^(−ℓ) at every depth ℓ ≤ L, its decay rate (−slope of "
+        f"log gap, fitted per run from ℓ = 0 while the mean gap is above 10× the finite-width floor n/(2d)) "
+        f"lies within [{lo:g}, {hi:g}]·log β for every activation, and the rates increase with β by more "
+        "than twice their combined standard error. The band is wide because Theorem 4's rate is an upper bound "
+        "that applies only from the depth ℓ₀ where (n − 1)γ(G_ℓ) ≤ 1/2 (theory: theorem4_applies_from_depth, "
+        "beyond L for these inputs); before it the mean-field recursion itself decays at 0.9–1.7·log β here "
+        "(mean_field_rate_over_log_beta, same depths), finite width adds a drift of order n/(2d) per layer "
+        "that slows the smallest rates, and a rate off by more than 2× (e.g. a linear net: rate 0) fails"
+    )
+
+
 def _fig3_verdict(rows: list[dict], cfg: dict) -> Verdict:
     m = {act: _fig3_measure(rows, cfg, act) for act in cfg["acts"]}
     by_beta = sorted(cfg["acts"], key=lambda a: m[a]["beta"])
@@ -478,26 +516,8 @@ def _fig3_verdict(rows: list[dict], cfg: dict) -> Verdict:
         for a, b in pairwise(by_beta)
     ]
     ordered, resolved = all(d > 0 for d, _ in steps), all(abs(d) > tol for d, tol in steps)  # NaN se: False
-    X0 = make_inputs(cfg)
-    G0 = LNMLPSpec("relu").input_gram(X0)
-    theory = {
-        a: {
-            "beta": m[a]["beta"],
-            "log_beta": math.log(m[a]["beta"]),
-            "theorem4_applies_from_depth": theorem4_min_depth(G0, m[a]["beta"]),
-        }
-        for a in by_beta
-    }
-    rule = (
-        f"held if the mean simulated gap is at most n·β^(−ℓ) at every depth ℓ ≤ L, its decay rate (−slope of "
-        f"log gap, fitted per run from ℓ = 0 while the mean gap is above 10× the finite-width floor n/(2d)) "
-        f"lies within [{lo:g}, {hi:g}]·log β for every activation, and the rates increase with β by more "
-        "than twice their combined standard error. The band is wide because Theorem 4's rate is an upper bound "
-        "that applies only from the depth ℓ₀ where (n − 1)γ(G_ℓ) ≤ 1/2 (theory: theorem4_applies_from_depth, "
-        "beyond L for these inputs); before it the mean-field recursion itself decays at 0.9–1.7·log β here "
-        "(mean_field_rate_over_log_beta, same depths), finite width adds a drift of order n/(2d) per layer "
-        "that slows the smallest rates, and a rate off by more than 2× (e.g. a linear net: rate 0) fails"
-    )
+    theory = _fig3_theory(cfg, m, by_beta)
+    rule = _fig3_rule(lo, hi)
     measured = m | {"decay_ordered_by_beta": ordered}
     fitted = [a for a in by_beta if m[a]["fitted_depths"] >= 4]
     if not below or not all(lo <= m[a]["rate_over_log_beta"] <= hi for a in fitted):
@@ -773,17 +793,8 @@ def _fig5_verdict(rows: list[dict], cfg: dict) -> Verdict:
             notes=notes,
             reason="projection did not lower the gap, or without it the gap still decayed",
         )
-    if not all(sep.values()):
-        return Verdict(
-            "undecided",
-            rule,
-            measured,
-            theory,
-            notes=notes,
-            reason=f"{', '.join(a for a in sep if not sep[a])}: the two variants differ by less than "
-            "twice their combined standard error (too few runs to separate them)",
-        )
-    return Verdict("held", rule, measured, theory, notes=notes)
+    why = "the two variants differ by less than twice their combined standard error (too few runs to separate them)"
+    return _held_if_separated(sep, why, rule, measured, theory, notes)
 
 
 # --quick: 5 runs, where 3 leave sigmoid's two variants (final gaps ≈ 0.34 and 0.62) within 2 SE of each other
@@ -1445,17 +1456,8 @@ def _figC3_verdict(rows: list[dict], cfg: dict) -> Verdict:
             else "the improvement for ReLU and leaky ReLU is not the largest"
         )
         return Verdict("not held", rule, measured, theory, reason=why, notes=notes)
-    if not all(sep.values()):
-        return Verdict(
-            "undecided",
-            rule,
-            measured,
-            theory,
-            notes=notes,
-            reason=f"{', '.join(a for a in sep if not sep[a])}: mean-field better by less than twice the "
-            "combined standard error",
-        )
-    return Verdict("held", rule, measured, theory, notes=notes)
+    why = "mean-field better by less than twice the combined standard error"
+    return _held_if_separated(sep, why, rule, measured, theory, notes)
 
 
 _declare_variants(

@@ -30,18 +30,22 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
 from isoprobe.activations import get_activation
-from isoprobe.experiments.base import Verdict
+from isoprobe.experiments.base import Env, Options, Unit, Verdict
 from isoprobe.experiments.common import run_generator, single_thread
 from isoprobe.hermite import isometry_strength
 from isoprobe.theory import LNMLPSpec, mean_field_spec
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 __all__ = [
     "MC_SAMPLES",
@@ -386,7 +390,7 @@ def _triple(v: PaperVariant) -> list:
     return [v.centering, v.normalization, v.activation_first]
 
 
-def paper_config(name: str, opt, default: dict, switches: dict[str, dict]) -> dict:
+def paper_config(name: str, opt: Options, default: dict, switches: dict[str, dict]) -> dict:
     """The config of ``name`` under the notebook protocol: the default config's keys (so the
     default verdict reads it), with the notebook's activations, widths, runs and inputs, the
     notebook network of every variant, and the default config itself under ``"isoprobe"``."""
@@ -501,7 +505,9 @@ def _tagged(compute: Callable[[], list[dict]], columns: Sequence[str]) -> list[d
     return [{col: r.get(col, "") for col in columns} | {"protocol": "isoprobe"} for r in compute()]
 
 
-def paper_units(cfg: dict, env, columns: Sequence[str], default_units) -> list:
+def paper_units(
+    cfg: dict, env: Env, columns: Sequence[str], default_units: Callable[[dict, Env], Iterable[Unit]]
+) -> list[Unit]:
     """The notebook-protocol units of every (width, activation, variant), then the default
     protocol's own units (rows tagged ``protocol = "isoprobe"``) for the comparison notes."""
     keys = [*cfg["notebook"]["variants"], *cfg["notebook"]["extra_variants"]]
@@ -622,7 +628,9 @@ def differing_checks(paper: dict, iso: dict) -> list[str]:
     return [f"{k}: notebook protocol {a[k]}, isoprobe's {b[k]}" for k in a if k in b and a[k] != b[k]]
 
 
-def paper_verdict(name: str, rows: Sequence[dict], cfg: dict, default_verdict) -> Verdict:
+def paper_verdict(
+    name: str, rows: Sequence[dict], cfg: dict, default_verdict: Callable[[list[dict], dict], Verdict]
+) -> Verdict:
     """The default rule on the notebook-protocol rows (the claim is the same), with notes comparing
     the two protocols."""
     paper, iso = split_rows(rows)
@@ -645,7 +653,7 @@ def _published_key(cfg: dict, v: PaperVariant) -> str:
     return next(k for k, t in {**nb["variants"], **nb["extra_variants"]}.items() if t == _triple(v))
 
 
-def _draw_pooled(ax, rows: Sequence[dict], depth: int, label: str, color: str) -> None:
+def _draw_pooled(ax: Axes, rows: Sequence[dict], depth: int, label: str, color: str) -> None:
     mean, lo, hi = pooled_curve(rows, depth)
     x = np.arange(depth + 1)
     ax.plot(x, mean, "o-", ms=2.5, lw=1.2, color=color, label=label)
@@ -661,7 +669,7 @@ def _panels(name: str, cfg: dict) -> list[tuple[str, dict]]:
     return [(act, {"act": act}) for act in _acts(cfg)]
 
 
-def paper_draw(name: str, rows: Sequence[dict], cfg: dict):
+def paper_draw(name: str, rows: Sequence[dict], cfg: dict) -> Figure:
     """The published figure's quantity, axes and series from the notebook-protocol rows: pooled
     mean of the pre- and post-norm gaps per layer with a 95 % bootstrap band, log y axis."""
     setup, (paper, _) = SETUPS[name], split_rows(rows)
@@ -703,7 +711,7 @@ def paper_draw(name: str, rows: Sequence[dict], cfg: dict):
     return fig
 
 
-def _draw_claim(ax, paper: Sequence[dict], cfg: dict) -> None:
+def _draw_claim(ax: Axes, paper: Sequence[dict], cfg: dict) -> None:
     """Fig. 8a's claim under the same protocol: each default variant (solid, dashed) per activation."""
     for act, color in zip(_acts(cfg), _COLORS):
         for key, style in zip(cfg["notebook"]["variants"], ("-", "--")):
@@ -718,31 +726,31 @@ def _draw_claim(ax, paper: Sequence[dict], cfg: dict) -> None:
 def with_paper_protocol(
     name: str,
     columns: Sequence[str],
-    config,
-    units,
-    verdict,
-    draw,
+    config: Callable[[Options], dict],
+    units: Callable[[dict, Env], Iterable[Unit]],
+    verdict: Callable[[list[dict], dict], Verdict],
+    draw: Callable[[list[dict], dict], Figure],
     switches: dict[str, dict],
-) -> dict:
+) -> dict[str, Any]:
     """Keyword arguments of :class:`~isoprobe.experiments.base.Reproduction` that add
     ``--protocol paper`` to the default declaration of ``name`` (``switches``: the LNMLPSpec
     switches of every variant key its config may name). The default protocol is left as declared;
     the paper protocol's rows have :data:`PAPER_COLUMNS` besides the declared columns."""
     cols = (*columns, *(c for c in PAPER_COLUMNS if c not in columns))
 
-    def cfg_(opt) -> dict:
+    def cfg_(opt: Options) -> dict:
         return paper_config(name, opt, config(opt), switches) if opt.protocol == "paper" else config(opt)
 
     def columns_(cfg: dict) -> tuple[str, ...]:
         return cols if cfg.get("protocol") == "paper" else tuple(columns)
 
-    def units_(cfg: dict, env) -> list:
+    def units_(cfg: dict, env: Env) -> Iterable[Unit]:
         return paper_units(cfg, env, cols, units) if cfg.get("protocol") == "paper" else units(cfg, env)
 
     def verdict_(rows: list[dict], cfg: dict) -> Verdict:
         return paper_verdict(name, rows, cfg, verdict) if cfg.get("protocol") == "paper" else verdict(rows, cfg)
 
-    def draw_(rows: list[dict], cfg: dict):
+    def draw_(rows: list[dict], cfg: dict) -> Figure:
         return paper_draw(name, rows, cfg) if cfg.get("protocol") == "paper" else draw(rows, cfg)
 
     return {

@@ -25,16 +25,21 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from isoprobe.experiments.base import (
+    Options,
     Reproduction,
     ReproductionOptionError,
     Verdict,
     register,
 )
 from isoprobe.experiments.common import JOUDAKI as PAPER
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["BUILTIN_TEXTS", "CHARS", "figc5_figure", "figc5_verdict", "site_rows"]
 
@@ -153,7 +158,7 @@ def _lowered(rows: Sequence[dict]) -> tuple[int, int]:
     return sum(1 for a, b in pairs if b < a), len(pairs)
 
 
-def figc5_verdict(rows: Sequence[dict], cfg: dict):
+def figc5_verdict(rows: Sequence[dict], cfg: dict) -> Verdict:
     """Theorem 1 at every LayerNorm record: held iff every checked record holds; undecided if none checked."""
     rows = _norms(rows)
     checks = _checks(rows)
@@ -281,7 +286,7 @@ def _model_label(model: dict) -> str:
     return f"{model['class']} from …/{'/'.join(Path(model['path']).parts[-2:])}"
 
 
-def figc5_figure(rows: Sequence[dict], cfg: dict):
+def figc5_figure(rows: Sequence[dict], cfg: dict) -> Figure:
     """Gap of the token Gram along every module of the last blocks (mean over texts, min–max band),
     each LayerNorm's input and output shaded red as in Fig. C.5, × its normalised point before
     the affine part."""
@@ -351,11 +356,11 @@ def _loaded(model: str, device: str):
     return load_gpt2(model, "pretrained", device=device) if model == "gpt2" else load_model(model, device)
 
 
-def _model(options) -> str:
+def _model(options: Options) -> str:
     return options.model or "gpt2"
 
 
-def check(options) -> None:
+def check(options: Options) -> None:
     """Fail before any work when the pretrained model cannot be loaded (offline without weights)."""
     from isoprobe.models import ModelLoadError
 
@@ -389,7 +394,7 @@ def _texts(text_file: str | None) -> tuple[list[str], str]:
     return [t[:CHARS] for t in read_texts(text_files=[text_file])], f"texts of {Path(text_file).name}"
 
 
-def _config(options) -> dict:
+def _config(options: Options) -> dict:
     check(options)
     loaded = _loaded(_model(options), options.device)
     texts, source = _texts(options.text_file)

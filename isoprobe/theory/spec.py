@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from isoprobe.activations import Activation, ActivationLike, get_activation
-from isoprobe.hermite import activation_stats, hermite_coefficients
+from isoprobe.hermite import ActivationStats, activation_stats, hermite_coefficients
 
 __all__ = [
     "CENTERINGS",
@@ -187,7 +187,7 @@ class LNMLPSpec:
         """``ξ`` of Xavier weights: ``xavier_gain`` if given, else torch's gain for the activation."""
         return float(self.xavier_gain) if self.xavier_gain is not None else self._torch_xavier_gain()
 
-    def stats(self, gain: float):
+    def stats(self, gain: float) -> ActivationStats:
         """Hermite statistics (``c0``, ``c1``, ``var``, ``beta``) of ``σ(gain · z)``, cached."""
         key = float(gain)
         if key not in self._stats_cache:
