@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from isoprobe import __version__
@@ -84,7 +86,13 @@ def _repro_list() -> str:
     default=None,
     help="figC5: a file of texts, separated by blank lines.",
 )
-@click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
+@click.option(
+    "--quiet",
+    "--no-progress",
+    "no_progress",
+    is_flag=True,
+    help="No progress bars on stderr (they are off anyway when stderr is not a terminal).",
+)
 def repro_command(
     names: tuple[str, ...],
     show_list: bool,
@@ -129,7 +137,7 @@ def repro_command(
                 names,
                 options,
                 out_dir,
-                show_progress=not no_progress,
+                show_progress=not no_progress and sys.stderr.isatty(),
                 echo=lambda msg: click.echo(msg, err=True),
             )
     except experiments.ReproductionOptionError as exc:  # bad name or option: checked before running

@@ -762,7 +762,7 @@ class Probe:
         Without a process group it changes nothing.
     equal_batches: with ``gather``, promise that every rank's batch has the same size (DDP with
         ``drop_last``), which skips the size exchange and its host synchronisation on a GPU.
-    sink: bounded memory for long runs: a path (``.csv``, else JSON lines) or a
+    sink: bounded memory for long runs: a path (``.csv``, or ``.jsonl`` for JSON lines) or a
         :class:`~isoprobe.records.RecordSink`; every record is written there as it is made and
         only per-(site, call, point) running summaries stay in memory (``summary()``), while
         ``records``/``pop_records()``/``probe[key]`` refuse (the records are in the file).
@@ -1018,8 +1018,22 @@ class Probe:
     def __getitem__(self, key: str) -> list[Record]:
         """Records whose key matches the glob ``key`` (:meth:`Record.matches`): ``"site:point"``
         for every call of the module, e.g. ``probe["*.ln_1:pre"]``; ``"site@k:point"`` for its
-        k-th call in each forward only (``probe["blocks.act@1:pre"]``; ``@0`` the first)."""
-        return [r for r in self._kept() if r.matches(key)]
+        k-th call in each forward only (``probe["blocks.act@1:pre"]``; ``@0`` the first).
+
+        A point that is not one of ``pre, centered, normalized, post`` (nor a glob), or a key that
+        matches none of the records made, is a ``KeyError`` that says what there is."""
+        point = key.rpartition(":")[2] if ":" in key else "*"
+        if point not in _rec.POINTS and not any(c in point for c in "*?["):
+            raise KeyError(f"{key!r}: the point must be one of {', '.join(_rec.POINTS)} (or a glob), got {point!r}")
+        kept = self._kept()
+        found = [r for r in kept if r.matches(key)]
+        if kept and not found:
+            sites = list(dict.fromkeys(r.site for r in kept))
+            raise KeyError(
+                f"no record matches {key!r}; recorded sites: {', '.join(sites[:6])}{', ...' if len(sites) > 6 else ''}"
+                " ('*' stands for one dotted component, '**' for any number)"
+            )
+        return found
 
     def summary(self) -> Summary:
         """One row per (site, call, point): mean/std over items and steps (:func:`records.summarize`).

@@ -115,6 +115,8 @@ def check_outputs(out: str | Path | None, plot: str | Path | None) -> None:
         if target.is_dir():
             raise IsADirectoryError(21, "is a directory (give a file name, e.g. plot.png)", str(target))
         parent = target.parent
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(20, "is a file, not a folder", str(parent))
         if not parent.is_dir():
             raise FileNotFoundError(2, "no such folder", str(parent))
         _writable_dir(parent)

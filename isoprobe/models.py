@@ -335,7 +335,7 @@ def read_texts(
     if dataset is not None:
         out += _dataset_texts(dataset, split, column, limit)
     if not out:
-        raise ValueError("no text given: use --text, --text-file or --dataset")
+        raise ValueError("no text given: use --text or --text-file (isoprobe inspect also reads --dataset)")
     for i, text in enumerate(out):
         if not text.strip():
             raise ValueError(f"text {i + 1} is empty")

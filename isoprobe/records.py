@@ -383,7 +383,7 @@ def _from_json_row(row: dict[str, Any]) -> Record:
 
 class RecordSink:
     """Records streamed to a file as they are made: CSV (``.csv``, the columns of :func:`csv_text`)
-    or JSON lines (any other suffix, e.g. ``.jsonl``: one record per line, ``+inf`` as ``"inf"``).
+    or JSON lines (``.jsonl``, ``.json``, ``.ndjson``: one record per line, ``+inf`` as ``"inf"``).
 
     The file is created (emptied) when the sink is made, so a path that cannot be written fails
     before any work; each :meth:`write` appends and flushes; :meth:`close` closes the file, and a
@@ -392,7 +392,14 @@ class RecordSink:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.csv = self.path.suffix.lower() == ".csv"
+        suffix = self.path.suffix.lower()
+        if suffix not in (".csv", ".jsonl", ".json", ".ndjson"):
+            raise ValueError(
+                f"sink {str(path)!r}: give a .csv or .jsonl file (JSON lines), not {suffix or 'no suffix'}"
+            )
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(2, "the sink's folder does not exist", str(self.path.parent))
+        self.csv = suffix == ".csv"
         self._file: io.TextIOBase | None = self.path.open("w", newline="", encoding="utf-8")
         if self.csv:
             csv.writer(self._file, lineterminator="\n").writerow(FIELDS)
@@ -540,7 +547,7 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str | None 
     x positions each, input (``pre``) and output (``post``); x ticks name the layer index (the
     first integer of the site name). Inside a norm site the line is red on a red band (shaded:
     the norm, input → output), inside an activation blue, inside a named module (kind ``"module"``) green; a dotted grey line joins one site's
-    output to the next site's input (the layers between sites: attention, linear maps). Crosses
+    output to the next site's input of the same view (the layers between sites: attention, linear maps). Crosses
     mark a norm's ``normalized`` point (before its affine part); triangles at the top a singular
     Gram (gap ``+inf``). y: mean gap ``−log I`` over items and steps (log scale when it spans
     more than a factor 20). Sized for one column (3.5 in wide, 300 dpi), legend under the axes.
@@ -607,7 +614,8 @@ def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
                 ms=3,
                 ls="none",
             )
-        if i + 1 < len(units):
+        # a site whose Gram is over other items (a pooler's sample view after token sites) is not joined
+        if i + 1 < len(units) and rows[(*units[i + 1], "pre")]["view"] == rows[(*unit, "pre")]["view"]:
             draw(
                 [2 * i + 1, 2 * i + 2],
                 [y(post), y(gap(units[i + 1], "pre"))],

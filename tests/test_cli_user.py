@@ -118,3 +118,10 @@ def test_gains_print_in_the_fewest_digits_that_read_back():
 def test_every_command_help_has_an_example(command):
     result = run(command, "--help")
     assert result.exit_code == 0 and f"isoprobe {command} " in result.output
+
+
+def test_repro_shows_no_progress_bar_off_a_terminal(tmp_path):
+    result = run("repro", "table2", "--quick", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "%|" not in result.output and "it/s" not in result.output and "table2: held" in result.output
+    assert run("repro", "table2", "--quick", "--quiet", "--out", str(tmp_path / "q")).exit_code == 0

@@ -63,8 +63,10 @@ def test_sink_streams_every_record_and_keeps_only_running_summaries(tmp_path):
 
 
 def test_sink_path_that_cannot_be_written_fails_before_any_forward(tmp_path):
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="the sink's folder does not exist"):
         Probe(tiny_model(), sink=tmp_path / "missing-dir" / "r.csv")
+    with pytest.raises(ValueError, match=r"give a \.csv or \.jsonl file"):
+        Probe(tiny_model(), sink=tmp_path / "r.parquet")  # was written as JSON lines under a parquet name
 
 
 def test_bounded_storage_stays_flat_over_10000_probed_steps(tmp_path):
@@ -103,3 +105,16 @@ def test_sites_of_the_wrong_type_say_what_sites_accepts(sites, shown):
     with pytest.raises(TypeError, match="sites must be None .every site., 'norm', 'activation', a glob") as info:
         Probe(tiny_model(), sites=sites)
     assert shown in str(info.value)
+
+
+def test_a_lookup_that_names_no_point_or_matches_nothing_says_what_there_is():
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.GELU())
+    probe = Probe(model)
+    assert probe["1:pre"] == []  # nothing recorded yet: an empty answer, not an error
+    with probe:
+        model(torch.randn(5, 4))
+    assert len(probe["1:pre"]) == 1 and len(probe["*:post"]) == 2
+    with pytest.raises(KeyError, match="must be one of pre, centered, normalized, post"):
+        probe["1:bogus"]
+    with pytest.raises(KeyError, match=r"no record matches 'h\.\*'; recorded sites: 1, 2"):
+        probe["h.*"]

@@ -223,3 +223,20 @@ def test_plot_ticks_name_layers_and_fit_a_column(tmp_path):
     records = [rec(site=site, point=p, gap=g) for site, _ in units for p, g in (("pre", 0.5), ("post", 0.2))]
     with Image.open(plot_records(records, tmp_path / "p.png", title="t")) as image:
         assert image.size == (1050, 930)  # 3.5 x 3.1 in at 300 dpi
+
+
+def test_plot_does_not_join_sites_of_different_views():
+    """A pooler's sample-view Gram (over the texts) after token-view sites is another quantity:
+    no dotted line may join it to the token curve, as if the pooler restored isometry."""
+    from matplotlib.figure import Figure
+
+    from isoprobe.records import _draw_sites
+
+    records = [rec(site=s, point=p, gap=g) for s in ("h.0.ln", "h.1.ln") for p, g in (("pre", 0.9), ("post", 0.8))]
+    pooler = [rec(site="pooler.act", point=p, gap=0.1, kind="activation") for p in ("pre", "post")]
+    records += [dataclasses.replace(r, view="sample") for r in pooler]
+    rows = {(r["site"], r["call"], r["point"]): r for r in summarize(records)}
+    ax = Figure().add_subplot()
+    _draw_sites(ax, rows, list(dict.fromkeys((s, c) for s, c, _ in rows)))
+    dotted = [line.get_xdata().tolist() for line in ax.lines if line.get_linestyle() == ":"]
+    assert dotted == [[1, 2]]  # h.0.ln -> h.1.ln only; nothing into the pooler at x = 4

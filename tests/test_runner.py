@@ -290,6 +290,27 @@ def test_several_paper_sets_keep_those_that_load_and_add_the_fallbacks(monkeypat
     assert base.data_label(provenance) == "on substitute data: synthetic, not MNIST"
 
 
+def test_a_fallback_that_cannot_load_gives_way_to_the_synthetic_set(monkeypatch):
+    """Without scikit-learn (the plain install) the digits substitute cannot load: the run goes on
+    with the built-in synthetic set and says so, instead of stopping."""
+    _offline(monkeypatch, available=("synthetic",))
+    notes: list[str] = []
+    provenance, images = base.resolve_data(data_request("cifar10", fallback="digits"), "auto", 0, notes.append)
+    assert list(images) == ["synthetic"] and provenance["used"] == "synthetic" and provenance["substitute"]
+    assert any("digits unavailable" in n and "synthetic set instead" in n for n in notes)
+    with pytest.raises(DataUnavailable):  # asked by name, digits is not replaced
+        base.resolve_data(data_request("cifar10", fallback="digits"), "digits", 0, notes.append)
+
+
+def test_the_console_line_gives_the_reason_of_every_verdict_but_held(tmp_path):
+    lines: list[str] = []
+    for verdict in ("not held", "undecided", "held"):
+        summary = {"verdict": verdict, "reason": f"why {verdict}" if verdict != "held" else "", "elapsed_s": 1.0}
+        base._announce(summary, tmp_path / "x.json", lines.append, "x")
+    assert lines[0].startswith("x: not held: why not held") and lines[1].startswith("x: undecided: why undecided")
+    assert lines[2].startswith("x: held (1.0 s)")
+
+
 def test_summary_counts_verdicts_and_keeps_substitute_data_apart():
     sub = {"substitute": True}
     rows = [

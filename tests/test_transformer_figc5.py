@@ -5,6 +5,7 @@ import json
 import pytest
 
 from isoprobe.experiments import Options, ReproductionOptionError, run_reproductions
+from isoprobe.experiments.base import summarize
 from isoprobe.experiments.transformer import (
     _block,
     _drawn,
@@ -115,6 +116,9 @@ def test_figc5_runs_on_the_pretrained_minilm_offline(minilm_path, monkeypatch, t
     assert model["class"] == "BertModel" and model["pretrained"] is True and model["path"] == str(minilm_path)
     assert on_disk["config"]["texts"]["paper_texts"] is False and on_disk["config"]["texts"]["count"] == 1
     assert (tmp_path / "out" / "figC5.png").stat().st_size > 10_000
+    # the model and texts are not the paper's: a substitute, labelled and counted apart
+    assert on_disk["data"]["substitute"] is True and on_disk["data"]["used"].endswith("on the texts of texts.txt")
+    assert "on substitute data (1): 1 held" in summarize([summary], tmp_path / "out")
 
 
 def test_all_leaves_figc5_out_offline_without_weights_and_says_why(monkeypatch):

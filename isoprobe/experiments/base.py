@@ -396,6 +396,8 @@ def check_options(options: Options) -> None:
         raise ReproductionOptionError("--device cuda: no CUDA device is available here (use --device cpu)")
     if options.protocol not in PROTOCOLS:
         raise ReproductionOptionError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {options.protocol!r}")
+    if options.data.endswith(".npz") and not Path(options.data).expanduser().is_file():
+        raise ReproductionOptionError(f"--data {options.data}: no such file")
     if options.data != "auto" and not is_image_source(options.data):
         raise ReproductionOptionError(
             f"--data must be auto, one of {', '.join(IMAGE_SOURCES)}, or a path to a "
@@ -518,7 +520,7 @@ def resolve_data(request: dict, asked: str, seed: int, note: Callable[[str], Non
         if missing:
             fallback = [n for n in _names(request.get("fallback", "synthetic")) if n not in images]
             note(f"offline: using {', '.join(fallback)} in place of {', '.join(missing)}")
-            images.update({n: load_images(n, limit=limit, seed=seed) for n in fallback})
+            images.update(_load_fallbacks(fallback, limit, seed, note))
     for batch in images.values():
         note(f"data: {batch.description}")
     used = list(images)
@@ -530,6 +532,22 @@ def resolve_data(request: dict, asked: str, seed: int, note: Callable[[str], Non
         "limit": limit,
     }
     return provenance, images
+
+
+def _load_fallbacks(names: list[str], limit: int | None, seed: int, note: Callable[[str], None]) -> dict:
+    """The fallback image sets; one that cannot load here (``digits`` without scikit-learn) gives way
+    to the built-in ``synthetic`` set, which always loads (and says so)."""
+    out: dict[str, ImageBatch] = {}
+    for name in names:
+        try:
+            out[name] = load_images(name, limit=limit, seed=seed)
+        except DataUnavailable as exc:
+            if name == "synthetic":
+                raise
+            note(f"{name} unavailable ({exc}): using the built-in synthetic set instead")
+            if "synthetic" not in names:
+                out["synthetic"] = load_images("synthetic", limit=limit, seed=seed)
+    return out
 
 
 def data_label(data: dict | None) -> str:
@@ -654,7 +672,7 @@ def _run_declared(rep: Reproduction, options: Options, out_dir: Path, env: Env) 
     verdict = rep.verdict(rows, cfg)
     if not isinstance(verdict, Verdict):
         raise TypeError(f"{rep.name}: the verdict function must return a Verdict, got {type(verdict).__name__}")
-    data = cfg.get("data") if rep.uses_data else None
+    data = cfg.get("data")  # resolved images (uses_data) or a provenance the config states itself
     _save_figure(rep.draw(rows, cfg), paths["png"], data_label(data))
     summary = _summary(rep, verdict, cfg, env.notes, time.perf_counter() - t0, data)
     _write_json(paths["json"], summary)
@@ -666,7 +684,7 @@ def _run_declared(rep: Reproduction, options: Options, out_dir: Path, env: Env) 
 
 def _announce(summary: dict, path: Path, echo: Callable[[str], None], st: str) -> None:
     label = data_label(summary.get("data"))
-    why = f": {summary['reason']}" if summary.get("verdict") == "undecided" and summary.get("reason") else ""
+    why = f": {summary['reason']}" if summary.get("verdict") != "held" and summary.get("reason") else ""
     echo(
         f"{st}: {summary['verdict']}{why}"
         + (f" [{label}]" if label else "")

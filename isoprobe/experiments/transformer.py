@@ -394,6 +394,18 @@ def _texts(text_file: str | None) -> tuple[list[str], str]:
     return [t[:CHARS] for t in read_texts(text_files=[text_file])], f"texts of {Path(text_file).name}"
 
 
+#: what the published Fig. C.5 ran on (the provenance's "paper")
+PAPER_DATA = "pretrained GPT-2 on Simple English Wikipedia"
+
+
+def _provenance(model_name: str, text_file: str | None) -> dict:
+    """The run's data provenance, in the layout the runner writes for image data: the texts are
+    never the paper's (built-in sentences or the user's file), so this is always a substitute."""
+    texts = "built-in sentences" if text_file is None else f"the texts of {Path(text_file).name}"
+    used = f"{model_name} on {texts}"
+    return {"paper": PAPER_DATA, "asked": used, "used": used, "substitute": True, "limit": None}
+
+
 def _config(options: Options) -> dict:
     check(options)
     loaded = _loaded(_model(options), options.device)
@@ -418,6 +430,7 @@ def _config(options: Options) -> dict:
             "paper": "Simple English Wikipedia (wikipedia 20220301.simple), first 512 characters of 10 "
             "articles, one per batch",
         },
+        "data": _provenance(loaded.name, options.text_file),
         "blocks": BLOCKS,
         "mode": "eval",
         "gram_dtype": "float64",
