@@ -261,9 +261,7 @@ def _trial_copy(module: nn.Module, shared: dict[int, object]) -> nn.Module | Non
         return None
 
 
-def _kind_of(
-    module: nn.Module, below_a_site: bool, shared: dict[int, object]
-) -> tuple[str, NormSpec | None] | None:
+def _kind_of(module: nn.Module, below_a_site: bool, shared: dict[int, object]) -> tuple[str, NormSpec | None] | None:
     found = _declared(module) or _torch_kind(module)
     if found is not None or below_a_site or _torch_own(module):
         return found
