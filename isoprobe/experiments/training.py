@@ -1130,7 +1130,7 @@ def figure_meterez_fig6(rows: Sequence[dict], cfg: dict) -> Figure:
         # step 0 left out of the gap panel: W₀ is orthogonal to rounding (gap ~1e-15)
         panels = (
             (axes[3 * k], gap[..., 1:], steps[1:], "isometry gap of W:  −log I(WWᵀ)"),
-            (axes[3 * k + 1], grad, grad_steps, "‖∇_W L‖_F"),
+            (axes[3 * k + 1], grad, grad_steps, r"$\|\nabla_W L\|_F$"),
         )
         for ax, values, xs, label in panels:
             for ell in range(1, L + 1):
