@@ -228,3 +228,81 @@ def test_olmo_layernorm_bloom_gelu_and_channels_first_layernorm_by_behaviour():
     capture.close()
     assert {r.view for r in probe.records} == {"sample"}
     check_records(probe.records, capture, {"1": channel_parts})
+
+
+class _OwnLayerNorm(nn.Module):
+    """Normalises itself with the weight and bias of a wrapped nn.LayerNorm that never runs
+    (how TransformerLens's NormalizationBridge computes); ``call_inner`` runs the wrapped one."""
+
+    def __init__(self, d: int, call_inner: bool = False):
+        super().__init__()
+        self.inner, self.call_inner = nn.LayerNorm(d, eps=1e-3), call_inner
+
+    def forward(self, x):
+        if self.call_inner:
+            return self.inner(x)
+        xc = x - x.mean(-1, keepdim=True)
+        return xc / (xc.square().mean(-1, keepdim=True) + 1e-3).sqrt() * self.inner.weight + self.inner.bias
+
+
+def test_a_norm_computed_from_a_wrapped_layernorm_is_the_site_and_the_wrapped_one_is_not():
+    """The wrapper that normalises itself is found as a norm (its eps, 1e-3, measured) in place
+    of the nn.LayerNorm it wraps, which never runs; a wrapper that calls it is a container and
+    the nn.LayerNorm stays the site. Every value against the reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), _OwnLayerNorm(16), _OwnLayerNorm(16, call_inner=True)).double()
+    with torch.no_grad():
+        model[1].inner.weight.uniform_(0.5, 2)
+        model[1].inner.bias.normal_()
+    sites = {s.name: s for s in Probe(model).sites}
+    assert {n: s.kind for n, s in sites.items()} == {"1": "norm", "2.inner": "norm"}
+    assert (sites["1"].norm.rule, sites["1"].norm.eps) == ("layer", 1e-3)
+    x = torch.randn(3, 9, 12, dtype=torch.float64)
+    probe = Probe(model)  # before the capture: discovery's trials would call 2.inner
+    capture = Capture(model, ["1", "2.inner"])
+    with torch.no_grad(), probe:
+        model(x)
+    capture.close()
+    assert {r.site for r in probe.records} == {"1", "2.inner"}
+    assert check_records(probe.records, capture, {"1": (1e-3, True), "2.inner": (1e-3, True)}) == 6
+
+
+class _HookedNet(nn.Module):
+    """A model naming its modules twice, as TransformerLens's ``hook_dict`` does."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.Identity())
+
+    @property
+    def hook_dict(self):
+        return {"resid": self.body[0], "ln.out": self.body[2], "nowhere": nn.Identity()}
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_hook_dict_aliases_select_the_modules_they_name():
+    """``hook_dict`` names (and their parents, by a shared last component) select the module
+    they stand for, under that name; one module picked twice is one site; a name outside the
+    model is not an alias."""
+    from isoprobe.sites import hook_aliases
+
+    model = _HookedNet()
+    assert hook_aliases(model) == {"resid": "body.0", "ln.out": "body.2"}
+    assert hook_aliases(nn.Linear(2, 2)) == {}
+    with pytest.raises(ValueError, match="nowhere"):
+        Probe(model, sites=["nowhere"])
+    probe = Probe(model, sites=["res*", "body.0", "norm"])
+    assert [(s.name, s.kind, s.module) for s in probe.sites] == [
+        ("resid", "module", model.body[0]),
+        ("body.1", "norm", model.body[1]),
+    ]
+    x = torch.randn(2, 5, 6)
+    with torch.no_grad(), probe:
+        model(x)
+    with torch.no_grad(), Probe(model, sites=["body.0"]) as plain:
+        model(x)
+    assert [(r.point, r.isometry_gap) for r in probe.records if r.site == "resid"] == [
+        (r.point, r.isometry_gap) for r in plain.records
+    ]
