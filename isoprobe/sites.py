@@ -23,7 +23,8 @@ they do.
   itself and replaces them: TransformerLens's ``NormalizationBridge`` normalises with the
   weight and bias of the ``nn.LayerNorm`` it wraps, which never runs.
 
-A norm's ``eps`` is read from an ``eps``/``variance_epsilon``/``epsilon`` attribute, else
+A norm's ``eps`` is read from its own ``eps``/``variance_epsilon``/``epsilon`` attribute (not
+one a ``__getattr__`` forwards from a wrapped module, which may not be the eps it uses), else
 measured: for rows ``s·u`` (``u`` centred, unit variance) the odd part ``o(x) = (f(x) - f(-x))/2
 = w ⊙ x_c / sqrt(var + eps)`` has ``R(s) = ‖o(s u)‖² / ‖o(u)‖² = s² (1 + eps) / (s² + eps)``, so
 ``eps = s² (1 - R) / (R - s²)`` at the scale whose ``R`` is nearest 1/2 (any affine weight and
@@ -199,7 +200,8 @@ def _behaviour(trial: _Trial) -> tuple[str, NormSpec | None] | None:
     if not _same(trial(x * scale), y):
         return None
     layer = _same(trial(x + 10 * trial.randn(*trial.per_row)), y)
-    eps = next((getattr(trial.module, a) for a in _EPS_ATTRS if hasattr(trial.module, a)), None)
+    own = (a for a in _EPS_ATTRS if a in vars(trial.module) or hasattr(type(trial.module), a))
+    eps = next((getattr(trial.module, a) for a in own), None)  # not one a __getattr__ forwards
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         eps = _measured_eps(trial, center=layer)
     return "norm", NormSpec("layer" if layer else "rms", float(eps), channels=trial.channels)

@@ -232,11 +232,20 @@ def test_olmo_layernorm_bloom_gelu_and_channels_first_layernorm_by_behaviour():
 
 class _OwnLayerNorm(nn.Module):
     """Normalises itself with the weight and bias of a wrapped nn.LayerNorm that never runs
-    (how TransformerLens's NormalizationBridge computes); ``call_inner`` runs the wrapped one."""
+    (how TransformerLens's NormalizationBridge computes, with its eps from elsewhere);
+    ``call_inner`` runs the wrapped one."""
 
     def __init__(self, d: int, call_inner: bool = False):
         super().__init__()
-        self.inner, self.call_inner = nn.LayerNorm(d, eps=1e-3), call_inner
+        self.inner, self.call_inner = nn.LayerNorm(d, eps=1e-3 if call_inner else 0.1), call_inner
+
+    def __getattr__(self, name):  # forwards to the wrapped module, as the bridge does
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner":
+                raise
+            return getattr(self.inner, name)
 
     def forward(self, x):
         if self.call_inner:
@@ -246,8 +255,9 @@ class _OwnLayerNorm(nn.Module):
 
 
 def test_a_norm_computed_from_a_wrapped_layernorm_is_the_site_and_the_wrapped_one_is_not():
-    """The wrapper that normalises itself is found as a norm (its eps, 1e-3, measured) in place
-    of the nn.LayerNorm it wraps, which never runs; a wrapper that calls it is a container and
+    """The wrapper that normalises itself is found as a norm in place of the nn.LayerNorm it
+    wraps, which never runs (its eps, 1e-3, is measured: the 0.1 it forwards from the wrapped
+    module is not what it computes with); a wrapper that calls it is a container and
     the nn.LayerNorm stays the site. Every value against the reference."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), _OwnLayerNorm(16), _OwnLayerNorm(16, call_inner=True)).double()
