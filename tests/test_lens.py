@@ -1,7 +1,8 @@
 """TransformerLens (4.x, ``TransformerBridge`` around a HuggingFace model): the Probe finds its
-activations and takes its hook points and norm components as named sites; every value equals
-the Probe's on the same random-init GPT-2 run as a plain HuggingFace model, to the float32
-rounding by which the bridge's own LayerNorm arithmetic differs from torch's."""
+norms (with their four points) and activations, and selects its hook points by their
+TransformerLens names; every value equals the Probe's on the same random-init model run as a
+plain HuggingFace model, to the float32 rounding by which the bridge's own LayerNorm arithmetic
+differs from torch's."""
 
 from __future__ import annotations
 
@@ -19,22 +20,33 @@ lens = pytest.importorskip(
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def tokenizer(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.WordLevel({f"w{i}": i for i in range(127)} | {"<unk>": 127}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     path = tmp_path_factory.mktemp("wordlevel")  # the bridge reloads its tokenizer from a path; no hub
     PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<unk>").save_pretrained(path)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def bridged(hf, architecture: str, tokenizer):
+    """The bridge around a copy of ``hf`` (the bridge rewires the model it is given)."""
+    return lens.TransformerBridge.boot_transformers(
+        architecture, hf_model=copy.deepcopy(hf), tokenizer=tokenizer
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(
         GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=16, attn_implementation="eager")
     ).eval()  # as the bridge runs it
-    wrapped = copy.deepcopy(hf)  # the bridge rewires the model it is given
-    bridge = lens.TransformerBridge.boot_transformers("gpt2", hf_model=wrapped, tokenizer=tokenizer).eval()
-    return hf, bridge
+    return hf, bridged(hf, "gpt2", tokenizer)
 
 
 def hf_name(name: str) -> str:
@@ -116,3 +128,43 @@ def test_bridge_hook_points_by_their_transformer_lens_names(models):
         else:  # the residual stream around a block
             twin = ref[(hf_name(block), "pre" if hook == "hook_resid_pre" else "post", r.item)]
         assert r.isometry_gap == pytest.approx(twin.isometry_gap, rel=1e-4, abs=1e-9), (r, twin)
+
+
+def test_llama_bridge_rms_norms_run_the_huggingface_module_which_stays_the_site(tokenizer):
+    """The bridge's RMSNorm components call HF's own LlamaRMSNorm (bit-equal logits): a norm
+    below that runs, so the wrapped module stays the norm site and the bridge is a container;
+    every record equals HF Llama's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    hf = LlamaForCausalLM(config).eval()
+    bridge = bridged(hf, "meta-llama/Llama-2-7b-hf", tokenizer)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(bridge(ids), hf(ids).logits)
+    with torch.no_grad(), Probe(bridge) as probe:
+        bridge(ids)
+    with torch.no_grad(), Probe(hf) as reference:
+        hf(ids)
+    norms = {s.name for s in probe.sites if s.kind == "norm"}
+    assert len(norms) == 5 and all(n.endswith("._original_component") for n in norms)
+
+    def hf_llama(name):
+        return "model." + name.replace("._original_component", "").replace("blocks.", "layers.").replace(
+            "ln_final", "norm"
+        )
+
+    ref = {(r.site, r.point, r.item): r for r in reference.records}
+    assert len(probe.records) == len(reference.records) > 0
+    for r in probe.records:
+        assert_equal_records(r, ref[(hf_llama(r.site), r.point, r.item)])
