@@ -258,7 +258,9 @@ def _text_probe_options(command):
             type=click.Choice(["float64", "float32"]),
             default="float64",
             show_default=True,
-            help="Gram dtype (float32: less exact near collapse, and on CPU not faster).",
+            help="Gram dtype (float32: cheaper, half the Gram products' cost; each record then "
+            "states gap_error, an estimate of its gap's error, and item groups near collapse are "
+            "measured again in float64).",
         ),
         click.option(
             "--quiet", is_flag=True, help="No progress bar on stderr (it is off anyway when stderr is not a terminal)."

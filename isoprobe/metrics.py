@@ -136,7 +136,8 @@ class SpectralStats(NamedTuple):
     """What every isometry statistic of a Gram needs, computed once, all float64 ``(...)``.
 
     ``log_mean_eig = log(tr(G)/n)``; ``mean_log_eig = log det(G) / n`` (``-inf`` if singular);
-    ``rank`` the numerical rank (``n`` on the Cholesky path, which proves full rank).
+    ``rank`` the numerical rank (``n`` on the Cholesky path, which proves full rank), float64
+    from :func:`spectral_stats` (NaN, like the other two, where ``G`` is not finite).
     """
 
     log_mean_eig: torch.Tensor
@@ -189,9 +190,9 @@ def _finite_matrices(G: torch.Tensor) -> torch.Tensor:
 
 
 def _spectral_stats(G: torch.Tensor, rtol: float | None = None) -> tuple[SpectralStats, torch.Tensor, torch.Tensor]:
-    """:func:`spectral_stats` and its Cholesky part: ``(stats, trusted, L)`` (``L`` is valid
-    where ``trusted``), for callers that reuse the factor (rank-one updates of ``G``)."""
-    G = _check_gram(G)
+    """:func:`spectral_stats` of a Gram shaped ``(..., n, n)``, ``n >= 2`` (not checked again)
+    and its Cholesky part: ``(stats, trusted, L)`` (``L`` is valid where ``trusted``), for
+    callers that reuse the factor (rank-one updates of ``G``). ``rank`` is int64, finite or not."""
     if rtol is None:
         rtol = _default_rtol(G)
     G64 = G.to(torch.float64)
@@ -219,9 +220,12 @@ def spectral_stats(G: torch.Tensor, rtol: float | None = None) -> SpectralStats:
     """Float64 log mean and mean log of the eigenvalues of ``G``, and its numerical rank.
 
     Cholesky log-determinant (``log det G = 2 Σ log L_ii``) where the factorisation succeeds
-    with a smallest pivot well above the rank tolerance, eigenvalues elsewhere.
+    with a smallest pivot well above the rank tolerance, eigenvalues elsewhere. ``G`` is checked
+    (module docstring): not symmetric is a ``ValueError``, not finite gives NaN in all three.
     """
-    return _spectral_stats(G, rtol)[0]
+    G = _check_symmetric(_check_gram(G))
+    stats, _, _ = _spectral_stats(G, rtol)
+    return stats._replace(rank=_nan_unless(stats.rank.to(torch.float64), _finite_matrices(G)))
 
 
 def isometry_gap(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
@@ -230,7 +234,7 @@ def isometry_gap(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
     ``(..., n, n) -> (...)`` float64, in ``[0, +inf]``; ``+inf`` exactly when ``G`` is singular
     (numerical rank below ``n``, see the module docstring for ``rtol``).
     """
-    return _gap_of(spectral_stats(_check_symmetric(_check_gram(G)), rtol), G.shape[-1])
+    return _gap_of(_spectral_stats(_check_symmetric(_check_gram(G)), rtol)[0], G.shape[-1])
 
 
 def _gap_of(stats: SpectralStats, n: int) -> torch.Tensor:

@@ -9,8 +9,9 @@ they do.
   ``"module"``, or ``"norm"`` with ``norm_rule`` and ``eps`` (isoprobe's own networks do);
 - any other module by its *behaviour* (class names and parameter names are not consulted): a
   module whose parameters, its own and its descendants', are 1-D vectors of one size (or none)
-  is run (``.forward``, so that hooks on it do not fire; no gradient;
-  random state restored) on a small probe input of shape ``(2, 3, d)`` (rows along the last
+  is run (``.forward`` of a deep copy, so that hooks do not fire and buffers, counters and
+  caches of the model stay as they were; no gradient; random state restored) on a small probe
+  input of shape ``(2, 3, d)`` (rows along the last
   dimension), and then ``(2, d, 3, 3)`` (rows along the channels). It is an *activation*
   if it acts entry by entry (permuting the input's entries permutes the output's) and is not
   affine (``f(x + x') + f(0) ≠ f(x) + f(x')``); a *norm over the rows* if, not entrywise, its
@@ -18,7 +19,11 @@ they do.
   ``"layer"``) if a per-row shift leaves it unchanged too, RMSNorm-like (``"rms"``) otherwise;
   rows along the channels give ``NormSpec.channels``. ``d`` is the size of the module's 1-D
   parameters, else 8, else the last entry of a ``normalized_shape`` attribute. This finds e.g. OLMo's LayerNorm (no parameter at all,
-  ``F.layer_norm`` in a plain module) and BLOOM's ``BloomGelu``. A module with sites below it
+  ``F.layer_norm`` in a plain module) and BLOOM's ``BloomGelu``. The copy is bounded: a
+  candidate of more than ``_TRIAL_MAX_MODULES`` modules (itself and its descendants)
+  or ``_TRIAL_MAX_ENTRIES`` parameter and buffer entries, or one that cannot be
+  deep-copied, is not tried (select it by name to probe it); the model's other modules and
+  tensors that it refers to are shared with the copy, not copied. A module with sites below it
   is a container, and no site, if one of them runs when it runs; if none does, it computes by
   itself and replaces them: TransformerLens's ``NormalizationBridge`` normalises with the
   weight and bias of the ``nn.LayerNorm`` it wraps, which never runs.
@@ -39,6 +44,7 @@ discovered site keeps its kind and points.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -98,6 +104,8 @@ _TORCH_RMSNORM = getattr(nn, "RMSNorm", None)  # torch >= 2.4
 _SOFTMAX_FAMILY = ("MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d")
 _EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
 _PROBE_WIDTH = 8
+_TRIAL_MAX_MODULES = 16  # a candidate's own module and its parameter-free descendants
+_TRIAL_MAX_ENTRIES = 1 << 22  # parameter and buffer entries of a candidate (16 MiB in float32)
 
 
 def _declared(module: nn.Module) -> tuple[str, NormSpec | None] | None:
@@ -146,7 +154,7 @@ def _probe_widths(module: nn.Module) -> list[int] | None:
 
 
 class _Trial:
-    """Runs ``module.forward`` on probe inputs (fresh copies, no gradient, random state restored)
+    """Runs ``module.forward`` (of a copy: :func:`_trial_copy`) on probe inputs (fresh copies, no gradient, random state restored)
     in one layout: ``(2, 3, width)`` with rows along the last dimension, or ``(2, width, 3, 3)``
     with rows along the channels (``channels``)."""
 
@@ -235,6 +243,28 @@ def _torch_own(module: nn.Module) -> bool:
     return cls.__module__.startswith("torch.nn.") and cls is not nn.Module
 
 
+def _shared_objects(model: nn.Module) -> dict[int, object]:
+    """``id → object`` of every module, parameter and buffer of ``model``: a deep-copy memo."""
+    return {id(x): x for x in (*model.modules(), *model.parameters(), *model.buffers())}
+
+
+def _trial_copy(module: nn.Module, shared: dict[int, object]) -> nn.Module | None:
+    """A deep copy of ``module`` for the trials (its forward may update buffers, counters or
+    caches), sharing the objects of ``shared`` outside ``module``; ``None`` (not tried) beyond
+    ``_TRIAL_MAX_MODULES`` modules or ``_TRIAL_MAX_ENTRIES`` tensor entries, or if not copyable."""
+    inside = list(module.modules())
+    tensors = [*module.parameters(), *module.buffers()]
+    if len(inside) > _TRIAL_MAX_MODULES or sum(t.numel() for t in tensors) > _TRIAL_MAX_ENTRIES:
+        return None
+    memo = dict(shared)
+    for x in (*inside, *tensors):
+        memo.pop(id(x), None)
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception:  # a lock, a generator, a non-leaf tensor attribute: not tried
+        return None
+
+
 @contextmanager
 def _calls(modules: Sequence[nn.Module]) -> Iterator[list[int]]:
     """Counts the forward calls of ``modules`` while the block runs (pre-hooks, removed after)."""
@@ -247,17 +277,23 @@ def _calls(modules: Sequence[nn.Module]) -> Iterator[list[int]]:
             handle.remove()
 
 
-def _kind_of(module: nn.Module, below: Sequence[nn.Module]) -> tuple[str, NormSpec | None] | None:
-    """The module's kind; ``below``: the sites found under it. A module is tried only if none
-    of them runs when it runs (it computes the norm itself from a wrapped module's parameters)."""
+def _kind_of(module: nn.Module, below: Sequence[str], shared: dict[int, object]) -> tuple[str, NormSpec | None] | None:
+    """The module's kind; ``below``: the sites found under it, by name relative to it. A module
+    is a site only if none of them runs when it runs (it computes the norm itself from a wrapped
+    module's parameters); ``shared``: :func:`_trial_copy`."""
     found = _declared(module) or _torch_kind(module)
     if found is not None or _torch_own(module):
         return found
-    for width in _probe_widths(module) or []:
+    widths = _probe_widths(module) or []
+    trial_module = _trial_copy(module, shared) if widths else None
+    if trial_module is None:
+        return None
+    for width in widths:
         for channels in (False, True):
-            with _calls(below) as ran:
+            watched = [trial_module.get_submodule(name) for name in below]
+            with _calls(watched) as ran:
                 try:
-                    found = _behaviour(_Trial(module, width, channels))
+                    found = _behaviour(_Trial(trial_module, width, channels))
                 except Exception:  # not callable on a tensor of this layout: try the next one
                     continue
             if ran[0]:
@@ -272,12 +308,12 @@ def discover_sites(model: nn.Module) -> list[Site]:
     ``named_modules`` order (module docstring). A module that computes by itself what the
     sites below it would (their modules never run) replaces them."""
     modules = list(model.named_modules())
+    shared = _shared_objects(model)
     kinds: dict[str, tuple[str, NormSpec | None]] = {}
-    by_name = dict(modules)
     for name, module in reversed(modules):  # children before parents
         prefix = f"{name}." if name else ""
         below = [other for other in kinds if other.startswith(prefix)]
-        found = _kind_of(module, [by_name[other] for other in below])
+        found = _kind_of(module, [other[len(prefix) :] for other in below], shared)
         if found is not None:
             for other in below:  # wrapped, never run: the module computes it itself
                 del kinds[other]

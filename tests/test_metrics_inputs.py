@@ -9,6 +9,20 @@ import torch
 
 import isoprobe as ip
 
+
+
+def spectral_log_mean_eig(G):
+    return ip.spectral_stats(G).log_mean_eig
+
+
+def spectral_mean_log_eig(G):
+    return ip.spectral_stats(G).mean_log_eig
+
+
+def spectral_rank(G):
+    return ip.spectral_stats(G).rank
+
+
 GRAM_METRICS = [
     ip.isometry,
     ip.isometry_gap,
@@ -16,6 +30,9 @@ GRAM_METRICS = [
     ip.lyapunov_gamma,
     ip.effective_rank,
     ip.numerical_rank,
+    spectral_log_mean_eig,
+    spectral_mean_log_eig,
+    spectral_rank,
 ]
 
 
@@ -73,3 +90,14 @@ def test_norm_variation_factor_and_gram_propagate_nan():
 def test_numerical_rank_counts_as_whole_numbers():
     X = torch.randn(5, 3, dtype=torch.float64)
     assert ip.numerical_rank(X @ X.T).item() == 3.0
+
+
+def test_spectral_stats_rank_is_the_numerical_rank_as_float64():
+    torch.manual_seed(2)
+    X = torch.randn(2, 5, 3, dtype=torch.float64)
+    G = X @ X.mT
+    G[1] = torch.eye(5, dtype=torch.float64)
+    G = torch.cat([G, torch.zeros(1, 5, 5, dtype=torch.float64)])  # a zero Gram: rank 0, not NaN
+    stats = ip.spectral_stats(G)
+    assert stats.rank.dtype == torch.float64 and torch.equal(stats.rank, ip.numerical_rank(G))
+    assert stats.rank.tolist() == [3.0, 5.0, 0.0]

@@ -316,3 +316,82 @@ def test_hook_dict_aliases_select_the_modules_they_name():
     assert [(r.point, r.isometry_gap) for r in probe.records if r.site == "resid"] == [
         (r.point, r.isometry_gap) for r in plain.records
     ]
+
+
+class RunningLayerNorm(nn.Module):
+    """A foreign LayerNorm that, in training mode, updates a running mean of its inputs (like a
+    BatchNorm's statistics or a torch.ao observer) and counts its calls in a Python attribute."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d))
+        self.register_buffer("running_mean", torch.zeros(d))
+        self.eps, self.calls = 1e-5, 0
+
+    def forward(self, h):
+        self.calls += 1
+        if self.training:
+            self.running_mean.mul_(0.9).add_(0.1 * h.detach().flatten(0, -2).mean(0))
+        hc = h - h.mean(-1, keepdim=True)
+        return self.weight * hc / torch.sqrt(hc.square().mean(-1, keepdim=True) + self.eps)
+
+
+class CachingGelu(nn.Module):
+    """A foreign GELU that remembers the shape of every input it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, h):
+        self.seen.append(tuple(h.shape))
+        return nn.functional.gelu(h)
+
+
+def test_discovery_by_behaviour_leaves_buffers_counters_and_caches_untouched():
+    """The trials run on copies: the model's buffers, Python attributes and caches are as they
+    were after Probe(model) and discover_sites(model); only the real forward reaches them."""
+    from isoprobe.sites import discover_sites
+
+    d = 6
+    model = nn.Sequential(nn.Linear(4, d), RunningLayerNorm(d), CachingGelu()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    found = {s.name: s.kind for s in discover_sites(model)}
+    probe = Probe(model)
+    assert found == {s.name: s.kind for s in probe.sites} == {"1": "norm", "2": "activation"}
+    assert probe.sites[0].module is model[1] and probe.sites[1].module is model[2]
+    assert model[1].calls == 0 and model[2].seen == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with probe:
+        model(torch.randn(3, 5, 4))
+    assert model[1].calls == 1 and model[2].seen == [(3, 5, d)]
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])
+
+
+def test_discovery_copies_only_small_modules_and_shares_the_rest_of_the_model(monkeypatch):
+    """A candidate with more parameter and buffer entries (or modules) than the bound is not
+    tried, hence not copied nor called; a model module a candidate refers to is not copied."""
+    from isoprobe import sites
+
+    big = CachingGelu()
+    big.register_buffer("table", torch.zeros(sites._TRIAL_MAX_ENTRIES + 1))
+    model = nn.Sequential(nn.Linear(4, 4), big, CachingGelu())
+    object.__setattr__(model[2], "owner", model)  # a plain reference up to the whole model
+    assert [s.name for s in sites.discover_sites(model)] == ["2"]
+    assert big.seen == [] and model[2].seen == []
+    shared = sites._shared_objects(model)
+    copied = sites._trial_copy(model[2], shared)
+    assert copied is not model[2] and copied.owner is model
+    wrapped = nn.Sequential(nn.Linear(4, 4), WrappedGelu())  # a candidate of two modules
+    assert [s.name for s in sites.discover_sites(wrapped)] == ["1"]
+    monkeypatch.setattr(sites, "_TRIAL_MAX_MODULES", 1)
+    assert sites.discover_sites(wrapped) == [] and wrapped[1].seen == []
+
+
+class WrappedGelu(CachingGelu):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, h):
+        return super().forward(self.drop(h))
