@@ -105,6 +105,7 @@ _SOFTMAX_FAMILY = ("MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "So
 _EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
 _PROBE_WIDTH = 8
 _TRIAL_MAX_MODULES = 16  # a candidate's own module and its parameter-free descendants
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 _TRIAL_MAX_ENTRIES = 1 << 22  # parameter and buffer entries of a candidate (16 MiB in float32)
 
 
@@ -259,6 +260,9 @@ def _trial_copy(module: nn.Module, shared: dict[int, object]) -> nn.Module | Non
     memo = dict(shared)
     for x in (*inside, *tensors):
         memo.pop(id(x), None)
+    for hooks in (getattr(m, attr, None) for m in inside for attr in _HOOK_DICTS):
+        if hooks:  # the copy runs without the model's own hooks (a user's, a hook library's)
+            memo[id(hooks)] = type(hooks)()
     try:
         return copy.deepcopy(module, memo)
     except Exception:  # a lock, a generator, a non-leaf tensor attribute: not tried

@@ -268,12 +268,12 @@ def test_a_norm_computed_from_a_wrapped_layernorm_is_the_site_and_the_wrapped_on
     assert {n: s.kind for n, s in sites.items()} == {"1": "norm", "2.inner": "norm"}
     assert (sites["1"].norm.rule, sites["1"].norm.eps) == ("layer", 1e-3)
     x = torch.randn(3, 9, 12, dtype=torch.float64)
-    probe = Probe(model)  # before the capture: discovery's trials would call 2.inner
-    capture = Capture(model, ["1", "2.inner"])
-    with torch.no_grad(), probe:
+    capture = Capture(model, ["1", "2.inner"])  # discovery's trials run without its hooks
+    with torch.no_grad(), Probe(model) as probe:
         model(x)
     capture.close()
     assert {r.site for r in probe.records} == {"1", "2.inner"}
+    assert [len(calls) for calls in capture.data.values()] == [1, 1]
     assert check_records(probe.records, capture, {"1": (1e-3, True), "2.inner": (1e-3, True)}) == 6
 
 
