@@ -10,7 +10,6 @@ import torch
 import isoprobe as ip
 
 
-
 def spectral_log_mean_eig(G):
     return ip.spectral_stats(G).log_mean_eig
 
