@@ -376,7 +376,7 @@ def select_sites(
     chosen: dict[str, str] = {}  # qualified name -> the name the site takes
     for pattern in patterns:
         if pattern in KINDS:
-            chosen |= {s.name: s.name for s in sites if s.kind == pattern}
+            chosen = {s.name: s.name for s in sites if s.kind == pattern} | chosen
             continue
         hits = {name: name for name in named if name and match_name(name, pattern)}
         hits |= {name: alias for alias, name in aliases.items() if match_name(alias, pattern) and name not in hits}

@@ -286,7 +286,7 @@ class _HookedNet(nn.Module):
 
     @property
     def hook_dict(self):
-        return {"resid": self.body[0], "ln.out": self.body[2], "nowhere": nn.Identity()}
+        return {"resid": self.body[0], "lnorm": self.body[1], "ln.out": self.body[2], "nowhere": nn.Identity()}
 
     def forward(self, x):
         return self.body(x)
@@ -299,7 +299,9 @@ def test_hook_dict_aliases_select_the_modules_they_name():
     from isoprobe.sites import hook_aliases
 
     model = _HookedNet()
-    assert hook_aliases(model) == {"resid": "body.0", "ln.out": "body.2"}
+    assert hook_aliases(model) == {"resid": "body.0", "lnorm": "body.1", "ln.out": "body.2"}
+    assert [(s.name, s.kind) for s in Probe(model, sites=["lnorm", "norm"]).sites] == [("lnorm", "norm")]
+    assert [(s.name, s.kind) for s in Probe(model, sites=["norm", "lnorm"]).sites] == [("body.1", "norm")]
     assert hook_aliases(nn.Linear(2, 2)) == {}
     with pytest.raises(ValueError, match="nowhere"):
         Probe(model, sites=["nowhere"])
