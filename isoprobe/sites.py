@@ -8,10 +8,10 @@ they do.
 - modules that declare themselves with an ``isoprobe_site`` attribute: ``"activation"``,
   ``"module"``, or ``"norm"`` with ``norm_rule`` and ``eps`` (isoprobe's own networks do);
 - any other module by its *behaviour* (class names and parameter names are not consulted): a
-  module whose own parameters are 1-D vectors of one size (or none), whose descendants hold no
-  parameter and no site, is run (``.forward`` of a deep copy, so that hooks do not fire and
-  buffers, counters and caches of the model stay as they were; no gradient; random state
-  restored) on a small probe input of shape ``(2, 3, d)`` (rows along the last
+  module whose parameters, its own and its descendants', are 1-D vectors of one size (or none)
+  is run (``.forward`` of a deep copy, so that hooks do not fire and buffers, counters and
+  caches of the model stay as they were; no gradient; random state restored) on a small probe
+  input of shape ``(2, 3, d)`` (rows along the last
   dimension), and then ``(2, d, 3, 3)`` (rows along the channels). It is an *activation*
   if it acts entry by entry (permuting the input's entries permutes the output's) and is not
   affine (``f(x + x') + f(0) ≠ f(x) + f(x')``); a *norm over the rows* if, not entrywise, its
@@ -20,12 +20,16 @@ they do.
   rows along the channels give ``NormSpec.channels``. ``d`` is the size of the module's 1-D
   parameters, else 8, else the last entry of a ``normalized_shape`` attribute. This finds e.g. OLMo's LayerNorm (no parameter at all,
   ``F.layer_norm`` in a plain module) and BLOOM's ``BloomGelu``. The copy is bounded: a
-  candidate of more than ``_TRIAL_MAX_MODULES`` modules (itself and its parameter-free
-  descendants) or ``_TRIAL_MAX_ENTRIES`` parameter and buffer entries, or one that cannot be
+  candidate of more than ``_TRIAL_MAX_MODULES`` modules (itself and its descendants)
+  or ``_TRIAL_MAX_ENTRIES`` parameter and buffer entries, or one that cannot be
   deep-copied, is not tried (select it by name to probe it); the model's other modules and
-  tensors that it refers to are shared with the copy, not copied.
+  tensors that it refers to are shared with the copy, not copied. A module with sites below it
+  is a container, and no site, if one of them runs when it runs; if none does, it computes by
+  itself and replaces them: TransformerLens's ``NormalizationBridge`` normalises with the
+  weight and bias of the ``nn.LayerNorm`` it wraps, which never runs.
 
-A norm's ``eps`` is read from an ``eps``/``variance_epsilon``/``epsilon`` attribute, else
+A norm's ``eps`` is read from its own ``eps``/``variance_epsilon``/``epsilon`` attribute (not
+one a ``__getattr__`` forwards from a wrapped module, which may not be the eps it uses), else
 measured: for rows ``s·u`` (``u`` centred, unit variance) the odd part ``o(x) = (f(x) - f(-x))/2
 = w ⊙ x_c / sqrt(var + eps)`` has ``R(s) = ‖o(s u)‖² / ‖o(u)‖² = s² (1 + eps) / (s² + eps)``, so
 ``eps = s² (1 - R) / (R - s²)`` at the scale whose ``R`` is nearest 1/2 (any affine weight and
@@ -41,8 +45,9 @@ discovered site keeps its kind and points.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -50,7 +55,7 @@ from torch import nn
 
 from isoprobe.names import match_name
 
-__all__ = ["KINDS", "NormSpec", "Site", "discover_sites", "select_sites"]
+__all__ = ["KINDS", "NormSpec", "Site", "discover_sites", "hook_aliases", "select_sites"]
 
 #: Site kinds, also accepted as selections (``sites="norm"``).
 KINDS = ("norm", "activation", "module")
@@ -100,6 +105,7 @@ _SOFTMAX_FAMILY = ("MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "So
 _EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
 _PROBE_WIDTH = 8
 _TRIAL_MAX_MODULES = 16  # a candidate's own module and its parameter-free descendants
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 _TRIAL_MAX_ENTRIES = 1 << 22  # parameter and buffer entries of a candidate (16 MiB in float32)
 
 
@@ -135,13 +141,11 @@ def _torch_kind(module: nn.Module) -> tuple[str, NormSpec | None] | None:
 
 
 def _probe_widths(module: nn.Module) -> list[int] | None:
-    """Last-dimension sizes to try the module on; ``None`` if it is no candidate (a parameter
-    that is not a vector, vectors of two sizes, parameters below it, or on the meta device)."""
-    own = list(module.parameters(recurse=False))
-    if len(own) != sum(1 for _ in module.parameters()):
-        return None
-    sizes = {p.numel() for p in own}
-    if any(p.ndim != 1 or p.device.type == "meta" for p in own) or len(sizes) > 1:
+    """Last-dimension sizes to try the module on; ``None`` if it is no candidate (a parameter,
+    its own or below it, that is not a vector, vectors of two sizes, or on the meta device)."""
+    params = list(module.parameters())
+    sizes = {p.numel() for p in params}
+    if any(p.ndim != 1 or p.device.type == "meta" for p in params) or len(sizes) > 1:
         return None
     if sizes:
         return list(sizes)
@@ -205,7 +209,8 @@ def _behaviour(trial: _Trial) -> tuple[str, NormSpec | None] | None:
     if not _same(trial(x * scale), y):
         return None
     layer = _same(trial(x + 10 * trial.randn(*trial.per_row)), y)
-    eps = next((getattr(trial.module, a) for a in _EPS_ATTRS if hasattr(trial.module, a)), None)
+    own = (a for a in _EPS_ATTRS if a in vars(trial.module) or hasattr(type(trial.module), a))
+    eps = next((getattr(trial.module, a) for a in own), None)  # not one a __getattr__ forwards
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         eps = _measured_eps(trial, center=layer)
     return "norm", NormSpec("layer" if layer else "rms", float(eps), channels=trial.channels)
@@ -255,15 +260,33 @@ def _trial_copy(module: nn.Module, shared: dict[int, object]) -> nn.Module | Non
     memo = dict(shared)
     for x in (*inside, *tensors):
         memo.pop(id(x), None)
+    for hooks in (getattr(m, attr, None) for m in inside for attr in _HOOK_DICTS):
+        if hooks:  # the copy runs without the model's own hooks (a user's, a hook library's)
+            memo[id(hooks)] = type(hooks)()
     try:
         return copy.deepcopy(module, memo)
     except Exception:  # a lock, a generator, a non-leaf tensor attribute: not tried
         return None
 
 
-def _kind_of(module: nn.Module, below_a_site: bool, shared: dict[int, object]) -> tuple[str, NormSpec | None] | None:
+@contextmanager
+def _calls(modules: Sequence[nn.Module]) -> Iterator[list[int]]:
+    """Counts the forward calls of ``modules`` while the block runs (pre-hooks, removed after)."""
+    count = [0]
+    handles = [m.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1)) for m in modules]
+    try:
+        yield count
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _kind_of(module: nn.Module, below: Sequence[str], shared: dict[int, object]) -> tuple[str, NormSpec | None] | None:
+    """The module's kind; ``below``: the sites found under it, by name relative to it. A module
+    is a site only if none of them runs when it runs (it computes the norm itself from a wrapped
+    module's parameters); ``shared``: :func:`_trial_copy`."""
     found = _declared(module) or _torch_kind(module)
-    if found is not None or below_a_site or _torch_own(module):
+    if found is not None or _torch_own(module):
         return found
     widths = _probe_widths(module) or []
     trial_module = _trial_copy(module, shared) if widths else None
@@ -271,10 +294,14 @@ def _kind_of(module: nn.Module, below_a_site: bool, shared: dict[int, object]) -
         return None
     for width in widths:
         for channels in (False, True):
-            try:
-                found = _behaviour(_Trial(trial_module, width, channels))
-            except Exception:  # not callable on a tensor of this layout: try the next one
-                continue
+            watched = [trial_module.get_submodule(name) for name in below]
+            with _calls(watched) as ran:
+                try:
+                    found = _behaviour(_Trial(trial_module, width, channels))
+                except Exception:  # not callable on a tensor of this layout: try the next one
+                    continue
+            if ran[0]:
+                return None  # a container: the sites below it compute what it does
             if found is not None:
                 return found
     return None
@@ -282,17 +309,47 @@ def _kind_of(module: nn.Module, below_a_site: bool, shared: dict[int, object]) -
 
 def discover_sites(model: nn.Module) -> list[Site]:
     """Every norm and activation module of ``model`` (and modules declaring ``isoprobe_site``), in
-    ``named_modules`` order (module docstring). A module above a site is not itself tried."""
+    ``named_modules`` order (module docstring). A module that computes by itself what the
+    sites below it would (their modules never run) replaces them."""
     modules = list(model.named_modules())
     shared = _shared_objects(model)
     kinds: dict[str, tuple[str, NormSpec | None]] = {}
     for name, module in reversed(modules):  # children before parents
         prefix = f"{name}." if name else ""
-        below = any(other.startswith(prefix) for other in kinds)
-        found = _kind_of(module, below, shared)
+        below = [other for other in kinds if other.startswith(prefix)]
+        found = _kind_of(module, [other[len(prefix) :] for other in below], shared)
         if found is not None:
+            for other in below:  # wrapped, never run: the module computes it itself
+                del kinds[other]
             kinds[name] = found
     return [Site(name, kinds[name][0], module, kinds[name][1]) for name, module in modules if name in kinds]
+
+
+def hook_aliases(model: nn.Module) -> dict[str, str]:
+    """Other names of ``model``'s modules: alias -> qualified name (``named_modules``).
+
+    A model with a ``hook_dict`` mapping (TransformerLens: every hook point under its
+    TransformerLens name, e.g. ``blocks.0.hook_resid_pre`` for ``blocks.0.hook_in``,
+    ``blocks.0.mlp.hook_pre``) names its modules twice; a hook point and its alias with the same
+    last component name their parents too (``blocks.0.ln1`` for the module holding
+    ``blocks.0.ln1.hook_in``). Without ``hook_dict``: none.
+    """
+    hook_dict = getattr(model, "hook_dict", None)
+    if not isinstance(hook_dict, Mapping):
+        return {}
+    qualified = {id(module): name for name, module in model.named_modules()}
+    names = set(qualified.values())
+    aliases: dict[str, str] = {}
+    for alias, module in hook_dict.items():
+        name = qualified.get(id(module))
+        if not isinstance(alias, str) or name is None or alias in names:
+            continue
+        aliases.setdefault(alias, name)
+        parent, _, last = alias.rpartition(".")
+        owner, _, own_last = name.rpartition(".")
+        if parent and owner and last == own_last and parent not in names:
+            aliases.setdefault(parent, owner)
+    return aliases
 
 
 def select_sites(
@@ -303,9 +360,10 @@ def select_sites(
     ``selection``: ``None`` (all discovered sites), or one or several of the kinds
     ``"norm"``, ``"activation"``, ``"module"`` and name globs (:func:`isoprobe.names.match_name`,
     e.g. ``"transformer.h.*.ln_*"``, ``"*.attn"``). A glob picks the discovered sites it matches
-    and, with ``model``, every other module it matches as a ``"module"`` site. A glob that
-    matches nothing is an error, and so is a selection that leaves no site. Sites come in
-    ``named_modules`` order.
+    and, with ``model``, every other module it matches as a ``"module"`` site; it matches
+    qualified names and the aliases of :func:`hook_aliases` (a site picked only by an alias is
+    named by it; a module picked twice is one site). A glob that matches nothing is an error,
+    and so is a selection that leaves no site. Sites come in ``named_modules`` order.
     """
     if selection is None:
         return list(sites)
@@ -314,23 +372,27 @@ def select_sites(
         raise ValueError("sites is empty: give None (all sites), 'norm', 'activation', 'module' or globs")
     by_name = {s.name: s for s in sites}
     named = dict(model.named_modules()) if model is not None else {s.name: s.module for s in sites}
-    chosen: set[str] = set()
+    aliases = hook_aliases(model) if model is not None else {}
+    chosen: dict[str, str] = {}  # qualified name -> the name the site takes
     for pattern in patterns:
         if pattern in KINDS:
-            chosen |= {s.name for s in sites if s.kind == pattern}
+            chosen = {s.name: s.name for s in sites if s.kind == pattern} | chosen
             continue
-        hits = {name for name in named if name and match_name(name, pattern)}
+        hits = {name: name for name in named if name and match_name(name, pattern)}
+        hits |= {name: alias for alias, name in aliases.items() if match_name(alias, pattern) and name not in hits}
         if not hits:
-            some = ", ".join(name for name in list(named)[:9] if name)
+            some = ", ".join([*(name for name in list(named)[:9] if name), *list(aliases)[:3]])
             raise ValueError(
                 f"site pattern {pattern!r} matches none of the module names ({some}, ...); '*' "
                 "stands for one dotted component, '**' for any number: '*.attn', 'transformer.h.*.ln_*'"
             )
-        chosen |= hits
+        chosen = hits | chosen  # a name taken first stays
     if not chosen:
         kinds = sorted({s.kind for s in sites})
         raise ValueError(f"sites={selection!r} selects no site; the model has only: {', '.join(kinds)}")
-    return [by_name.get(name) or Site(name, "module", module) for name, module in named.items() if name in chosen]
+    picked = [(name, module) for name, module in named.items() if name in chosen]
+    found = [by_name.get(name) or Site(name, "module", module) for name, module in picked]
+    return [site if site.name == chosen[site.name] else replace(site, name=chosen[site.name]) for site in found]
 
 
 def no_site_message(model: nn.Module) -> str:

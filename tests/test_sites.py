@@ -230,6 +230,96 @@ def test_olmo_layernorm_bloom_gelu_and_channels_first_layernorm_by_behaviour():
     check_records(probe.records, capture, {"1": channel_parts})
 
 
+class _OwnLayerNorm(nn.Module):
+    """Normalises itself with the weight and bias of a wrapped nn.LayerNorm that never runs
+    (how TransformerLens's NormalizationBridge computes, with its eps from elsewhere);
+    ``call_inner`` runs the wrapped one."""
+
+    def __init__(self, d: int, call_inner: bool = False):
+        super().__init__()
+        self.inner, self.call_inner = nn.LayerNorm(d, eps=1e-3 if call_inner else 0.1), call_inner
+
+    def __getattr__(self, name):  # forwards to the wrapped module, as the bridge does
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner":
+                raise
+            return getattr(self.inner, name)
+
+    def forward(self, x):
+        if self.call_inner:
+            return self.inner(x)
+        xc = x - x.mean(-1, keepdim=True)
+        return xc / (xc.square().mean(-1, keepdim=True) + 1e-3).sqrt() * self.inner.weight + self.inner.bias
+
+
+def test_a_norm_computed_from_a_wrapped_layernorm_is_the_site_and_the_wrapped_one_is_not():
+    """The wrapper that normalises itself is found as a norm in place of the nn.LayerNorm it
+    wraps, which never runs (its eps, 1e-3, is measured: the 0.1 it forwards from the wrapped
+    module is not what it computes with); a wrapper that calls it is a container and
+    the nn.LayerNorm stays the site. Every value against the reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), _OwnLayerNorm(16), _OwnLayerNorm(16, call_inner=True)).double()
+    with torch.no_grad():
+        model[1].inner.weight.uniform_(0.5, 2)
+        model[1].inner.bias.normal_()
+    sites = {s.name: s for s in Probe(model).sites}
+    assert {n: s.kind for n, s in sites.items()} == {"1": "norm", "2.inner": "norm"}
+    assert (sites["1"].norm.rule, sites["1"].norm.eps) == ("layer", 1e-3)
+    x = torch.randn(3, 9, 12, dtype=torch.float64)
+    capture = Capture(model, ["1", "2.inner"])  # discovery's trials run without its hooks
+    with torch.no_grad(), Probe(model) as probe:
+        model(x)
+    capture.close()
+    assert {r.site for r in probe.records} == {"1", "2.inner"}
+    assert [len(calls) for calls in capture.data.values()] == [1, 1]
+    assert check_records(probe.records, capture, {"1": (1e-3, True), "2.inner": (1e-3, True)}) == 6
+
+
+class _HookedNet(nn.Module):
+    """A model naming its modules twice, as TransformerLens's ``hook_dict`` does."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.Identity())
+
+    @property
+    def hook_dict(self):
+        return {"resid": self.body[0], "lnorm": self.body[1], "ln.out": self.body[2], "nowhere": nn.Identity()}
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_hook_dict_aliases_select_the_modules_they_name():
+    """``hook_dict`` names (and their parents, by a shared last component) select the module
+    they stand for, under that name; one module picked twice is one site; a name outside the
+    model is not an alias."""
+    from isoprobe.sites import hook_aliases
+
+    model = _HookedNet()
+    assert hook_aliases(model) == {"resid": "body.0", "lnorm": "body.1", "ln.out": "body.2"}
+    assert [(s.name, s.kind) for s in Probe(model, sites=["lnorm", "norm"]).sites] == [("lnorm", "norm")]
+    assert [(s.name, s.kind) for s in Probe(model, sites=["norm", "lnorm"]).sites] == [("body.1", "norm")]
+    assert hook_aliases(nn.Linear(2, 2)) == {}
+    with pytest.raises(ValueError, match="nowhere"):
+        Probe(model, sites=["nowhere"])
+    probe = Probe(model, sites=["res*", "body.0", "norm"])
+    assert [(s.name, s.kind, s.module) for s in probe.sites] == [
+        ("resid", "module", model.body[0]),
+        ("body.1", "norm", model.body[1]),
+    ]
+    x = torch.randn(2, 5, 6)
+    with torch.no_grad(), probe:
+        model(x)
+    with torch.no_grad(), Probe(model, sites=["body.0"]) as plain:
+        model(x)
+    assert [(r.point, r.isometry_gap) for r in probe.records if r.site == "resid"] == [
+        (r.point, r.isometry_gap) for r in plain.records
+    ]
+
+
 class RunningLayerNorm(nn.Module):
     """A foreign LayerNorm that, in training mode, updates a running mean of its inputs (like a
     BatchNorm's statistics or a torch.ao observer) and counts its calls in a Python attribute."""
