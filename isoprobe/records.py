@@ -449,6 +449,8 @@ def _gap_cell(row: dict[str, Any]) -> str:
         return "non-finite" if row["nonfinite"] else "undefined"
     if math.isinf(row["gap_mean"]):
         return f"inf ({row['singular']} singular)"
+    if row["count"] - row["undefined"] - row["nonfinite"] == 1:  # one Gram: no spread to show
+        return _fmt(row["gap_mean"])
     return f"{_fmt(row['gap_mean'])} ± {_fmt(row['gap_std'], 2)}"
 
 
@@ -467,7 +469,8 @@ def format_summary(rows: Iterable[dict[str, Any]]) -> str:
     Columns: ``site`` (``site@k`` for the k-th call of a module called more than once per
     forward), ``point``, ``view``, ``n`` (items per Gram: one number, or the range ``min–max``
     where the Grams differ, e.g. sequences of different lengths), ``gap mean ± std`` (isometry
-    gap ``−log I``, population std over items and steps; ``inf`` when a Gram is singular),
+    gap ``−log I``, population std over items and steps, the mean alone for a single Gram;
+    ``inf`` when a Gram is singular),
     ``Theorem 1`` (on the ``normalized`` point of a norm: ``yes k/k`` when
     ``I(normalized) ≥ I(centered) · norm-variation factor`` held for all k Grams, ``NO v/k`` when
     it failed v times) and ``flagged`` (undefined one-item Grams and non-finite activations,

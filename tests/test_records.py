@@ -240,3 +240,10 @@ def test_plot_does_not_join_sites_of_different_views():
     _draw_sites(ax, rows, list(dict.fromkeys((s, c) for s, c, _ in rows)))
     dotted = [line.get_xdata().tolist() for line in ax.lines if line.get_linestyle() == ":"]
     assert dotted == [[1, 2]]  # h.0.ln -> h.1.ln only; nothing into the pooler at x = 4
+
+
+def test_a_single_gram_prints_its_gap_without_a_spread():
+    one, two = [rec(site="a", gap=0.25)], [rec(site="b", gap=0.9), rec(site="b", gap=0.7, item=1)]
+    lines = format_table(one + two).splitlines()
+    assert "0.25 " in lines[2] and "±" not in lines[2]  # one text: no "± 0"
+    assert "0.8 ± 0.1" in lines[3]
