@@ -68,6 +68,7 @@ CATEGORIES = (
     "centring",
     "elementwise/reduction",
     "Cholesky/triangular",
+    "zeroing above the diagonal (inside cholesky_ex)",
     "eigenvalues",
     "Python, records, host transfer",
 )
@@ -177,7 +178,9 @@ def _category(name: str) -> str | None:
         return "conversion/copy"
     if name in ("aten::mean", "aten::sub_", "aten::mul_"):
         return "centring"
-    if "cholesky" in name or "solve_triangular" in name or name in ("aten::tril", "aten::tril_"):
+    if name in ("aten::tril", "aten::tril_"):
+        return "zeroing above the diagonal (inside cholesky_ex)"
+    if "cholesky" in name or "solve_triangular" in name:
         return "Cholesky/triangular"
     if "eigvalsh" in name or "eigh" in name:
         return "eigenvalues"
