@@ -507,6 +507,15 @@ def _lambda_min(apply_inverse: Any, diag: torch.Tensor) -> torch.Tensor:
     return 1 / norm
 
 
+def _cholesky_solve(L: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``G⁻¹ z`` from the lower Cholesky factor ``L`` of ``G = L Lᵀ``: two triangular solves.
+
+    The same arithmetic as ``torch.cholesky_solve``, which copies ``L`` on every call (6× the
+    time of the solves for a batch of 256 × 256 factors on the CPU)."""
+    y = torch.linalg.solve_triangular(L, z, upper=False)
+    return torch.linalg.solve_triangular(L.mT, y, upper=True)
+
+
 def _rounding_estimate(gamma: float, w: torch.Tensor, lam_min: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """``_SIGMAS · γ max w (1 + 1/λ_min) / sqrt(n)`` (``γ = sqrt(m) u``; comment above);
     ``+inf`` where ``λ_min`` is not positive."""
@@ -530,7 +539,7 @@ def _float32_errors(
     diags = p.grams.diagonal(dim1=-2, dim2=-1).to(torch.float64)
 
     def bound(i: int, w: torch.Tensor, g: float, ok: torch.Tensor, apply=None, diag=None) -> torch.Tensor:
-        apply = apply or (lambda z: torch.cholesky_solve(z, L[i]))
+        apply = apply or (lambda z: _cholesky_solve(L[i], z))
         lam = _lambda_min(apply, diags[i] if diag is None else diag)
         return torch.where(ok, _rounding_estimate(g, w, lam, p.n), torch.full_like(lam, math.inf))
 
@@ -544,10 +553,10 @@ def _float32_errors(
         w_c = real * d_pre / diags[0].clamp_min(torch.finfo(torch.float64).tiny)
         out["centered"] = bound(0, w_c, _CENTRING_SAFETY * gamma, trusted[0])
         out["post"] = bound(1, real, gamma, trusted[1])
-        u = torch.cholesky_solve(v, L[0])
+        u = _cholesky_solve(L[0], v)
 
         def pre_inverse(z: torch.Tensor) -> torch.Tensor:  # Sherman–Morrison with G_c's factor
-            y = torch.cholesky_solve(z, L[0])
+            y = _cholesky_solve(L[0], z)
             return y - u * (v.mT @ y) / (1 + v.mT @ u)
 
         out["pre"] = bound(0, real, _CENTRING_SAFETY * gamma, lemma, pre_inverse, d_pre)
