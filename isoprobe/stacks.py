@@ -60,14 +60,16 @@ class Streams:
     """The stream (``ENCODER``, ``DECODER`` or ``None``) of each module call during a forward.
 
     :meth:`hooks` registers a pre- and a post-forward hook on each stack; :meth:`start` begins
-    a forward (``encoder_outputs``: the precomputed encoder output the model was given, as
-    during generation, if any); :meth:`stream` answers for a call's first input ``x``.
+    a forward of the model (``encoder_outputs``: the precomputed encoder output it was given, as
+    during generation, if any) and :meth:`stop` ends it; :meth:`stream` answers for a call's
+    first input ``x``. Outside the model's forwards (a stack called on its own) nothing is kept.
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
         self.stacks = {ENCODER: encoder, DECODER: decoder}
         self._running: list[str] = []
         self._outputs: dict[str, torch.Tensor] = {}
+        self._active = False
 
     def hooks(self, wrap: Callable[[Callable[..., None]], Callable[..., None]]) -> list[Any]:
         """Register the stacks' hooks, each passed through ``wrap``; returns their handles."""
@@ -79,12 +81,15 @@ class Streams:
 
     def _enter(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self._running.append(name)
+            if self._active:
+                self._running.append(name)
 
         return hook
 
     def _leave(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not self._active:
+                return
             if self._running and self._running[-1] == name:
                 self._running.pop()
             out = _first_tensor(output)
@@ -94,6 +99,7 @@ class Streams:
         return hook
 
     def start(self, encoder_outputs: Any = None) -> None:
+        self._active = True
         self._running.clear()
         self._outputs.clear()
         out = _first_tensor(encoder_outputs)
@@ -102,6 +108,7 @@ class Streams:
 
     def stop(self) -> None:
         """Forget the forward's tensors (the stacks' outputs are not kept alive)."""
+        self._active = False
         self._running.clear()
         self._outputs.clear()
 

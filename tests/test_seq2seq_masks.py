@@ -124,6 +124,16 @@ def test_cross_attention_keys_follow_the_encoder_queries_the_decoder():
     assert {(r.item, r.n) for r in queries} == {(0, SEQ), (1, SEQ)}
     assert check_records(keys, capture, {}, mask=inputs["attention_mask"].numpy()) == 0
     assert check_records(queries, capture, {}, mask=None) == 0
+    # as during generation: the encoder run on its own, its output then given to the model
+    with torch.no_grad(), Probe(model, sites=names) as probe:
+        encoded = model.get_encoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        model(**{k: v for k, v in inputs.items() if k != "input_ids"}, encoder_outputs=encoded)
+    assert {(r.site, r.item, r.n) for r in probe.records} == {
+        (names[0], 0, SEQ),
+        (names[0], 1, 6),
+        (names[1], 0, SEQ),
+        (names[1], 1, SEQ),
+    }
 
 
 def test_head_on_the_decoder_output_follows_the_decoder():
