@@ -88,25 +88,19 @@ def split(records) -> tuple[list, list]:
 
 
 @pytest.mark.parametrize("build", [t5, bart])
-def test_decoder_sites_count_every_token_encoder_sites_the_real_ones(build):
-    model, inputs = build(), batch()
-    records, capture, norms = probed(model, inputs)
-    enc, dec = split(records)
-    assert {(r.item, r.n) for r in enc} == {(0, SEQ), (1, 6)}
-    assert {(r.item, r.n) for r in dec} == {(0, SEQ), (1, SEQ)}  # the encoder's padding is not theirs
-    assert check_records(enc, capture, norms, mask=inputs["attention_mask"].numpy()) > 0
-    assert check_records(dec, capture, norms, mask=None) > 0
-
-
-@pytest.mark.parametrize("build", [t5, bart])
-def test_decoder_sites_use_the_decoder_attention_mask(build):
-    model, inputs = build(), batch(decoder_mask=True)
-    records, capture, norms = probed(model, inputs)
-    enc, dec = split(records)
-    assert {(r.item, r.n) for r in enc} == {(0, SEQ), (1, 6)}
-    assert {(r.item, r.n) for r in dec} == {(0, 7), (1, SEQ)}
-    assert check_records(enc, capture, norms, mask=inputs["attention_mask"].numpy()) > 0
-    assert check_records(dec, capture, norms, mask=inputs["decoder_attention_mask"].numpy()) > 0
+def test_encoder_sites_take_the_attention_mask_decoder_sites_the_decoder_mask(build):
+    """Without a decoder_attention_mask the decoder's records count every token (the encoder's
+    padding is not theirs); with one, they drop the decoder's padding."""
+    model = build()
+    for decoder_mask, decoder_lengths in ((False, {(0, SEQ), (1, SEQ)}), (True, {(0, 7), (1, SEQ)})):
+        inputs = batch(decoder_mask)
+        records, capture, norms = probed(model, inputs)
+        enc, dec = split(records)
+        assert {(r.item, r.n) for r in enc} == {(0, SEQ), (1, 6)}
+        assert {(r.item, r.n) for r in dec} == decoder_lengths
+        assert check_records(enc, capture, norms, mask=inputs["attention_mask"].numpy()) > 0
+        dmask = inputs.get("decoder_attention_mask")
+        assert check_records(dec, capture, norms, mask=None if dmask is None else dmask.numpy()) > 0
 
 
 def test_cross_attention_keys_follow_the_encoder_queries_the_decoder():
