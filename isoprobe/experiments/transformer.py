@@ -168,7 +168,9 @@ def figc5_verdict(rows: Sequence[dict], cfg: dict) -> Verdict:
         "layernorm_sites": len({r["site"] for r in rows}),
         "texts": len({r["text"] for r in rows}),
         "records_checked": len(checks),
-        "records_undecided_eps_dominated": sum(1 for r in rows if r["point"] == "normalized" and r["theorem1_holds"] == ""),
+        "records_undecided_eps_dominated": sum(
+            1 for r in rows if r["point"] == "normalized" and r["theorem1_holds"] == ""
+        ),
         "theorem1_violations": len(bad),
         "worst_relative_margin": _margin(checks),
         "layernorms_lowering_the_gap": lowered,
