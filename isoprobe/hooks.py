@@ -101,9 +101,8 @@ import dataclasses
 import functools
 import inspect
 import math
-import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -112,6 +111,7 @@ import torch
 from torch import nn
 
 from isoprobe import records as _rec
+from isoprobe.compiled import eager_module, outside_graphs, release, site_hook
 from isoprobe.distributed import all_gather_features
 from isoprobe.metrics import (
     _CHOLESKY_MARGIN,
@@ -665,38 +665,8 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
     return out
 
 
-def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    for v in (*args, *kwargs.values()):
-        if isinstance(v, torch.Tensor):
-            return v
-    return None
-
-
-def _first_output(output: Any) -> torch.Tensor | None:
-    """The output tensor, or the first tensor of a tuple/list/dict output (a ``ModelOutput``)."""
-    if isinstance(output, dict):
-        output = tuple(output.values())
-    return _first_tensor(output if isinstance(output, (tuple, list)) else (output,), {})
-
-
 def _describe(t: torch.Tensor | None) -> str:
     return "no tensor" if t is None else f"a {t.dtype} tensor"
-
-
-def _eager_module(model: nn.Module) -> nn.Module:
-    """The model that ``torch.compile`` wraps (its ``OptimizedModule`` keeps it as ``_orig_mod``),
-    so that sites keep the eager model's names; any other model as it is."""
-    dynamo = sys.modules.get("torch._dynamo")  # not imported: nothing can have been compiled
-    while dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):
-        model = model._orig_mod
-    return model
-
-
-def _outside_graphs(hook: Callable[..., None]) -> Callable[..., None]:
-    """``hook`` kept out of the graphs ``torch.compile`` traces (``torch.compiler.disable``): it
-    runs eagerly between them, so its Python state (step counter, recording flag) is never
-    guarded on and cannot cause recompilation, in either order of compiling and probing."""
-    return torch.compiler.disable(hook, recursive=True)
 
 
 def _mask_signature(model: nn.Module) -> inspect.Signature | None:
@@ -800,7 +770,7 @@ class Probe:
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError(f"attention_mask must be shaped (batch, seq), got {tuple(attention_mask.shape)}")
         _check_sites_argument(sites)
-        model = _eager_module(model)
+        model = eager_module(model)
         found = discover_sites(model)
         if not found and sites is None:
             raise ValueError(no_site_message(model))
@@ -815,6 +785,7 @@ class Probe:
         self._tol = math.sqrt(torch.finfo(gram_dtype).eps)
         self._forward_sig = _mask_signature(model)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._tokens: list[int | None] = []  # the site hooks' registry tokens (isoprobe.compiled)
         self._records: list[Record] = []
         self._sink = sink if isinstance(sink, RecordSink) or sink is None else RecordSink(sink)
         self._running = RunningSummary()
@@ -835,12 +806,12 @@ class Probe:
         if self._handles:
             raise RuntimeError("this Probe is already attached")
         try:
-            self._handles.append(self.model.register_forward_pre_hook(_outside_graphs(self._on_call), with_kwargs=True))
+            self._handles.append(self.model.register_forward_pre_hook(outside_graphs(self._on_call), with_kwargs=True))
             for site in self.sites:
-                self._handles.append(
-                    site.module.register_forward_hook(_outside_graphs(self._site_hook(site)), with_kwargs=True)
-                )
-            self._handles.append(self.model.register_forward_hook(_outside_graphs(self._on_return), always_call=True))
+                hook, token = site_hook(self._site_observer(site))
+                self._tokens.append(token)
+                self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(outside_graphs(self._on_return), always_call=True))
         except BaseException:
             self.detach()
             raise
@@ -851,6 +822,9 @@ class Probe:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for token in self._tokens:
+            release(token)
+        self._tokens.clear()
         self._recording = False
         self._flush()
         self._work.clear()
@@ -882,14 +856,12 @@ class Probe:
         self._recording = False
         self._flush()
 
-    def _site_hook(self, site: Site):
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def _site_observer(self, site: Site):
+        def observe(x: torch.Tensor | None, y: torch.Tensor | None) -> None:
             if not self._recording:
                 return
             call = self._site_calls.get(site.name, 0)
             self._site_calls[site.name] = call + 1
-            x = _first_tensor(args, kwargs)
-            y = _first_output(output)
             view = self._view_for(site, x, y)
             if view is None:
                 return
@@ -913,7 +885,7 @@ class Probe:
                 if self._pending_bytes > self.max_pending_bytes:  # rare sync that bounds device memory
                     self._finish_pending()
 
-        return hook
+        return observe
 
     def _measured_in_float64(self, args: tuple, call: int) -> _Finished:
         """A float32-Gram measurement redone with float64 Grams (its error estimate was too large)."""
