@@ -8,9 +8,14 @@ dynamo give up the whole forward and compile each block on its own, with guards 
 index, so a model of more than eight blocks hits dynamo's recompile limit in its first forward.
 
 :func:`site_hook` avoids both: under ``torch.compile`` the hook only finds the site's input and
-output tensors and calls the operator ``isoprobe::observe(x, y, token)``, whose kernel looks up
-the measurement registered under ``token`` and runs it, eagerly, when the compiled code reaches
-that point with the real activations. The operator is registered as having an ordered side
+output tensors and calls the operator ``isoprobe::observe(x, y, module, slot)``, whose kernel
+looks up the measurement attached at that ``slot`` of that module (a number per module) and runs
+it, eagerly, when the compiled code reaches that point with the real activations. Dynamo does
+not guard on a module's hooks, so a graph traced with a Probe attached keeps calling the
+operator, and the Probe's other hooks (kept out of the graphs, :func:`outer_hook`), after that
+Probe is detached: a Probe attached later to the same module takes the first free slot, which
+such a graph calls (and nothing runs while none is attached). A Probe attached only after the
+model's first compiled forward is not seen by the graph traced then (dynamo does not retrace). The operator is registered as having an ordered side
 effect, so that the compilers neither drop it (it returns nothing) nor reorder the sites. Where
 torch lacks custom operators with effects (before 2.6 or so), the hook is kept out of the
 graphs instead (:func:`outside_graphs`).
@@ -18,26 +23,34 @@ graphs instead (:func:`outside_graphs`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["eager_module", "outside_graphs", "release", "site_hook"]
+__all__ = ["eager_module", "outer_hook", "outside_graphs", "release", "site_hook"]
 
 Observer = Callable[[torch.Tensor | None, torch.Tensor | None], None]
 
-_OBSERVERS: dict[int, Observer] = {}  # token -> measurement, while its Probe is attached
-_TOKENS = itertools.count()
+Token = tuple[int, str, int]  # (module number, hook kind, slot)
+_REGISTRY: dict[Token, Callable[..., Any]] = {}  # what the attached Probes' hooks run
+_MODULES: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+_NUMBERS = itertools.count()
 
 
-def _observe_kernel(x: torch.Tensor, y: torch.Tensor, token: int) -> None:
-    observer = _OBSERVERS.get(token)
-    if observer is not None:  # a graph compiled for a Probe since detached: nothing to do
-        observer(x, y)
+def _dispatch(token: Token, *args: Any) -> None:
+    target = _REGISTRY.get(token)
+    if target is not None:  # none: no Probe attached at this slot now
+        target(*args)
+
+
+def _observe_kernel(x: torch.Tensor, y: torch.Tensor, module: int, slot: int) -> None:
+    _dispatch((module, "site", slot), x, y)
 
 
 def _register_operator() -> Any:
@@ -46,7 +59,7 @@ def _register_operator() -> Any:
         from torch._library.effects import EffectType
 
         op = torch.library.custom_op("isoprobe::observe", _observe_kernel, mutates_args=())
-        op.register_fake(lambda x, y, token: None)
+        op.register_fake(lambda x, y, module, slot: None)
         op.register_effect(EffectType.ORDERED)
     except (AttributeError, ImportError, TypeError):
         return None
@@ -56,10 +69,31 @@ def _register_operator() -> Any:
 _OBSERVE = _register_operator()
 
 
-def outside_graphs(hook: Callable[..., None]) -> Callable[..., None]:
-    """``hook`` kept out of the graphs ``torch.compile`` traces (``torch.compiler.disable``): it
+def _register(module: nn.Module, kind: str, target: Callable[..., Any]) -> Token:
+    """``target`` at the first free slot of ``module`` for hooks of ``kind``."""
+    number = _MODULES.setdefault(module, next(_NUMBERS))
+    token = next((number, kind, s) for s in itertools.count() if (number, kind, s) not in _REGISTRY)
+    _REGISTRY[token] = target
+    return token
+
+
+def release(token: Token) -> None:
+    """Free the slot of a removed hook (:func:`outer_hook`, :func:`site_hook`)."""
+    _REGISTRY.pop(token, None)
+
+
+def outside_graphs(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` kept out of the graphs ``torch.compile`` traces (``torch.compiler.disable``): it
     runs eagerly between them, so its Python state is never guarded on."""
-    return torch.compiler.disable(hook, recursive=True)
+    return torch.compiler.disable(fn, recursive=True)
+
+
+def outer_hook(module: nn.Module, kind: str, fn: Callable[..., None]) -> tuple[Callable[..., None], Token]:
+    """A hook for ``module`` kept out of the graphs that runs ``fn`` with the hook's arguments,
+    and its token: the hook runs whatever is attached at its slot when it is called, as the
+    compiled code calls the hook of the Probe it was traced with."""
+    token = _register(module, kind, fn)
+    return outside_graphs(functools.partial(_dispatch, token)), token
 
 
 def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -77,17 +111,16 @@ def first_output(output: Any) -> torch.Tensor | None:
     return first_tensor(output if isinstance(output, (tuple, list)) else (output,), {})
 
 
-def site_hook(observe: Observer) -> tuple[Callable[..., None], int | None]:
-    """A forward hook (``with_kwargs=True``) that calls ``observe(first input, first output)``,
-    and its registry token (``None`` where torch has no effectful operators): in eager mode
-    directly; under ``torch.compile`` through the graph's ``isoprobe::observe`` operator (or,
-    without it, out of the graph). Call :func:`release` with the token when the hook is removed.
-    """
-    eager_only = outside_graphs(observe)
+def site_hook(module: nn.Module, observe: Observer) -> tuple[Callable[..., None], Token]:
+    """A forward hook (``with_kwargs=True``) for ``module`` that calls ``observe(first input,
+    first output)``, and its token: in eager mode directly; under ``torch.compile`` through the
+    graph's ``isoprobe::observe`` operator (without one, out of the graph). Call
+    :func:`release` with the token when the hook is removed."""
+    token = _register(module, "site", observe)
+    eager_only = outside_graphs(functools.partial(_dispatch, token))
     if _OBSERVE is None:
-        return lambda module, args, kwargs, output: eager_only(first_tensor(args, kwargs), first_output(output)), None
-    token = next(_TOKENS)
-    _OBSERVERS[token] = observe
+        return lambda module, args, kwargs, output: eager_only(first_tensor(args, kwargs), first_output(output)), token
+    number, _, slot = token
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         x, y = first_tensor(args, kwargs), first_output(output)
@@ -96,15 +129,9 @@ def site_hook(observe: Observer) -> tuple[Callable[..., None], int | None]:
         elif x is None or y is None:  # nothing for the operator's schema: a graph break
             eager_only(x, y)
         else:
-            _OBSERVE(x.detach(), y.detach(), token)
+            _OBSERVE(x.detach(), y.detach(), number, slot)
 
     return hook, token
-
-
-def release(token: int | None) -> None:
-    """Forget the measurement registered under ``token`` (a removed hook's)."""
-    if token is not None:
-        _OBSERVERS.pop(token, None)
 
 
 def eager_module(model: nn.Module) -> nn.Module:

@@ -111,7 +111,7 @@ import torch
 from torch import nn
 
 from isoprobe import records as _rec
-from isoprobe.compiled import eager_module, outside_graphs, release, site_hook
+from isoprobe.compiled import eager_module, outer_hook, release, site_hook
 from isoprobe.distributed import all_gather_features
 from isoprobe.metrics import (
     _CHOLESKY_MARGIN,
@@ -785,7 +785,7 @@ class Probe:
         self._tol = math.sqrt(torch.finfo(gram_dtype).eps)
         self._forward_sig = _mask_signature(model)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._tokens: list[int | None] = []  # the site hooks' registry tokens (isoprobe.compiled)
+        self._tokens: list[tuple[int, str, int]] = []  # its hooks' slots (isoprobe.compiled)
         self._records: list[Record] = []
         self._sink = sink if isinstance(sink, RecordSink) or sink is None else RecordSink(sink)
         self._running = RunningSummary()
@@ -806,12 +806,16 @@ class Probe:
         if self._handles:
             raise RuntimeError("this Probe is already attached")
         try:
-            self._handles.append(self.model.register_forward_pre_hook(outside_graphs(self._on_call), with_kwargs=True))
+            hook, token = outer_hook(self.model, "call", self._on_call)
+            self._tokens.append(token)
+            self._handles.append(self.model.register_forward_pre_hook(hook, with_kwargs=True))
             for site in self.sites:
-                hook, token = site_hook(self._site_observer(site))
+                hook, token = site_hook(site.module, self._site_observer(site))
                 self._tokens.append(token)
                 self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
-            self._handles.append(self.model.register_forward_hook(outside_graphs(self._on_return), always_call=True))
+            hook, token = outer_hook(self.model, "return", self._on_return)
+            self._tokens.append(token)
+            self._handles.append(self.model.register_forward_hook(hook, always_call=True))
         except BaseException:
             self.detach()
             raise
@@ -853,6 +857,14 @@ class Probe:
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
 
     def _on_return(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._recording and self.sites and not self._site_calls:
+            self._warn_once(
+                "no-site",
+                f"no site of this Probe ran in forward {self._step}, so it has no records. If the model "
+                "is compiled, it runs code that torch.compile traced without this Probe's hooks (dynamo does "
+                "not trace again when hooks are added): attach the Probe before the first compiled forward, "
+                "keep it attached, or call torch.compiler.reset() after attaching it",
+            )
         self._recording = False
         self._flush()
 

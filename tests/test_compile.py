@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from isoprobe import Probe
-from isoprobe.compiled import _OBSERVERS
+from isoprobe.compiled import _REGISTRY
 
 FORWARDS = 20
 ORDERS = ("compile-then-probe", "probe-then-compile")
@@ -94,7 +94,7 @@ def compiled_run(order: str, model, backend: str, data, caplog, grad: bool = Fal
     assert dict(counters["frames"]) == frames, f"{order}: dynamo compiled again after the first forward"
     assert not counters["graph_break"], f"{order}: graph breaks {dict(counters['graph_break'])}"
     assert counters["stats"]["unique_graphs"] == 1, f"{order}: {counters['stats']['unique_graphs']} graphs"
-    assert not any(token in _OBSERVERS for token in probe._tokens), "detach left measurements registered"
+    assert not any(token in _REGISTRY for token in probe._tokens), "detach left hooks registered"
     return probe, logits
 
 
@@ -123,6 +123,36 @@ def test_nine_blocks_compile_as_one_graph(caplog):
     eager, _ = run(Probe(model), model, data)
     probe, _ = compiled_run("probe-then-compile", model, "eager", data, caplog)
     assert [(r.key, r.isometry_gap) for r in probe.records] == [(r.key, r.isometry_gap) for r in eager]
+
+
+def test_probes_attached_again_run_in_the_graph_traced_before(tiny_gpt2, eager_run):
+    """The graph traced with a Probe attached calls the Probe attached at the same slot now, a new
+    Probe or the same one again. A forward without one traces a graph without the hooks, which
+    dynamo then runs whatever hooks are added: the Probe warns that no site ran, and records
+    again after ``torch.compiler.reset()``."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    data, eager = batches(1), [(r.key, r.isometry_gap) for r in eager_run[0] if r.step == 0]
+    compiled = torch.compile(tiny_gpt2, backend="eager")
+    first = Probe(compiled)
+
+    def probed(probe: Probe) -> list:
+        with probe, torch.no_grad():
+            compiled(**data[0])
+        return [(r.key, r.isometry_gap) for r in probe.records if r.step == probe._step]
+
+    for probe in (first, Probe(compiled), first):
+        assert probed(probe) == eager
+    assert counters["frames"]["total"] == 1 and len(first.records) == 2 * len(eager)
+    with torch.no_grad():
+        compiled(**data[0])  # traced again, without hooks
+    with pytest.warns(UserWarning, match="no site of this Probe ran in forward 0.*torch.compiler.reset"):
+        assert probed(Probe(compiled)) == []
+    torch.compiler.reset()
+    assert probed(Probe(compiled)) == eager
 
 
 @inductor
