@@ -10,15 +10,17 @@ index, so a model of more than eight blocks hits dynamo's recompile limit in its
 :func:`site_hook` avoids both: under ``torch.compile`` the hook only finds the site's input and
 output tensors and calls the operator ``isoprobe::observe(x, y, module, slot)``, whose kernel
 looks up the measurement attached at that ``slot`` of that module (a number per module) and runs
-it, eagerly, when the compiled code reaches that point with the real activations. Dynamo does
-not guard on a module's hooks, so a graph traced with a Probe attached keeps calling the
-operator, and the Probe's other hooks (kept out of the graphs, :func:`outer_hook`), after that
-Probe is detached: a Probe attached later to the same module takes the first free slot, which
-such a graph calls (and nothing runs while none is attached). A Probe attached only after the
-model's first compiled forward is not seen by the graph traced then (dynamo does not retrace). The operator is registered as having an ordered side
-effect, so that the compilers neither drop it (it returns nothing) nor reorder the sites. Where
-torch lacks custom operators with effects (before 2.6 or so), the hook is kept out of the
-graphs instead (:func:`outside_graphs`).
+it, eagerly, when the compiled code reaches that point with the real activations. The operator
+is registered as having an ordered side effect, so that the compilers neither drop it (it
+returns nothing) nor reorder the sites. Where torch lacks ``CustomOpDef.register_effect``, the
+hook is kept out of the graphs instead (:func:`outside_graphs`).
+
+Compiled code keeps calling the hooks it was traced with: a graph traced with a Probe attached
+still calls the operator, and the Probe's hooks on the model (kept out of the graphs,
+:func:`outer_hook`), after that Probe is detached. So every hook dispatches by slot: a Probe
+attached later takes the first free slot of each module, which such a graph then calls (and
+nothing runs while none is attached). A graph traced with no Probe attached has no operator,
+and dynamo runs it whatever hooks are added later (it guards only on hooks it traced).
 """
 
 from __future__ import annotations

@@ -86,6 +86,12 @@ point) until its end; beyond ``Probe.max_pending_bytes`` they are finished early
 With float32 Grams a hook finishes at once on every device (one sync per site call): whether
 the float64 recomputation is needed is decided there, while the activations exist.
 
+**Compiled models** (``torch.compile``, before or after the Probe is made): sites keep the
+eager model's names, and each site's measurement is an operator of the compiled graph
+(:mod:`isoprobe.compiled`), so the graph has no breaks and is not compiled again. Attach the
+Probe before the model's first compiled forward (or call ``torch.compiler.reset()``): a graph
+traced without its hooks never calls them (the Probe warns when no site ran in a forward).
+
 The model is left as found: hooks are removed on exit (also after an exception), the hooks
 detach and return nothing (autograd, outputs and train/eval mode untouched), autocast is off
 inside them, and each statistic is computed on its activation's own device. A forward that

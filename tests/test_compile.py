@@ -155,6 +155,16 @@ def test_probes_attached_again_run_in_the_graph_traced_before(tiny_gpt2, eager_r
     assert probed(Probe(compiled)) == eager
 
 
+def test_without_the_operator_hooks_run_out_of_the_graphs(tiny_gpt2, eager_run, monkeypatch):
+    """Where torch cannot register an effectful operator, the site hooks are kept out of the
+    graphs (graph breaks) and dispatch by slot like the operator: the same records."""
+    import isoprobe.compiled
+
+    monkeypatch.setattr(isoprobe.compiled, "_OBSERVE", None)
+    records, _ = run(Probe(tiny_gpt2), tiny_gpt2, batches())
+    assert [(r.key, r.isometry_gap) for r in records] == [(r.key, r.isometry_gap) for r in eager_run[0]]
+
+
 @inductor
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("order", ORDERS)
