@@ -6,8 +6,9 @@ of the compiled graph (``isoprobe.compiled``), not a break in it. A break inside
 the blocks would make dynamo compile every block on its own, once per layer index: a model of
 more than eight blocks would then hit dynamo's recompile limit in its first forward.
 
-The default backend, inductor, compiles for about half a minute per order here (C++ code
-generation): its tests run with ``ISOPROBE_TEST_INDUCTOR=1``."""
+The default backend, inductor, takes about 45 s here for the first order from a cold cache (C++
+code generation; 8 s more for the second, whose graph it finds in its cache), so its tests run
+with ``ISOPROBE_TEST_INDUCTOR=1``."""
 
 from __future__ import annotations
 
@@ -172,10 +173,12 @@ def test_inductor_gpt2_probed_in_both_orders(tiny_gpt2, eager_run, order, grad, 
     """Inductor (``torch.compile``'s default) fuses and reorders float32 arithmetic, so the
     activations at a site differ from the eager ones by the compiled model's own rounding,
     measured as ``delta`` = max |Δ logits| / max |logits|. An isometry gap of items perturbed
-    entrywise by a relative ``δ`` moves, to first order, by at most ``2δ (1 + λ_min^(-1/2))``
+    by a relative ``δ`` (``‖Δx_i‖ ≤ δ ‖x_i‖``) moves, to first order, by at most ``2δ (1 + λ_min^(-1/2))``
     (``λ_min`` of the unit-diagonal Gram): ``2δ`` from its trace, ``(2δ/n) Σ_i (Ĝ⁻¹)_ii^(1/2)``
-    from its log-determinant. ``64 delta`` covers ``λ_min`` down to 1e-3 (the tiny GPT-2's
-    token Grams stay well above it); a wrong site, step, item or mask moves a gap by 1e-3 or more."""
+    from its log-determinant. The tiny GPT-2's unit-diagonal token Grams (every site, before and
+    after, also centred) have ``λ_min ≥ 0.076``: a bound of ``9.3 δ``; ``64 delta`` leaves room for
+    sites that deviate more than the logits. A LayerNorm weight changed by 1e-3 moves gaps by 4.5e-5,
+    above it (~1.5e-5); a wrong site, step, item or mask moves them far more."""
     records, eager_logits = eager_run
     probe, logits = compiled_run(order, tiny_gpt2, "inductor", batches(), caplog, grad=grad)
     delta = max(float((c - e).abs().max() / e.abs().max()) for c, e in zip(logits, eager_logits))
