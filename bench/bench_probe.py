@@ -207,7 +207,7 @@ def labelled_hooks():
 
     from isoprobe import Probe
 
-    site_hook, flush = Probe._site_hook, Probe._flush
+    site_hook, flush = Probe._site_observer, Probe._flush
 
     def wrapped_site_hook(self, site):
         inner = site_hook(self, site)
@@ -222,11 +222,11 @@ def labelled_hooks():
         with record_function("isoprobe:flush"):
             flush(self)
 
-    Probe._site_hook, Probe._flush = wrapped_site_hook, wrapped_flush
+    Probe._site_observer, Probe._flush = wrapped_site_hook, wrapped_flush
     try:
         yield
     finally:
-        Probe._site_hook, Probe._flush = site_hook, flush
+        Probe._site_observer, Probe._flush = site_hook, flush
 
 
 def breakdown(model, ids, dtype: torch.dtype, device: str) -> dict:

@@ -94,6 +94,12 @@ point) until its end; beyond ``Probe.max_pending_bytes`` they are finished early
 With float32 Grams a hook finishes at once on every device (one sync per site call): whether
 the float64 recomputation is needed is decided there, while the activations exist.
 
+**Compiled models** (``torch.compile``, before or after the Probe is made): sites keep the
+eager model's names, and each site's measurement is an operator of the compiled graph
+(:mod:`isoprobe.compiled`), so the graph has no breaks and is not compiled again. Attach the
+Probe before the model's first compiled forward (or call ``torch.compiler.reset()``): a graph
+traced without its hooks never calls them (the Probe warns when no site ran in a forward).
+
 The model is left as found: hooks are removed on exit (also after an exception), the hooks
 detach and return nothing (autograd, outputs and train/eval mode untouched), autocast is off
 inside them, and each statistic is computed on its activation's own device. A forward that
@@ -109,9 +115,8 @@ import dataclasses
 import functools
 import inspect
 import math
-import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -120,6 +125,7 @@ import torch
 from torch import nn
 
 from isoprobe import records as _rec
+from isoprobe.compiled import eager_module, outer_hook, release, site_hook
 from isoprobe.distributed import all_gather_features
 from isoprobe.metrics import (
     _CHOLESKY_MARGIN,
@@ -721,38 +727,8 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
     return out
 
 
-def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    for v in (*args, *kwargs.values()):
-        if isinstance(v, torch.Tensor):
-            return v
-    return None
-
-
-def _first_output(output: Any) -> torch.Tensor | None:
-    """The output tensor, or the first tensor of a tuple/list/dict output (a ``ModelOutput``)."""
-    if isinstance(output, dict):
-        output = tuple(output.values())
-    return _first_tensor(output if isinstance(output, (tuple, list)) else (output,), {})
-
-
 def _describe(t: torch.Tensor | None) -> str:
     return "no tensor" if t is None else f"a {t.dtype} tensor"
-
-
-def _eager_module(model: nn.Module) -> nn.Module:
-    """The model that ``torch.compile`` wraps (its ``OptimizedModule`` keeps it as ``_orig_mod``),
-    so that sites keep the eager model's names; any other model as it is."""
-    dynamo = sys.modules.get("torch._dynamo")  # not imported: nothing can have been compiled
-    while dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):
-        model = model._orig_mod
-    return model
-
-
-def _outside_graphs(hook: Callable[..., None]) -> Callable[..., None]:
-    """``hook`` kept out of the graphs ``torch.compile`` traces (``torch.compiler.disable``): it
-    runs eagerly between them, so its Python state (step counter, recording flag) is never
-    guarded on and cannot cause recompilation, in either order of compiling and probing."""
-    return torch.compiler.disable(hook, recursive=True)
 
 
 _FORWARD_ARGS = ("attention_mask", "decoder_attention_mask", "encoder_outputs")
@@ -864,7 +840,7 @@ class Probe:
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError(f"attention_mask must be shaped (batch, seq), got {tuple(attention_mask.shape)}")
         _check_sites_argument(sites)
-        model = _eager_module(model)
+        model = eager_module(model)
         found = discover_sites(model)
         if not found and sites is None:
             raise ValueError(no_site_message(model))
@@ -881,6 +857,7 @@ class Probe:
         stacks = encoder_decoder(model)
         self._streams = None if stacks is None else Streams(*stacks)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._tokens: list[tuple[int, str, int]] = []  # its hooks' slots (isoprobe.compiled)
         self._records: list[Record] = []
         self._sink = sink if isinstance(sink, RecordSink) or sink is None else RecordSink(sink)
         self._running = RunningSummary()
@@ -901,14 +878,20 @@ class Probe:
         if self._handles:
             raise RuntimeError("this Probe is already attached")
         try:
-            self._handles.append(self.model.register_forward_pre_hook(_outside_graphs(self._on_call), with_kwargs=True))
+            hook, token = outer_hook(self.model, "call", self._on_call)
+            self._tokens.append(token)
+            self._handles.append(self.model.register_forward_pre_hook(hook, with_kwargs=True))
             for site in self.sites:
-                self._handles.append(
-                    site.module.register_forward_hook(_outside_graphs(self._site_hook(site)), with_kwargs=True)
-                )
+                hook, token = site_hook(site.module, self._site_observer(site))
+                self._tokens.append(token)
+                self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
             if self._streams is not None:
-                self._handles.extend(self._streams.hooks(_outside_graphs))
-            self._handles.append(self.model.register_forward_hook(_outside_graphs(self._on_return), always_call=True))
+                handles, tokens = self._streams.hooks(outer_hook)
+                self._handles.extend(handles)
+                self._tokens.extend(tokens)
+            hook, token = outer_hook(self.model, "return", self._on_return)
+            self._tokens.append(token)
+            self._handles.append(self.model.register_forward_hook(hook, always_call=True))
         except BaseException:
             self.detach()
             raise
@@ -919,6 +902,9 @@ class Probe:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for token in self._tokens:
+            release(token)
+        self._tokens.clear()
         self._recording = False
         self._flush()
         self._work.clear()
@@ -956,19 +942,25 @@ class Probe:
         return kwargs
 
     def _on_return(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._recording and self.sites and not self._site_calls:
+            self._warn_once(
+                "no-site",
+                f"no site of this Probe ran in forward {self._step}, so it has no records. If the model "
+                "is compiled, it runs code that torch.compile traced without this Probe's hooks (dynamo does "
+                "not trace again when hooks are added): attach the Probe before the first compiled forward, "
+                "keep it attached, or call torch.compiler.reset() after attaching it",
+            )
         self._recording = False
         if self._streams is not None:
             self._streams.stop()
         self._flush()
 
-    def _site_hook(self, site: Site):
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def _site_observer(self, site: Site):
+        def observe(x: torch.Tensor | None, y: torch.Tensor | None) -> None:
             if not self._recording:
                 return
             call = self._site_calls.get(site.name, 0)
             self._site_calls[site.name] = call + 1
-            x = _first_tensor(args, kwargs)
-            y = _first_output(output)
             view = self._view_for(site, x, y)
             if view is None:
                 return
@@ -992,7 +984,7 @@ class Probe:
                 if self._pending_bytes > self.max_pending_bytes:  # rare sync that bounds device memory
                     self._finish_pending()
 
-        return hook
+        return observe
 
     def _measured_in_float64(self, args: tuple, call: int) -> _Finished:
         """A float32-Gram measurement redone with float64 Grams (its error estimate was too large)."""

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from isoprobe.compiled import first_output
+
 __all__ = ["DECODER", "ENCODER", "Streams", "encoder_decoder"]
 
 ENCODER, DECODER = "encoder", "decoder"
@@ -39,15 +41,6 @@ def encoder_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if any(not isinstance(s, nn.Module) or id(s) not in inside for s in (encoder, decoder)) or encoder is decoder:
         return None
     return encoder, decoder
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    """``value`` if a tensor, else the first tensor of a tuple/list/dict (a ``ModelOutput``)."""
-    if isinstance(value, dict):
-        value = tuple(value.values())
-    if isinstance(value, (tuple, list)):
-        return next((v for v in value if isinstance(v, torch.Tensor)), None)
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -71,13 +64,18 @@ class Streams:
         self._outputs: dict[str, torch.Tensor] = {}
         self._active = False
 
-    def hooks(self, wrap: Callable[[Callable[..., None]], Callable[..., None]]) -> list[Any]:
-        """Register the stacks' hooks, each passed through ``wrap``; returns their handles."""
-        handles = []
+    def hooks(self, outer: Callable[[nn.Module, str, Callable[..., None]], tuple[Callable[..., None], Any]]):
+        """Register the stacks' hooks, each made by ``outer(module, kind, fn) -> (hook, token)``
+        (:func:`isoprobe.compiled.outer_hook`); returns their handles and tokens."""
+        handles, tokens = [], []
         for name, stack in self.stacks.items():
-            handles.append(stack.register_forward_pre_hook(wrap(self._enter(name))))
-            handles.append(stack.register_forward_hook(wrap(self._leave(name)), always_call=True))
-        return handles
+            enter, token = outer(stack, "enter", self._enter(name))
+            tokens.append(token)
+            handles.append(stack.register_forward_pre_hook(enter))
+            leave, token = outer(stack, "leave", self._leave(name))
+            tokens.append(token)
+            handles.append(stack.register_forward_hook(leave, always_call=True))
+        return handles, tokens
 
     def _enter(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -92,7 +90,7 @@ class Streams:
                 return
             if self._running and self._running[-1] == name:
                 self._running.pop()
-            out = _first_tensor(output)
+            out = first_output(output)
             if out is not None:
                 self._outputs[name] = out
 
@@ -102,7 +100,7 @@ class Streams:
         self._active = True
         self._running.clear()
         self._outputs.clear()
-        out = _first_tensor(encoder_outputs)
+        out = first_output(encoder_outputs)
         if out is not None:
             self._outputs[ENCODER] = out
 
