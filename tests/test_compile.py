@@ -184,3 +184,39 @@ def test_inductor_gpt2_probed_in_both_orders(tiny_gpt2, eager_run, order, grad, 
     delta = max(float((c - e).abs().max() / e.abs().max()) for c, e in zip(logits, eager_logits))
     assert 0 < delta < 1e-5, f"the compiled model's own deviation from eager: {delta:.2e}"
     check_records(tiny_gpt2, probe, records, rel=0, abs_=64 * delta)
+
+
+def test_compiled_t5_keeps_each_stacks_padding_mask():
+    """Encoder-decoder masks (``isoprobe.stacks``) under ``torch.compile``: the stacks' hooks run
+    out of the graph, so encoder sites still drop the source padding and decoder sites count
+    every target token; item counts and gaps equal the eager Probe's."""
+    from transformers import T5Config, T5Model
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0)
+    model = T5Model(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 128, (2, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "decoder_input_ids": torch.randint(1, 128, (2, 10), generator=gen),
+    }
+    with torch.no_grad():
+        with Probe(model) as eager:
+            model(**batch)
+        torch.compiler.reset()
+        compiled = torch.compile(model, backend="eager")
+        with Probe(compiled) as probe:
+            for _ in range(2):
+                compiled(**batch)
+    torch.compiler.reset()
+    want = {(r.site, r.call, r.point, r.item): r for r in eager.records}
+    got = {(r.site, r.call, r.point, r.item): r for r in probe.records if r.step == 1}
+    assert got.keys() == want.keys()
+    assert {r.n for k, r in want.items() if k[0].startswith("encoder.") and k[3] == 1} == {6}
+    assert {r.n for k, r in want.items() if k[0].startswith("decoder.") and ".layer.0." in k[0]} == {10}
+    for k, r in want.items():
+        assert got[k].n == r.n and got[k].isometry_gap == pytest.approx(r.isometry_gap, rel=1e-6, abs=1e-9), k
