@@ -1,30 +1,18 @@
-"""The zoo: architectures that transformers ships, built tiny from their configs with random
-weights. In one forward the Probe must record every norm and activation module that runs, and
-Theorem 1 must hold at every norm whose normalisation acts on whole items.
-
-Which modules are norms and activations is decided here, independently of isoprobe: every leaf
-module that ran is re-run on *its own captured input* (other arguments as captured) and is
-
-- an activation if permuting the input's entries permutes the output's (for the input and for
-  it with rows rescaled to rms 100, where no eps can make a norm look linear) and a least-squares
-  affine fit ``y ≈ a x + b`` over all entries (numpy, float64) leaves a residual above 1e-3 of
-  the output's spread;
-- a norm if, not entrywise, scaling each row (along the last dimension, or along the channel
-  dimension 1 of an image-shaped input), first brought to an rms of 100 so that an eps cannot
-  matter, by its own factor in [0.5, 2] leaves the output unchanged (relative 1e-3); a batch norm
-  (an affine map in eval mode) counts as a norm.
+"""The hand-built zoo: architectures that transformers ships, built tiny from configs chosen
+by hand, with random weights. In one forward the Probe must record every norm and activation
+module that runs (as the oracle of ``zoo.py`` finds them, independently of isoprobe), and
+Theorem 1 must hold at every norm whose normalisation acts on whole items. ``test_zoo_sweep.py``
+does the same over every architecture, built by ``zoo.build_auto``.
 """
 
 from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from isoprobe import Probe
+from zoo import check
 
 # name: (config class, config kwargs, model class, input kind)
 _LM = {
@@ -170,70 +158,6 @@ def build(name: str) -> tuple[nn.Module, dict]:
     return model, batch
 
 
-class RunCapture:
-    """The first call of every leaf module: its arguments and output."""
-
-    def __init__(self, model: nn.Module):
-        self.calls: dict[str, tuple] = {}
-        self.handles = [
-            m.register_forward_hook(self._hook(n), with_kwargs=True)
-            for n, m in model.named_modules()
-            if not list(m.children())
-        ]
-
-    def _hook(self, name):
-        def hook(module, args, kwargs, output):
-            self.calls.setdefault(name, (module, args, kwargs, output))
-
-        return hook
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
-def _close(a, b, rtol: float = 1e-3) -> bool:
-    return a.shape == b.shape and bool((a - b).abs().max() <= rtol * b.abs().max().clamp_min(1e-12))
-
-
-def truth_kind(module: nn.Module, args: tuple, kwargs: dict, output) -> str | None:
-    """The test's own classification of a leaf module from its captured call (module docstring)."""
-    if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
-        return None
-    x = args[0]
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):  # eval mode: affine; a norm in training
-        return "norm"
-    if not isinstance(output, torch.Tensor) or output.shape != x.shape or x.numel() < 8:
-        return None
-
-    def f(z):
-        with torch.no_grad():
-            return module.forward(z, *args[1:], **kwargs).double()
-
-    def rescaled(dim):  # rows along `dim` brought to rms 100: an eps cannot matter
-        return 100 * x / x.square().mean(dim, keepdim=True).sqrt().clamp_min(1e-30)
-
-    y = f(x)
-    gen = torch.Generator().manual_seed(0)
-    perm = torch.randperm(x.numel(), generator=gen)
-
-    def entrywise(z, fz):
-        return _close(f(z.flatten()[perm].view_as(z)).flatten(), fz.flatten()[perm])
-
-    big = rescaled(x.ndim - 1)
-    if entrywise(x, y) and entrywise(big, f(big)):
-        xs, ys = x.double().flatten().numpy(), y.flatten().numpy()
-        design = np.stack([xs, np.ones_like(xs)], 1)
-        resid = ys - design @ np.linalg.lstsq(design, ys, rcond=None)[0]
-        return "activation" if np.sqrt(np.mean(resid**2)) > 1e-3 * ys.std() else None
-    for dim in {x.ndim - 1, 1} if x.ndim >= 3 else {x.ndim - 1}:
-        big = rescaled(dim)
-        shape = [1 if d == dim else n for d, n in enumerate(x.shape)]
-        if _close(f(big * (0.5 + 1.5 * torch.rand(*shape, generator=gen, dtype=x.dtype))), f(big)):
-            return "norm"
-    return None
-
-
 @pytest.mark.filterwarnings("ignore:attention mask of shape")  # seq2seq: the decoder has no mask
 @pytest.mark.parametrize("name", list(ZOO))
 def test_probe_records_every_norm_and_activation_that_runs(name, zoo_table):
@@ -242,44 +166,20 @@ def test_probe_records_every_norm_and_activation_that_runs(name, zoo_table):
         model, batch = build(name)
     except (ImportError, AttributeError) as error:  # an architecture this transformers lacks
         pytest.skip(f"{name}: {error}")
-    capture = RunCapture(model)
-    with torch.no_grad(), Probe(model) as probe:
-        model(**batch)
-    capture.close()
-    truth = {n: k for n, call in capture.calls.items() if (k := truth_kind(*call))}
-    recorded = {r.site: r.kind for r in probe.records}
-    leaf_records = {n: k for n, k in recorded.items() if n in capture.calls}
-    assert leaf_records == truth, (
-        f"{name}: missed {set(truth) - set(leaf_records)}, extra {set(leaf_records) - set(truth)}"
-    )
-    assert recorded == leaf_records, f"{name}: sites above leaf modules {set(recorded) - set(leaf_records)}"
-    checked = [r for r in probe.records if r.theorem1_holds is not None]
-    applies = [r for r in checked if eps_negligible(r, capture.calls[r.site])]
-    failed = [r.site for r in applies if not r.theorem1_holds]
-    assert not failed, f"{name}: Theorem 1 fails where it applies, at {failed}"
-    kinds = list(truth.values())
+    found = check(model, batch)
+    assert not found["missed"] and not found["extra"] and not found["wrong_kind"], f"{name}: {found}"
+    assert not found["above"], f"{name}: sites above leaf modules {found['above']}"
+    assert not found["failed"], f"{name}: Theorem 1 fails where it applies, at {found['failed']}"
     zoo_table.append(
         (
             name,
-            kinds.count("norm"),
-            kinds.count("activation"),
-            len(applies),
-            len(checked) - len(applies),
+            found["norms"],
+            found["activations"],
+            found["theorem1_holds"],
+            found["eps_dominated"],
             time.perf_counter() - start,
         )
     )
-
-
-def eps_negligible(record, call) -> bool:
-    """Theorem 1 is about the projection onto the sphere: it applies where every item's variance
-    is at least 10 eps (below, the norm is closer to a plain rescaling). OLMo's LayerNorm keeps
-    its eps, 1e-5, inside its forward."""
-    module, args = call[0], call[1]
-    eps = next((getattr(module, a) for a in ("eps", "variance_epsilon") if hasattr(module, a)), 1e-5)
-    x = args[0].double()
-    rows = x[record.item] if record.view == "token" else x.reshape(x.shape[0], -1)
-    centred = rows - rows.mean(-1, keepdim=True) if record.point == "normalized" else rows
-    return bool((centred.square().mean(-1) >= 10 * eps).all())
 
 
 @pytest.fixture(scope="module")
