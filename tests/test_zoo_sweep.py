@@ -3,7 +3,9 @@
 the oracle of ``zoo.py`` finds among the modules that ran, and Theorem 1 must hold where eps is
 negligible.
 
-``data/zoo_sweep.json`` is the full sweep (``python tests/zoo.py``), one row per model type:
+``data/zoo_sweep.json`` is the full sweep (``python tests/zoo.py SCRATCH.jsonl``, about 10
+minutes on two cores, then ``python tests/zoo.py --commit SCRATCH.jsonl tests/data/zoo_sweep.json``),
+one row per model type:
 checked (with the oracle's counts) or skipped (with the reason). The CI part re-checks a fixed
 selection of it: the checked types in order of their sweep time, as many as fit ``_CI_BUDGET_S``
 sweep seconds, plus every model type the installed transformers ships that the file does not
@@ -67,7 +69,7 @@ def test_committed_sweep_is_current():
         warnings.warn(
             f"transformers {transformers.__version__} ships {len(NEW)} model types that "
             f"data/zoo_sweep.json (transformers {SWEEP['transformers']}) lacks, checked here: "
-            f"{', '.join(NEW)}; regenerate it with `python tests/zoo.py`",
+            f"{', '.join(NEW)}; regenerate it as the docstring of tests/test_zoo_sweep.py says",
             stacklevel=1,
         )
 
