@@ -53,14 +53,9 @@ def monte_carlo_beta(f, n: int, seed: int = 0) -> float:
     return float(2 - (z * s).mean() ** 2 / s.var())
 
 
-def main() -> None:
+def beta_section() -> list[str]:
+    """Cold and cached β of every registered activation and of two callables with kinks."""
     lines = [
-        "## hermite: β, dual activation, mean-field map (bench/bench_hermite.py)",
-        "",
-        f"Machine: 2-core CPU container, torch {torch.__version__.split('+')[0]} CPU (Python "
-        f"{platform.python_version()}), shared with other jobs (load average {os.getloadavg()[0]:.1f} "
-        "at the start): medians of repeated runs; absolute times are noisy, the errors are not.",
-        "",
         "### β per activation (gain 1)",
         "",
         "| activation | cold β (ms) | cached β (µs) | β |",
@@ -81,9 +76,12 @@ def main() -> None:
         cold, beta = _cold(lambda: hermite.isometry_strength(fn))
         cold_times.append(cold)
         lines.append(f"| {label} (kinks found) | {cold * 1e3:.1f} | – | {beta:.12f} |")
-    lines += ["", f"Slowest cold β: {max(cold_times) * 1e3:.1f} ms (target < 50 ms).", ""]
+    return lines + ["", f"Slowest cold β: {max(cold_times) * 1e3:.1f} ms (target < 50 ms).", ""]
 
-    lines += [
+
+def beta_error_section() -> list[str]:
+    """β's error against the closed forms, beside quadrature and Monte Carlo."""
+    lines = [
         "### β error against the closed forms (Table 2)",
         "",
         "| activation | isoprobe | Gauss–Hermite 50 | Gauss–Hermite 200 | Monte Carlo 10⁶ |",
@@ -99,7 +97,11 @@ def main() -> None:
             abs(monte_carlo_beta(act.fn, 10**6) - exact),
         ]
         lines.append(f"| {name} | " + " | ".join(f"{e:.1e}" for e in errs) + " |")
+    return lines
 
+
+def mean_field_section() -> list[str]:
+    """mean_field_map on a cosine matrix and on a uniform symmetric one, first and cached calls."""
     torch.manual_seed(0)
     X = torch.randn(100, 30, dtype=torch.float64)
     G = X @ X.T
@@ -109,7 +111,7 @@ def main() -> None:
     U = torch.rand(100, 100, dtype=torch.float64) * 2 - 1
     U = (U + U.T) / 2
     U.fill_diagonal_(1.0)
-    lines += [
+    lines = [
         "",
         "### mean_field_map on a 100×100 matrix of correlations",
         "",
@@ -126,7 +128,11 @@ def main() -> None:
             first, _ = _cold(lambda: hermite.mean_field_map(name, M))
             warm, _ = _timed(lambda: hermite.mean_field_map(name, M), repeat=30)
             lines.append(f"| {name} | {label} | {first * 1e3:.0f} | {warm * 1e3:.2f} |")
+    return lines
 
+
+def dual_relu_section() -> list[str]:
+    """ReLU's dual activation against the arc-cosine kernel, beside tensor Gauss–Hermite."""
     rho = torch.tensor(np.concatenate([np.linspace(-1, 1, 201), 1 - np.logspace(-12, -1, 23)]))
     r = rho.numpy()
     arccos = (np.sqrt(1 - r * r) + (np.pi - np.arccos(r)) * r) / (2 * np.pi)
@@ -136,13 +142,25 @@ def main() -> None:
     s = np.sqrt(np.clip(1 - r * r, 0, None))
     y = r[:, None, None] * z[None, :, None] + s[:, None, None] * z[None, None, :]
     gh = (w[:, None] * w[None, :] * np.maximum(z, 0)[:, None] * np.maximum(y, 0)).sum((1, 2))
-    lines += [
+    return [
         "",
         f"ReLU dual σ̂(ρ) on 224 ρ in [−1, 1] (near ±1 down to 1 − 1e-12), max error vs the "
         f"arc-cosine kernel: isoprobe {err_iso:.1e}; 40×40 tensor Gauss–Hermite {np.abs(gh - arccos).max():.1e}.",
         "",
     ]
-    print("\n".join(lines))
+
+
+def main() -> None:
+    header = [
+        "## hermite: β, dual activation, mean-field map (bench/bench_hermite.py)",
+        "",
+        f"Machine: 2-core CPU container, torch {torch.__version__.split('+')[0]} CPU (Python "
+        f"{platform.python_version()}), shared with other jobs (load average {os.getloadavg()[0]:.1f} "
+        "at the start): medians of repeated runs; absolute times are noisy, the errors are not.",
+        "",
+    ]
+    sections = (beta_section, beta_error_section, mean_field_section, dual_relu_section)
+    print("\n".join(header + [line for section in sections for line in section()]))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,21 @@ activations), ``torch.no_grad``. Compared, interleaved over the repetitions (med
 * ``probe-f32``  ``Probe(model, gram_dtype=torch.float32)``;
 * ``gemm-f64``, ``gemm-f32``: the floor — the Probe's 74 Gram products alone (two per site:
   the centred and output Grams of a norm, input and output of an activation), as batched
-  GEMMs on activations captured beforehand and already converted, timed in the same loop.
+  GEMMs on activations captured beforehand and already converted, timed in the same loop;
+* ``convert-f64``: the other part of the float64 answer's arithmetic that torch cannot fuse into
+  its GEMM: converting those 74 float32 tensors to float64 (into buffers reused across calls,
+  as the Probe does); memory traffic, 12 bytes per entry;
+* ``chol-f64``: the 592 Cholesky factorisations of the float64 Grams (one per Gram and sequence,
+  batched per site as the Probe batches them), on Grams formed beforehand.
 
-Time on the CPU: process CPU time (``time.process_time``) with one torch thread (``--threads
-1``, the default: on a shared machine the wall time mostly measures the neighbours). On CUDA
-(``--device cuda``): wall time between ``torch.cuda.synchronize()`` calls.
+The extra time of ``probe`` is then split into these floors and the rest (the Probe's own
+overhead): ``probe − plain = gemm + convert + chol + rest``.
+
+Time on the CPU: process CPU time (``time.process_time``) and wall time, both recorded; the
+ratios use CPU time with one torch thread (``--threads 1``, the default: on a shared machine
+the wall time mostly measures the neighbours) and wall time with more (``--threads 2``: the
+CPU time of two threads is their sum, not what a user waits). On CUDA (``--device cuda``):
+wall time between ``torch.cuda.synchronize()`` calls.
 
 Breakdown: one profiled forward per Probe configuration (``torch.profiler``); the self time of
 every operator run inside a Probe hook, by category (Gram GEMM, conversions and copies,
@@ -34,6 +44,7 @@ It prints a Markdown table ready for ``bench/RESULTS.md``; ``--json PATH`` also 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -49,13 +60,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 BATCH = 8
-TIMED = ("plain", "probe", "probe-f32", "gemm-f64", "gemm-f32")
+TIMED = ("plain", "probe", "probe-f32", "gemm-f64", "gemm-f32", "convert-f64", "chol-f64")
+FLOORS = ("gemm-f64", "gemm-f32", "convert-f64", "chol-f64")
 CATEGORIES = (
     "Gram GEMM",
     "conversion/copy",
     "centring",
     "elementwise/reduction",
     "Cholesky/triangular",
+    "zeroing above the diagonal (inside cholesky_ex)",
     "eigenvalues",
     "Python, records, host transfer",
 )
@@ -104,6 +117,12 @@ def run(config: str, model, ids, floor: dict[str, list[torch.Tensor]]) -> None:
         elif config.startswith("gemm"):
             for X in floor[config]:
                 torch.matmul(X, X.mT)
+        elif config == "convert-f64":
+            for X, buf in zip(floor["gemm-f32"], floor["buffers"]):
+                buf.copy_(X)
+        elif config == "chol-f64":
+            for G in floor["grams"]:
+                torch.linalg.cholesky_ex(G)
         else:
             dtype = torch.float64 if config == "probe" else torch.float32
             with Probe(model, gram_dtype=dtype) as probe:
@@ -111,22 +130,33 @@ def run(config: str, model, ids, floor: dict[str, list[torch.Tensor]]) -> None:
             assert len({r.site for r in probe.records}) == 37
 
 
-def timings(model, ids, reps: int, device: str) -> dict[str, list[float]]:
-    items = capture_items(model, ids)
-    floor = {"gemm-f64": [t.double() for t in items], "gemm-f32": [t.float() for t in items]}
-    del items
-    cuda = device.startswith("cuda")
-    clock = time.perf_counter if cuda else time.process_time
+def floor_inputs(model, ids) -> dict[str, list[torch.Tensor]]:
+    """What the floors work on: the 74 item tensors in float64 and float32, float64 buffers for
+    the conversions, and the Grams stacked per site as the Probe factorises them (2 × batch)."""
+    f64 = [t.double() for t in capture_items(model, ids)]
+    grams = [torch.cat([X @ X.mT for X in f64[i : i + 2]]) for i in range(0, len(f64), 2)]
+    return {
+        "gemm-f64": f64,
+        "gemm-f32": [t.float() for t in f64],
+        "buffers": [torch.empty_like(t) for t in f64],
+        "grams": grams,
+    }
+
+
+def timings(model, ids, reps: int, device: str) -> dict[str, dict[str, list[float]]]:
+    """``{"cpu": {config: seconds per rep}, "wall": ...}``, configurations interleaved."""
+    floor = floor_inputs(model, ids)
     for config in TIMED:  # warm-up
         run(config, model, ids, floor)
-    times: dict[str, list[float]] = {c: [] for c in TIMED}
+    times: dict[str, dict[str, list[float]]] = {"cpu": {c: [] for c in TIMED}, "wall": {c: [] for c in TIMED}}
     for _ in range(reps):
         for config in TIMED:
             sync(device)
-            start = clock()
+            cpu, wall = time.process_time(), time.perf_counter()
             run(config, model, ids, floor)
             sync(device)
-            times[config].append(clock() - start)
+            times["cpu"][config].append(time.process_time() - cpu)
+            times["wall"][config].append(time.perf_counter() - wall)
     return times
 
 
@@ -148,7 +178,9 @@ def _category(name: str) -> str | None:
         return "conversion/copy"
     if name in ("aten::mean", "aten::sub_", "aten::mul_"):
         return "centring"
-    if "cholesky" in name or "solve_triangular" in name or name in ("aten::tril", "aten::tril_"):
+    if name in ("aten::tril", "aten::tril_"):
+        return "zeroing above the diagonal (inside cholesky_ex)"
+    if "cholesky" in name or "solve_triangular" in name:
         return "Cholesky/triangular"
     if "eigvalsh" in name or "eigh" in name:
         return "eigenvalues"
@@ -168,10 +200,10 @@ _SYNC_EVENTS = (
 )
 
 
-def breakdown(model, ids, dtype: torch.dtype, device: str) -> dict:
-    """Self time of the operators inside the Probe's hooks, by category, from one profiled forward."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile, record_function
+@contextlib.contextmanager
+def labelled_hooks():
+    """Wrap the Probe's site hooks and its end-of-forward flush in profiler ranges."""
+    from torch.profiler import record_function
 
     from isoprobe import Probe
 
@@ -190,16 +222,26 @@ def breakdown(model, ids, dtype: torch.dtype, device: str) -> dict:
         with record_function("isoprobe:flush"):
             flush(self)
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     Probe._site_hook, Probe._flush = wrapped_site_hook, wrapped_flush
     try:
-        with torch.no_grad(), profile(activities=activities) as prof:
-            with Probe(model, gram_dtype=dtype) as probe:
-                model(input_ids=ids)
-            probe.records  # noqa: B018 (the host transfer and the records)
-            sync(device)
+        yield
     finally:
         Probe._site_hook, Probe._flush = site_hook, flush
+
+
+def breakdown(model, ids, dtype: torch.dtype, device: str) -> dict:
+    """Self time of the operators inside the Probe's hooks, by category, from one profiled forward."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from isoprobe import Probe
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with labelled_hooks(), torch.no_grad(), profile(activities=activities) as prof:
+        with Probe(model, gram_dtype=dtype) as probe:
+            model(input_ids=ids)
+        probe.records  # noqa: B018 (the host transfer and the records)
+        sync(device)
     events = list(prof.events())
     ranges = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.name.startswith("isoprobe:")]
     total = sum(end - start for start, end, name in ranges) / 1e6
@@ -302,23 +344,68 @@ def memory(args) -> dict[str, dict]:
     return mem
 
 
-def report(args, times, parts, mem) -> dict:
-    med = {c: statistics.median(v) for c, v in times.items()}
-    base = med["plain"]
-    unit = "wall s (synchronised)" if args.device.startswith("cuda") else "CPU s"
-    print(f"\n| configuration | {unit} / forward (median of {args.reps}) | ratio to plain | runs |")
-    print("|---|---|---|---|")
-    labels = {
-        "plain": "plain forward",
-        "probe": "`Probe(model)` (float64 Grams)",
-        "probe-f32": "`Probe(model, gram_dtype=torch.float32)`",
-        "gemm-f64": "floor: the 74 Gram GEMMs alone, float64",
-        "gemm-f32": "floor: the 74 Gram GEMMs alone, float32",
-    }
+LABELS = {
+    "plain": "plain forward",
+    "probe": "`Probe(model)` (float64 Grams)",
+    "probe-f32": "`Probe(model, gram_dtype=torch.float32)`",
+    "gemm-f64": "floor: the 74 Gram GEMMs alone, float64",
+    "gemm-f32": "floor: the 74 Gram GEMMs alone, float32",
+    "convert-f64": "floor: the 74 float32 → float64 conversions alone",
+    "chol-f64": "floor: the 592 Cholesky factorisations alone",
+}
+
+
+def primary_clock(args) -> str:
+    """CPU time for one CPU thread; wall time for several threads and on CUDA."""
+    return "cpu" if args.threads == 1 and not args.device.startswith("cuda") else "wall"
+
+
+def report_times(args, times: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    """The table of times and ratios on the primary clock (the other clock's ratio beside it)."""
+    clock = primary_clock(args)
+    other = "wall" if clock == "cpu" else "cpu"
+    med = {k: {c: statistics.median(v) for c, v in t.items()} for k, t in times.items()}
+    print(
+        f"\n| configuration | {clock} s / forward (median of {args.reps}) | ratio to plain | runs | {other}-time ratio |"
+    )
+    print("|---|---|---|---|---|")
     for c in TIMED:
-        ratio = med[c] / base + (1 if c.startswith("gemm") else 0)
-        shown = f"1 + {med[c] / base:.3f}" if c.startswith("gemm") else f"**{ratio:.3f}×**"
-        print(f"| {labels[c]} | {med[c]:.2f} | {shown} | {', '.join(f'{t:.2f}' for t in times[c])} |")
+        ratio = {k: med[k][c] / med[k]["plain"] for k in med}
+        shown = f"1 + {ratio[clock]:.3f}" if c in FLOORS else f"**{ratio[clock]:.3f}×**"
+        other_shown = f"1 + {ratio[other]:.3f}" if c in FLOORS else f"{ratio[other]:.3f}×"
+        runs = ", ".join(f"{t:.2f}" for t in times[clock][c])
+        print(f"| {LABELS[c]} | {med[clock][c]:.2f} | {shown} | {runs} | {other_shown} |")
+    return med[clock]
+
+
+def report_floors(med: dict[str, float]) -> None:
+    """The Probe's extra time split into the floors and the rest, and the lowest ratios they allow."""
+    base = med["plain"]
+    parts = {
+        "probe": (("Gram GEMMs", "gemm-f64"), ("conversion to float64", "convert-f64"), ("Cholesky", "chol-f64")),
+        "probe-f32": (("Gram GEMMs", "gemm-f32"), ("Cholesky (of the Grams in float64)", "chol-f64")),
+    }
+    print("\n| configuration | part of the extra time | s | share of the extra time | × plain |\n|---|---|---|---|---|")
+    for config, floors in parts.items():
+        extra = med[config] - base
+        for name, floor in floors:
+            print(
+                f"| {config} | floor: {name} | {med[floor]:.3f} | {med[floor] / extra:.0%} | {med[floor] / base:.3f} |"
+            )
+        rest = extra - sum(med[f] for _, f in floors)
+        print(
+            f"| {config} | the rest: the Probe's own work and overhead | {rest:.3f} | {rest / extra:.0%} | {rest / base:.3f} |"
+        )
+        floor = sum(med[f] for _, f in floors)
+        half = floor - med[floors[0][1]] / 2
+        print(
+            f"| {config} | **lowest ratio the floors allow** (with a symmetric product at the same rate) | "
+            f"{floor:.3f} | | **{1 + floor / base:.3f}×** ({1 + half / base:.3f}×) |"
+        )
+
+
+def report_breakdown(args, parts: dict) -> None:
+    """Self time of the operators inside the hooks, by category, from the profiled forwards."""
     what = "device time of the kernels" if args.device.startswith("cuda") else "self CPU time of the operators"
     print(f"\nWhere the Probe's time goes (one profiled forward each; {what} inside its hooks):\n")
     print("| part | " + " | ".join(f"{k}: s (share)" for k in parts) + " |")
@@ -327,8 +414,6 @@ def report(args, times, parts, mem) -> dict:
         cells = [f"{p['seconds'][cat]:.3f} ({p['seconds'][cat] / p['total']:.0%})" for p in parts.values()]
         print(f"| {cat} | " + " | ".join(cells) + " |")
     print("| **all inside the hooks** | " + " | ".join(f"**{p['total']:.3f}**" for p in parts.values()) + " |")
-    extra = {"probe": med["probe"] - base, "probe-f32": med["probe-f32"] - base}
-    print("| extra time of the timed runs (probe − plain) | " + " | ".join(f"{extra[k]:.3f}" for k in parts) + " |")
     print(
         "| non-GEMM share of the hooks' time | "
         + " | ".join(f"{1 - p['seconds']['Gram GEMM'] / p['total']:.0%}" for p in parts.values())
@@ -340,15 +425,25 @@ def report(args, times, parts, mem) -> dict:
             + " | ".join(f"{p['syncs']['site-hook']} / {p['syncs']['flush']}" for p in parts.values())
             + " |"
         )
+
+
+def report_memory(mem: dict[str, dict]) -> None:
+    b = mem["plain"]
+    print("\n| configuration | peak live heap (MiB) | ratio | peak RSS (MiB) | ratio |\n|---|---|---|---|---|")
+    for c, m in mem.items():
+        print(
+            f"| {c} | {m['heap_peak'] / 2**20:.0f} | {m['heap_peak'] / b['heap_peak']:.3f}× | "
+            f"{m['rss_peak'] / 2**20:.0f} | {m['rss_peak'] / b['rss_peak']:.3f}× |"
+        )
+
+
+def report(args, times, parts, mem) -> dict:
+    med = report_times(args, times)
+    report_floors(med)
+    report_breakdown(args, parts)
     if mem:
-        b = mem["plain"]
-        print("\n| configuration | peak live heap (MiB) | ratio | peak RSS (MiB) | ratio |\n|---|---|---|---|---|")
-        for c, m in mem.items():
-            print(
-                f"| {c} | {m['heap_peak'] / 2**20:.0f} | {m['heap_peak'] / b['heap_peak']:.3f}× | "
-                f"{m['rss_peak'] / 2**20:.0f} | {m['rss_peak'] / b['rss_peak']:.3f}× |"
-            )
-    return {"median": med, "times": times, "breakdown": parts, "memory": mem}
+        report_memory(mem)
+    return {"clock": primary_clock(args), "median": med, "times": times, "breakdown": parts, "memory": mem}
 
 
 def main() -> None:

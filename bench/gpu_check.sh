@@ -103,8 +103,7 @@ summary "fig7 (paper sizes, --device cuda): exit $rc, wall $(( $(date +%s) - sta
 cp "$work"/fig7.json "$OUT/fig7.json" 2>/dev/null && "$PY" - "$OUT/fig7.json" <<'EOF' | tee -a "$OUT/summary.txt"
 import json, sys
 d = json.load(open(sys.argv[1]))
-print("fig7:", "held" if d.get("held") else "not held", "| elapsed_s", d.get("elapsed_s"),
-      "| data", d.get("config", {}).get("data"))
+print("fig7:", d.get("verdict"), "| elapsed_s", d.get("elapsed_s"), "| data", d.get("data"))
 EOF
 rm -rf "$work"
 fi

@@ -33,18 +33,26 @@ module's mode; its ``post`` is what the module returned (running statistics in e
 
 **Views** (Joudaki et al. 2023, App. C.4): *token* — one Gram per sequence of a ``(batch, seq, hidden)`` activation,
 items = tokens, padding excluded by the attention mask the model's forward received (or one
-given to the Probe); *sample* — one Gram per batch, items = the flattened samples; *feature* —
-the feature covariance ``C = X Xᵀ`` of a batch (items = channels, entries = batch × spatial
-positions). ``"auto"``: feature for BatchNorm, token for 3-D activations, sample otherwise.
+given to the Probe); in an encoder-decoder model (T5, BART) each site takes the mask of the
+tokens it sees (:mod:`isoprobe.stacks`): ``attention_mask`` in the encoder (and for
+cross-attention's keys and values, which read the encoder's output), ``decoder_attention_mask``
+in the decoder, or no mask there when the forward got none (the decoder's own default: it then
+attends to every target token); *sample* — one Gram per batch, items = the flattened samples;
+*feature* — the feature covariance ``C = X Xᵀ`` of a batch (items = channels, entries = batch ×
+spatial positions). ``"auto"``: feature for BatchNorm, token for 3-D activations, sample otherwise.
 
 **Theorem 1** (Joudaki et al. 2023; Corollary 2 for layer norm, Corollary 3 for batch norm):
 with item norms ``a_i`` of the centred items, ``I(normalized) ≥ I(centered) · (1 + Var(a)/ā²)``.
 Checked on every norm site whose normalisation acts on whole items (token view for a
 last-dimension LayerNorm/RMSNorm, sample view for a LayerNorm over all non-batch dimensions or a
 one-group GroupNorm, feature view for BatchNorm). The check is ``gap(normalized) ≤ gap(centered)
-- log factor + tol``, ``tol = sqrt(eps)`` of the Gram dtype. Caveat: Theorem 1 is about the
-projection onto the sphere; a norm's ``eps`` makes it slightly different, and the inequality can
-fail when ``eps`` is not small against the items' variance (roughly ``eps > 2.4 var``).
+- log factor + tol``, ``tol = sqrt(eps)`` of the Gram dtype (relative to ``gap(centered)`` above 1).
+Theorem 1 is about the projection ``x_c / ‖x_c‖``; a norm divides by ``sqrt(var + eps)``
+instead, which lifts the gap by exactly ``δ = log(mean r²) - mean log r²``, ``r_i² = var_i /
+(var_i + eps)`` (zero when all variances are equal). Where the normalized point misses the bound
+by no more than ``δ`` (eps not small against the items' variances, e.g. OLMo2's post-norms at
+random init), the theorem says nothing about it: ``theorem1_holds`` is ``None`` and the record's
+flag says ``"eps-dominated: ..."``; a miss by more than ``δ`` is a failure.
 
 **Numerics.** Grams in ``gram_dtype`` (float64 by default), the spectrum always in float64
 (``metrics``). A norm site needs two Grams and two Cholesky factorisations for four points:
@@ -121,6 +129,7 @@ from isoprobe.metrics import (
 )
 from isoprobe.records import Record, RecordSink, RunningSummary, Summary
 from isoprobe.sites import NormSpec, Site, discover_sites, no_site_message, select_sites
+from isoprobe.stacks import DECODER, ENCODER, Streams, encoder_decoder
 
 __all__ = ["NormSpec", "Probe", "Site", "discover_sites", "select_sites"]
 
@@ -297,12 +306,14 @@ class _Pending:
     pre_vector: torch.Tensor | None = None  # (g, N) v with G_pre = G_c + v vᵀ (v = sqrt(m) μ)
     log_ratio: torch.Tensor | None = None  # (g,) gap(normalized) - gap(centered)
     factor: torch.Tensor | None = None  # (g,) norm-variation factor of the centred items
+    eps_effect: torch.Tensor | None = None  # (g,) δ = gap(normalized) - gap(x_c / ‖x_c‖), float64
     gram_normalized: torch.Tensor | None = None  # (g, N, N) D G_c D, for a singular G_c
 
 
 @dataclass
 class _Finished:
-    """Per-point float64 rows ``(n, gap, og, bound, holds, factor)`` of one site call, (R, g)."""
+    """Per-point float64 rows ``(n, gap, og, bound, holds, factor, eps-dominated, error)`` of one
+    site call, (R, g)."""
 
     site: Site
     view: str
@@ -315,7 +326,7 @@ class _Finished:
     table: torch.Tensor
 
 
-_ROWS_PER_POINT = 6  # gap, og, Theorem 1 bound, holds, factor, float32 error estimate
+_ROWS_PER_POINT = 7  # gap, og, Theorem 1 bound, holds, factor, eps-dominated, float32 error estimate
 
 
 class _Items:
@@ -425,6 +436,7 @@ def _measure_aligned(
     log_ratio = (d2 * var * real).sum(-1).log() - (var * real).sum(-1).log() - (d2.log() * real).sum(-1) / nf
     a = (var.to(torch.float64) * m).sqrt()
     factor = n.to(torch.float64) * a.square().sum(-1) / a.sum(-1).square()
+    eps_effect = _eps_effect(var.to(torch.float64), eps, real > 0, n)
     Gpost = _gram(items(y), grams[1])
     padded = pad is not None
     og = {"normalized": _orth_gap(Gn, n, padded), "post": _orth_gap(Gpost, n, padded)}
@@ -442,6 +454,7 @@ def _measure_aligned(
         og=og,
         log_ratio=log_ratio,
         factor=factor,
+        eps_effect=eps_effect,
         gram_normalized=Gn,
         **pre,
         **common,
@@ -474,7 +487,7 @@ def _finish(p: _Pending, tol: float) -> _Finished:
     rows = [p.n.to(torch.float64)]
     for q in p.points:
         rows += [gaps[q].to(torch.float64), p.og[q].to(torch.float64)]
-        rows += extra.get(q, [nan, nan, nan])
+        rows += extra.get(q, [nan, nan, nan, nan])
         rows.append(errors.get(q, nan))
     return _Finished(p.site, p.view, p.step, p.call, p.dim, p.post_dim, p.token_items, p.points, torch.stack(rows))
 
@@ -507,6 +520,15 @@ def _lambda_min(apply_inverse: Any, diag: torch.Tensor) -> torch.Tensor:
     return 1 / norm
 
 
+def _cholesky_solve(L: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``G⁻¹ z`` from the lower Cholesky factor ``L`` of ``G = L Lᵀ``: two triangular solves.
+
+    The same arithmetic as ``torch.cholesky_solve``, which copies ``L`` on every call (6× the
+    time of the solves for a batch of 256 × 256 factors on the CPU)."""
+    y = torch.linalg.solve_triangular(L, z, upper=False)
+    return torch.linalg.solve_triangular(L.mT, y, upper=True)
+
+
 def _rounding_estimate(gamma: float, w: torch.Tensor, lam_min: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """``_SIGMAS · γ max w (1 + 1/λ_min) / sqrt(n)`` (``γ = sqrt(m) u``; comment above);
     ``+inf`` where ``λ_min`` is not positive."""
@@ -530,7 +552,7 @@ def _float32_errors(
     diags = p.grams.diagonal(dim1=-2, dim2=-1).to(torch.float64)
 
     def bound(i: int, w: torch.Tensor, g: float, ok: torch.Tensor, apply=None, diag=None) -> torch.Tensor:
-        apply = apply or (lambda z: torch.cholesky_solve(z, L[i]))
+        apply = apply or (lambda z: _cholesky_solve(L[i], z))
         lam = _lambda_min(apply, diags[i] if diag is None else diag)
         return torch.where(ok, _rounding_estimate(g, w, lam, p.n), torch.full_like(lam, math.inf))
 
@@ -544,10 +566,10 @@ def _float32_errors(
         w_c = real * d_pre / diags[0].clamp_min(torch.finfo(torch.float64).tiny)
         out["centered"] = bound(0, w_c, _CENTRING_SAFETY * gamma, trusted[0])
         out["post"] = bound(1, real, gamma, trusted[1])
-        u = torch.cholesky_solve(v, L[0])
+        u = _cholesky_solve(L[0], v)
 
         def pre_inverse(z: torch.Tensor) -> torch.Tensor:  # Sherman–Morrison with G_c's factor
-            y = torch.cholesky_solve(z, L[0])
+            y = _cholesky_solve(L[0], z)
             return y - u * (v.mT @ y) / (1 + v.mT @ u)
 
         out["pre"] = bound(0, real, _CENTRING_SAFETY * gamma, lemma, pre_inverse, d_pre)
@@ -559,8 +581,38 @@ def _float32_errors(
     return {q: torch.where(torch.isnan(gaps[q]), gaps[q], e) for q, e in out.items()}
 
 
+def _eps_effect(var: torch.Tensor, eps: float, real: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``δ = gap(normalized) - gap(x_c / ‖x_c‖) ≥ 0`` per item group ``(g,)``, float64: how far a
+    norm's eps lifts the gap of its normalised items above that of the exact projection onto the
+    sphere, the map of Theorem 1 (Joudaki et al. 2023, eq. 4).
+
+    ``G_norm = R G* R`` with ``G* = D* G_c D*`` (``D*_ii = 1/sqrt(var_i)``: constant diagonal
+    ``m``) and ``R = diag(r_i)``, ``r_i² = var_i / (var_i + eps)``; ``log det`` gains
+    ``Σ log r_i²`` and the trace is ``m Σ r_i²``, so over the ``n`` real items
+
+        δ = log(mean r_i²) - mean log r_i²,
+
+    zero when all variances are equal (eps then only rescales), ``+inf`` for a zero item.
+    """
+    e = eps / var  # inf where var = 0
+    r2 = torch.where(real, 1 / (1 + e), torch.zeros_like(e)).sum(-1) / n
+    mean_log = torch.where(real, torch.log1p(e), torch.zeros_like(e)).sum(-1) / n
+    delta = (r2.log() + mean_log).clamp_min(0)
+    return torch.where(torch.isinf(mean_log), torch.full_like(delta, math.inf), delta)
+
+
 def _theorem1(p: _Pending, gaps: dict[str, torch.Tensor], tol: float) -> list[torch.Tensor]:
-    """Sets ``gaps["normalized"]``; returns the rows ``(bound, holds, factor)`` of Theorem 1."""
+    """Sets ``gaps["normalized"]``; returns the rows ``(bound, holds, factor, eps-dominated)``.
+
+    The check: ``gap(normalized) ≤ gap(centered) - log factor + t``, ``t = tol · max(1,
+    |gap(centered)|)`` for rounding (trivially true for a singular ``G_c``: the bound is 0).
+    Theorem 1 is about ``x_c / ‖x_c‖``, whose gap is ``gap(normalized) - δ`` exactly
+    (:func:`_eps_effect`). The verdict is decided where eps cannot have made it: *holds* when the
+    normalized point meets the bound (the projection, ``δ`` lower, then does too); *fails* when
+    even ``gap(normalized) - δ`` misses it (eps does not explain the miss). Between the two, the
+    normalized point misses the bound by no more than eps's effect on it: undecided (holds NaN,
+    eps-dominated 1), a statement the theorem does not make.
+    """
     gc = gaps["centered"]
     gn = (gc + p.log_ratio.to(gc.dtype)).clamp_min(0)
     singular = torch.isinf(gc)
@@ -570,10 +622,13 @@ def _theorem1(p: _Pending, gaps: dict[str, torch.Tensor], tol: float) -> list[to
     gaps["normalized"] = gn
     log_factor = p.factor.to(gc.dtype).log()
     bound = torch.where(singular, torch.zeros_like(gc), torch.exp(log_factor - gc))
-    holds = singular | (gn <= gc - log_factor + tol * gc.abs().clamp_min(1))
+    limit = gc - log_factor + tol * gc.abs().clamp_min(1)
+    meets = singular | (gn <= limit)
+    dominated = ~meets & (gn - p.eps_effect.to(gc.dtype) <= limit)
     nan = torch.full_like(gc, math.nan)
-    holds = torch.where(torch.isnan(gn) | torch.isnan(bound), nan, holds.to(gc.dtype))
-    return [bound, holds, p.factor.to(gc.dtype)]
+    undefined = torch.isnan(gn) | torch.isnan(bound)
+    holds = torch.where(undefined | dominated, nan, meets.to(gc.dtype))
+    return [bound, holds, p.factor.to(gc.dtype), torch.where(undefined, nan, dominated.to(gc.dtype))]
 
 
 _TOL64 = math.sqrt(torch.finfo(torch.float64).eps)
@@ -618,7 +673,7 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
     ns = table[0]
     for j, point in enumerate(f.points):
         first = 1 + _ROWS_PER_POINT * j
-        gap_row, og_row, bound_row, holds_row, factor_row, err_row = table[first : first + _ROWS_PER_POINT]
+        gap_row, og_row, bound_row, holds_row, factor_row, eps_row, err_row = table[first : first + _ROWS_PER_POINT]
         for i, n in enumerate(ns):
             n = int(n)
             base = dict(
@@ -659,6 +714,7 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
                     theorem1_bound=_none_if_nan(bound_row[i]),
                     theorem1_holds=None if math.isnan(holds) else bool(holds),
                     norm_factor=_none_if_nan(factor_row[i]),
+                    flag=_rec.EPS_DOMINATED if eps_row[i] == 1 else None,
                     gap_error=_none_if_nan(err_row[i]),
                 )
             )
@@ -699,13 +755,20 @@ def _outside_graphs(hook: Callable[..., None]) -> Callable[..., None]:
     return torch.compiler.disable(hook, recursive=True)
 
 
+_FORWARD_ARGS = ("attention_mask", "decoder_attention_mask", "encoder_outputs")
+
+
 def _mask_signature(model: nn.Module) -> inspect.Signature | None:
-    """The forward's signature if it takes an ``attention_mask`` (to find it passed by position)."""
+    """The forward's signature if it takes one of ``_FORWARD_ARGS`` (to find it passed by position)."""
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
         return None
-    return signature if "attention_mask" in signature.parameters else None
+    return signature if any(a in signature.parameters for a in _FORWARD_ARGS) else None
+
+
+def _as_mask(mask: Any) -> torch.Tensor | None:
+    return mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
 
 
 def _defer(device: torch.device) -> bool:
@@ -750,7 +813,8 @@ class Probe:
     view: ``"auto"``, ``"token"``, ``"sample"`` or ``"feature"`` (module docstring).
     every: record every ``every``-th forward call of ``model`` (calls 0, every, 2·every, ...).
     attention_mask: ``(batch, seq)`` mask (1 = real token) used for the token view instead of
-        the one the model's forward receives.
+        the one the model's forward receives (in an encoder-decoder model: the encoder's; its
+        decoder sites take the ``decoder_attention_mask`` the forward receives, if any).
     gram_dtype: ``torch.float64`` (default) or ``torch.float32`` (Grams formed in float32, half
         the cost on a CPU; each record states an estimate of its gap's error, ``Record.gap_error``,
         and an item group whose estimate exceeds ``float32_tolerance`` at some point, e.g. near
@@ -814,6 +878,8 @@ class Probe:
         self.equal_batches = equal_batches
         self._tol = math.sqrt(torch.finfo(gram_dtype).eps)
         self._forward_sig = _mask_signature(model)
+        stacks = encoder_decoder(model)
+        self._streams = None if stacks is None else Streams(*stacks)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._records: list[Record] = []
         self._sink = sink if isinstance(sink, RecordSink) or sink is None else RecordSink(sink)
@@ -823,8 +889,8 @@ class Probe:
         self._calls = 0
         self._step = 0
         self._recording = False
-        self._mask: torch.Tensor | None = None
-        self._masks_by_device: dict[torch.device, torch.Tensor] = {}
+        self._masks: dict[str | None, torch.Tensor | None] = {}  # stream -> its mask (None: a single stack)
+        self._masks_by_device: dict[tuple[str | None, torch.device], torch.Tensor] = {}
         self._warned: set[str] = set()
         self._work = _Workspace()
         self._site_calls: dict[str, int] = {}  # site -> calls of its module in this forward
@@ -840,6 +906,8 @@ class Probe:
                 self._handles.append(
                     site.module.register_forward_hook(_outside_graphs(self._site_hook(site)), with_kwargs=True)
                 )
+            if self._streams is not None:
+                self._handles.extend(self._streams.hooks(_outside_graphs))
             self._handles.append(self.model.register_forward_hook(_outside_graphs(self._on_return), always_call=True))
         except BaseException:
             self.detach()
@@ -870,16 +938,27 @@ class Probe:
         self._recording = self._step % self.every == 0
         self._site_calls = {}
         self._masks_by_device = {}
-        mask = self.attention_mask
-        if mask is None:
-            mask = kwargs.get("attention_mask")
-            if mask is None and self._forward_sig is not None:
-                with contextlib.suppress(TypeError):
-                    mask = self._forward_sig.bind_partial(*args, **kwargs).arguments.get("attention_mask")
-        self._mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        passed = self._passed(args, kwargs)
+        mask = _as_mask(self.attention_mask if self.attention_mask is not None else passed.get("attention_mask"))
+        if self._streams is None:
+            self._masks = {None: mask}
+            return
+        self._masks = {ENCODER: mask, DECODER: _as_mask(passed.get("decoder_attention_mask"))}
+        self._streams.start(passed.get("encoder_outputs"))
+
+    def _passed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The forward's arguments by name: its keywords, and its positional arguments where its
+        signature names one of ``_FORWARD_ARGS``."""
+        if not args or self._forward_sig is None:
+            return kwargs
+        with contextlib.suppress(TypeError):
+            return {**kwargs, **self._forward_sig.bind_partial(*args, **kwargs).arguments}
+        return kwargs
 
     def _on_return(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self._recording = False
+        if self._streams is not None:
+            self._streams.stop()
         self._flush()
 
     def _site_hook(self, site: Site):
@@ -955,19 +1034,31 @@ class Probe:
         return None
 
     def _mask_for(self, site: Site, x: torch.Tensor) -> torch.Tensor | None:
-        mask = self._mask
+        """The padding mask of the tokens that ``x``'s rows are (``None``: all real)."""
+        stream = None if self._streams is None else self._streams.stream(x)
+        if self._streams is not None and stream is None:
+            if any(m is not None for m in self._masks.values()):
+                self._warn_once(
+                    f"mask:{site.name}",
+                    f"site {site.name!r} runs outside the encoder and the decoder and reads neither's output, "
+                    "so whose padding mask applies is unknown: its tokens are all counted",
+                )
+            return None
+        mask = self._masks.get(stream)
         if mask is None:
             return None
         if tuple(mask.shape) != tuple(x.shape[:2]):
+            which = "decoder attention mask" if stream == DECODER else "attention mask"
             self._warn_once(
                 f"mask:{site.name}",
-                f"attention mask of shape {tuple(mask.shape)} does not match the (batch, seq) = "
+                f"{which} of shape {tuple(mask.shape)} does not match the (batch, seq) = "
                 f"{tuple(x.shape[:2])} of site {site.name!r}: its tokens are all counted",
             )
             return None
-        if x.device not in self._masks_by_device:
-            self._masks_by_device[x.device] = mask.to(x.device, non_blocking=True) != 0
-        return self._masks_by_device[x.device]
+        key = (stream, x.device)
+        if key not in self._masks_by_device:
+            self._masks_by_device[key] = mask.to(x.device, non_blocking=True) != 0
+        return self._masks_by_device[key]
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -187,8 +187,12 @@ def _text_table(report: TextProbeReport) -> str:
     footer = "Theorem 1 (I(normalized) >= I(centered) * norm-variation factor): " + (
         f"{t1['checked'] - t1['violations']}/{t1['checked']} checks held"
         if t1["checked"]
+        else "nothing decided"
+        if t1["eps_dominated"]
         else "nothing to check (no sequence of at least 2 tokens)"
     )
+    if t1["eps_dominated"]:
+        footer += f"; {t1['eps_dominated']} undecided (eps-dominated: the norm's eps explains the gap above the bound)"
     count = len(report.tokens)
     header = f"model: {report.model}; {count} sequence{'s' * (count != 1)}, {sum(report.tokens)} tokens"
     return f"{header}\n{format_table(report.records)}\n{footer}"

@@ -56,6 +56,9 @@ POINTS = ("pre", "centered", "normalized", "post")
 
 UNDEFINED = "undefined: fewer than 2 items"
 NONFINITE = "non-finite"
+EPS_DOMINATED = (
+    "eps-dominated: the norm's eps, not small against these items' variances, explains the gap above Theorem 1's bound"
+)
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,12 @@ class Record:
     ``normalized`` record of a norm site, ``norm_factor`` is the norm-variation factor of the
     centred items and ``theorem1_bound = I(centered) · norm_factor``, which Theorem 1
     (Corollary 2 for layer norm, Corollary 3 for batch norm) says ``isometry`` cannot fall below;
-    ``theorem1_holds`` is that check up to rounding. ``flag`` says why values are missing
-    (``"undefined: fewer than 2 items"``) or untrustworthy (``"non-finite"``: NaN or inf in the
-    activations); values a record does not have are ``None``. ``gap_error``, for float32 Grams
+    ``theorem1_holds`` is that check up to rounding, ``None`` where it is undecided. ``flag`` says
+    why values are missing (``"undefined: fewer than 2 items"``), untrustworthy (``"non-finite"``:
+    NaN or inf in the activations) or why the check is undecided (``"eps-dominated: ..."``:
+    Theorem 1 is about ``x / ‖x‖``, and the normalized point misses the bound by no more than the
+    norm's eps lifts its gap; the values stay, only ``theorem1_holds`` is ``None``); values a
+    record does not have are ``None``. ``gap_error``, for float32 Grams
     (``Probe(gram_dtype=torch.float32)``): an estimate (probabilistic rounding model) of the
     isometry gap's error against the exact Gram of the same items (``0.0``: it exceeded the Probe's
     ``float32_tolerance`` and the record was recomputed with float64 Grams); ``None`` for
@@ -175,7 +181,7 @@ class _Group:
 
     def __init__(self, r: Record) -> None:
         self.first = r
-        self.count = self.singular = self.undefined = self.nonfinite = 0
+        self.count = self.singular = self.undefined = self.nonfinite = self.eps_dominated = 0
         self.checked = self.violations = 0
         self.n_min, self.n_max, self.n_sum = r.n, r.n, 0
         self.isometry, self.gap, self.bound = _Moments(), _Moments(), _Moments()
@@ -184,10 +190,11 @@ class _Group:
         self.count += 1
         self.n_sum += r.n
         self.n_min, self.n_max = min(self.n_min, r.n), max(self.n_max, r.n)
-        if r.flag is not None:
+        if r.flag in (UNDEFINED, NONFINITE):
             self.undefined += r.flag == UNDEFINED
             self.nonfinite += r.flag == NONFINITE
             return
+        self.eps_dominated += r.flag == EPS_DOMINATED
         if r.isometry is not None:
             self.isometry.add(r.isometry)
         if r.isometry_gap is not None:
@@ -229,6 +236,7 @@ class _Group:
             "bound_mean": self.bound.mean if self.bound.count else None,
             "theorem1_checked": self.checked,
             "theorem1_violations": self.violations,
+            "eps_dominated": self.eps_dominated,
         }
 
 
@@ -301,7 +309,8 @@ def summarize(records: Iterable[Record]) -> Summary:
     (population std; ``gap_mean`` is ``inf`` and ``gap_std`` ``None`` when one Gram is singular),
     ``singular`` (records with an infinite gap), ``undefined`` and ``nonfinite`` (flagged
     records, left out of the means), ``bound_mean`` (Theorem 1 bound, normalized points),
-    ``theorem1_checked``, ``theorem1_violations``. Returns a :class:`Summary`.
+    ``theorem1_checked``, ``theorem1_violations`` (decided checks), ``eps_dominated`` (undecided
+    checks, :data:`EPS_DOMINATED`; their values are in the means). Returns a :class:`Summary`.
     """
     running = RunningSummary()
     running.add(records)
@@ -309,9 +318,12 @@ def summarize(records: Iterable[Record]) -> Summary:
 
 
 def theorem1_counts(records: Iterable[Record]) -> dict[str, int]:
-    """``{"checked": k, "violations": v}`` over the records that carry a Theorem 1 check."""
+    """``{"checked": k, "violations": v, "eps_dominated": u}``: ``k`` decided Theorem 1 checks,
+    ``v`` of them failed, and ``u`` undecided because the norm's eps decides them (:data:`EPS_DOMINATED`)."""
+    records = list(records)
     checks = [r.theorem1_holds for r in records if r.theorem1_holds is not None]
-    return {"checked": len(checks), "violations": sum(1 for c in checks if not c)}
+    dominated = sum(1 for r in records if r.flag == EPS_DOMINATED)
+    return {"checked": len(checks), "violations": sum(1 for c in checks if not c), "eps_dominated": dominated}
 
 
 def csv_text(records: Iterable[Record]) -> str:
@@ -359,13 +371,13 @@ def read_json(path: str | Path) -> tuple[list[Record], dict[str, Any]]:
 
 
 _INT_FIELDS = ("item", "step", "n", "dim", "call")
-_FLOAT_FIELDS = ("isometry", "isometry_gap", "orthogonality_gap", "theorem1_bound", "norm_factor")
+_FLOAT_FIELDS = ("isometry", "isometry_gap", "orthogonality_gap", "theorem1_bound", "norm_factor", "gap_error")
 
 
 def _from_csv_row(row: dict[str, str]) -> Record:
     def value(name: str, text: str) -> Any:
         if text == "":
-            return None
+            return "" if name == "site" else None  # the root module's name is ""
         if name in _INT_FIELDS:
             return int(text)
         if name in _FLOAT_FIELDS:
@@ -456,11 +468,16 @@ def _gap_cell(row: dict[str, Any]) -> str:
 
 def _theorem1_cell(row: dict[str, Any]) -> str:
     k, v = row["theorem1_checked"], row["theorem1_violations"]
-    return "-" if k == 0 else (f"yes {k}/{k}" if v == 0 else f"NO {v}/{k}")
+    if k == 0:
+        return "undecided" if row.get("eps_dominated") else "-"
+    return f"yes {k}/{k}" if v == 0 else f"NO {v}/{k}"
+
+
+_FLAG_LABELS = {"undefined": "undefined", "nonfinite": "nonfinite", "eps_dominated": "eps-dominated"}
 
 
 def _flag_cell(row: dict[str, Any]) -> str:
-    return ", ".join(f"{row[k]} {k}" for k in ("undefined", "nonfinite") if row[k]) or "-"
+    return ", ".join(f"{row[k]} {label}" for k, label in _FLAG_LABELS.items() if row.get(k)) or "-"
 
 
 def format_summary(rows: Iterable[dict[str, Any]]) -> str:
@@ -472,9 +489,10 @@ def format_summary(rows: Iterable[dict[str, Any]]) -> str:
     gap ``−log I``, population std over items and steps, the mean alone for a single Gram;
     ``inf`` when a Gram is singular),
     ``Theorem 1`` (on the ``normalized`` point of a norm: ``yes k/k`` when
-    ``I(normalized) ≥ I(centered) · norm-variation factor`` held for all k Grams, ``NO v/k`` when
-    it failed v times) and ``flagged`` (undefined one-item Grams and non-finite activations,
-    left out of the means).
+    ``I(normalized) ≥ I(centered) · norm-variation factor`` held for all k decided Grams, ``NO
+    v/k`` when it failed v times, ``undecided`` when every check was eps-dominated) and
+    ``flagged`` (undefined one-item Grams and non-finite activations, left out of the means;
+    eps-dominated Theorem 1 checks, whose gaps are in the means).
     """
     header = ["site", "point", "view", "n", "gap mean ± std", "Theorem 1", "flagged"]
     lines = [header]

@@ -39,7 +39,14 @@ bias cancel); the estimate is rounded to two significant digits when within 0.1%
 ``pre`` and ``post`` only): ``select_sites(sites, ["transformer.h.*", "*.attn"], model)``. Names
 are matched by :func:`isoprobe.names.match_name` (``*`` within one dotted component, ``**``
 across components, matched against the whole name or a dotted suffix). A named module that is a
-discovered site keeps its kind and points.
+discovered site keeps its kind and points, and so does a wrapper of one: a named module with a
+single discovered site below it that, on a trial input, it calls once with its own input
+unchanged and whose output it returns unchanged, is that site under the wrapper's name
+(TransformerLens's ``blocks.0.ln1`` around a HuggingFace ``LlamaRMSNorm``).
+
+Discovery's trials are no calls of the model: hooks registered on its modules (the copies have
+none) and torch's global module hooks (``register_module_forward_hook`` and kin, set aside
+meanwhile) do not fire.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from isoprobe.names import match_name
 
@@ -107,6 +115,12 @@ _PROBE_WIDTH = 8
 _TRIAL_MAX_MODULES = 16  # a candidate's own module and its parameter-free descendants
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 _TRIAL_MAX_ENTRIES = 1 << 22  # parameter and buffer entries of a candidate (16 MiB in float32)
+_GLOBAL_HOOKS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
 
 
 def _declared(module: nn.Module) -> tuple[str, NormSpec | None] | None:
@@ -154,6 +168,22 @@ def _probe_widths(module: nn.Module) -> list[int] | None:
     return [_PROBE_WIDTH, *hinted]
 
 
+@contextmanager
+def _without_global_hooks() -> Iterator[None]:
+    """torch's global module hooks (``torch.nn.modules.module.register_module_forward_hook``,
+    its pre-hook and backward variants) switched off while the block runs: a trial is no call
+    of the model. Their tables are set aside, not emptied (a handle removed meanwhile still
+    finds its own); for that moment, forwards in other threads skip them too."""
+    saved = {name: getattr(_torch_module, name) for name in _GLOBAL_HOOKS}
+    for name, table in saved.items():
+        setattr(_torch_module, name, type(table)())
+    try:
+        yield
+    finally:
+        for name, table in saved.items():
+            setattr(_torch_module, name, table)
+
+
 class _Trial:
     """Runs ``module.forward`` (of a copy: :func:`_trial_copy`) on probe inputs (fresh copies, no gradient, random state restored)
     in one layout: ``(2, 3, width)`` with rows along the last dimension, or ``(2, width, 3, 3)``
@@ -177,7 +207,7 @@ class _Trial:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), _without_global_hooks():
             y = self.module.forward(x.to(self.device, self.dtype))
         if not isinstance(y, torch.Tensor) or y.shape != x.shape or not y.is_floating_point():
             return None
@@ -352,6 +382,84 @@ def hook_aliases(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
+def _passes_through(module: nn.Module, relative: str, site: Site, shared: dict[int, object]) -> bool:
+    """Does ``module`` (run as a trial copy, :func:`_trial_copy`) call the module of ``site``
+    (``relative``: its name below ``module``) once, with ``module``'s input unchanged, and return
+    that call's output unchanged? Then it computes what the site computes, point for point."""
+    widths = _probe_widths(module) or []
+    trial_module = _trial_copy(module, shared) if widths else None
+    if trial_module is None:
+        return False
+    calls: list[tuple[torch.Tensor | None, object]] = []
+
+    def seen(_: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+        calls.append((next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None), out))
+
+    handle = trial_module.get_submodule(relative).register_forward_hook(seen, with_kwargs=True)
+    try:
+        for width in widths:
+            calls.clear()
+            trial = _Trial(trial_module, width, site.norm is not None and site.norm.channels)
+            x = 10 * trial.randn(*trial.shape)
+            try:
+                y = trial(x)
+            except Exception:  # not callable on a tensor of this layout: try the next width
+                continue
+            if y is None:
+                continue
+            if len(calls) != 1:
+                return False
+            first, out = calls[0]
+            same_in = isinstance(first, torch.Tensor) and torch.equal(first.double().cpu(), x.to(trial.dtype).double())
+            return same_in and isinstance(out, torch.Tensor) and torch.equal(out.double().cpu(), y)
+        return False
+    finally:
+        handle.remove()
+
+
+class _Wrappers:
+    """Selected modules that stand for the one discovered site below them: a module (not itself
+    a site) with exactly one site among its descendants that passes its input unchanged to that
+    site's module and returns its output unchanged (:func:`_passes_through`) is that site; e.g.
+    TransformerLens's RMS norm component around a HuggingFace ``LlamaRMSNorm`` (``hook_in``, the
+    norm, ``hook_out``), so that ``blocks.*.ln1`` has a norm's four points."""
+
+    def __init__(self, sites: Sequence[Site], model: nn.Module | None) -> None:
+        self.model = model
+        self.sites = {s.name: s for s in sites}
+        self.below: dict[str, list[Site]] = {}
+        for site in sites:
+            parts = site.name.split(".")
+            for k in range(1, len(parts)):
+                self.below.setdefault(".".join(parts[:k]), []).append(site)
+        self.shared: dict[int, object] | None = None
+        self.known: dict[str, str | None] = {}
+
+    def site_for(self, name: str) -> str | None:
+        """The qualified name of the site that the module ``name`` stands for, if any."""
+        if self.model is None or name in self.sites or len(self.below.get(name, ())) != 1:
+            return None
+        if name not in self.known:
+            (site,) = self.below[name]
+            self.shared = _shared_objects(self.model) if self.shared is None else self.shared
+            module = self.model.get_submodule(name)
+            through = _passes_through(module, site.name[len(name) + 1 :], site, self.shared)
+            self.known[name] = site.name if through else None
+        return self.known[name]
+
+    def __call__(self, hits: dict[str, str]) -> dict[str, str]:
+        """``hits`` (qualified name -> the name the site takes) with wrappers replaced by their
+        site; a wrapper whose site is among the hits itself is dropped (one site)."""
+        out: dict[str, str] = {}
+        for name, shown in hits.items():
+            target = self.site_for(name)
+            if target is None:
+                out[name] = shown
+            elif target not in hits:
+                out[target] = shown
+        return out
+
+
 def select_sites(
     sites: Sequence[Site], selection: str | Sequence[str] | None, model: nn.Module | None = None
 ) -> list[Site]:
@@ -362,7 +470,8 @@ def select_sites(
     e.g. ``"transformer.h.*.ln_*"``, ``"*.attn"``). A glob picks the discovered sites it matches
     and, with ``model``, every other module it matches as a ``"module"`` site; it matches
     qualified names and the aliases of :func:`hook_aliases` (a site picked only by an alias is
-    named by it; a module picked twice is one site). A glob that matches nothing is an error,
+    named by it; a module picked twice is one site; a wrapper of one discovered site is that
+    site, :class:`_Wrappers`). A glob that matches nothing is an error,
     and so is a selection that leaves no site. Sites come in ``named_modules`` order.
     """
     if selection is None:
@@ -373,6 +482,7 @@ def select_sites(
     by_name = {s.name: s for s in sites}
     named = dict(model.named_modules()) if model is not None else {s.name: s.module for s in sites}
     aliases = hook_aliases(model) if model is not None else {}
+    wrappers = _Wrappers(sites, model)
     chosen: dict[str, str] = {}  # qualified name -> the name the site takes
     for pattern in patterns:
         if pattern in KINDS:
@@ -386,7 +496,7 @@ def select_sites(
                 f"site pattern {pattern!r} matches none of the module names ({some}, ...); '*' "
                 "stands for one dotted component, '**' for any number: '*.attn', 'transformer.h.*.ln_*'"
             )
-        chosen = hits | chosen  # a name taken first stays
+        chosen = wrappers(hits) | chosen  # a name taken first stays
     if not chosen:
         kinds = sorted({s.kind for s in sites})
         raise ValueError(f"sites={selection!r} selects no site; the model has only: {', '.join(kinds)}")

@@ -52,7 +52,7 @@ def test_gpt2_json_matches_the_tokens(tiny_gpt2_dir):
     obj = json.loads(result.stdout)
     assert set(obj) == {"model", "tokens", "records", "theorem1"}
     assert obj["tokens"] == [len(TEXT.encode()), len(TEXT2.encode())]
-    assert obj["theorem1"] == {"checked": 10, "violations": 0}
+    assert obj["theorem1"] == {"checked": 10, "violations": 0, "eps_dominated": 0}
     records = obj["records"]
     assert len(records) == (5 * 4 + 2 * 2) * 2
     assert {(r["item"], r["n"]) for r in records} == {(0, obj["tokens"][0]), (1, obj["tokens"][1])}
@@ -80,7 +80,7 @@ def test_gpt2_csv_and_out_folder_and_plot(tiny_gpt2_dir, tmp_path):
     assert header.startswith("site,kind,point,view,item") and len(rows) == 5 * 4
     assert sorted(p.name for p in out.iterdir()) == ["plot.png", "records.csv", "records.json", "table.txt"]
     records, extra = read_json(out / "records.json")
-    assert len(records) == 20 and extra["theorem1"] == {"checked": 5, "violations": 0}
+    assert len(records) == 20 and extra["theorem1"] == {"checked": 5, "violations": 0, "eps_dominated": 0}
     assert (out / "records.csv").read_text().strip() == result.stdout.strip()
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
@@ -112,7 +112,7 @@ def test_gpt2_random_small_the_readme_job():
     assert result.exit_code == 0, result.output
     obj = json.loads(result.stdout)
     sites = {r["site"] for r in obj["records"]}
-    assert len(sites) == 37 and obj["theorem1"] == {"checked": 25, "violations": 0}
+    assert len(sites) == 37 and obj["theorem1"] == {"checked": 25, "violations": 0, "eps_dominated": 0}
 
 
 def test_pretrained_offline_says_what_to_do():
@@ -201,7 +201,7 @@ def test_inspect_pretrained_minilm_with_texts_and_a_dataset_file(minilm_path, tm
     assert result.exit_code == 0, result.output
     obj = json.loads(result.stdout)
     assert len({r["site"] for r in obj["records"]}) == 20
-    assert obj["theorem1"] == {"checked": 13 * 2, "violations": 0}
+    assert obj["theorem1"] == {"checked": 13 * 2, "violations": 0, "eps_dominated": 0}
     data = tmp_path / "texts.csv"
     data.write_text("id,sentence\n1,Isometry is scale invariant.\n2,Norms help.\n3,Unused row.\n")
     result = run(
@@ -272,7 +272,7 @@ def test_inspect_llama_style_model(minilm_path, tmp_path):
         "layers.1.post_attention_layernorm",
         "norm",
     }
-    assert obj["theorem1"] == {"checked": 5 * 2, "violations": 0}
+    assert obj["theorem1"] == {"checked": 5 * 2, "violations": 0, "eps_dominated": 0}
     pre = {(r["site"], r["item"]): r["isometry_gap"] for r in obj["records"] if r["point"] == "pre"}
     centered = {(r["site"], r["item"]): r["isometry_gap"] for r in obj["records"] if r["point"] == "centered"}
     assert all(centered[k] == pre[k] for k in centered)  # RMSNorm: no centering

@@ -130,10 +130,8 @@ def test_bridge_hook_points_by_their_transformer_lens_names(models):
         assert r.isometry_gap == pytest.approx(twin.isometry_gap, rel=1e-4, abs=1e-9), (r, twin)
 
 
-def test_llama_bridge_rms_norms_run_the_huggingface_module_which_stays_the_site(tokenizer):
-    """The bridge's RMSNorm components call HF's own LlamaRMSNorm (bit-equal logits): a norm
-    below that runs, so the wrapped module stays the norm site and the bridge is a container;
-    every record equals HF Llama's."""
+@pytest.fixture(scope="module")
+def llama(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -148,23 +146,54 @@ def test_llama_bridge_rms_norms_run_the_huggingface_module_which_stays_the_site(
         attn_implementation="eager",
     )
     hf = LlamaForCausalLM(config).eval()
-    bridge = bridged(hf, "meta-llama/Llama-2-7b-hf", tokenizer)
+    return hf, bridged(hf, "meta-llama/Llama-2-7b-hf", tokenizer)
+
+
+def hf_llama(name: str) -> str:
+    """The HuggingFace Llama module a bridge component wraps."""
+    name = name.replace("._original_component", "").replace("blocks.", "layers.")
+    return "model." + name.replace("ln_final", "norm").replace(".ln1", ".input_layernorm")
+
+
+def probe_llama(llama, bridge_sites=None, hf_sites=None):
+    hf, bridge = llama
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(bridge(ids), hf(ids).logits)
-    with torch.no_grad(), Probe(bridge) as probe:
+    with torch.no_grad(), Probe(bridge, sites=bridge_sites) as probe:
         bridge(ids)
-    with torch.no_grad(), Probe(hf) as reference:
+    with torch.no_grad(), Probe(hf, sites=hf_sites) as reference:
         hf(ids)
+    return probe, {(r.site, r.point, r.item): r for r in reference.records}
+
+
+def test_llama_bridge_rms_norms_run_the_huggingface_module_which_stays_the_site(llama):
+    """The bridge's RMSNorm components call HF's own LlamaRMSNorm (bit-equal logits): a norm
+    below that runs, so the wrapped module stays the norm site and the bridge is a container;
+    every record equals HF Llama's."""
+    probe, ref = probe_llama(llama)
     norms = {s.name for s in probe.sites if s.kind == "norm"}
     assert len(norms) == 5 and all(n.endswith("._original_component") for n in norms)
-
-    def hf_llama(name):
-        return "model." + name.replace("._original_component", "").replace("blocks.", "layers.").replace(
-            "ln_final", "norm"
-        )
-
-    ref = {(r.site, r.point, r.item): r for r in reference.records}
-    assert len(probe.records) == len(reference.records) > 0
+    assert len(probe.records) == len(ref) > 0
     for r in probe.records:
         assert_equal_records(r, ref[(hf_llama(r.site), r.point, r.item)])
+
+
+def test_llama_bridge_ln1_by_its_transformer_lens_name_is_the_rms_norm_site(llama):
+    """``blocks.*.ln1`` names the bridge component around HF's LlamaRMSNorm, which passes its
+    input to it and returns its output unchanged: selected by that name it is the norm site,
+    with the four points (centered = pre: RMSNorm does not centre) and Theorem 1, every record
+    equal to HF Llama's input_layernorm."""
+    probe, ref = probe_llama(llama, ["blocks.*.ln1"], ["*.input_layernorm"])
+    hf, bridge = llama
+    assert [(s.name, s.kind, s.norm.rule, s.module) for s in probe.sites] == [
+        (f"blocks.{i}.ln1", "norm", "rms", bridge.blocks[i].ln1._original_component) for i in (0, 1)
+    ]
+    assert {r.point for r in probe.records} == {"pre", "centered", "normalized", "post"}
+    assert len(probe.records) == len(ref) == 2 * 4 * 2  # layers x points x items
+    for r in probe.records:
+        assert_equal_records(r, ref[(hf_llama(r.site), r.point, r.item)])
+        if r.point == "centered":
+            assert r.isometry_gap == ref[(hf_llama(r.site), "pre", r.item)].isometry_gap
+        if r.point == "normalized":
+            assert r.theorem1_holds

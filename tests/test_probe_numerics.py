@@ -254,3 +254,16 @@ def test_deferred_path_with_float32_grams_matches(monkeypatch):
     with torch.no_grad(), Probe(model, gram_dtype=torch.float32) as deferred:
         model(x)
     assert direct.records == deferred.records and any(r.gap_error == 0.0 for r in direct.records)
+
+
+def test_cholesky_solve_from_the_factor_equals_a_dense_solve():
+    """The float32 error estimates' ``G⁻¹ z`` (two triangular solves on the factor, sliced from a
+    batch as the Probe slices it) against numpy's dense solve of the float64 Gram."""
+    X = torch.randn(2, 3, 16, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G = X @ X.mT
+    L = torch.linalg.cholesky_ex(G.flatten(0, 1))[0].view(2, 3, 16, 16)
+    z = torch.randn(3, 16, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for i in range(2):
+        got = H._cholesky_solve(L[i], z).numpy()
+        want = np.linalg.solve(G[i].numpy(), z.numpy())
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=0)

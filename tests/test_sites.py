@@ -397,3 +397,83 @@ class WrappedGelu(CachingGelu):
 
     def forward(self, h):
         return super().forward(self.drop(h))
+
+
+class _Wrapper(nn.Module):
+    """A module behind pass-through hook points (how TransformerLens wraps a HuggingFace
+    RMSNorm); ``scale_in``/``scale_out`` scale what goes in or comes out (no pass-through)."""
+
+    def __init__(self, inner: nn.Module, scale_in: float = 1.0, scale_out: float = 1.0):
+        super().__init__()
+        self.hook_in, self.inner, self.hook_out = nn.Identity(), inner, nn.Identity()
+        self.scale_in, self.scale_out = scale_in, scale_out
+
+    def forward(self, x):
+        return self.hook_out(self.inner(self.hook_in(x) * self.scale_in) * self.scale_out)
+
+
+def test_a_selected_wrapper_of_one_norm_is_that_norm_with_its_four_points():
+    """A module selected by name that passes its input unchanged to the one site below it and
+    returns its output unchanged is that site (a norm with four points, values against the
+    reference captured at the wrapper); one that scales the norm's input or output stays a
+    module (pre and post); a wrapper and its norm picked together are one site, named as
+    picked first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6),
+        _Wrapper(nn.RMSNorm(6, eps=1e-4)),
+        _Wrapper(nn.LayerNorm(6), scale_in=2.0),
+        _Wrapper(nn.GELU()),
+        _Wrapper(nn.LayerNorm(6), scale_out=0.5),
+    ).double()
+    probe = Probe(model, sites=["1", "2", "3", "4"])
+    assert [(s.name, s.kind, s.module) for s in probe.sites] == [
+        ("1", "norm", model[1].inner),
+        ("2", "module", model[2]),
+        ("3", "activation", model[3].inner),
+        ("4", "module", model[4]),
+    ]
+    assert [s.name for s in Probe(model, sites=["norm", "1"]).sites] == ["1.inner", "2.inner", "4.inner"]
+    assert [s.name for s in Probe(model, sites=["1", "norm"]).sites] == ["1", "2.inner", "4.inner"]
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    capture = Capture(model, ["1", "2", "3", "4"])
+    with torch.no_grad(), probe:
+        model(x)
+    capture.close()
+    points = {(r.site, r.point) for r in probe.records}
+    assert {p for s, p in points if s == "1"} == {"pre", "centered", "normalized", "post"}
+    assert {p for s, p in points if s != "1"} == {"pre", "post"}
+    gaps = {(r.site, r.point, r.item): r.isometry_gap for r in probe.records}
+    assert all(gaps[("1", "centered", i)] == gaps[("1", "pre", i)] for i in range(3))  # RMS: not centred
+    assert check_records(probe.records, capture, {"1": (1e-4, False)}) == 3
+
+
+def test_discovery_trials_fire_neither_global_nor_the_models_own_hooks():
+    """Probe(model) tries a foreign norm (whose forward calls a child module) on copies: torch's
+    global forward hook and pre-hook and the hooks a user put on the modules do not fire; the
+    real forward afterwards fires every one of them, once per module call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), _Wrapper(RunningLayerNorm(6)), _Wrapper(CachingGelu()))
+    calls = {"global pre": 0, "global": 0, "own pre": 0, "own": 0}
+
+    def count(key):
+        return lambda *_: calls.__setitem__(key, calls[key] + 1)
+
+    handles = [
+        nn.modules.module.register_module_forward_pre_hook(count("global pre")),
+        nn.modules.module.register_module_forward_hook(count("global")),
+        *(m.register_forward_pre_hook(count("own pre")) for m in (model[1], model[1].inner, model[1].hook_in)),
+        *(m.register_forward_hook(count("own")) for m in (model[1], model[1].inner, model[1].hook_in)),
+    ]
+    try:
+        probe = Probe(model)
+        assert [(s.name, s.kind) for s in probe.sites] == [("1.inner", "norm"), ("2.inner", "activation")]
+        Probe(model, sites=["1", "2"])  # the wrappers' trials too
+        assert calls == dict.fromkeys(calls, 0)
+        with torch.no_grad(), probe:
+            model(torch.randn(2, 3, 4))
+        assert calls == {"global pre": 10, "global": 10, "own pre": 3, "own": 3}  # 10 module calls
+        assert len(probe.records) > 0
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -71,6 +71,14 @@ def test_verdict_fails_on_one_violating_record():
     assert v.measured["violating_sites"] == ["h.1.ln_1"] and "h.1.ln_1" in v.reason
 
 
+def test_eps_dominated_records_are_counted_apart_and_not_checked():
+    rows = _rows([True, True])
+    rows[2]["theorem1_holds"] = ""  # h.0's normalized record: eps-dominated (None in the Record)
+    v = figc5_verdict(rows, CFG)
+    assert v.verdict == "held" and v.measured["records_checked"] == 1
+    assert v.measured["records_undecided_eps_dominated"] == 1
+
+
 def test_verdict_is_undecided_when_nothing_could_be_checked():
     v = figc5_verdict(_rows([None, None], n=1), CFG)
     assert v.verdict == "undecided" and v.held is None and "no LayerNorm record" in v.reason

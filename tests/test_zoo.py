@@ -1,7 +1,10 @@
 """The hand-built zoo: architectures that transformers ships, built tiny from configs chosen
 by hand, with random weights. In one forward the Probe must record every norm and activation
-module that runs (as the oracle of ``zoo.py`` finds them, independently of isoprobe), and
-Theorem 1 must hold at every norm whose normalisation acts on whole items. ``test_zoo_sweep.py``
+module that runs (as the oracle of ``zoo.py`` finds them, independently of isoprobe), and its
+Theorem 1 verdict at every norm whose normalisation acts on whole items must be the test's own
+(``zoo.theorem1_expected``): held where the normalised items meet the bound, undecided and
+flagged eps-dominated where only the exact projection x_c/‖x_c‖ does (the norm's eps explains
+the miss: OLMo2's and Gemma2's post-norms at random init), and never a failure. ``test_zoo_sweep.py``
 does the same over every architecture, built by ``zoo.build_auto``.
 """
 
@@ -158,7 +161,6 @@ def build(name: str) -> tuple[nn.Module, dict]:
     return model, batch
 
 
-@pytest.mark.filterwarnings("ignore:attention mask of shape")  # seq2seq: the decoder has no mask
 @pytest.mark.parametrize("name", list(ZOO))
 def test_probe_records_every_norm_and_activation_that_runs(name, zoo_table):
     start = time.perf_counter()
@@ -169,7 +171,8 @@ def test_probe_records_every_norm_and_activation_that_runs(name, zoo_table):
     found = check(model, batch)
     assert not found["missed"] and not found["extra"] and not found["wrong_kind"], f"{name}: {found}"
     assert not found["above"], f"{name}: sites above leaf modules {found['above']}"
-    assert not found["failed"], f"{name}: Theorem 1 fails where it applies, at {found['failed']}"
+    assert not found["theorem1_differs"], f"{name}: Theorem 1 verdicts {found['theorem1_differs']}"
+    assert not found["failed"], f"{name}: Theorem 1 itself fails at {found['failed']}"
     zoo_table.append(
         (
             name,
@@ -184,8 +187,8 @@ def test_probe_records_every_norm_and_activation_that_runs(name, zoo_table):
 
 @pytest.fixture(scope="module")
 def zoo_table():
-    """Rows (architecture, norms, activations, Grams where Theorem 1 applies and holds, Grams
-    where eps dominates, seconds), printed at the end."""
+    """Rows (architecture, norms, activations, Grams where Theorem 1 holds, Grams where it is
+    undecided because eps dominates, seconds), printed at the end."""
     rows: list[tuple] = []
     yield rows
     print("\narchitecture  norms  activations  Theorem 1 holds (Grams)  eps-dominated  seconds")

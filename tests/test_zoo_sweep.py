@@ -1,7 +1,7 @@
 """The automatic zoo: every architecture that transformers ships with a base model, built tiny by
 ``zoo.build_auto``; in one forward the Probe must record exactly the norms and activations that
-the oracle of ``zoo.py`` finds among the modules that ran, and Theorem 1 must hold where eps is
-negligible.
+the oracle of ``zoo.py`` finds among the modules that ran, and its Theorem 1 verdicts must be
+the test's own (held, or undecided where eps dominates; never a failure).
 
 ``data/zoo_sweep.json`` is the full sweep (``python tests/zoo.py SCRATCH.jsonl``, about 10
 minutes on two cores, then ``python tests/zoo.py --commit SCRATCH.jsonl tests/data/zoo_sweep.json``),
@@ -29,7 +29,7 @@ from zoo import base_models, sweep_one, truth_kind
 SWEEP = json.loads((Path(__file__).parent / "data" / "zoo_sweep.json").read_text())
 ROWS = {row["type"]: row for row in SWEEP["rows"]}
 SAME_VERSION = SWEEP["transformers"] == transformers.__version__
-_CI_BUDGET_S = 20.0
+_CI_BUDGET_S = 6.0  # sweep seconds (one thread, warm imports): about 20 s of a pytest run here
 # Where the Probe and the oracle disagree, and why (the test fails if a disagreement changes).
 KNOWN = {
     # LaraMiniRMSNormGated: rms_norm(x) * w * silu(gate). Scale-invariant in x, so the oracle,
@@ -90,7 +90,8 @@ def test_probe_records_what_the_oracle_finds(model_type):
     assert row["missed"] == known.get("missed", []) and row["extra"] == known.get("extra", []), row
     assert not row["wrong_kind"], f"{model_type}: recorded with another kind: {row['wrong_kind']}"
     assert not row["above"], f"{model_type}: sites above leaf modules {row['above']}"
-    assert not row["failed"], f"{model_type}: Theorem 1 fails where it applies, at {row['failed']}"
+    assert not row["theorem1_differs"], f"{model_type}: Theorem 1 verdicts {row['theorem1_differs']}"
+    assert not row["failed"], f"{model_type}: Theorem 1 itself fails at {row['failed']}"
     if SAME_VERSION and committed is not None:
         counts = ("norms", "activations", "theorem1_holds", "eps_dominated")
         assert {k: row[k] for k in counts} == {k: committed[k] for k in counts}, "not as in the sweep"

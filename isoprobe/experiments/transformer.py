@@ -168,6 +168,9 @@ def figc5_verdict(rows: Sequence[dict], cfg: dict) -> Verdict:
         "layernorm_sites": len({r["site"] for r in rows}),
         "texts": len({r["text"] for r in rows}),
         "records_checked": len(checks),
+        "records_undecided_eps_dominated": sum(
+            1 for r in rows if r["point"] == "normalized" and r["theorem1_holds"] == ""
+        ),
         "theorem1_violations": len(bad),
         "worst_relative_margin": _margin(checks),
         "layernorms_lowering_the_gap": lowered,
@@ -182,8 +185,9 @@ def figc5_verdict(rows: Sequence[dict], cfg: dict) -> Verdict:
     theory = {
         "theorem1": "I(LN(x) before affine) ≥ I(centred x) · (1 + Var(‖x_i − x̄_i‖)/mean²), deterministic",
         "what_held_means": "the inequality holds for every input once eps is negligible against the items' "
-        "variances, so it can fail here only through eps or rounding: held says the Probe's measurement agrees "
-        "with the theorem on this model, not something pretraining causes (a random-init model passes too)",
+        "variances (records where the norm's eps accounts for a miss are undecided, not checked), so it can "
+        "fail here only through rounding: held says the Probe's measurement agrees with the theorem on this "
+        "model, not something pretraining causes (a random-init model passes too)",
     }
     notes = (
         (
