@@ -994,13 +994,15 @@ class Probe:
         """``auto``: feature for BatchNorm; sample for GroupNorm and for a norm over all
         non-batch dimensions; else token for 3-D activations, sample otherwise; for a module
         whose input and output imply different views (a pooler: 3-D in, 2-D out), sample at
-        both points. ``None``: nothing to measure (warned once for a named module)."""
+        both points. ``None``: nothing to measure (an empty tensor; warned once for a named module)."""
         if x is None or y is None or not x.is_floating_point() or not y.is_floating_point():
             return self._skip(
                 site,
                 "its first input and its output are not both floating-point tensors "
                 f"(got {_describe(x)} and {_describe(y)})",
             )
+        if x.numel() == 0 or y.numel() == 0:  # an empty call (no audio tokens in this batch)
+            return self._skip(site, f"it ran on an empty tensor ({_describe(x)} to {_describe(y)})")
         if x.shape[0] != y.shape[0] and self.view != "feature":
             return self._skip(
                 site,
