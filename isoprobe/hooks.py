@@ -129,6 +129,7 @@ from isoprobe.compiled import eager_module, outer_hook, release, site_hook
 from isoprobe.distributed import all_gather_features
 from isoprobe.metrics import (
     _CHOLESKY_MARGIN,
+    _finite_matrices,
     _gap_of,
     _orthogonality_gap,
     _spectral_stats,
@@ -208,26 +209,41 @@ def _pad_diagonal(G: torch.Tensor, n: torch.Tensor, pad: torch.Tensor) -> torch.
 
 
 def _gap_factored(
-    G: torch.Tensor, n: torch.Tensor, pad: torch.Tensor | None
+    G: torch.Tensor, n: torch.Tensor, pad: torch.Tensor | None, short: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Isometry gap of the real block of zero-padded Grams ``(g, N, N)``: ``gap(padded)·N/n``,
     with ``(trusted, L)``: where the Cholesky factor ``L`` of the (diagonal-padded) Gram decided.
 
     ``pad`` marks the padded items ``(g, N)``; their diagonal entries get the real block's mean
     eigenvalue ``c = tr(G)/n``, which keeps the trace mean and adds ``(N - n) log c`` to
-    ``log det`` (module docstring). May synchronise with the device.
+    ``log det`` (module docstring). ``short`` ``(g,)`` marks Grams singular by construction
+    (:func:`_short`): where finite, their gap is ``+inf`` with no factorisation and no
+    eigenvalues (and ``trusted`` is false). May synchronise with the device.
     """
     N = G.shape[-1]
     if pad is not None:
         G = _pad_diagonal(G, n, pad)
+    if short is not None:
+        short = short & _finite_matrices(G)
+        G = torch.where(short[:, None, None], torch.eye(N, dtype=G.dtype, device=G.device), G)
     stats, trusted, L = _spectral_stats(G)
     gap = _gap_of(stats, N)
-    return (gap if pad is None else gap * (N / n.to(torch.float64))), trusted, L
+    gap = gap if pad is None else gap * (N / n.to(torch.float64))
+    if short is not None:
+        gap, trusted = torch.where(short, torch.full_like(gap, math.inf), gap), trusted & ~short
+    return gap, trusted, L
 
 
-def _gap(G: torch.Tensor, n: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+def _gap(G: torch.Tensor, n: torch.Tensor, pad: torch.Tensor | None, short: torch.Tensor | None = None) -> torch.Tensor:
     """Isometry gap of the real block of zero-padded Grams (:func:`_gap_factored`)."""
-    return _gap_factored(G, n, pad)[0]
+    return _gap_factored(G, n, pad, short)[0]
+
+
+def _short(dim: int, n: torch.Tensor) -> torch.Tensor:
+    """``(g,)``: are Grams of ``n`` real items with ``dim`` entries each singular by construction?
+    ``rank(X Xᵀ) ≤ dim``, so ``dim < n`` gives ``det = 0`` and ``gap = +inf`` exactly (a token
+    Gram of 1024 tokens of GPT-2's width 768; a sample Gram of a batch wider than the layer)."""
+    return n > dim
 
 
 def _gap_rank_one(
@@ -238,6 +254,7 @@ def _gap_rank_one(
     gap_c: torch.Tensor,
     trusted: torch.Tensor,
     L: torch.Tensor,
+    dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Isometry gap of ``G = G_c + v vᵀ`` (a norm's ``pre`` Gram, ``v = sqrt(m) μ``) from the
     Cholesky factor ``L`` of ``G_c`` (with its padded diagonal), by the matrix determinant lemma
@@ -247,8 +264,9 @@ def _gap_rank_one(
 
     Used where ``G_c``'s factor was trusted with a smallest pivot above the margin of ``G``'s own
     scale: the pivots (Schur complements) of ``G ⪰ G_c`` are no smaller, so ``metrics`` would
-    have trusted ``G``'s own Cholesky factor too. Elsewhere (``False`` in the second tensor
-    returned) ``G`` is formed and factorised.
+    have trusted ``G``'s own Cholesky factor too. Where the items' ``dim`` entries are fewer than
+    the items, ``G`` is singular by construction (:func:`_short`) and its gap ``+inf``; elsewhere
+    (``False`` in the second tensor returned) ``G`` is formed and factorised.
     """
     N = Gc.shape[-1]
     nf = n.to(torch.float64)
@@ -260,9 +278,10 @@ def _gap_rank_one(
     rtol = N * torch.finfo(Gc.dtype).eps
     ok = trusted & (pivots > _CHOLESKY_MARGIN * rtol * scale)
     gap = (gap_c + torch.log((tr_c + vv) / tr_c) - torch.log1p(z.square().sum((-2, -1))) / nf).clamp_min(0)
-    gap = torch.where(ok, gap, torch.zeros_like(gap))
-    if not bool(ok.all()):
-        bad = ~ok
+    skip = _short(dim, n) & torch.isinf(gap_c)  # G_c finite and singular by construction: so is G
+    gap = torch.where(ok, gap, torch.where(skip, torch.full_like(gap, math.inf), torch.zeros_like(gap)))
+    bad = ~ok & ~skip
+    if bool(bad.any()):
         G = Gc[bad] + v[bad][..., :, None] * v[bad][..., None, :]
         gap[bad] = _gap(G, n[bad], None if pad is None else pad[bad])
     return gap, ok
@@ -467,6 +486,11 @@ def _measure_aligned(
     )
 
 
+def _point_dim(p: _Pending, point: str) -> int:
+    """Entries per item at ``point``: the output's at ``post``, the input's elsewhere."""
+    return p.post_dim if point == "post" else p.dim
+
+
 def _finish(p: _Pending, tol: float) -> _Finished:
     """Isometry gaps and the Theorem 1 check of one site call (may synchronise the device)."""
     k, g = p.grams.shape[:2]
@@ -474,11 +498,12 @@ def _finish(p: _Pending, tol: float) -> _Finished:
     gaps = dict.fromkeys(p.points, nan)  # stays NaN only for N < 2 (flagged as undefined)
     if k:
         pad = None if p.pad is None else p.pad.repeat(k, 1)
-        gap, trusted, L = _gap_factored(p.grams.flatten(0, 1), p.n.repeat(k), pad)
+        short = torch.cat([_short(_point_dim(p, q), p.n) for q in p.gram_points])
+        gap, trusted, L = _gap_factored(p.grams.flatten(0, 1), p.n.repeat(k), pad, short)
         gaps.update(zip(p.gram_points, gap.view(k, g)))
         if p.pre_vector is not None:  # G_pre = G_c + v vᵀ: from G_c's factor (the first Grams)
             gaps["pre"], lemma = _gap_rank_one(
-                p.grams[0], p.pre_vector, p.n, p.pad, gaps["centered"], trusted[:g], L[:g]
+                p.grams[0], p.pre_vector, p.n, p.pad, gaps["centered"], trusted[:g], L[:g], p.dim
             )
     for q in p.same_as_pre:
         gaps[q] = gaps["pre"]
@@ -584,7 +609,8 @@ def _float32_errors(
     if "normalized" in p.points and "normalized" not in out:  # gap(G_c) + exact log-ratio terms
         w = w_c if p.pre_vector is not None else real
         out["normalized"] = out["centered"] + 4 * _CENTRING_SAFETY * gamma * w.amax(-1)
-    return {q: torch.where(torch.isnan(gaps[q]), gaps[q], e) for q, e in out.items()}
+    exact = {q: _short(_point_dim(p, q), p.n) & torch.isinf(gaps[q]) for q in out}  # +inf in any precision
+    return {q: torch.where(torch.isnan(gaps[q]), gaps[q], torch.where(exact[q], 0.0, e)) for q, e in out.items()}
 
 
 def _eps_effect(var: torch.Tensor, eps: float, real: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -622,9 +648,10 @@ def _theorem1(p: _Pending, gaps: dict[str, torch.Tensor], tol: float) -> list[to
     gc = gaps["centered"]
     gn = (gc + p.log_ratio.to(gc.dtype)).clamp_min(0)
     singular = torch.isinf(gc)
-    if bool(singular.any()):  # G_c numerically singular: D G_c D may not be, ask it directly
-        pad = None if p.pad is None else p.pad[singular]
-        gn[singular] = _gap(p.gram_normalized[singular], p.n[singular], pad).to(gn.dtype)
+    ask = singular & ~_short(p.dim, p.n)  # D G_c D has G_c's rank: singular by construction stays so
+    if bool(ask.any()):  # G_c numerically singular: D G_c D may not be, ask it directly
+        pad = None if p.pad is None else p.pad[ask]
+        gn[ask] = _gap(p.gram_normalized[ask], p.n[ask], pad).to(gn.dtype)
     gaps["normalized"] = gn
     log_factor = p.factor.to(gc.dtype).log()
     bound = torch.where(singular, torch.zeros_like(gc), torch.exp(log_factor - gc))

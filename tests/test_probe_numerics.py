@@ -40,7 +40,7 @@ def test_rank_one_route_equals_the_pre_grams_own_gap(offset):
     X, Gc, v = centred_gram_and_vector(4, 12, 40, offset)
     n = torch.full((4,), 12)
     gap_c, trusted, L = H._gap_factored(Gc, n, None)
-    gap, used = H._gap_rank_one(Gc, v, n, None, gap_c, trusted, L)
+    gap, used = H._gap_rank_one(Gc, v, n, None, gap_c, trusted, L, 40)
     assert used.all()  # the lemma decided every group: the test checks the shortcut itself
     expected = [np_gap(x.numpy()) for x in X]
     assert gap.tolist() == pytest.approx(expected, rel=1e-9)
@@ -56,7 +56,7 @@ def test_rank_one_route_with_padding():
     Gc = Xc @ Xc.mT
     v = mu * math.sqrt(30)
     gap_c, trusted, L = H._gap_factored(Gc, n, pad)
-    gap, used = H._gap_rank_one(Gc, v, n, pad, gap_c, trusted, L)
+    gap, used = H._gap_rank_one(Gc, v, n, pad, gap_c, trusted, L, 30)
     assert used.all()
     expected = [np_gap(X[i, : n[i]].numpy()) for i in range(3)]
     assert gap.tolist() == pytest.approx(expected, rel=1e-9)
@@ -68,7 +68,7 @@ def test_rank_one_route_falls_back_where_the_centred_gram_is_singular():
     n = torch.full((2,), 8)
     gap_c, trusted, L = H._gap_factored(Gc, n, None)
     assert torch.isinf(gap_c).all()
-    gap, used = H._gap_rank_one(Gc, v, n, None, gap_c, trusted, L)
+    gap, used = H._gap_rank_one(Gc, v, n, None, gap_c, trusted, L, 8)  # n = m: not singular by construction
     assert not used.any()
     assert gap.tolist() == pytest.approx([np_gap(x.numpy()) for x in X], rel=1e-9)
     assert all(math.isfinite(t) for t in gap.tolist())
@@ -267,3 +267,56 @@ def test_cholesky_solve_from_the_factor_equals_a_dense_solve():
         got = H._cholesky_solve(L[i], z).numpy()
         want = np.linalg.solve(G[i].numpy(), z.numpy())
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=0)
+
+
+class _NormAct(nn.Module):
+    """LayerNorm(8) then GELU: token Grams of more than 8 tokens are singular by construction."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.act = nn.LayerNorm(8), nn.GELU()
+
+    def forward(self, x, attention_mask=None):
+        return self.act(self.norm(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grams_with_fewer_entries_than_items_are_infinite_without_eigenvalues(monkeypatch, dtype):
+    """Sequence 0 has 12 real tokens of 8 entries (rank ≤ 8 < 12: gap +inf, no factorisation can
+    say otherwise), sequence 1 only 6 (a regular Gram). The shortcut gives the records of the
+    full computation (``_short`` turned off), and never calls the eigenvalue fallback."""
+    import isoprobe.metrics as M
+
+    torch.manual_seed(0)
+    model = _NormAct().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.normal_()
+    x = torch.randn(2, 12, 8) + 3 * torch.rand(2, 12, 1)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 6:] = False
+
+    def records(shortcut: bool):
+        calls = []
+        eigen = M._eigen_stats
+        monkeypatch.setattr(M, "_eigen_stats", lambda G, rtol: calls.append(len(G)) or eigen(G, rtol))
+        if not shortcut:
+            monkeypatch.setattr(H, "_short", lambda dim, n: torch.zeros_like(n, dtype=torch.bool))
+        with torch.no_grad(), Probe(model, gram_dtype=dtype) as probe:
+            model(x, attention_mask=mask)
+        monkeypatch.undo()
+        return probe.records, sum(calls)
+
+    fast, eigen_fast = records(True)
+    full, eigen_full = records(False)
+    assert eigen_fast == 0 and eigen_full > 0
+    assert len(fast) == len(full) == 12
+    for a, b in zip(fast, full):
+        assert a.key == b.key and a.n == b.n and a.theorem1_holds == b.theorem1_holds
+        if a.item == 0:
+            X = x[0].double().numpy() if a.point == "pre" else None
+            assert a.isometry_gap == b.isometry_gap == math.inf and a.isometry == 0.0
+            assert X is None or np_gap(X) == math.inf  # numpy's own rank says singular too
+            assert dtype == torch.float64 or a.gap_error == 0.0  # +inf in any precision
+        else:
+            assert a.isometry_gap == b.isometry_gap and math.isfinite(a.isometry_gap)
