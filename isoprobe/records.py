@@ -86,9 +86,10 @@ class Record:
     norm's eps lifts its gap; the values stay, only ``theorem1_holds`` is ``None``); values a
     record does not have are ``None``. ``gap_error``, for float32 Grams
     (``Probe(gram_dtype=torch.float32)``): an estimate (probabilistic rounding model) of the
-    isometry gap's error against the exact Gram of the same items (``0.0``: it exceeded the Probe's
-    ``float32_tolerance`` and the record was recomputed with float64 Grams); ``None`` for
-    float64 Grams.
+    isometry gap's error against the exact Gram of the same items (``0.0``: the value is exact:
+    the estimate exceeded the Probe's ``float32_tolerance`` and the record was recomputed with
+    float64 Grams, or the Gram is singular by construction, fewer entries per item than items,
+    and its gap ``+inf`` in any precision); ``None`` for float64 Grams.
     """
 
     site: str
