@@ -52,7 +52,14 @@ instead, which lifts the gap by exactly ``δ = log(mean r²) - mean log r²``, `
 (var_i + eps)`` (zero when all variances are equal). Where the normalized point misses the bound
 by no more than ``δ`` (eps not small against the items' variances, e.g. OLMo2's post-norms at
 random init), the theorem says nothing about it: ``theorem1_holds`` is ``None`` and the record's
-flag says ``"eps-dominated: ..."``; a miss by more than ``δ`` is a failure.
+flag says ``"eps-dominated: ..."``; a miss by more than ``δ`` would be a failure.
+
+What the check can catch: the normalized Gram is derived, ``G_norm = D G_c D`` (below), so for the
+projection the bound reduces to ``mean a ≥ (Π a_i)^(1/n)`` (arithmetic against geometric mean of
+the item norms): it holds for every input, as the theorem says. ``theorem1_holds = False`` can
+then come only from rounding beyond ``tol`` or an error in the Probe's own arithmetic; it is a
+check of the measurement, not of the network (a random-init model passes as a trained one does).
+The norm's own output is measured independently at ``post``.
 
 **Numerics.** Grams in ``gram_dtype`` (float64 by default), the spectrum always in float64
 (``metrics``). A norm site needs two Grams and two Cholesky factorisations for four points:
@@ -96,7 +103,8 @@ the float64 recomputation is needed is decided there, while the activations exis
 
 **Compiled models** (``torch.compile``, before or after the Probe is made): sites keep the
 eager model's names, and each site's measurement is an operator of the compiled graph
-(:mod:`isoprobe.compiled`), so the graph has no breaks and is not compiled again. Attach the
+(:mod:`isoprobe.compiled`), so the graph is not compiled again and, but for an encoder-decoder
+model's stack hooks (kept out of the graph: a break at each stack's entry and exit), has no breaks. Attach the
 Probe before the model's first compiled forward (or call ``torch.compiler.reset()``): a graph
 traced without its hooks never calls them (the Probe warns when no site ran in a forward).
 
@@ -554,8 +562,8 @@ def _lambda_min(apply_inverse: Any, diag: torch.Tensor) -> torch.Tensor:
 def _cholesky_solve(L: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``G⁻¹ z`` from the lower Cholesky factor ``L`` of ``G = L Lᵀ``: two triangular solves.
 
-    The same arithmetic as ``torch.cholesky_solve``, which copies ``L`` on every call (6× the
-    time of the solves for a batch of 256 × 256 factors on the CPU)."""
+    The same arithmetic as ``torch.cholesky_solve``, which copies ``L`` into a new column-major
+    tensor on every call (several times the time of the solves on the CPU)."""
     y = torch.linalg.solve_triangular(L, z, upper=False)
     return torch.linalg.solve_triangular(L.mT, y, upper=True)
 
@@ -972,10 +980,12 @@ class Probe:
         if self._recording and self.sites and not self._site_calls:
             self._warn_once(
                 "no-site",
-                f"no site of this Probe ran in forward {self._step}, so it has no records. If the model "
-                "is compiled, it runs code that torch.compile traced without this Probe's hooks (dynamo does "
-                "not trace again when hooks are added): attach the Probe before the first compiled forward, "
-                "keep it attached, or call torch.compiler.reset() after attaching it",
+                f"no site of this Probe ran in forward {self._step}, so it has no records. Either the "
+                "selected modules do not run inside the model's forward (generate() runs an encoder-decoder's "
+                "encoder outside it: probe the encoder itself), or the model is compiled and runs code that "
+                "torch.compile traced without this Probe's hooks (dynamo does not trace again when hooks are "
+                "added): attach the Probe before the first compiled forward, keep it attached, or call "
+                "torch.compiler.reset() after attaching it",
             )
         self._recording = False
         if self._streams is not None:

@@ -79,7 +79,9 @@ class Record:
     ``normalized`` record of a norm site, ``norm_factor`` is the norm-variation factor of the
     centred items and ``theorem1_bound = I(centered) · norm_factor``, which Theorem 1
     (Corollary 2 for layer norm, Corollary 3 for batch norm) says ``isometry`` cannot fall below;
-    ``theorem1_holds`` is that check up to rounding, ``None`` where it is undecided. ``flag`` says
+    ``theorem1_holds`` is that check up to rounding, ``None`` where it is undecided (the theorem
+    holds for every input, so ``False`` means rounding or an error in the measurement: see
+    ``isoprobe.hooks``). ``flag`` says
     why values are missing (``"undefined: fewer than 2 items"``), untrustworthy (``"non-finite"``:
     NaN or inf in the activations) or why the check is undecided (``"eps-dominated: ..."``:
     Theorem 1 is about ``x / ‖x‖``, and the normalized point misses the bound by no more than the

@@ -72,16 +72,23 @@ def test_verdict_fails_on_one_violating_record():
 
 
 def test_eps_dominated_records_are_counted_apart_and_not_checked():
+    from isoprobe.records import EPS_DOMINATED
+
     rows = _rows([True, True])
-    rows[2]["theorem1_holds"] = ""  # h.0's normalized record: eps-dominated (None in the Record)
+    assert rows[2]["site"] == "h.0.ln_1" and rows[2]["point"] == "normalized"
+    rows[2]["theorem1_holds"], rows[2]["flag"] = "", EPS_DOMINATED  # as site_rows writes it
     v = figc5_verdict(rows, CFG)
     assert v.verdict == "held" and v.measured["records_checked"] == 1
     assert v.measured["records_undecided_eps_dominated"] == 1
+    rows[6]["theorem1_holds"], rows[6]["flag"] = "", EPS_DOMINATED
+    v = figc5_verdict(rows, CFG)
+    assert v.verdict == "undecided" and "2 are eps-dominated" in v.reason
 
 
 def test_verdict_is_undecided_when_nothing_could_be_checked():
     v = figc5_verdict(_rows([None, None], n=1), CFG)
     assert v.verdict == "undecided" and v.held is None and "no LayerNorm record" in v.reason
+    assert v.measured["records_undecided_eps_dominated"] == 0 and "fewer than 2 tokens" in v.reason
 
 
 def test_block_numbers_and_last_blocks():

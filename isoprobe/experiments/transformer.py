@@ -88,6 +88,7 @@ _COLUMNS = (
     "isometry",
     "theorem1_bound",
     "theorem1_holds",
+    "flag",
 )
 
 
@@ -106,7 +107,8 @@ def site_rows(records: Iterable, text: int) -> list[dict]:
 
     A module's k-th call (k ≥ 1) is the site ``name@k``. ``theorem1_holds`` is 1/0 on the
     ``normalized`` records of norms the Probe could check, ``""`` elsewhere; records without a gap
-    (fewer than 2 tokens, non-finite activations) keep ``gap = ""``.
+    (fewer than 2 tokens, non-finite activations) keep ``gap = ""``; ``flag`` is the record's
+    (``""`` for none), e.g. ``eps-dominated: ...`` where Theorem 1 is undecided.
     """
     order: dict[str, int] = {}
     rows = []
@@ -127,6 +129,7 @@ def site_rows(records: Iterable, text: int) -> list[dict]:
                 "isometry": _blank(r.isometry),
                 "theorem1_bound": _blank(r.theorem1_bound),
                 "theorem1_holds": holds,
+                "flag": _blank(r.flag),
             }
         )
     return rows
@@ -134,6 +137,11 @@ def site_rows(records: Iterable, text: int) -> list[dict]:
 
 def _norms(rows: Sequence[dict]) -> list[dict]:
     return [r for r in rows if r["kind"] == "norm"]
+
+
+def _eps_dominated(rows: Sequence[dict]) -> int:
+    """``normalized`` records whose Theorem 1 check the norm's eps left undecided."""
+    return sum(1 for r in rows if r["point"] == "normalized" and str(r.get("flag", "")).startswith("eps-dominated"))
 
 
 def _checks(rows: Sequence[dict]) -> list[dict]:
@@ -168,9 +176,7 @@ def figc5_verdict(rows: Sequence[dict], cfg: dict) -> Verdict:
         "layernorm_sites": len({r["site"] for r in rows}),
         "texts": len({r["text"] for r in rows}),
         "records_checked": len(checks),
-        "records_undecided_eps_dominated": sum(
-            1 for r in rows if r["point"] == "normalized" and r["theorem1_holds"] == ""
-        ),
+        "records_undecided_eps_dominated": _eps_dominated(rows),
         "theorem1_violations": len(bad),
         "worst_relative_margin": _margin(checks),
         "layernorms_lowering_the_gap": lowered,
@@ -202,8 +208,14 @@ def figc5_verdict(rows: Sequence[dict], cfg: dict) -> Verdict:
             rule,
             measured,
             theory,
-            reason="no LayerNorm record could be checked (every text has fewer than 2 tokens, or the "
-            "activations were not finite)",
+            reason="no LayerNorm record could be checked: "
+            + (
+                f"{measured['records_undecided_eps_dominated']} are eps-dominated (the norm's eps, not small "
+                "against the tokens' variances, accounts for the gap above the bound), the others have fewer "
+                "than 2 tokens or non-finite activations"
+                if measured["records_undecided_eps_dominated"]
+                else "every text has fewer than 2 tokens, or the activations were not finite"
+            ),
             notes=notes,
         )
     if bad:
