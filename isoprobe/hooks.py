@@ -921,7 +921,7 @@ class Probe:
                 self._tokens.append(token)
                 self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
             if self._streams is not None:
-                handles, tokens = self._streams.hooks(outer_hook)
+                handles, tokens = self._streams.hooks(self.model, outer_hook)
                 self._handles.extend(handles)
                 self._tokens.extend(tokens)
             hook, token = outer_hook(self.model, "return", self._on_return)
@@ -1073,6 +1073,13 @@ class Probe:
                     "so whose padding mask applies is unknown: its tokens are all counted",
                 )
             return None
+        if self._streams is not None and self._streams.foreign(x) and any(m is not None for m in self._masks.values()):
+            self._warn_once(
+                f"mask:{site.name}",
+                f"site {site.name!r} in the decoder reads a tensor given to the decoder that is no output of "
+                "the encoder or of a module run on it and is as long as the source: whether its tokens are "
+                "the source's or the target's is unknown, so the decoder's padding mask (if any) is applied",
+            )
         mask = self._masks.get(stream)
         if mask is None:
             return None

@@ -10,6 +10,8 @@ those of the ``decoder_attention_mask`` when one is given.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -109,7 +111,8 @@ def test_cross_attention_keys_follow_the_encoder_queries_the_decoder():
     model, inputs = bart(), batch()
     names = ["decoder.layers.0.encoder_attn.k_proj", "decoder.layers.0.encoder_attn.q_proj"]
     capture = Capture(model, names)
-    with torch.no_grad(), Probe(model, sites=names) as probe:
+    with torch.no_grad(), Probe(model, sites=names) as probe, warnings.catch_warnings():
+        warnings.simplefilter("error")  # the key reads the encoder's output itself: nothing ambiguous
         model(**inputs)
     capture.close()
     keys = [r for r in probe.records if r.site == names[0]]
@@ -119,7 +122,8 @@ def test_cross_attention_keys_follow_the_encoder_queries_the_decoder():
     assert check_records(keys, capture, {}, mask=inputs["attention_mask"].numpy()) == 0
     assert check_records(queries, capture, {}, mask=None) == 0
     # as during generation: the encoder run on its own, its output then given to the model
-    with torch.no_grad(), Probe(model, sites=names) as probe:
+    with torch.no_grad(), Probe(model, sites=names) as probe, warnings.catch_warnings():
+        warnings.simplefilter("error")
         encoded = model.get_encoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         model(**{k: v for k, v in inputs.items() if k != "input_ids"}, encoder_outputs=encoded)
     assert {(r.site, r.item, r.n) for r in probe.records} == {
@@ -175,3 +179,61 @@ def test_single_stack_models_keep_the_attention_mask():
         model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     assert {(r.item, r.n) for r in probe.records} == {(0, SEQ), (1, 6)}
     assert np.all([r.flag is None for r in probe.records])
+
+
+def bert_to_bert() -> nn.Module:
+    """A tiny EncoderDecoderModel of two BERTs of different widths (32 -> 48), random init: the
+    decoder's cross-attention reads the encoder's output through ``enc_to_dec_proj``."""
+    import transformers
+
+    def config(hidden: int, **kw) -> transformers.BertConfig:
+        return transformers.BertConfig(
+            vocab_size=128, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=2 * hidden, max_position_embeddings=32, **kw,
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    configs = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(
+        config(32), config(48, is_decoder=True, add_cross_attention=True)
+    )
+    return transformers.EncoderDecoderModel(config=configs).eval()
+
+
+def test_cross_attention_reads_the_projected_encoder_output_as_source_tokens():
+    """With encoder and decoder widths differing, the decoder's cross-attention key and value
+    read ``enc_to_dec_proj`` of the encoder's output, a new tensor: still the source's tokens
+    (the encoder mask: 6 real tokens in the second sequence), while the decoder's own
+    self-attention counts all of its tokens. Records equal a float64 numpy recomputation."""
+    model, inputs = bert_to_bert(), batch()
+    assert model.enc_to_dec_proj.in_features == 32 and model.enc_to_dec_proj.out_features == 48
+    cross = [f"decoder.bert.encoder.layer.0.crossattention.self.{p}" for p in ("key", "value")]
+    own = [f"decoder.bert.encoder.layer.0.attention.self.{p}" for p in ("query", "key", "value")]
+    capture = Capture(model, [*cross, *own])
+    with torch.no_grad(), Probe(model, sites=[*cross, *own]) as probe, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**inputs)
+    capture.close()
+    keys = [r for r in probe.records if r.site in cross]
+    mine = [r for r in probe.records if r.site in own]
+    assert {(r.site, r.item, r.n) for r in keys} == {(s, i, n) for s in cross for i, n in ((0, SEQ), (1, 6))}
+    assert {(r.site, r.item, r.n) for r in mine} == {(s, i, SEQ) for s in own for i in (0, 1)}
+    assert check_records(keys, capture, {}, mask=inputs["attention_mask"].numpy()) == 0
+    assert check_records(mine, capture, {}, mask=None) == 0
+
+
+def test_decoder_site_reading_an_unknown_tensor_as_long_as_the_source_warns():
+    """The projection done by a plain function (no module to follow): the cross-attention key
+    reads a tensor given to the decoder that no stream produced, as long as the source, so
+    whose mask applies is unknown: a warning says so, once, and the decoder's (none) applies."""
+    model, inputs = bert_to_bert(), batch()
+    proj = model.enc_to_dec_proj
+    del model.enc_to_dec_proj
+    model.enc_to_dec_proj = lambda h: 1.0 * proj(h)  # noqa: PLW0108 (not a module: no hook runs)
+    site = "decoder.bert.encoder.layer.0.crossattention.self.key"
+    unknown = pytest.warns(UserWarning, match="source's or the target's is unknown")
+    with torch.no_grad(), Probe(model, sites=[site]) as probe, unknown as caught:
+        model(**inputs)
+        model(**inputs)
+    assert sum("is unknown" in str(w.message) for w in caught) == 1
+    assert {(r.item, r.n) for r in probe.records} == {(0, SEQ), (1, SEQ)}
+    assert len(probe.records) == 2 * 2 * 2  # forwards x items x points (pre, post)
