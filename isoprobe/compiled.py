@@ -21,6 +21,12 @@ still calls the operator, and the Probe's hooks on the model (kept out of the gr
 attached later takes the first free slot of each module, which such a graph then calls (and
 nothing runs while none is attached). A graph traced with no Probe attached has no operator,
 and dynamo runs it whatever hooks are added later (it guards only on hooks it traced).
+
+The registry of slots refers to what the hooks run only weakly, through the hooks: a model with a
+Probe attached is freed with the Probe when neither is referred to any more, and frees its slots;
+:func:`release` frees a slot at once and drops what it ran, which compiled code that still calls
+the hook then no longer keeps alive. The registry is thread-safe and survives
+``importlib.reload`` of this module (IPython's autoreload), so attached Probes keep recording.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import functools
 import itertools
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -40,14 +47,35 @@ __all__ = ["eager_module", "outer_hook", "outside_graphs", "release", "site_hook
 Observer = Callable[[torch.Tensor | None, torch.Tensor | None], None]
 
 Token = tuple[int, str, int]  # (module number, hook kind, slot)
-_REGISTRY: dict[Token, Callable[..., Any]] = {}  # what the attached Probes' hooks run
-_MODULES: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
-_NUMBERS = itertools.count()
+
+
+class _Entry:
+    """What the hooks at one slot run: ``target``, or ``None`` once :func:`release` ran. The hook
+    made with the entry keeps it alive and the registry refers to it weakly, so a model whose
+    hooks run a Probe that refers to the model is freed with that Probe, and frees the slot."""
+
+    __slots__ = ("target", "__weakref__")
+
+    def __init__(self, target: Callable[..., Any]) -> None:
+        self.target: Callable[..., Any] | None = target
+
+
+# Kept by ``importlib.reload`` (IPython's autoreload): the attached Probes' hooks dispatch through
+# these objects, so new empty ones would silently stop them; new numbers would reuse old ones.
+_REGISTRY: dict[Token, weakref.ref[_Entry]] = globals().get("_REGISTRY", {})  # token -> its entry, weakly
+_MODULES: weakref.WeakKeyDictionary[nn.Module, int] = globals().get("_MODULES", weakref.WeakKeyDictionary())
+_NUMBERS: itertools.count[int] = globals().get("_NUMBERS", itertools.count())
+# Reentrant: the weakref callback that frees a dead hook's slot may run (garbage collection)
+# while this thread holds the lock in _register.
+_LOCK: threading.RLock = globals().get("_LOCK", threading.RLock())
 
 
 def _dispatch(token: Token, *args: Any) -> None:
-    target = _REGISTRY.get(token)
-    if target is not None:  # none: no Probe attached at this slot now
+    """Run what is attached at ``token`` now, if anything (no Probe, or a dead one: nothing)."""
+    ref = _REGISTRY.get(token)
+    entry = None if ref is None else ref()
+    target = None if entry is None else entry.target
+    if target is not None:
         target(*args)
 
 
@@ -68,20 +96,36 @@ def _register_operator() -> Any:
     return torch.ops.isoprobe.observe.default
 
 
-_OBSERVE = _register_operator()
+# Registered once: a reload keeps the operator (its kernel calls this module's _dispatch).
+_OBSERVE = globals()["_OBSERVE"] if "_OBSERVE" in globals() else _register_operator()
 
 
-def _register(module: nn.Module, kind: str, target: Callable[..., Any]) -> Token:
-    """``target`` at the first free slot of ``module`` for hooks of ``kind``."""
-    number = _MODULES.setdefault(module, next(_NUMBERS))
-    token = next((number, kind, s) for s in itertools.count() if (number, kind, s) not in _REGISTRY)
-    _REGISTRY[token] = target
-    return token
+def _register(module: nn.Module, kind: str, target: Callable[..., Any]) -> tuple[Token, _Entry]:
+    """``target`` at the first free slot of ``module`` for hooks of ``kind``: the token, and the
+    entry that the hook must keep alive (the registry only refers to it; its death frees the slot)."""
+    entry = _Entry(target)
+    with _LOCK:
+        number = _MODULES.setdefault(module, next(_NUMBERS))
+        token = next((number, kind, s) for s in itertools.count() if (number, kind, s) not in _REGISTRY)
+        _REGISTRY[token] = weakref.ref(entry, functools.partial(_free_dead, token))
+    return token, entry
+
+
+def _free_dead(token: Token, ref: weakref.ref[_Entry]) -> None:
+    """Free ``token`` when its entry died, unless the slot holds a later entry already."""
+    with _LOCK:
+        if _REGISTRY.get(token) is ref:
+            del _REGISTRY[token]
 
 
 def release(token: Token) -> None:
-    """Free the slot of a removed hook (:func:`outer_hook`, :func:`site_hook`)."""
-    _REGISTRY.pop(token, None)
+    """Free the slot of a removed hook (:func:`outer_hook`, :func:`site_hook`) and drop what it
+    ran, so compiled code that still calls the hook keeps no Probe alive."""
+    with _LOCK:
+        ref = _REGISTRY.pop(token, None)
+    entry = None if ref is None else ref()
+    if entry is not None:
+        entry.target = None
 
 
 def outside_graphs(fn: Callable[..., None]) -> Callable[..., None]:
@@ -94,8 +138,15 @@ def outer_hook(module: nn.Module, kind: str, fn: Callable[..., None]) -> tuple[C
     """A hook for ``module`` kept out of the graphs that runs ``fn`` with the hook's arguments,
     and its token: the hook runs whatever is attached at its slot when it is called, as the
     compiled code calls the hook of the Probe it was traced with."""
-    token = _register(module, kind, fn)
-    return outside_graphs(functools.partial(_dispatch, token)), token
+    token, entry = _register(module, kind, fn)
+    return outside_graphs(_caller(token, entry)), token
+
+
+def _caller(token: Token, entry: _Entry) -> Callable[..., None]:
+    """``_dispatch`` at ``token``, keeping ``entry`` alive while the hook that calls it lives."""
+    call = functools.partial(_dispatch, token)
+    call.entry = entry  # type: ignore[attr-defined]
+    return call
 
 
 def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -115,11 +166,11 @@ def first_output(output: Any) -> torch.Tensor | None:
 
 def site_hook(module: nn.Module, observe: Observer) -> tuple[Callable[..., None], Token]:
     """A forward hook (``with_kwargs=True``) for ``module`` that calls ``observe(first input,
-    first output)``, and its token: in eager mode directly; under ``torch.compile`` through the
+    first output)``, and its token: in eager mode at once (by slot); under ``torch.compile`` through the
     graph's ``isoprobe::observe`` operator (without one, out of the graph). Call
     :func:`release` with the token when the hook is removed."""
-    token = _register(module, "site", observe)
-    eager_only = outside_graphs(functools.partial(_dispatch, token))
+    token, entry = _register(module, "site", observe)
+    eager_only = outside_graphs(_caller(token, entry))  # the hook keeps the entry through it
     if _OBSERVE is None:
         return lambda module, args, kwargs, output: eager_only(first_tensor(args, kwargs), first_output(output)), token
     number, _, slot = token
@@ -127,7 +178,7 @@ def site_hook(module: nn.Module, observe: Observer) -> tuple[Callable[..., None]
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         x, y = first_tensor(args, kwargs), first_output(output)
         if not torch.compiler.is_compiling():
-            observe(x, y)
+            _dispatch(token, x, y)
         elif x is None or y is None:  # nothing for the operator's schema: a graph break
             eager_only(x, y)
         else:
