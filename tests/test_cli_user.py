@@ -125,3 +125,32 @@ def test_repro_shows_no_progress_bar_off_a_terminal(tmp_path):
     assert result.exit_code == 0, result.output
     assert "%|" not in result.output and "it/s" not in result.output and "table2: held" in result.output
     assert run("repro", "table2", "--quick", "--quiet", "--out", str(tmp_path / "q")).exit_code == 0
+
+
+def test_inspect_on_a_folder_saved_without_its_vocabulary_is_an_error(tmp_path):
+    """transformers 5 loads a BERT folder without tokenizer files as an empty BertTokenizer that
+    makes every word [UNK]: the Grams would see the position embeddings only. That is a clear
+    error before any work, not a table."""
+    from transformers import BertConfig, BertModel
+
+    from isoprobe.models import _usable
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(config).save_pretrained(tmp_path / "tinybert")
+    result = CliRunner().invoke(
+        main, ["inspect", "--model", str(tmp_path / "tinybert"), "--text", "Norms make tokens isometric."]
+    )
+    assert result.exit_code == 2, result.output
+    assert "no usable tokenizer files" in result.output and "Traceback" not in result.output
+
+    class Unknowing:  # what such a tokenizer does: every word its unknown token
+        unk_token_id = 1
+
+        def encode(self, text, add_special_tokens=True, verbose=False):
+            return [1] * len(text.split())
+
+    class Knowing(Unknowing):
+        def encode(self, text, add_special_tokens=True, verbose=False):
+            return [5, 1]
+
+    assert not _usable(Unknowing()) and _usable(Knowing())
