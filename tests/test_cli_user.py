@@ -42,6 +42,9 @@ def test_unwritable_out_and_plot_fail_before_the_model_is_loaded(tmp_path, monke
         result = run("gpt2", "--init", "random", "--text", TEXT, *extra)
         assert result.exit_code == 1 and "cannot write" in result.output, (extra, result.output)
         assert "Traceback" not in result.output
+    result = run("gpt2", "--init", "random", "--text", TEXT, "--plot", str(tmp_path / "p.jpgg"))
+    assert result.exit_code == 2 and "'.jpgg' is not an image format; use .png" in result.output, result.output
+    assert "Traceback" not in result.output
 
 
 def test_the_table_is_printed_when_a_write_fails_anyway(tiny_gpt2_dir, tmp_path, monkeypatch):
