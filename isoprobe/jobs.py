@@ -105,7 +105,8 @@ def _writable_dir(folder: Path) -> None:
 
 def check_outputs(out: str | Path | None, plot: str | Path | None) -> None:
     """Fail now, with ``OSError`` naming the path, if ``--out`` (a folder, created here if
-    missing) or ``--plot`` (a file in an existing folder) cannot be written."""
+    missing) or ``--plot`` (a file in an existing folder) cannot be written; ``ValueError`` if
+    ``--plot``'s suffix is no format matplotlib writes."""
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
@@ -114,12 +115,28 @@ def check_outputs(out: str | Path | None, plot: str | Path | None) -> None:
         target = Path(plot)
         if target.is_dir():
             raise IsADirectoryError(21, "is a directory (give a file name, e.g. plot.png)", str(target))
+        _check_plot_format(target)
         parent = target.parent
         if parent.exists() and not parent.is_dir():
             raise NotADirectoryError(20, "is a file, not a folder", str(parent))
         if not parent.is_dir():
             raise FileNotFoundError(2, "no such folder", str(parent))
         _writable_dir(parent)
+
+
+def _check_plot_format(target: Path) -> None:
+    """``ValueError`` unless matplotlib can write ``target``'s format (its suffix)."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = target.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        given = f"'.{suffix}'" if suffix else "no suffix"
+        raise ValueError(
+            f"--plot {str(target)!r}: {given} is not an image format; use .png (or "
+            + ", ".join(f".{f}" for f in sorted(formats) if f != "png")
+            + ")"
+        )
 
 
 def _sites_option(sites: str | None) -> list[str] | None:

@@ -131,11 +131,15 @@ class HFTokenizer:
 
 
 def _usable(tokenizer: Any) -> bool:
-    """transformers 5 builds an empty tokenizer from a directory without tokenizer files."""
+    """Does ``tokenizer`` know any word? transformers 5 builds an empty tokenizer from a directory
+    without tokenizer files: it encodes nothing, or only its unknown token (a BERT folder saved
+    without its vocabulary makes every word ``[UNK]``, so the Grams would see positions only)."""
     try:
-        return len(tokenizer.encode("isometry test", verbose=False)) > 0
+        ids = tokenizer.encode("isometry test", add_special_tokens=False, verbose=False)
     except Exception:
         return False
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    return any(i != unknown for i in ids)
 
 
 def _local_tokenizer(names: Sequence[str]) -> HFTokenizer | None:
@@ -299,9 +303,15 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32") -> Loade
     net = _load(AutoModel.from_pretrained, model, "model", hint)
     tokenizer = _local_tokenizer([model])
     if tokenizer is None:
+        missing = ModelLoadError(
+            f"{model!r} has no usable tokenizer files (none, or a vocabulary that makes every word "
+            "unknown): save its tokenizer next to it (tokenizer.save_pretrained(PATH))"
+        )
+        if Path(model).is_dir():
+            raise missing
         tok = _load(_auto_tokenizer, model, "tokenizer", hint)
         if not _usable(tok):
-            raise ModelLoadError(f"{model!r} has no tokenizer files: save its tokenizer next to it")
+            raise missing
         tokenizer = HFTokenizer(tok)
     net = _prepare(net, dev, dtype)
     return LoadedModel(net, tokenizer, display_name(model, net), _context(net.config, tokenizer), dev)

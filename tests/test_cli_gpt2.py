@@ -132,7 +132,7 @@ def test_unknown_model_and_bad_input_are_usage_errors(tiny_gpt2_dir, tmp_path):
         (("gpt2", *model, "--text", TEXT, "--stride", "0"), "--stride must be between"),
         (("gpt2", *model, "--text", TEXT, "--sites", "transformer.h.*.ln1"), "matches none"),
         (("gpt2", *model, "--text", TEXT, "--device", "cuda:7"), "device"),
-        (("inspect", "--model", str(tiny_gpt2_dir), "--text", TEXT), "no tokenizer files"),
+        (("inspect", "--model", str(tiny_gpt2_dir), "--text", TEXT), "no usable tokenizer files"),
         (
             ("inspect", "--model", str(tiny_gpt2_dir), "--dataset", "no-such-dataset-xyz", "--text", TEXT),
             "cannot load dataset",

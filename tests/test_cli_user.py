@@ -42,6 +42,9 @@ def test_unwritable_out_and_plot_fail_before_the_model_is_loaded(tmp_path, monke
         result = run("gpt2", "--init", "random", "--text", TEXT, *extra)
         assert result.exit_code == 1 and "cannot write" in result.output, (extra, result.output)
         assert "Traceback" not in result.output
+    result = run("gpt2", "--init", "random", "--text", TEXT, "--plot", str(tmp_path / "p.jpgg"))
+    assert result.exit_code == 2 and "'.jpgg' is not an image format; use .png" in result.output, result.output
+    assert "Traceback" not in result.output
 
 
 def test_the_table_is_printed_when_a_write_fails_anyway(tiny_gpt2_dir, tmp_path, monkeypatch):
@@ -125,3 +128,32 @@ def test_repro_shows_no_progress_bar_off_a_terminal(tmp_path):
     assert result.exit_code == 0, result.output
     assert "%|" not in result.output and "it/s" not in result.output and "table2: held" in result.output
     assert run("repro", "table2", "--quick", "--quiet", "--out", str(tmp_path / "q")).exit_code == 0
+
+
+def test_inspect_on_a_folder_saved_without_its_vocabulary_is_an_error(tmp_path):
+    """transformers 5 loads a BERT folder without tokenizer files as an empty BertTokenizer that
+    makes every word [UNK]: the Grams would see the position embeddings only. That is a clear
+    error before any work, not a table."""
+    from transformers import BertConfig, BertModel
+
+    from isoprobe.models import _usable
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(config).save_pretrained(tmp_path / "tinybert")
+    result = CliRunner().invoke(
+        main, ["inspect", "--model", str(tmp_path / "tinybert"), "--text", "Norms make tokens isometric."]
+    )
+    assert result.exit_code == 2, result.output
+    assert "no usable tokenizer files" in result.output and "Traceback" not in result.output
+
+    class Unknowing:  # what such a tokenizer does: every word its unknown token
+        unk_token_id = 1
+
+        def encode(self, text, add_special_tokens=True, verbose=False):
+            return [1] * len(text.split())
+
+    class Knowing(Unknowing):
+        def encode(self, text, add_special_tokens=True, verbose=False):
+            return [5, 1]
+
+    assert not _usable(Unknowing()) and _usable(Knowing())
