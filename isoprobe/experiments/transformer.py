@@ -144,6 +144,19 @@ def _eps_dominated(rows: Sequence[dict]) -> int:
     return sum(1 for r in rows if r["point"] == "normalized" and str(r.get("flag", "")).startswith("eps-dominated"))
 
 
+def _unchecked_reason(eps_dominated: int) -> str:
+    """Why no LayerNorm record could be checked."""
+    if eps_dominated:
+        return (
+            f"no LayerNorm record could be checked: {eps_dominated} are eps-dominated (the norm's eps, not "
+            "small against the tokens' variances, accounts for the gap above the bound), the others have "
+            "fewer than 2 tokens or non-finite activations"
+        )
+    return (
+        "no LayerNorm record could be checked: every text has fewer than 2 tokens, or the activations were not finite"
+    )
+
+
 def _checks(rows: Sequence[dict]) -> list[dict]:
     return [r for r in rows if r["point"] == "normalized" and r["theorem1_holds"] in (0, 1)]
 
@@ -208,14 +221,7 @@ def figc5_verdict(rows: Sequence[dict], cfg: dict) -> Verdict:
             rule,
             measured,
             theory,
-            reason="no LayerNorm record could be checked: "
-            + (
-                f"{measured['records_undecided_eps_dominated']} are eps-dominated (the norm's eps, not small "
-                "against the tokens' variances, accounts for the gap above the bound), the others have fewer "
-                "than 2 tokens or non-finite activations"
-                if measured["records_undecided_eps_dominated"]
-                else "every text has fewer than 2 tokens, or the activations were not finite"
-            ),
+            reason=_unchecked_reason(measured["records_undecided_eps_dominated"]),
             notes=notes,
         )
     if bad:
