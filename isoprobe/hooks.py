@@ -137,7 +137,6 @@ from isoprobe.compiled import eager_module, outer_hook, release, site_hook
 from isoprobe.distributed import all_gather_features
 from isoprobe.metrics import (
     _CHOLESKY_MARGIN,
-    _finite_matrices,
     _gap_of,
     _orthogonality_gap,
     _spectral_stats,
@@ -231,8 +230,8 @@ def _gap_factored(
     N = G.shape[-1]
     if pad is not None:
         G = _pad_diagonal(G, n, pad)
-    if short is not None:
-        short = short & _finite_matrices(G)
+    if short is not None:  # finite ones only (NaN must stay NaN); a float64 sum overflowing leaves G as is
+        short = short & torch.isfinite(G.sum((-2, -1), dtype=torch.float64))
         G = torch.where(short[:, None, None], torch.eye(N, dtype=G.dtype, device=G.device), G)
     stats, trusted, L = _spectral_stats(G)
     gap = _gap_of(stats, N)
