@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import shlex
 import sys
 
 import click
@@ -23,6 +25,26 @@ def main() -> None:
 
 
 # Each command is registered below by its own section; keep sections independent.
+
+
+# --- shared by the commands that write an --out folder ------------------------------------------
+
+
+class FolderInUse(click.ClickException):
+    """Another run holds the ``--out`` folder: exit status 2, as for a usage error."""
+
+    exit_code = 2
+
+
+def _command_line() -> str:
+    """This process's command, as the user would type it again."""
+    return shlex.join(["isoprobe", *sys.argv[1:]])
+
+
+def _interrupted(kept: str) -> click.exceptions.Exit:
+    """Ctrl-C: say what is kept and how to go on (the same command), exit status 130."""
+    click.echo(f"\ninterrupted: {kept}", err=True)
+    return click.exceptions.Exit(130)
 
 
 # --- repro: paper reproductions, one command each (isoprobe.experiments) -----------------------
@@ -124,6 +146,7 @@ def repro_command(
     """
     from isoprobe import distributed, experiments
     from isoprobe.data import DataUnavailable
+    from isoprobe.outlock import FolderBusy as FolderInUseError
 
     if show_list:
         click.echo(_repro_list())
@@ -139,7 +162,15 @@ def repro_command(
                 out_dir,
                 show_progress=not no_progress and sys.stderr.isatty(),
                 echo=lambda msg: click.echo(msg, err=True),
+                command=_command_line(),
             )
+    except KeyboardInterrupt:
+        raise _interrupted(
+            f"the finished units and finished reproductions are kept in {out_dir}; "
+            f"run the same command again to resume where it stopped:\n  {_command_line()}"
+        ) from None
+    except FolderInUseError as exc:
+        raise FolderInUse(str(exc)) from None
     except experiments.ReproductionOptionError as exc:  # bad name or option: checked before running
         raise click.UsageError(str(exc)) from exc
     except DataUnavailable as exc:  # --data NAME that cannot be had here
@@ -280,13 +311,27 @@ def _text_probe_options(command):
 
 
 def _run_text_probe(family: str, **options) -> None:
-    """Run the job; print its table even when writing ``--out``/``--plot`` fails afterwards."""
-    from isoprobe import jobs, models
+    """Run the job, holding its ``--out`` folder; print the table even when writing fails afterwards."""
+    from isoprobe import jobs, outlock
 
     def notify(message: str) -> None:
         click.echo(message, err=True)
 
     job = jobs.TextJob(family=family, **options)
+    try:
+        with outlock.hold_folder(job.out, _command_line(), notify) if job.out else contextlib.nullcontext():
+            _probe_and_write(job, notify)
+    except outlock.FolderBusy as error:
+        raise FolderInUse(str(error)) from None
+    except KeyboardInterrupt:
+        raise _interrupted("nothing was written; run the same command again to start over") from None
+    except OSError as error:  # --out not writable: found before the model loads
+        raise click.ClickException(_cannot_write(error)) from None
+
+
+def _probe_and_write(job, notify) -> None:  # job: jobs.TextJob
+    from isoprobe import jobs, models
+
     try:
         report = jobs.run(job, notify)
     except (ValueError, models.ModelLoadError) as error:

@@ -394,3 +394,53 @@ def test_no_module_below_the_command_line_imports_the_experiments():
             )
             offenders += [f"{rel}: {n}" for n in names if n.startswith("isoprobe.experiments")]
     assert offenders == []
+
+
+# --- one run per output folder; no unit twice; time over sessions; names in any case -------------
+
+
+def test_a_held_output_folder_refuses_a_second_run_and_no_unit_is_written_twice(toys, tmp_path):
+    from isoprobe.outlock import LOCK_NAME, FolderBusy, hold_folder
+
+    with hold_folder(tmp_path, "isoprobe repro toy-a --out X", lambda _m: None):
+        with pytest.raises(FolderBusy, match=r"in use by another isoprobe run \(pid \d+.*isoprobe repro toy-a --out X"):
+            run_reproductions(["toy-a"], Options(quick=True), tmp_path, **_quiet())
+    assert CALLS == [] and sorted(p.name for p in tmp_path.iterdir()) == []
+    run_reproductions(["toy-a"], Options(quick=True), tmp_path, **_quiet())
+    assert not (tmp_path / LOCK_NAME).exists()  # released after the run
+    table = base.TidyTable(tmp_path / "t.csv", COLUMNS, {"a": 1})
+    table.add("u0", [dict(unit=0, run=0, value=1.0, rank=0)])
+    with pytest.raises(ValueError, match="'u0' is already in .*not written twice"):
+        table.add("u0", [dict(unit=0, run=0, value=1.0, rank=0)])
+    assert len((tmp_path / "t.csv").read_text().splitlines()) == 2  # header and one row
+
+
+def test_elapsed_s_of_a_resumed_run_counts_every_session(toys, tmp_path, monkeypatch):
+    import time
+
+    def slow_then_cut(cfg, env, i):
+        if i == 1:
+            raise KeyboardInterrupt
+        time.sleep(0.4)
+        return _rows(cfg, env, i)
+
+    cut = dataclasses.replace(
+        base.REGISTRY["toy-a"],
+        units=lambda cfg, env: [(key, partial(slow_then_cut, cfg, env, int(key[1:]))) for key, _ in _units(cfg, env)],
+    )
+    monkeypatch.setitem(base.REGISTRY, "toy-a", cut)
+    with pytest.raises(KeyboardInterrupt):
+        run_reproductions(["toy-a"], Options(quick=True), tmp_path, **_quiet())
+    assert json.loads((tmp_path / "toy-a.units.json").read_text())["elapsed_s"] >= 0.4
+    monkeypatch.setitem(base.REGISTRY, "toy-a", _toy("toy-a"))
+    start = time.perf_counter()
+    (resumed,) = run_reproductions(["toy-a"], Options(quick=True), tmp_path, **_quiet())
+    second = time.perf_counter() - start
+    assert second < 0.4 <= resumed["elapsed_s"] <= second + 0.4 + 0.5
+
+
+def test_reproduction_names_are_matched_in_any_case():
+    assert base.resolve_names(["FIG3", "figc5", "Fig2-Trained"]) == ["fig3", "figC5", "fig2-trained"]
+    assert len(base.resolve_names(["ALL"])) == len(base.REGISTRY)
+    with pytest.raises(base.UnknownReproduction, match="'fig99'"):
+        base.resolve_names(["fig99"])

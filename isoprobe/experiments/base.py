@@ -47,13 +47,15 @@ representation (``gap = +inf``) is counted, never dropped.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from isoprobe import distributed
+from isoprobe import distributed, outlock
 from isoprobe.data import IMAGE_SOURCES, DataUnavailable, ImageBatch, is_image_source, load_images
 
 __all__ = [
@@ -76,6 +78,7 @@ __all__ = [
     "UnknownReproduction",
     "VERDICTS",
     "Verdict",
+    "canonical_name",
     "check_options",
     "register",
     "resolve_names",
@@ -283,17 +286,26 @@ class TidyTable:
     A unit is a group of rows computed together (e.g. one series, all runs). Its rows are
     appended and flushed, then its key is recorded in ``STEM.units.json`` with the config;
     on reopening with the same config the finished units' rows are kept and the rest dropped.
-    The rows it hands back are always the CSV's values (parsed back), fresh or resumed.
+    The rows it hands back are always the CSV's values (parsed back), fresh or resumed; a unit
+    already in the table cannot be added again. ``STEM.units.json`` also keeps the seconds spent
+    by earlier sessions (``elapsed_before``): :meth:`elapsed` counts every session of the run,
+    the current one from ``started`` (a ``time.perf_counter()`` value, default: now).
     """
 
-    def __init__(self, csv_path: Path, columns: Sequence[str], config: dict) -> None:
+    def __init__(self, csv_path: Path, columns: Sequence[str], config: dict, started: float | None = None) -> None:
         self.csv_path = Path(csv_path)
         self.units_path = self.csv_path.with_suffix(".units.json")
         self.columns = list(columns)
         self.config = config
         self._rows: dict[str, list[dict]] = {}
         self.resumed: list[str] = []
+        self.elapsed_before = 0.0
+        self._started = time.perf_counter() if started is None else started
         self._load()
+
+    def elapsed(self) -> float:
+        """Seconds spent on this table's run, over every session (earlier ones and this one)."""
+        return self.elapsed_before + time.perf_counter() - self._started
 
     def _load(self) -> None:
         done: list[list] = []
@@ -304,13 +316,14 @@ class TidyTable:
                 state = {}
             if state.get("config") == jsonable(self.config) and state.get("columns") == self.columns:
                 done = state.get("done", [])
+                self.elapsed_before = float(state.get("elapsed_s", 0.0))
         rows: list[dict] = []
         if done:
             with self.csv_path.open(newline="") as f:
                 rows = _read_rows(f)
         start = 0
         for key, count in done:
-            if start + count > len(rows):
+            if start + count > len(rows) or key in self._rows:
                 break
             self._rows[key] = rows[start : start + count]
             self.resumed.append(key)
@@ -331,14 +344,23 @@ class TidyTable:
             "config": jsonable(self.config),
             "columns": self.columns,
             "done": [[k, len(v)] for k, v in self._rows.items()],
+            "elapsed_s": round(self.elapsed(), 3),
         }
         self.units_path.write_text(json.dumps(state))
+
+    def save_elapsed(self) -> None:
+        """Record the time spent so far (called when a run is interrupted, so a resumed run's
+        ``elapsed_s`` counts this session too)."""
+        self._write_state()
 
     def done(self, key: str) -> bool:
         return key in self._rows
 
     def add(self, key: str, rows: list[dict]) -> list[dict]:
-        """Append the rows of unit ``key`` (keys must be the columns) and record it as finished."""
+        """Append the rows of unit ``key`` (keys must be the columns) and record it as finished;
+        ``ValueError`` if ``key`` is finished already (its rows are never written twice)."""
+        if key in self._rows:
+            raise ValueError(f"unit {key!r} is already in {self.csv_path}: its rows are not written twice")
         for r in rows:
             if set(r) != set(self.columns):
                 raise ValueError(f"unit {key!r}: row keys {sorted(r)} differ from the table's columns {self.columns}")
@@ -410,12 +432,19 @@ def check_options(options: Options) -> None:
         raise ReproductionOptionError(f"--model {model}: no such directory")
 
 
+def canonical_name(name: str) -> str:
+    """The registry's spelling of ``name``, matched without regard to case (``FIG3`` → ``fig3``,
+    ``figc5`` → ``figC5``, ``ALL`` → ``all``); ``name`` itself when nothing matches."""
+    folded = {n.lower(): n for n in [*REGISTRY, "all"]}
+    return folded.get(name.lower(), name)
+
+
 def resolve_names(names: Sequence[str]) -> list[str]:
-    """Registry names for ``names`` (``"all"`` expands); unknown names raise, listing the valid ones."""
+    """Registry names for ``names`` (any case; ``"all"`` expands); unknown names raise, listing the valid ones."""
     if not names:
         raise UnknownReproduction(f"name a reproduction (or all); valid names: {', '.join(REGISTRY)}")
     out: list[str] = []
-    for n in names:
+    for n in map(canonical_name, names):
         expanded = list(REGISTRY) if n == "all" else [n]
         for m in expanded:
             if m not in REGISTRY:
@@ -433,7 +462,7 @@ def select(names: Sequence[str], options: Options, echo: Callable[[str], None] =
     """
     check_options(options)
     selected = resolve_names(names)
-    explicit = {n for n in names if n != "all"}
+    explicit = {canonical_name(n) for n in names} - {"all"}
     p = options.protocol
     unsupported = [n for n in selected if p not in REGISTRY[n].protocols]
     supporting = ", ".join(n for n in REGISTRY if p in REGISTRY[n].protocols) or "none"
@@ -664,8 +693,13 @@ def _run_declared(rep: Reproduction, options: Options, out_dir: Path, env: Env) 
         env.echo(f"{env.stem}: up to date in {out_dir} (verdict: {skip.get('verdict')}); skipped")
         return skip
     columns = rep.columns(cfg) if callable(rep.columns) else rep.columns
-    table = TidyTable(paths["csv"], columns, cfg) if env.rank == 0 else None
-    rows = _compute(list(rep.units(cfg, env)), table, env)
+    table = TidyTable(paths["csv"], columns, cfg, started=t0) if env.rank == 0 else None
+    try:
+        rows = _compute(list(rep.units(cfg, env)), table, env)
+    except BaseException:  # Ctrl-C or an error: the finished units stay, and the time spent on them
+        if table is not None:
+            table.save_elapsed()
+        raise
     if env.rank != 0:
         env.clean()
         return distributed.broadcast_object(None)
@@ -674,7 +708,7 @@ def _run_declared(rep: Reproduction, options: Options, out_dir: Path, env: Env) 
         raise TypeError(f"{rep.name}: the verdict function must return a Verdict, got {type(verdict).__name__}")
     data = cfg.get("data")  # resolved images (uses_data) or a provenance the config states itself
     _save_figure(rep.draw(rows, cfg), paths["png"], data_label(data))
-    summary = _summary(rep, verdict, cfg, env.notes, time.perf_counter() - t0, data)
+    summary = _summary(rep, verdict, cfg, env.notes, table.elapsed(), data)
     _write_json(paths["json"], summary)
     table.finish()
     env.clean()
@@ -699,13 +733,16 @@ def run_reproductions(
     *,
     show_progress: bool = True,
     echo: Callable[[str], None] = print,
+    command: str | None = None,
     **option_fields: Any,
 ) -> list[dict]:
     """Run the named reproductions in order; returns their JSON summaries.
 
     ``options`` (or its fields as keywords: ``quick=True, runs=2``) are checked before
     anything runs. Skips a reproduction whose outputs exist with the same config; resumes a
-    partial one. Under torchrun every rank calls this; rank 0 writes and echoes.
+    partial one. Under torchrun every rank calls this; rank 0 writes and echoes. The run holds
+    ``out_dir`` (:func:`isoprobe.outlock.hold_folder`, the lock naming ``command``, default
+    this process's command line): :class:`~isoprobe.outlock.FolderBusy` while another run holds it.
     """
     if options is None:
         options = Options(**option_fields)
@@ -720,11 +757,28 @@ def run_reproductions(
         options.device if options.device == "cpu" or world == 1 else f"cuda:{torch.cuda.current_device()}"
     )
     summaries = []
-    for name in selected:
-        st = stem(name, options.protocol)
-        env = Env(st, out_dir, device, rank, world, show_progress, echo)
-        summaries.append(_run_declared(REGISTRY[name], options, out_dir, env))
+    with _holding(out_dir, rank, command or shlex.join(sys.argv), echo):
+        for name in selected:
+            st = stem(name, options.protocol)
+            env = Env(st, out_dir, device, rank, world, show_progress, echo)
+            summaries.append(_run_declared(REGISTRY[name], options, out_dir, env))
     return summaries
+
+
+@contextlib.contextmanager
+def _holding(out_dir: Path, rank: int, command: str, echo: Callable[[str], None]) -> Iterator[None]:
+    """Rank 0 holds ``out_dir`` for the block; a refusal reaches every rank as :class:`~isoprobe.outlock.FolderBusy`."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if rank == 0:
+            try:
+                stack.enter_context(outlock.hold_folder(out_dir, command, echo))
+            except outlock.FolderBusy as error:
+                refusal = str(error)
+        refusal = distributed.broadcast_object(refusal)
+        if refusal is not None:
+            raise outlock.FolderBusy(refusal)
+        yield
 
 
 def summarize(summaries: Sequence[dict], out_dir: str | Path = "") -> str:
