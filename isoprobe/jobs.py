@@ -18,6 +18,9 @@ context is truncated with a warning, or cut into overlapping windows with ``stri
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import json
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +33,7 @@ from tqdm import tqdm
 
 from isoprobe.hooks import Probe
 from isoprobe.models import ByteTokenizer, HFTokenizer, LoadedModel, first_line, load_gpt2, load_model, read_texts
-from isoprobe.records import NONFINITE, Record, csv_text, format_table, json_text, plot_records, theorem1_counts, to_csv
+from isoprobe.records import NONFINITE, Record, csv_text, format_table, json_text, plot_records, theorem1_counts
 
 __all__ = [
     "TextJob",
@@ -79,19 +82,60 @@ class TextJob:
 
 @dataclass
 class TextProbeReport:
-    """Records of probing a model on texts; ``tokens``: token count of each sequence run
-    (a record of step s, item i belongs to sequence ``s · batch_size + i``)."""
+    """Records of probing a model on texts, and what they were made from.
+
+    ``tokens``: token count of each sequence run (a record of step s, item i belongs to sequence
+    ``s · batch_size + i``); ``origins``: for each sequence, the index of its text in ``texts``
+    and its first token there (a text longer than the context is cut into several sequences
+    with ``--stride``); ``tokenizer``: the tokenizer's name, ``tokenizer_fallback``: whether it
+    was the byte-level fallback (no tokenizer of the model's own was found).
+    """
 
     model: str
     tokens: list[int]
     records: list[Record] = field(repr=False)
+    texts: list[str] = field(default_factory=list, repr=False)
+    origins: list[tuple[int, int]] = field(default_factory=list)
+    batch_size: int = 8
+    tokenizer: str = ""
+    tokenizer_fallback: bool = False
 
     @property
     def theorem1(self) -> dict[str, int]:
         return theorem1_counts(self.records)
 
+    @property
+    def source(self) -> str:
+        """``"model; tokenizer NAME"``, with ``(byte-level fallback)`` when it was the fallback."""
+        tokenizer = "byte-level fallback" if self.tokenizer_fallback else self.tokenizer
+        return f"{self.model}; tokenizer: {tokenizer}" if tokenizer else self.model
+
+    def text_of(self, record: Record) -> int | None:
+        """The index in ``texts`` of the text ``record`` was measured on (``None`` if unknown)."""
+        sequence = record.step * self.batch_size + (record.item or 0)
+        return self.origins[sequence][0] if 0 <= sequence < len(self.origins) else None
+
     def json(self) -> str:
-        return json_text(self.records, model=self.model, tokens=self.tokens, theorem1=self.theorem1)
+        """The records (each with ``sequence`` and ``text``: indices into ``sequences`` and
+        ``texts.jsonl``), the model, the tokenizer and the sequences they come from."""
+        obj = json.loads(
+            json_text(
+                self.records,
+                model=self.model,
+                tokenizer={"name": self.tokenizer, "fallback": self.tokenizer_fallback},
+                tokens=self.tokens,
+                sequences=[{"text": t, "start": s, "tokens": n} for (t, s), n in zip(self.origins, self.tokens)],
+                theorem1=self.theorem1,
+            )
+        )
+        for row, record in zip(obj["records"], self.records):
+            row["sequence"] = record.step * self.batch_size + (record.item or 0)
+            row["text"] = self.text_of(record)
+        return json.dumps(obj, indent=1, allow_nan=False)
+
+    def texts_jsonl(self) -> str:
+        """``texts.jsonl``: one ``{"index": i, "text": ...}`` per line, in the order probed."""
+        return "".join(json.dumps({"index": i, "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(self.texts))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -210,9 +254,13 @@ def _text_table(report: TextProbeReport) -> str:
     )
     if t1["eps_dominated"]:
         footer += f"; {t1['eps_dominated']} undecided (eps-dominated: the norm's eps explains the gap above the bound)"
-    count = len(report.tokens)
-    header = f"model: {report.model}; {count} sequence{'s' * (count != 1)}, {sum(report.tokens)} tokens"
+    count, tokens = len(report.tokens), sum(report.tokens)
+    header = f"model: {report.source}; {_plural(count, 'sequence')}, {_plural(tokens, 'token')}"
     return f"{header}\n{format_table(report.records)}\n{footer}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
 
 
 def render(report: TextProbeReport, fmt: str = "table") -> str:
@@ -221,21 +269,35 @@ def render(report: TextProbeReport, fmt: str = "table") -> str:
     if fmt == "json":
         return report.json()
     if fmt == "csv":
-        return csv_text(report.records).rstrip("\n")
+        return _records_csv(report).rstrip("\n")
     return _text_table(report)
 
 
+def _records_csv(report: TextProbeReport) -> str:
+    """:func:`~isoprobe.records.csv_text` with a last column ``text``: the index of each record's text."""
+    rows = list(csv.reader(io.StringIO(csv_text(report.records))))
+    rows[0].append("text")
+    for row, record in zip(rows[1:], report.records):
+        index = report.text_of(record)
+        row.append("" if index is None else str(index))
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
 def write_outputs(report: TextProbeReport, job: TextJob, notify: Notify = _stderr) -> None:
-    """``--out``: table.txt, records.csv, records.json, plot.png; ``--plot``: the plot."""
-    title = f"isometry gap along depth: {report.model}"
+    """``--out``: table.txt, records.csv, records.json, texts.jsonl (the texts the records' ``text``
+    indices point to), plot.png; ``--plot``: the plot. The plot's title names the tokenizer."""
+    title = f"isometry gap along depth: {report.source}"
     if job.out is not None:
         folder = Path(job.out)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "table.txt").write_text(_text_table(report) + "\n")
-        to_csv(report.records, folder / "records.csv")
+        (folder / "records.csv").write_text(_records_csv(report))
         (folder / "records.json").write_text(report.json())
+        (folder / "texts.jsonl").write_text(report.texts_jsonl(), encoding="utf-8")
         plot_records(report.records, folder / "plot.png", title)
-        notify(f"wrote table.txt, records.csv, records.json and plot.png to {folder}")
+        notify(f"wrote table.txt, records.csv, records.json, texts.jsonl and plot.png to {folder}")
     if job.plot is not None:
         plot_records(report.records, job.plot, title)
         notify(f"wrote {job.plot}")
@@ -247,10 +309,12 @@ def encode_texts(
     context: int | None,
     stride: int | None = None,
     notify: Notify = _stderr,
+    origins: list[tuple[int, int]] | None = None,
 ) -> list[list[int]]:
     """Token ids of each text; a text longer than ``context`` is truncated (with a warning) or,
     with ``stride``, cut into windows of ``context`` tokens starting every ``stride`` tokens
-    (the last window ends at the text's end)."""
+    (the last window ends at the text's end). ``origins``, when given, receives for each
+    sequence returned its text's index and its first token's position in that text."""
     if stride is not None and (stride < 1 or (context is not None and stride > context)):
         raise ValueError(f"--stride must be between 1 and the context ({context}), got {stride}")
     sequences = []
@@ -263,19 +327,24 @@ def encode_texts(
                 f"note: text {i + 1} is a single token: a token Gram needs at least 2, "
                 "so its records are reported as undefined"
             )
+        before = len(sequences)
         if context is None or len(ids) <= context:
             sequences.append(ids)
+            starts = [0]
         elif stride is None:
             notify(
                 f"warning: text {i + 1} has {len(ids)} tokens, more than the context of {context}: "
                 f"truncated to {context} (use --stride to probe it in windows)"
             )
             sequences.append(ids[:context])
+            starts = [0]
         else:
             starts = list(range(0, len(ids) - context + 1, stride))
             if starts[-1] + context < len(ids):
                 starts.append(len(ids) - context)
             sequences += [ids[s : s + context] for s in starts]
+        if origins is not None:
+            origins += [(i, s) for s in starts[: len(sequences) - before]]
     return sequences
 
 
@@ -300,7 +369,8 @@ def probe_texts(
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    sequences = encode_texts(loaded.tokenizer, texts, loaded.context, stride, notify)
+    origins: list[tuple[int, int]] = []
+    sequences = encode_texts(loaded.tokenizer, texts, loaded.context, stride, notify, origins)
     model = loaded.model
     model.train(train_mode)
     torch.manual_seed(seed)
@@ -332,7 +402,16 @@ def probe_texts(
             f"warning: non-finite activations (NaN/inf) at {len(bad)} sites, first {bad[0]!r}: "
             "their records are flagged 'non-finite'"
         )
-    return TextProbeReport(loaded.name, [len(s) for s in sequences], records)
+    return TextProbeReport(
+        loaded.name,
+        [len(s) for s in sequences],
+        records,
+        texts=list(texts),
+        origins=origins,
+        batch_size=batch_size,
+        tokenizer=loaded.tokenizer.name,
+        tokenizer_fallback=isinstance(loaded.tokenizer, ByteTokenizer),
+    )
 
 
 def _pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,6 +81,12 @@ def _load(loader: Callable[..., Any], name: str, what: str, hint: str) -> Any:
     try:
         return loader(name, local_files_only=True)
     except Exception as local_error:  # not cached (OSError), or not a checkpoint directory
+        if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+            raise ModelLoadError(
+                f"cannot load {what} from {name!r}: the folder has no config.json, so it is not a "
+                "transformers checkpoint (save one with model.save_pretrained(PATH), which writes "
+                "config.json and the weights)"
+            ) from None
         if Path(name).exists():
             raise ModelLoadError(f"cannot load {what} from {name!r}: {first_line(local_error)}") from None
         if name.startswith((".", "~")) or os.sep in name:  # meant as a path, and there is none
@@ -265,10 +271,12 @@ def load_gpt2(
         "checkpoint directory saved with save_pretrained."
     )
     if init == "pretrained":
+        _check_gpt2_family(_load(AutoConfig.from_pretrained, model, "config", hint), model)
         net = _load(AutoModelForCausalLM.from_pretrained, model, "pretrained model", hint)
         name = f"{display_name(model, net)} (pretrained)"
     else:
         config = GPT2Config() if model == "gpt2" else _load(AutoConfig.from_pretrained, model, "config", hint)
+        _check_gpt2_family(config, model)
         torch.manual_seed(seed)
         net = AutoModelForCausalLM.from_config(config)
         name = f"{display_name(model, net)} (random init, seed {seed})"
@@ -285,6 +293,24 @@ def load_gpt2(
         notify(f"note: no cached tokenizer for {model!r}: using the {tokenizer.name}")
     net = _prepare(net, dev, dtype)
     return LoadedModel(net, tokenizer, name, _context(net.config, tokenizer), dev)
+
+
+#: ``model_type`` of the GPT-2 family: GPT-2 and DistilGPT2 (whose config is a GPT-2 config)
+GPT2_MODEL_TYPES = ("gpt2",)
+
+
+def _check_gpt2_family(config: Any, model: str) -> None:
+    """``ModelLoadError`` unless ``config`` is a GPT-2-family config (``model_type`` ``"gpt2"``:
+    GPT-2 in all sizes, DistilGPT2, GPT-2 fine-tunes), checked before any weights load."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in GPT2_MODEL_TYPES:
+        return
+    arch = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
+    raise ModelLoadError(
+        f"--model {model!r} is not a GPT-2-family checkpoint (model_type {model_type!r}, {arch}): "
+        "`isoprobe gpt2` probes GPT-2 and DistilGPT2 only, with their LM head; for any other "
+        f"transformers model use `isoprobe inspect --model {model}`"
+    )
 
 
 def _auto_tokenizer(name: str, **kwargs: Any) -> Any:
@@ -352,6 +378,23 @@ def read_texts(
     return out
 
 
+def _is_text(feature: Any) -> bool:
+    return getattr(feature, "dtype", None) in ("string", "large_string")
+
+
+def _check_text_column(data: Any, name: str, column: str) -> None:
+    """``ValueError`` naming the column and its type unless ``column`` holds strings."""
+    features = data.features
+    if _is_text(features[column]):
+        return
+    kind = getattr(features[column], "dtype", None) or type(features[column]).__name__
+    texts = [c for c in data.column_names if _is_text(features[c])]
+    raise ValueError(
+        f"dataset {name!r}: column {column!r} holds {kind} values, not text"
+        + (f"; text columns: {', '.join(texts)} (choose one with --column)" if texts else "; it has no text column")
+    )
+
+
 _DATA_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -361,6 +404,8 @@ def _dataset_texts(name: str, split: str, column: str, limit: int) -> list[str]:
     if limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
     path = Path(name)
+    if not path.exists() and (path.suffix.lower() in _DATA_FORMATS or name.startswith((".", "~", os.sep))):
+        raise ValueError(f"--dataset {name!r}: no such file or folder")
     try:
         if path.is_file():
             if path.suffix not in _DATA_FORMATS:
@@ -385,5 +430,6 @@ def _dataset_texts(name: str, split: str, column: str, limit: int) -> list[str]:
     if column not in data.column_names:
         columns = ", ".join(data.column_names)
         raise ValueError(f"dataset {name!r} has no column {column!r}; columns: {columns}")
+    _check_text_column(data, name, column)
     rows = data.select(range(min(limit, len(data))))[column]
     return [str(t) for t in rows if str(t).strip()]

@@ -50,7 +50,7 @@ def test_gpt2_json_matches_the_tokens(tiny_gpt2_dir):
     result = run("gpt2", "--model", str(tiny_gpt2_dir), "--text", TEXT, "--text", TEXT2, "--format", "json")
     assert result.exit_code == 0, result.output
     obj = json.loads(result.stdout)
-    assert set(obj) == {"model", "tokens", "records", "theorem1"}
+    assert set(obj) == {"model", "tokenizer", "tokens", "sequences", "records", "theorem1"}
     assert obj["tokens"] == [len(TEXT.encode()), len(TEXT2.encode())]
     assert obj["theorem1"] == {"checked": 10, "violations": 0, "eps_dominated": 0}
     records = obj["records"]
@@ -78,7 +78,7 @@ def test_gpt2_csv_and_out_folder_and_plot(tiny_gpt2_dir, tmp_path):
     assert result.exit_code == 0, result.output
     header, *rows = result.stdout.splitlines()
     assert header.startswith("site,kind,point,view,item") and len(rows) == 5 * 4
-    assert sorted(p.name for p in out.iterdir()) == ["plot.png", "records.csv", "records.json", "table.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["plot.png", "records.csv", "records.json", "table.txt", "texts.jsonl"]
     records, extra = read_json(out / "records.json")
     assert len(records) == 20 and extra["theorem1"] == {"checked": 5, "violations": 0, "eps_dominated": 0}
     assert (out / "records.csv").read_text().strip() == result.stdout.strip()
