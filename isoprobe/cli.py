@@ -388,6 +388,15 @@ def gpt2_command(**options) -> None:
 @click.option("--split", default="train", show_default=True)
 @click.option("--column", default="text", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=16, show_default=True, help="Rows to read.")
+@click.option(
+    "--baseline",
+    type=click.Choice(["random"]),
+    default=None,
+    help="Also probe the same architecture at random init (seeded by --seed) on the same texts, and "
+    "show trained against init per site (--out: baseline-random/, compare.txt, compare.png; "
+    "--plot: the comparison figure).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --baseline random and of dropout.")
 @_text_probe_options
 def inspect_command(**options) -> None:
     """Token isometry at every norm and activation of any transformers model (BERT, GPT-2,
@@ -397,5 +406,57 @@ def inspect_command(**options) -> None:
     Examples:
       isoprobe inspect --model bert-base-uncased --text "Norms make tokens isometric."
       isoprobe inspect --model ./my-checkpoint --dataset texts.csv --column sentence --plot gaps.png
+      isoprobe inspect --model ./my-checkpoint --text-file texts.txt --baseline random --out run/
     """
     _run_text_probe("auto", **options)
+
+
+# --- compare: several probe runs side by side -----------------------------------------------------
+
+
+@main.command("compare")
+@click.argument("runs", nargs=-1, type=click.Path())
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), default=None, help="Save the depth figure of all runs (PNG) here."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="What to print.",
+)
+def compare_command(runs: tuple[str, ...], plot: str | None, fmt: str) -> None:
+    """Compare two or more probe runs: per site and point each run's isometry gap and its
+    difference from the first run (A), and one depth figure of them all.
+
+    A RUN is an --out folder of `isoprobe gpt2`/`inspect` or a records file (.json, .csv,
+    .jsonl). Runs are compared on the sites and points they all have; what some lack is listed.
+
+    \b
+    Examples:
+      isoprobe compare run-pretrained/ run-random/ --plot compare.png
+      isoprobe compare step1000.jsonl step2000.jsonl step4000.jsonl
+    """
+    from isoprobe import compare, jobs
+
+    if len(runs) < 2:
+        raise click.UsageError("give two or more runs (--out folders or records files) to compare")
+    try:
+        if plot is not None:
+            jobs.check_outputs(None, plot)
+        comparison = compare.compare_runs([compare.load_run(r) for r in runs])
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(_cannot_write(error)) from None
+    if comparison.missing_text():
+        click.echo(f"note: some runs lack points the others have; comparing the {len(comparison.keys)} shared ones", err=True)
+    click.echo(compare.format_comparison(comparison) if fmt == "table" else compare.comparison_json(comparison))
+    if plot is not None:
+        try:
+            compare.plot_comparison(comparison, plot)
+        except OSError as error:
+            raise click.ClickException(_cannot_write(error) + " (the table above is complete)") from None
+        click.echo(f"wrote {plot}", err=True)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import functools
 import io
 import json
 import sys
@@ -31,8 +33,18 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
+from isoprobe.compare import Comparison, ProbeRun, compare_runs, format_comparison, plot_comparison
 from isoprobe.hooks import Probe
-from isoprobe.models import ByteTokenizer, HFTokenizer, LoadedModel, first_line, load_gpt2, load_model, read_texts
+from isoprobe.models import (
+    ByteTokenizer,
+    HFTokenizer,
+    LoadedModel,
+    first_line,
+    load_gpt2,
+    load_model,
+    random_like,
+    read_texts,
+)
 from isoprobe.records import NONFINITE, Record, csv_text, format_table, json_text, plot_records, theorem1_counts
 
 __all__ = [
@@ -78,6 +90,7 @@ class TextJob:
     fmt: str = "table"
     plot: str | None = None
     quiet: bool = False
+    baseline: str | None = None  # inspect only: "random", the same architecture at random init
 
 
 @dataclass
@@ -99,6 +112,8 @@ class TextProbeReport:
     batch_size: int = 8
     tokenizer: str = ""
     tokenizer_fallback: bool = False
+    tokenizer_class: str = ""
+    baseline: TextProbeReport | None = field(default=None, repr=False)
 
     @property
     def theorem1(self) -> dict[str, int]:
@@ -106,8 +121,11 @@ class TextProbeReport:
 
     @property
     def source(self) -> str:
-        """``"model; tokenizer NAME"``, with ``(byte-level fallback)`` when it was the fallback."""
+        """``"MODEL; tokenizer: T"``: T is ``byte-level fallback``, a Hub id, or for a tokenizer
+        read from a folder its class (the JSON has its full path)."""
         tokenizer = "byte-level fallback" if self.tokenizer_fallback else self.tokenizer
+        if Path(tokenizer).exists():
+            tokenizer = self.tokenizer_class
         return f"{self.model}; tokenizer: {tokenizer}" if tokenizer else self.model
 
     def text_of(self, record: Record) -> int | None:
@@ -122,7 +140,7 @@ class TextProbeReport:
             json_text(
                 self.records,
                 model=self.model,
-                tokenizer={"name": self.tokenizer, "fallback": self.tokenizer_fallback},
+                tokenizer={"name": self.tokenizer, "class": self.tokenizer_class, "fallback": self.tokenizer_fallback},
                 tokens=self.tokens,
                 sequences=[{"text": t, "start": s, "tokens": n} for (t, s), n in zip(self.origins, self.tokens)],
                 theorem1=self.theorem1,
@@ -206,6 +224,8 @@ def run(job: TextJob, notify: Notify = _stderr) -> TextProbeReport:
     """Check the options and output paths, read the texts, load the model, probe the texts."""
     if job.fmt not in ("table", "json", "csv"):
         raise ValueError(f"format must be table, json or csv; got {job.fmt!r}")
+    if job.baseline not in (None, "random"):
+        raise ValueError(f"--baseline must be random, got {job.baseline!r}")
     sites, gram_dtype = _sites_option(job.sites), _gram_dtype(job.gram_dtype)
     check_outputs(job.out, job.plot)
     progress = False if job.quiet else sys.stderr.isatty()
@@ -216,9 +236,9 @@ def run(job: TextJob, notify: Notify = _stderr) -> TextProbeReport:
         else:
             texts = read_texts(job.texts, job.text_files, job.dataset, job.split, job.column, job.limit)
             loaded = load_model(job.model, job.device, job.dtype)
-    return probe_texts(
-        loaded,
-        texts,
+    probe = functools.partial(
+        probe_texts,
+        texts=texts,
         sites=sites,
         stride=job.stride,
         batch_size=job.batch_size,
@@ -228,6 +248,11 @@ def run(job: TextJob, notify: Notify = _stderr) -> TextProbeReport:
         notify=notify,
         progress=progress,
     )
+    report = probe(loaded)
+    if job.baseline == "random":
+        notify(f"baseline: the same architecture at random init (seed {job.seed}), on the same texts")
+        report.baseline = probe(random_like(loaded, job.seed))
+    return report
 
 
 @contextlib.contextmanager
@@ -243,9 +268,12 @@ def _hub_progress_bars(enabled: bool) -> Iterator[None]:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
-def _text_table(report: TextProbeReport) -> str:
+_THEOREM1 = "Theorem 1 (I(normalized) >= I(centered) * norm-variation factor): "
+
+
+def _theorem1_line(report: TextProbeReport) -> str:
     t1 = report.theorem1
-    footer = "Theorem 1 (I(normalized) >= I(centered) * norm-variation factor): " + (
+    footer = (
         f"{t1['checked'] - t1['violations']}/{t1['checked']} checks held"
         if t1["checked"]
         else "nothing decided"
@@ -254,9 +282,16 @@ def _text_table(report: TextProbeReport) -> str:
     )
     if t1["eps_dominated"]:
         footer += f"; {t1['eps_dominated']} undecided (eps-dominated: the norm's eps explains the gap above the bound)"
+    return footer
+
+
+def _header(report: TextProbeReport) -> str:
     count, tokens = len(report.tokens), sum(report.tokens)
-    header = f"model: {report.source}; {_plural(count, 'sequence')}, {_plural(tokens, 'token')}"
-    return f"{header}\n{format_table(report.records)}\n{footer}"
+    return f"{report.source}; {_plural(count, 'sequence')}, {_plural(tokens, 'token')}"
+
+
+def _text_table(report: TextProbeReport) -> str:
+    return f"model: {_header(report)}\n{format_table(report.records)}\n{_THEOREM1}{_theorem1_line(report)}"
 
 
 def _plural(count: int, noun: str) -> str:
@@ -270,7 +305,23 @@ def render(report: TextProbeReport, fmt: str = "table") -> str:
         return report.json()
     if fmt == "csv":
         return _records_csv(report).rstrip("\n")
+    if report.baseline is not None:
+        return _baseline_table(report)
     return _text_table(report)
+
+
+def _baseline_table(report: TextProbeReport) -> str:
+    """Trained (A) against random init (B): the comparison table and both Theorem 1 counts."""
+    assert report.baseline is not None
+    t1 = f"{_THEOREM1}A: {_theorem1_line(report)}; B: {_theorem1_line(report.baseline)}"
+    return f"{_header(report)}\n{format_comparison(_comparison(report))}\n{t1}"
+
+
+def _comparison(report: TextProbeReport) -> Comparison:
+    """The trained model (A) against its random-init baseline (B), per site and point."""
+    assert report.baseline is not None
+    runs = [ProbeRun(r.model, r.records) for r in (report, report.baseline)]  # labels: the models
+    return compare_runs(runs)
 
 
 def _records_csv(report: TextProbeReport) -> str:
@@ -298,9 +349,25 @@ def write_outputs(report: TextProbeReport, job: TextJob, notify: Notify = _stder
         (folder / "texts.jsonl").write_text(report.texts_jsonl(), encoding="utf-8")
         plot_records(report.records, folder / "plot.png", title)
         notify(f"wrote table.txt, records.csv, records.json, texts.jsonl and plot.png to {folder}")
-    if job.plot is not None:
+        if report.baseline is not None:
+            write_outputs(report.baseline, dataclasses.replace(job, out=str(folder / BASELINE_DIR), plot=None), notify)
+            (folder / "compare.txt").write_text(format_comparison(_comparison(report)) + "\n")
+            plot_comparison(_comparison(report), folder / "compare.png", _compare_title(report))
+            notify(f"wrote compare.txt and compare.png (trained against random init) to {folder}")
+    if job.plot is not None and report.baseline is not None:
+        plot_comparison(_comparison(report), job.plot, _compare_title(report))
+        notify(f"wrote {job.plot}")
+    elif job.plot is not None:
         plot_records(report.records, job.plot, title)
         notify(f"wrote {job.plot}")
+
+
+#: the folder, inside ``--out``, of the ``--baseline random`` run's files
+BASELINE_DIR = "baseline-random"
+
+
+def _compare_title(report: TextProbeReport) -> str:
+    return f"trained (A) against random init (B): {report.source}"
 
 
 def encode_texts(
@@ -411,6 +478,7 @@ def probe_texts(
         batch_size=batch_size,
         tokenizer=loaded.tokenizer.name,
         tokenizer_fallback=isinstance(loaded.tokenizer, ByteTokenizer),
+        tokenizer_class=type(getattr(loaded.tokenizer, "tokenizer", loaded.tokenizer)).__name__,
     )
 
 

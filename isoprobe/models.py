@@ -39,6 +39,7 @@ __all__ = [
     "hub_reachable",
     "load_gpt2",
     "load_model",
+    "random_like",
     "read_texts",
     "resolve_device",
 ]
@@ -341,6 +342,23 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32") -> Loade
         tokenizer = HFTokenizer(tok)
     net = _prepare(net, dev, dtype)
     return LoadedModel(net, tokenizer, display_name(model, net), _context(net.config, tokenizer), dev)
+
+
+def random_like(loaded: LoadedModel, seed: int = 0) -> LoadedModel:
+    """The architecture of ``loaded`` (its class and config) with fresh random weights (the
+    model's own initialisation, seeded by ``seed``), on the same device and dtype, with the same
+    tokenizer and context: the baseline of a trained model (``isoprobe inspect --baseline random``)."""
+    import copy
+
+    net = loaded.model
+    config = getattr(net, "config", None)
+    if config is None:
+        raise ValueError(f"{loaded.name}: no config to build a random-init baseline from")
+    dtype = next(net.parameters()).dtype
+    torch.manual_seed(seed)
+    fresh = type(net)(copy.deepcopy(config)).to(device=loaded.device, dtype=dtype).eval()
+    name = f"{loaded.name} (random init, seed {seed})"
+    return LoadedModel(fresh, loaded.tokenizer, name, loaded.context, loaded.device)
 
 
 # ----------------------------------------------------------------------------- texts
