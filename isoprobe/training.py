@@ -30,7 +30,11 @@ variants differ only in what they vary), and a run trained alone, or on another 
 (``torch.save`` of the stacked state, the optimizer state, the epoch and the per-epoch logs);
 the previous checkpoint is kept as ``PATH.prev``. Started again with the same setup, it resumes
 after the last finished epoch and reproduces the uninterrupted run exactly: the data order is
-a function of ``(seed, run, epoch)`` and nothing else is random.
+a function of ``(seed, run, epoch)`` and nothing else is random. Within an epoch, at most every
+``save_every_s`` seconds (and once the initialisation is measured), the state so far is saved
+to ``PATH.partial`` (the weights, the optimizer, the minibatches done, the running loss and the
+rows measured): an interrupted first epoch keeps its steps too, and the run resumes after its
+last saved step with the same numbers. ``PATH.partial`` is removed when the epoch is saved whole.
 
 **Logs.** Epoch 0 is the initialisation: its loss is the mean loss of the untrained models over
 epoch 1's minibatches (forward only). Epoch ``e ≥ 1`` reports the mean minibatch loss seen by
@@ -49,6 +53,7 @@ import copy
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -334,11 +339,11 @@ def _load_checkpoint(path: Path, fingerprint: dict, epochs: int, device: torch.d
     return found.get(agreed)
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
+def _save_checkpoint(path: Path, state: dict, keep_previous: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
-    if path.exists():
+    if keep_previous and path.exists():
         os.replace(path, path.with_name(path.name + ".prev"))
     os.replace(tmp, path)
 
@@ -383,6 +388,7 @@ class _Loop:
     measure: Hook | None
     every: int
     evaluate: Hook | None
+    part: dict | None = None  # the saved part of the next epoch, continued by :meth:`epoch`
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Epoch ``epoch``'s minibatches, ``(R, B, ...)`` inputs and ``(R, B)`` labels."""
@@ -398,26 +404,39 @@ class _Loop:
         with self.ens.frozen_buffers():
             return _plain(list(hook(self.ens, step, epoch)))
 
-    def resume(self, path: Path | None, fingerprint: dict) -> tuple[list[EpochLog], int]:
-        """The logs so far and the last finished epoch: from the checkpoint, else epoch 0's log."""
+    def resume(self, path: Path | None, fingerprint: dict) -> tuple[list[EpochLog], int, dict | None]:
+        """The logs so far, the last finished epoch and the saved part of the next epoch
+        (``None``: none): from the checkpoints, else epoch 0's log (measured here)."""
         ck = None if path is None else _load_checkpoint(path, fingerprint, self.cfg.epochs, self.ens.device)
-        if ck is not None:
-            self.ens.load_state_dict(ck["ensemble"])
-            self.opt.load_state_dict(ck["optimizer"])
-            return [EpochLog(**log) for log in ck["logs"]], int(ck["epoch"])
+        start = 0 if ck is None else int(ck["epoch"])
+        part = None if path is None else _load_partial(path, fingerprint, start, self.ens.device)
+        if part is not None or ck is not None:
+            state = part if part is not None else ck
+            self.ens.load_state_dict(state["ensemble"])
+            self.opt.load_state_dict(state["optimizer"])
+            return [EpochLog(**log) for log in state["logs"]], start, part
         with torch.no_grad(), self.ens.frozen_buffers():
             init = sum(self.ens.losses(xb, yb) for xb, yb in self.batches(1)) / self.steps
         found = self.rows(self.measure, 0, 0) + self.rows(self.evaluate, 0, 0)
-        return [EpochLog(0, 0, init.double().cpu().tolist(), found)], 0
+        return [EpochLog(0, 0, init.double().cpu().tolist(), found)], 0, None
 
-    def epoch(self, epoch: int, bar: Any, postfix: bool) -> EpochLog:
-        """One epoch of SGD steps; ``postfix``: show the running loss on ``bar`` (a host sync)."""
+    def epoch(self, epoch: int, bar: Any, postfix: bool, saver: Callable[[int, torch.Tensor, list], None]) -> EpochLog:
+        """One epoch of SGD steps; ``postfix``: show the running loss on ``bar`` (a host sync).
+        ``saver(batches done, running loss, rows)`` runs after every step (it saves when due); a
+        saved part of this epoch (``self.part``) is continued after its last step."""
         ens, steps = self.ens, self.steps
         step0 = (epoch - 1) * steps
         show = max(1, steps // 10)
         total = torch.zeros(len(ens.names), ens.runs, dtype=torch.float64, device=ens.device)
-        found = []
+        found: list = []
+        done = 0
+        if self.part is not None:
+            done, found = int(self.part["batch"]), list(self.part["found"])
+            total = self.part["total"].to(device=ens.device, dtype=torch.float64)
+            self.part = None
         for b, (xb, yb) in enumerate(self.batches(epoch)):
+            if b < done:  # finished before the interruption
+                continue
             losses = ens.losses(xb, yb)
             self.opt.zero_grad(set_to_none=True)
             losses.sum().backward()
@@ -429,6 +448,8 @@ class _Loop:
             bar.update(1)
             if postfix and (b + 1) % show == 0:
                 bar.set_postfix(epoch=epoch, loss=f"{(total / (b + 1)).nanmean().item():.4f}")
+            if b + 1 < steps:
+                saver(b + 1, total, found)
         found += self.rows(self.evaluate, step0 + steps, epoch)
         return EpochLog(epoch, step0 + steps, (total / steps).cpu().tolist(), found)
 
@@ -441,6 +462,37 @@ class _Loop:
             "logs": [asdict(log) for log in logs],
         }
         _save_checkpoint(path, state)
+        _partial_path(path).unlink(missing_ok=True)
+
+    def save_part(self, path: Path, fingerprint: dict, logs: list[EpochLog], batch: int, total: torch.Tensor, found: list) -> None:
+        """``PATH.partial``: the epoch after ``logs[-1]`` saved after ``batch`` of its minibatches."""
+        state = {
+            "fingerprint": fingerprint,
+            "epoch": logs[-1].epoch,
+            "batch": batch,
+            "total": total.detach().cpu(),
+            "found": found,
+            "ensemble": self.ens.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "logs": [asdict(log) for log in logs],
+        }
+        _save_checkpoint(_partial_path(path), state, keep_previous=False)
+
+
+def _partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _load_partial(path: Path, fingerprint: dict, epoch: int, device: torch.device) -> dict | None:
+    """The saved part of epoch ``epoch + 1`` of the same setup (``None`` if there is none)."""
+    part = _partial_path(path)
+    if not part.exists():
+        return None
+    try:
+        state = torch.load(part, map_location=device, weights_only=True)
+    except Exception:  # a torn or foreign file
+        return None
+    return state if state.get("fingerprint") == fingerprint and int(state["epoch"]) == epoch else None
 
 
 def train(
@@ -457,6 +509,7 @@ def train(
     tag: Any = None,
     progress: bool | Callable[..., Any] = True,
     desc: str = "train",
+    save_every_s: float = 60.0,
 ) -> TrainResult:
     """Train every model of ``ens`` by minibatch SGD on ``(X, y)`` (module docstring).
 
@@ -464,7 +517,9 @@ def train(
     once. ``measure`` runs at step 0 and after every ``every``-th step (``every = 0``: never),
     ``evaluate`` at initialisation and after every epoch; both get ``(ens, step, epoch)`` and
     return rows (dicts of plain values). ``on_epoch(logs)`` runs after each epoch's
-    checkpoint (e.g. to append to a CSV). ``checkpoint``: a file to save to and resume from.
+    checkpoint (e.g. to append to a CSV). ``checkpoint``: a file to save to and resume from;
+    within an epoch the state is saved to ``checkpoint.partial`` at most every ``save_every_s``
+    seconds (``0``: after every step), and once epoch 0 (the initialisation) is measured.
     A tqdm bar on stderr shows the mean loss over the models; ``progress``: ``False`` for none, or
     a factory ``progress(None, desc=..., total=...)`` of a tqdm-like bar (a runner's).
     """
@@ -475,11 +530,20 @@ def train(
     loop = _Loop(ens, X, y, cfg, opt, steps, measure, every, evaluate)
     fingerprint = _fingerprint(ens, cfg, X, every, tag)
     path = None if checkpoint is None else Path(checkpoint)
-    logs, start = loop.resume(path, fingerprint)
-    bar = _bar(progress, cfg.epochs * steps, start * steps, desc)
+    logs, start, loop.part = loop.resume(path, fingerprint)
+    saved = [time.monotonic()]
+
+    def saver(batch: int, total: torch.Tensor, found: list) -> None:
+        if path is not None and time.monotonic() - saved[0] >= save_every_s:
+            loop.save_part(path, fingerprint, logs, batch, total, found)
+            saved[0] = time.monotonic()
+
+    if path is not None and start == 0 and loop.part is None:  # the initialisation measured: kept from now on
+        loop.save_part(path, fingerprint, logs, 0, torch.zeros(len(ens.names), ens.runs, dtype=torch.float64), [])
+    bar = _bar(progress, cfg.epochs * steps, start * steps + (0 if loop.part is None else int(loop.part["batch"])), desc)
     try:
         for epoch in range(start + 1, cfg.epochs + 1):
-            logs.append(loop.epoch(epoch, bar, postfix=progress is not False))
+            logs.append(loop.epoch(epoch, bar, postfix=progress is not False, saver=saver))
             if path is not None:
                 loop.save(path, fingerprint, logs)
             if on_epoch is not None:

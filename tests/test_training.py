@@ -807,3 +807,36 @@ def test_interrupted_reproduction_resumes_to_the_same_csv(toy_registry, tmp_path
     a = (tmp_path / "whole" / "fig2-trained.csv").read_text()
     assert a == (tmp_path / "cut" / "fig2-trained.csv").read_text()
     assert resumed["measured"] == whole["measured"] and resumed["verdict"] == whole["verdict"]
+
+
+@pytest.mark.parametrize("stop_step", [3, 1])
+def test_an_interrupted_first_epoch_keeps_its_steps_and_resumes_exactly(tmp_path, stop_step):
+    X, y = _data()
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, momentum=0.9)
+    full_ens = Ensemble(_groups())
+    full = train(full_ens, X, y, cfg, measure=_measure, every=1, evaluate=_measure, progress=False)
+    steps_done, stopped = [], []
+
+    def stop_at(ens, step, epoch):
+        if step == stop_step and not stopped:
+            stopped.append(step)
+            raise _Stop
+        steps_done.append(step)
+        return _measure(ens, step, epoch)
+
+    path = tmp_path / "p.pt"
+    with pytest.raises(_Stop):
+        train(Ensemble(_groups()), X, y, cfg, measure=stop_at, every=1, evaluate=_measure, checkpoint=path,
+              progress=False, save_every_s=0)
+    assert not path.exists() and (tmp_path / "p.pt.partial").exists()  # no epoch finished, its steps kept
+    before = list(steps_done)
+    resumed_ens = Ensemble(_groups())
+    resumed = train(resumed_ens, X, y, cfg, measure=stop_at, every=1, evaluate=_measure, checkpoint=path,
+                    progress=False, save_every_s=0)
+    assert steps_done[len(before)] == stop_step  # resumed at the interrupted step, not at step 1
+    assert before == list(range(0, stop_step))
+    np.testing.assert_array_equal(resumed.loss(), full.loss())
+    assert resumed.rows() == full.rows()
+    for k, v in full_ens.params["tanh"].items():
+        assert torch.equal(resumed_ens.params["tanh"][k], v), k
+    assert not (tmp_path / "p.pt.partial").exists()
