@@ -654,12 +654,21 @@ def format_beta_rows(rows: Sequence[dict], as_json: bool = False) -> str:
     if as_json:
         return json.dumps(rows, indent=2)
     header = ("activation", "gain", "c0", "c1", "σ̄(1)", "β", "β closed form")
-
-    def fixed(v: float | None) -> str:  # 12 decimals, no "-0.000…" from rounding noise
-        return "" if v is None else f"{v:.12f}".replace("-0.000000000000", "0.000000000000")
-
-    body = [
-        (r["activation"], gain_text(r["gain"]), *(fixed(r[k]) for k in ("c0", "c1", "var", "beta", "beta_closed_form")))
-        for r in rows
-    ]
+    body = []
+    for r in rows:
+        scale = max(abs(r["c0"]), abs(r["c1"]), math.sqrt(max(r["var"], 0.0)))  # the size of σ(αz) here
+        cells = [_beta_cell(r["c0"], scale), _beta_cell(r["c1"], scale), _beta_cell(r["var"], scale**2)]
+        cells += [_beta_cell(r["beta"], 1.0), _beta_cell(r["beta_closed_form"], 1.0)]
+        body.append((r["activation"], gain_text(r["gain"]), *cells))
     return _format_table(header, body)
+
+
+def _beta_cell(value: float | None, scale: float) -> str:
+    """12 decimals; a value below 1e-4 in scientific notation with 12 significant digits (a small
+    gain's c0, c1, σ̄(1) stay readable); a value below 1e-14 of its row's ``scale``, quadrature
+    noise (c0 of an odd activation), as 0."""
+    if value is None:
+        return ""
+    if abs(value) <= 1e-14 * scale:
+        value = 0.0
+    return f"{value:.12f}" if value == 0.0 or abs(value) >= 1e-4 else f"{value:.11e}"

@@ -466,7 +466,18 @@ def _gap_cell(row: dict[str, Any]) -> str:
         return f"inf ({row['singular']} singular)"
     if row["count"] - row["undefined"] - row["nonfinite"] == 1:  # one Gram: no spread to show
         return _fmt(row["gap_mean"])
-    return f"{_fmt(row['gap_mean'])} ± {_fmt(row['gap_std'], 2)}"
+    return _mean_std(row["gap_mean"], row["gap_std"])
+
+
+def _mean_std(mean: float, std: float | None) -> str:
+    """``mean ± std`` to one precision: the std to 2 significant digits, the mean to the same
+    decimal place (``0.200 ± 0.078``, not ``0.2 ± 0.078``)."""
+    if std is None or not math.isfinite(std) or std <= 0:
+        return f"{_fmt(mean)} ± {_fmt(std, 2)}"
+    decimals = max(0, 1 - math.floor(math.log10(std)))
+    if decimals > 8:  # a spread far below the mean's digits: both in their own significant digits
+        return f"{_fmt(mean)} ± {std:.1e}"
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
 def _theorem1_cell(row: dict[str, Any]) -> str:

@@ -85,3 +85,15 @@ def test_gain_zero_is_a_usage_error():
 def test_help_has_an_example():
     result = _run("--help")
     assert result.exit_code == 0 and "isoprobe beta relu tanh sin --gain 1 --gain 2" in result.output
+
+
+def test_small_gains_print_their_small_statistics_and_noise_as_zero():
+    result = CliRunner().invoke(main, ["beta", "relu", "tanh", "--gain", "1e-12"])
+    assert result.exit_code == 0, result.output
+    relu, tanh = (line.split() for line in result.stdout.splitlines()[2:4])
+    alpha = 1e-12  # ReLU(αz): c0 = α/√(2π), c1 = α/2, σ̄(1) = α²(1/2 − 1/(2π))
+    expected = [alpha / math.sqrt(2 * math.pi), alpha / 2, alpha**2 * (0.5 - 1 / (2 * math.pi))]
+    assert [float(x) for x in relu[2:5]] == pytest.approx(expected, rel=1e-10)
+    assert relu[4] != "0.000000000000" and "e-25" in relu[4]
+    assert tanh[2] == "0.000000000000"  # tanh is odd: c0 = 0, the quadrature's 1e-29 is noise
+    assert float(tanh[4]) == pytest.approx(alpha**2, rel=1e-9)  # tanh(αz) ≈ αz: σ̄(1) ≈ α²

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
@@ -95,3 +96,22 @@ def test_counts_in_the_header_are_singular_for_one(tiny_gpt2_dir):
     result = run("gpt2", "--model", str(tiny_gpt2_dir), "--text", "a")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0].endswith("; 1 sequence, 1 token")
+
+
+@pytest.mark.parametrize(
+    "gaps, cell",
+    [
+        ((0.122, 0.278), "0.200 ± 0.078"),  # was "0.2 ± 0.078": mean and std to one decimal place
+        ((0.4064, 0.4106), "0.4085 ± 0.0021"),
+        ((10.0, 30.0), "20 ± 10"),
+        ((1.0, 1.0), "1 ± 0"),
+    ],
+)
+def test_a_gap_cell_gives_mean_and_std_to_one_precision(gaps, cell):
+    from isoprobe.records import Record, format_table
+
+    records = [
+        Record("m.ln", "norm", "pre", "token", i, 0, 4, 8, math.exp(-g), g, 0.0) for i, g in enumerate(gaps)
+    ]
+    row = format_table(records).splitlines()[2]
+    assert f"  {cell}  " in row, row

@@ -108,7 +108,7 @@ def test_table_rows_in_forward_order():
     assert lines[0].split()[:4] == ["site", "point", "view", "n"]
     cells = [line.split()[:2] for line in lines[2:]]
     assert cells == [["a.ln", "pre"], ["a.ln", "normalized"], ["b.act", "pre"], ["b.act", "post"]]
-    assert "0.8 ± 0.1" in lines[2]  # mean ± population std of 0.9 and 0.7
+    assert "0.80 ± 0.10" in lines[2]  # mean ± population std of 0.9 and 0.7, to one precision
     assert "NO 1/2" in lines[3]
     assert "inf (1 singular)" in lines[4] and "1 nonfinite" in lines[4]
 
@@ -246,4 +246,4 @@ def test_a_single_gram_prints_its_gap_without_a_spread():
     one, two = [rec(site="a", gap=0.25)], [rec(site="b", gap=0.9), rec(site="b", gap=0.7, item=1)]
     lines = format_table(one + two).splitlines()
     assert "0.25 " in lines[2] and "±" not in lines[2]  # one text: no "± 0"
-    assert "0.8 ± 0.1" in lines[3]
+    assert "0.80 ± 0.10" in lines[3]
