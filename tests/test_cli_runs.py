@@ -116,3 +116,19 @@ def test_repro_names_are_case_insensitive_on_the_command_line(tmp_path):
     result = run("repro", "FIG3", "--quick", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "fig3.json").exists()
+
+
+def test_fig7_epoch_axis_has_whole_epochs_only():
+    from isoprobe.experiments.training import figure_fig7
+
+    cfg = {"acts": ["relu", "tanh"], "epochs": 3, "depth": 2, "width": 8, "lr": 0.01, "batch": 4}
+    rows = [
+        {"act": a, "beta": 1.0, "run": r, "epoch": e, "loss": 1.0 / (e + 1 + r + k)}
+        for k, a in enumerate(cfg["acts"])
+        for r in range(2)
+        for e in range(4)
+    ]
+    fig = figure_fig7(rows, cfg)
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -355,6 +355,13 @@ def verdict_fig7(rows: Sequence[dict], cfg: dict) -> Verdict:
     return Verdict("undecided", rule, measured, reason=why)
 
 
+def _whole_epochs(ax) -> None:
+    """Ticks at whole epochs only (a 3-epoch run would otherwise get 0.5, 1.5, ...)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def figure_fig7(rows: Sequence[dict], cfg: dict) -> Figure:
     betas, area, _ = _fig7_areas(rows, cfg)
     colors = _beta_colors(betas)
@@ -372,6 +379,7 @@ def figure_fig7(rows: Sequence[dict], cfg: dict) -> Figure:
             log=True,
         )
     ax.set_xlabel("epoch")
+    _whole_epochs(ax)
     ax.set_title(
         f"LN-MLP depth {cfg['depth']}, width {cfg['width']}, SGD lr {cfg['lr']:g}, batch {cfg['batch']}", fontsize=8
     )
@@ -862,6 +870,7 @@ def figure_meterez_fig4(rows: Sequence[dict], cfg: dict) -> Figure:
                 ax, acc[w, L], label=f"L = {L}", layers=np.arange(E + 1), ylabel="training accuracy", log=False
             )
         ax.set_xlabel("epoch")
+        _whole_epochs(ax)
         ax.set_title(f"{w} weights, BN without mean reduction, width {cfg['width']}", fontsize=8)
         ax.legend(fontsize=7)
     ax = axes[-1]
