@@ -166,8 +166,8 @@ def repro_command(
             )
     except KeyboardInterrupt:
         raise _interrupted(
-            f"the finished units and finished reproductions are kept in {out_dir}; "
-            f"run the same command again to resume where it stopped:\n  {_command_line()}"
+            f"what finished is kept in {out_dir} (finished reproductions, the rows of finished units, "
+            f"training checkpoints); run the same command again to resume where it stopped:\n  {_command_line()}"
         ) from None
     except FolderInUseError as exc:
         raise FolderInUse(str(exc)) from None

@@ -106,7 +106,7 @@ def test_ctrl_c_in_repro_says_the_same_command_resumes(tmp_path, monkeypatch):
     result = run(*args)
     assert result.exit_code == 130
     assert "Aborted" not in result.output
-    assert f"the finished units and finished reproductions are kept in {tmp_path}" in result.stderr
+    assert f"what finished is kept in {tmp_path} (finished reproductions, the rows of finished units" in result.stderr
     assert "run the same command again to resume" in result.stderr
     assert f"\n  isoprobe repro fig3 --quick --out {tmp_path}\n" in result.stderr
     assert not (tmp_path / LOCK_NAME).exists()
