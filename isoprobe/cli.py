@@ -5,10 +5,16 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from isoprobe import __version__
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from isoprobe.jobs import TextJob
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,6 +45,13 @@ class FolderInUse(click.ClickException):
 def _command_line() -> str:
     """This process's command, as the user would type it again."""
     return shlex.join(["isoprobe", *sys.argv[1:]])
+
+
+def _resume_hint(out_dir: str) -> str:
+    return (
+        f"what finished is kept in {out_dir} (finished reproductions, the rows of finished units, "
+        f"training checkpoints); run the same command again to resume where it stopped:\n  {_command_line()}"
+    )
 
 
 def _interrupted(kept: str) -> click.exceptions.Exit:
@@ -165,10 +178,7 @@ def repro_command(
                 command=_command_line(),
             )
     except KeyboardInterrupt:
-        raise _interrupted(
-            f"what finished is kept in {out_dir} (finished reproductions, the rows of finished units, "
-            f"training checkpoints); run the same command again to resume where it stopped:\n  {_command_line()}"
-        ) from None
+        raise _interrupted(_resume_hint(out_dir)) from None
     except FolderInUseError as exc:
         raise FolderInUse(str(exc)) from None
     except experiments.ReproductionOptionError as exc:  # bad name or option: checked before running
@@ -329,7 +339,8 @@ def _run_text_probe(family: str, **options) -> None:
         raise click.ClickException(_cannot_write(error)) from None
 
 
-def _probe_and_write(job, notify) -> None:  # job: jobs.TextJob
+def _probe_and_write(job: TextJob, notify: Callable[[str], None]) -> None:
+    """Probe, print the table, then write ``--out`` / ``--plot``."""
     from isoprobe import jobs, models
 
     try:
@@ -452,7 +463,9 @@ def compare_command(runs: tuple[str, ...], plot: str | None, fmt: str) -> None:
     except OSError as error:
         raise click.ClickException(_cannot_write(error)) from None
     if comparison.missing_text():
-        click.echo(f"note: some runs lack points the others have; comparing the {len(comparison.keys)} shared ones", err=True)
+        click.echo(
+            f"note: some runs lack points the others have; comparing the {len(comparison.keys)} shared ones", err=True
+        )
     click.echo(compare.format_comparison(comparison) if fmt == "table" else compare.comparison_json(comparison))
     if plot is not None:
         try:

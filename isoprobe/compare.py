@@ -19,6 +19,7 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from isoprobe.records import (
     Record,
@@ -153,7 +154,10 @@ def format_comparison(comparison: Comparison) -> str:
     run's mean gap and, for every run after the first, its difference from the first; then what
     some runs lack."""
     letters = _letters(len(comparison.runs))
-    legend = [f"{letter}: {run.label}" + (f"  [{run.source}]" if run.source else "") for letter, run in zip(letters, comparison.runs)]
+    legend = [
+        f"{letter}: {run.label}" + (f"  [{run.source}]" if run.source else "")
+        for letter, run in zip(letters, comparison.runs)
+    ]
     header = ["site", "point", *(f"gap {x}" for x in letters), *(f"{x} − A" for x in letters[1:])]
     lines = [header]
     for key in comparison.keys:
@@ -162,51 +166,66 @@ def format_comparison(comparison: Comparison) -> str:
         diffs = [_cell(comparison.difference(k, key), signed=True) for k in range(1, len(letters))]
         lines.append([site_label(site, call), point, *gaps, *diffs])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    table = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip() for line in lines]
+    table = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+        for line in lines
+    ]
     table.insert(1, "  ".join("-" * w for w in widths))
     lacks = comparison.missing_text()
-    footer = [f"compared on the {len(comparison.keys)} site points all runs have; the others:\n{lacks}"] if lacks else []
+    footer = (
+        [f"compared on the {len(comparison.keys)} site points all runs have; the others:\n{lacks}"] if lacks else []
+    )
     return "\n".join([*legend, "", *table, *footer])
 
 
 def plot_comparison(comparison: Comparison, path: str | Path, title: str | None = None) -> Path:
     """One depth figure: every run's mean gap along the shared sites (input and output of each
-    site, in forward order; triangles at the top mark a singular Gram), and under it each run's
-    difference from the first. Sized for one column (3.5 in wide, 300 dpi)."""
+    site, in forward order; norms on a red band; triangles at the top mark a singular Gram), and
+    under it each run's difference from the first. Sized for one column (3.5 in wide, 300 dpi)."""
     from matplotlib.figure import Figure
 
     units = list(dict.fromkeys((site, call) for site, call, _ in comparison.keys))
-    letters = _letters(len(comparison.runs))
     fig = Figure(figsize=(3.5, 4.2), layout="constrained")
     top_ax, diff_ax = fig.subplots(2, 1, sharex=True, height_ratios=(2.2, 1))
+    _draw_runs(top_ax, diff_ax, comparison, units)
+    _label_comparison(fig, top_ax, diff_ax, comparison, units, title)
+    path = Path(path)
+    fig.savefig(path, dpi=300)
+    return path
 
-    def series(values: dict[_Key, float | None]) -> tuple[list[float], list[float | None]]:
-        """Input and output of every site in order; a gap (NaN) where the view changes (a
-        pooler's sample Gram after token Grams is over other items: not joined)."""
-        xs: list[float] = []
-        ys: list[float | None] = []
-        view = None
-        for i, unit in enumerate(units):
-            for j, point in enumerate(("pre", "post")):
-                if (*unit, point) in values:
-                    if view is not None and comparison.views[(*unit, point)] != view:
-                        xs.append(2 * i - 0.5)
-                        ys.append(math.nan)
-                    view = comparison.views[(*unit, point)]
-                    xs.append(2 * i + j)
-                    ys.append(values[(*unit, point)])
-        return xs, ys
 
+def _series(
+    comparison: Comparison, units: list[tuple[str, int]], values: dict[_Key, float | None]
+) -> tuple[list[float], list[float | None]]:
+    """x and y of the input and output of every site in order, with a break (NaN) where the view
+    changes (a pooler's sample Gram after token Grams is over other items: not joined)."""
+    xs: list[float] = []
+    ys: list[float | None] = []
+    view = None
+    for i, unit in enumerate(units):
+        for j, point in enumerate(("pre", "post")):
+            if (*unit, point) in values:
+                if view is not None and comparison.views[(*unit, point)] != view:
+                    xs.append(2 * i - 0.5)
+                    ys.append(math.nan)
+                view = comparison.views[(*unit, point)]
+                xs.append(2 * i + j)
+                ys.append(values[(*unit, point)])
+    return xs, ys
+
+
+def _draw_runs(top_ax: Any, diff_ax: Any, comparison: Comparison, units: list[tuple[str, int]]) -> None:
+    """Each run's gaps on ``top_ax`` (y range as the depth plot's), differences on ``diff_ax``."""
     scale, bottom, top = _y_range([g for gaps in comparison.gaps for g in gaps.values() if g is not None])
-    for k, (letter, run, gaps) in enumerate(zip(letters, comparison.runs, comparison.gaps)):
-        xs, ys = series(gaps)
+    for k, (letter, run, gaps) in enumerate(zip(_letters(len(comparison.runs)), comparison.runs, comparison.gaps)):
+        xs, ys = _series(comparison, units, gaps)
         shown = [math.nan if g is None else top if math.isinf(g) else max(g, bottom) for g in ys]
         label = textwrap.fill(textwrap.shorten(f"{letter}: {run.label}", 110, placeholder="…"), 60)
         top_ax.plot(xs, shown, color=f"C{k}", marker="o", ms=2, lw=1.1, label=label)
         inf_x = [x for x, g in zip(xs, ys) if g is not None and math.isinf(g)]
         top_ax.plot(inf_x, [top] * len(inf_x), color=f"C{k}", marker="^", ms=3, ls="none")
         if k:
-            dx, dy = series({key: comparison.difference(k, key) for key in comparison.keys})
+            dx, dy = _series(comparison, units, {key: comparison.difference(k, key) for key in comparison.keys})
             finite = [math.nan if d is None or math.isinf(d) else d for d in dy]  # NaN: not drawn
             diff_ax.plot(dx, finite, color=f"C{k}", marker="o", ms=2, lw=1.1, label=f"{letter} − A")
     top_ax.set_yscale(scale)
@@ -216,6 +235,14 @@ def plot_comparison(comparison: Comparison, path: str | Path, title: str | None 
         if comparison.kinds.get((*unit, "pre")) == "norm":
             for ax in (top_ax, diff_ax):
                 ax.axvspan(2 * i - 0.2, 2 * i + 1.2, color="C3", alpha=0.1, lw=0)
+
+
+def _label_comparison(
+    fig: Any, top_ax: Any, diff_ax: Any, comparison: Comparison, units: list[tuple[str, int]], title: str | None
+) -> None:
+    """Layer-index ticks, axis labels, a title of at most two lines, the legend under the axes."""
+    from matplotlib.patches import Patch
+
     ticks, labels = _layer_ticks(units)
     diff_ax.set_xticks(ticks, labels, fontsize=6)
     for tick in diff_ax.get_xticklabels():  # long site names (embeddings) upright, beside the numbers
@@ -226,18 +253,13 @@ def plot_comparison(comparison: Comparison, path: str | Path, title: str | None 
         ax.tick_params(axis="y", labelsize=6)
         ax.set_ylabel(label, fontsize=7)
     diff_ax.set_xlabel("layer index (sites in forward order: input, output)", fontsize=7)
-    title = title or "isometry gap along depth: " + " vs ".join(letters)
+    title = title or "isometry gap along depth: " + " vs ".join(_letters(len(comparison.runs)))
     top_ax.set_title(textwrap.fill(textwrap.shorten(title, 104, placeholder="…"), 52), fontsize=7.5)
     handles, names = top_ax.get_legend_handles_labels()
     if any(kind == "norm" for kind in comparison.kinds.values()):
-        from matplotlib.patches import Patch
-
         handles.append(Patch(color="C3", alpha=0.1, lw=0))
         names.append("norm layer (shaded band)")
     fig.legend(handles, names, loc="outside lower center", ncol=1, fontsize=6, frameon=False)
-    path = Path(path)
-    fig.savefig(path, dpi=300)
-    return path
 
 
 def comparison_json(comparison: Comparison) -> str:

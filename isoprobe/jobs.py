@@ -306,20 +306,20 @@ def render(report: TextProbeReport, fmt: str = "table") -> str:
     if fmt == "csv":
         return _records_csv(report).rstrip("\n")
     if report.baseline is not None:
-        return _baseline_table(report)
+        return _baseline_table(report, report.baseline)
     return _text_table(report)
 
 
-def _baseline_table(report: TextProbeReport) -> str:
+def _baseline_table(report: TextProbeReport, baseline: TextProbeReport) -> str:
     """Trained (A) against random init (B): the comparison table and both Theorem 1 counts."""
-    assert report.baseline is not None
-    t1 = f"{_THEOREM1}A: {_theorem1_line(report)}; B: {_theorem1_line(report.baseline)}"
+    t1 = f"{_THEOREM1}A: {_theorem1_line(report)}; B: {_theorem1_line(baseline)}"
     return f"{_header(report)}\n{format_comparison(_comparison(report))}\n{t1}"
 
 
 def _comparison(report: TextProbeReport) -> Comparison:
     """The trained model (A) against its random-init baseline (B), per site and point."""
-    assert report.baseline is not None
+    if report.baseline is None:
+        raise ValueError("no baseline was probed (--baseline random)")
     runs = [ProbeRun(r.model, r.records) for r in (report, report.baseline)]  # labels: the models
     return compare_runs(runs)
 
@@ -469,17 +469,18 @@ def probe_texts(
             f"warning: non-finite activations (NaN/inf) at {len(bad)} sites, first {bad[0]!r}: "
             "their records are flagged 'non-finite'"
         )
-    return TextProbeReport(
-        loaded.name,
-        [len(s) for s in sequences],
-        records,
-        texts=list(texts),
-        origins=origins,
-        batch_size=batch_size,
-        tokenizer=loaded.tokenizer.name,
-        tokenizer_fallback=isinstance(loaded.tokenizer, ByteTokenizer),
-        tokenizer_class=type(getattr(loaded.tokenizer, "tokenizer", loaded.tokenizer)).__name__,
-    )
+    lengths = [len(s) for s in sequences]
+    return TextProbeReport(loaded.name, lengths, records, list(texts), origins, batch_size, **_tokenizer_fields(loaded))
+
+
+def _tokenizer_fields(loaded: LoadedModel) -> dict:
+    """The report's record of the tokenizer: its name, its class, whether it was the fallback."""
+    tokenizer = loaded.tokenizer
+    return {
+        "tokenizer": tokenizer.name,
+        "tokenizer_fallback": isinstance(tokenizer, ByteTokenizer),
+        "tokenizer_class": type(getattr(tokenizer, "tokenizer", tokenizer)).__name__,
+    }
 
 
 def _pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -464,7 +464,9 @@ class _Loop:
         _save_checkpoint(path, state)
         _partial_path(path).unlink(missing_ok=True)
 
-    def save_part(self, path: Path, fingerprint: dict, logs: list[EpochLog], batch: int, total: torch.Tensor, found: list) -> None:
+    def save_part(
+        self, path: Path, fingerprint: dict, logs: list[EpochLog], batch: int, total: torch.Tensor, found: list
+    ) -> None:
         """``PATH.partial``: the epoch after ``logs[-1]`` saved after ``batch`` of its minibatches."""
         state = {
             "fingerprint": fingerprint,
@@ -540,7 +542,9 @@ def train(
 
     if path is not None and start == 0 and loop.part is None:  # the initialisation measured: kept from now on
         loop.save_part(path, fingerprint, logs, 0, torch.zeros(len(ens.names), ens.runs, dtype=torch.float64), [])
-    bar = _bar(progress, cfg.epochs * steps, start * steps + (0 if loop.part is None else int(loop.part["batch"])), desc)
+    bar = _bar(
+        progress, cfg.epochs * steps, start * steps + (0 if loop.part is None else int(loop.part["batch"])), desc
+    )
     try:
         for epoch in range(start + 1, cfg.epochs + 1):
             logs.append(loop.epoch(epoch, bar, postfix=progress is not False, saver=saver))

@@ -78,7 +78,13 @@ def test_gpt2_csv_and_out_folder_and_plot(tiny_gpt2_dir, tmp_path):
     assert result.exit_code == 0, result.output
     header, *rows = result.stdout.splitlines()
     assert header.startswith("site,kind,point,view,item") and len(rows) == 5 * 4
-    assert sorted(p.name for p in out.iterdir()) == ["plot.png", "records.csv", "records.json", "table.txt", "texts.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "plot.png",
+        "records.csv",
+        "records.json",
+        "table.txt",
+        "texts.jsonl",
+    ]
     records, extra = read_json(out / "records.json")
     assert len(records) == 20 and extra["theorem1"] == {"checked": 5, "violations": 0, "eps_dominated": 0}
     assert (out / "records.csv").read_text().strip() == result.stdout.strip()

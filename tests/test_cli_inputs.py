@@ -110,8 +110,6 @@ def test_counts_in_the_header_are_singular_for_one(tiny_gpt2_dir):
 def test_a_gap_cell_gives_mean_and_std_to_one_precision(gaps, cell):
     from isoprobe.records import Record, format_table
 
-    records = [
-        Record("m.ln", "norm", "pre", "token", i, 0, 4, 8, math.exp(-g), g, 0.0) for i, g in enumerate(gaps)
-    ]
+    records = [Record("m.ln", "norm", "pre", "token", i, 0, 4, 8, math.exp(-g), g, 0.0) for i, g in enumerate(gaps)]
     row = format_table(records).splitlines()[2]
     assert f"  {cell}  " in row, row

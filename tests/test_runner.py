@@ -402,9 +402,9 @@ def test_no_module_below_the_command_line_imports_the_experiments():
 def test_a_held_output_folder_refuses_a_second_run_and_no_unit_is_written_twice(toys, tmp_path):
     from isoprobe.outlock import LOCK_NAME, FolderBusy, hold_folder
 
-    with hold_folder(tmp_path, "isoprobe repro toy-a --out X", lambda _m: None):
-        with pytest.raises(FolderBusy, match=r"in use by another isoprobe run \(pid \d+.*isoprobe repro toy-a --out X"):
-            run_reproductions(["toy-a"], Options(quick=True), tmp_path, **_quiet())
+    busy = r"in use by another isoprobe run \(pid \d+.*isoprobe repro toy-a --out X"
+    with hold_folder(tmp_path, "isoprobe repro toy-a --out X", lambda _m: None), pytest.raises(FolderBusy, match=busy):
+        run_reproductions(["toy-a"], Options(quick=True), tmp_path, **_quiet())
     assert CALLS == [] and sorted(p.name for p in tmp_path.iterdir()) == []
     run_reproductions(["toy-a"], Options(quick=True), tmp_path, **_quiet())
     assert not (tmp_path / LOCK_NAME).exists()  # released after the run

@@ -826,13 +826,33 @@ def test_an_interrupted_first_epoch_keeps_its_steps_and_resumes_exactly(tmp_path
 
     path = tmp_path / "p.pt"
     with pytest.raises(_Stop):
-        train(Ensemble(_groups()), X, y, cfg, measure=stop_at, every=1, evaluate=_measure, checkpoint=path,
-              progress=False, save_every_s=0)
+        train(
+            Ensemble(_groups()),
+            X,
+            y,
+            cfg,
+            measure=stop_at,
+            every=1,
+            evaluate=_measure,
+            checkpoint=path,
+            progress=False,
+            save_every_s=0,
+        )
     assert not path.exists() and (tmp_path / "p.pt.partial").exists()  # no epoch finished, its steps kept
     before = list(steps_done)
     resumed_ens = Ensemble(_groups())
-    resumed = train(resumed_ens, X, y, cfg, measure=stop_at, every=1, evaluate=_measure, checkpoint=path,
-                    progress=False, save_every_s=0)
+    resumed = train(
+        resumed_ens,
+        X,
+        y,
+        cfg,
+        measure=stop_at,
+        every=1,
+        evaluate=_measure,
+        checkpoint=path,
+        progress=False,
+        save_every_s=0,
+    )
     assert steps_done[len(before)] == stop_step  # resumed at the interrupted step, not at step 1
     assert before == list(range(0, stop_step))
     np.testing.assert_array_equal(resumed.loss(), full.loss())
