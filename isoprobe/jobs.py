@@ -33,7 +33,14 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from isoprobe.compare import Comparison, ProbeRun, compare_runs, format_comparison, plot_comparison
+from isoprobe.compare import (
+    Comparison,
+    ProbeRun,
+    compare_runs,
+    comparison_json,
+    format_comparison,
+    plot_comparison,
+)
 from isoprobe.hooks import Probe
 from isoprobe.models import (
     ByteTokenizer,
@@ -300,7 +307,13 @@ def _plural(count: int, noun: str) -> str:
 
 def render(report: TextProbeReport, fmt: str = "table") -> str:
     """What the command prints: the table (model line, one row per site and point, Theorem 1
-    footer), or the records as JSON or CSV."""
+    footer), or the records as JSON or CSV. With a baseline: the comparison table; the JSON
+    adds ``baseline`` (its own JSON) and ``comparison``; the CSV is the trained model's."""
+    if fmt == "json" and report.baseline is not None:
+        obj = json.loads(report.json())
+        obj["baseline"] = json.loads(report.baseline.json())
+        obj["comparison"] = json.loads(comparison_json(_comparison(report)))
+        return json.dumps(obj, indent=1, allow_nan=False)
     if fmt == "json":
         return report.json()
     if fmt == "csv":

@@ -136,6 +136,9 @@ def test_inspect_baseline_random_is_the_same_architecture_at_random_init(tiny_be
     assert _gaps(out) != pytest.approx(expected, rel=1e-3)  # the trained run is not the baseline
     comparison = compare_runs([load_run(out), load_run(out / "baseline-random")])
     assert all(not math.isnan(comparison.difference(1, k) or 0.0) for k in comparison.keys)
+    printed = json.loads(run(*args[:-2], "--format", "json", *_texts()).stdout)
+    assert set(printed) >= {"records", "baseline", "comparison"} and "random init" in printed["baseline"]["model"]
+    assert len(printed["comparison"]["rows"]) == len(comparison.keys)
 
 
 def test_pretrained_minilm_against_its_random_baseline(minilm_path, tmp_path):
