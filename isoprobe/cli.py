@@ -334,7 +334,7 @@ def _run_text_probe(family: str, **options) -> None:
     except outlock.FolderBusy as error:
         raise FolderInUse(str(error)) from None
     except KeyboardInterrupt:
-        raise _interrupted("nothing was written; run the same command again to start over") from None
+        raise _interrupted("the run did not finish (its files are written at the end); run it again") from None
     except OSError as error:  # --out not writable: found before the model loads
         raise click.ClickException(_cannot_write(error)) from None
 

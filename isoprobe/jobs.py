@@ -135,9 +135,13 @@ class TextProbeReport:
             tokenizer = self.tokenizer_class
         return f"{self.model}; tokenizer: {tokenizer}" if tokenizer else self.model
 
+    def sequence_of(self, record: Record) -> int:
+        """The index of the sequence ``record`` was measured on: ``step · batch_size + item``."""
+        return record.step * self.batch_size + (record.item or 0)
+
     def text_of(self, record: Record) -> int | None:
         """The index in ``texts`` of the text ``record`` was measured on (``None`` if unknown)."""
-        sequence = record.step * self.batch_size + (record.item or 0)
+        sequence = self.sequence_of(record)
         return self.origins[sequence][0] if 0 <= sequence < len(self.origins) else None
 
     def json(self) -> str:
@@ -154,7 +158,7 @@ class TextProbeReport:
             )
         )
         for row, record in zip(obj["records"], self.records):
-            row["sequence"] = record.step * self.batch_size + (record.item or 0)
+            row["sequence"] = self.sequence_of(record)
             row["text"] = self.text_of(record)
         return json.dumps(obj, indent=1, allow_nan=False)
 
