@@ -49,11 +49,15 @@ def _read_holder(path: Path) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
-def _stale(holder: dict) -> bool:
-    """A lock is stale when its process, on this host, no longer runs (or the file is unreadable)."""
+def _stale(holder: dict, path: Path) -> bool:
+    """A lock is stale when its process, on this host, no longer runs, or when it is unreadable
+    and older than a few seconds (a lock being written right now is not stale)."""
     pid = holder.get("pid")
     if not isinstance(pid, int):
-        return True
+        try:
+            return time.time() - path.stat().st_mtime > 5.0
+        except FileNotFoundError:
+            return False
     if holder.get("host") not in (None, socket.gethostname()):
         return False
     return not _alive(pid)
@@ -63,6 +67,21 @@ def _describe(holder: dict) -> str:
     host = holder.get("host")
     where = f" on {host}" if host and host != socket.gethostname() else ""
     return f"pid {holder.get('pid')}{where}, started {holder.get('started', '?')}: {holder.get('command', '?')}"
+
+
+def _take_over(path: Path, stale: dict) -> bool:
+    """Move the stale lock ``stale`` out of the way, atomically: ``False`` if another process took
+    it over first (the lock at ``path`` is then a live one, and is put back untouched)."""
+    aside = path.with_name(f"{path.name}.stale-{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # another process moved it first
+        return False
+    if _read_holder(aside) != stale:  # a fresh lock made since we read the stale one: not ours to take
+        os.rename(aside, path)
+        return False
+    aside.unlink(missing_ok=True)
+    return True
 
 
 def _create(path: Path, content: str) -> bool:
@@ -97,13 +116,13 @@ def hold_folder(folder: str | Path, command: str, notify: Callable[[str], None] 
         if _create(path, content):
             break
         holder = _read_holder(path)
-        if not _stale(holder):
+        if not _stale(holder, path):
             raise FolderBusy(
                 f"{folder} is in use by another isoprobe run ({_describe(holder)}); wait for it to "
                 f"finish or choose another --out (if that process is gone, remove {path})"
             )
-        notify(f"note: taking over the stale lock of {folder} (its process is gone: {_describe(holder)})")
-        path.unlink(missing_ok=True)
+        if _take_over(path, holder):
+            notify(f"note: taking over the stale lock of {folder} (its process is gone: {_describe(holder)})")
     else:
         raise FolderBusy(f"{folder}: could not take its lock {path} (another run keeps taking it)")
     try:

@@ -132,3 +132,27 @@ def test_fig7_epoch_axis_has_whole_epochs_only():
     fig.canvas.draw()
     ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_a_lock_made_since_the_stale_one_was_read_is_not_taken_over(tmp_path):
+    from isoprobe.outlock import _take_over
+
+    lock = tmp_path / LOCK_NAME
+    lock.write_text(json.dumps({"pid": os.getpid(), "command": "a live run"}))
+    assert not _take_over(lock, {"pid": 999999999, "command": "the stale one read before"})
+    assert json.loads(lock.read_text())["command"] == "a live run"  # put back untouched
+    assert _take_over(lock, {"pid": os.getpid(), "command": "a live run"}) and not lock.exists()
+
+
+def test_an_unreadable_lock_is_busy_while_fresh_and_stale_once_old(tmp_path):
+    from isoprobe.outlock import FolderBusy
+
+    lock = tmp_path / LOCK_NAME
+    lock.write_text("")  # a run that has just created its lock and not yet written it
+    with pytest.raises(FolderBusy, match="in use by another isoprobe run"), hold_folder(tmp_path, "b", print):
+        pass
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    notes = []
+    with hold_folder(tmp_path, "b", notes.append):
+        assert json.loads(lock.read_text())["command"] == "b"
+    assert notes and "stale lock" in notes[0] and not lock.exists()
