@@ -136,7 +136,9 @@ def test_inspect_baseline_random_is_the_same_architecture_at_random_init(tiny_be
     assert _gaps(out) != pytest.approx(expected, rel=1e-3)  # the trained run is not the baseline
     comparison = compare_runs([load_run(out), load_run(out / "baseline-random")])
     assert all(not math.isnan(comparison.difference(1, k) or 0.0) for k in comparison.keys)
-    printed = json.loads(run(*args[:-2], "--format", "json", *_texts()).stdout)
+    figure = tmp_path / "both.png"
+    printed = json.loads(run(*args[:-2], "--format", "json", "--plot", str(figure), *_texts()).stdout)
+    assert figure.read_bytes()[:4] == b"\x89PNG"
     assert set(printed) >= {"records", "baseline", "comparison"} and "random init" in printed["baseline"]["model"]
     assert len(printed["comparison"]["rows"]) == len(comparison.keys)
 
