@@ -272,7 +272,7 @@ def load_gpt2(
         "checkpoint directory saved with save_pretrained."
     )
     if init == "pretrained":
-        _check_gpt2_family(_load(AutoConfig.from_pretrained, model, "config", hint), model)
+        _check_gpt2_family(_load(AutoConfig.from_pretrained, model, "pretrained model", hint), model)
         net = _load(AutoModelForCausalLM.from_pretrained, model, "pretrained model", hint)
         name = f"{display_name(model, net)} (pretrained)"
     else:
