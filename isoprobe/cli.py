@@ -352,5 +352,32 @@ def inspect_command(**options) -> None:
     Examples:
       isoprobe inspect --model bert-base-uncased --text "Norms make tokens isometric."
       isoprobe inspect --model ./my-checkpoint --dataset texts.csv --column sentence --plot gaps.png
+      torchrun --nproc_per_node=4 -m isoprobe inspect --model M --dataset corpus.jsonl --limit 10000 --out run/
     """
-    _run_text_probe("auto", **options)
+    from isoprobe import distributed
+
+    if distributed.launched_by_torchrun():  # one corpus shared among the ranks (isoprobe.corpus)
+        _run_corpus(**options)
+    else:
+        _run_text_probe("auto", **options)
+
+
+def _run_corpus(**options) -> None:
+    """``inspect`` under torchrun: every rank probes its share; rank 0 prints and writes."""
+    from isoprobe import corpus, distributed, jobs, models
+
+    job = jobs.TextJob(family="auto", **options)
+    with distributed.torchrun_group() as (rank, _world):
+        try:
+            result = corpus.run_corpus(job, lambda message: click.echo(message, err=True))
+        except (ValueError, models.ModelLoadError) as error:
+            raise click.UsageError(str(error)) from None
+        except OSError as error:
+            raise click.ClickException(_cannot_write(error)) from None
+        if result is None:
+            return
+        click.echo(jobs.render(result.report, job.fmt))
+        try:
+            corpus.write_corpus_outputs(result, job, lambda message: click.echo(message, err=True))
+        except OSError as error:
+            raise click.ClickException(_cannot_write(error) + " (the table above is complete)") from None
