@@ -19,7 +19,25 @@ import torch
 from isoprobe import corpus, jobs
 from isoprobe.records import UNDEFINED, Record, RunningSummary, read_json, summarize
 
-WORDS = "the quick brown fox jumps over a lazy dog while norms keep tokens apart in deep nets".split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "norms",
+    "keep",
+    "tokens",
+    "apart",
+    "in",
+    "deep",
+    "nets",
+]
 
 
 @pytest.fixture(scope="module")
