@@ -343,6 +343,19 @@ def gpt2_command(**options) -> None:
 @click.option("--split", default="train", show_default=True)
 @click.option("--column", default="text", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=16, show_default=True, help="Rows to read.")
+@click.option(
+    "--device-map",
+    default=None,
+    help="Split the model over this machine's GPUs, CPU and disk with accelerate: auto, balanced, "
+    "balanced_low_0 or sequential (--device is then unused).",
+)
+@click.option("--max-memory", default=None, help="With --device-map: limits per device, e.g. 0=20GiB,cpu=64GiB.")
+@click.option(
+    "--offload-folder",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --device-map: where weights offloaded to the disk go.",
+)
 @_text_probe_options
 def inspect_command(**options) -> None:
     """Token isometry at every norm and activation of any transformers model (BERT, GPT-2,
@@ -353,6 +366,7 @@ def inspect_command(**options) -> None:
       isoprobe inspect --model bert-base-uncased --text "Norms make tokens isometric."
       isoprobe inspect --model ./my-checkpoint --dataset texts.csv --column sentence --plot gaps.png
       torchrun --nproc_per_node=4 -m isoprobe inspect --model M --dataset corpus.jsonl --limit 10000 --out run/
+      isoprobe inspect --model ./big-checkpoint --device-map auto --text-file texts.txt
     """
     from isoprobe import distributed
 

@@ -218,6 +218,11 @@ def run_corpus(job: TextJob, notify: Notify = _stderr) -> CorpusResult | None:
             "--train-mode cannot be shared among processes (dropout draws from one random stream over "
             "the batches): run it in one process"
         )
+    if job.device_map is not None:
+        raise ValueError(
+            "--device-map splits one model over this machine's devices, while each torchrun rank holds "
+            "its own copy: use one or the other"
+        )
     if job.fmt not in ("table", "json", "csv"):
         raise ValueError(f"format must be table, json or csv; got {job.fmt!r}")
     sites, gram_dtype = _sites_option(job.sites), _gram_dtype(job.gram_dtype)
