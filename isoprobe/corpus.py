@@ -207,12 +207,8 @@ def _run_options(job: TextJob) -> dict[str, Any]:
     return {k: getattr(job, k) for k in keys}
 
 
-def run_corpus(job: TextJob, notify: Notify = _stderr) -> CorpusResult | None:
-    """Probe ``job``'s texts with the batches dealt to the ranks of the process group; on rank 0
-    the :class:`CorpusResult` (also written to ``job.out``/``job.plot`` by the caller), ``None``
-    on the others. Collective: every rank calls it with the same job."""
-    rank, world = rank_world()
-    say = notify if rank == 0 else _silent
+def _checked_options(job: TextJob) -> tuple[list[str] | None, torch.dtype]:
+    """The Probe's ``sites`` and ``gram_dtype``; ``ValueError`` for what a corpus run cannot do."""
     if job.train_mode:
         raise ValueError(
             "--train-mode cannot be shared among processes (dropout draws from one random stream over "
@@ -225,7 +221,16 @@ def run_corpus(job: TextJob, notify: Notify = _stderr) -> CorpusResult | None:
         )
     if job.fmt not in ("table", "json", "csv"):
         raise ValueError(f"format must be table, json or csv; got {job.fmt!r}")
-    sites, gram_dtype = _sites_option(job.sites), _gram_dtype(job.gram_dtype)
+    return _sites_option(job.sites), _gram_dtype(job.gram_dtype)
+
+
+def run_corpus(job: TextJob, notify: Notify = _stderr) -> CorpusResult | None:
+    """Probe ``job``'s texts with the batches dealt to the ranks of the process group; on rank 0
+    the :class:`CorpusResult` (also written to ``job.out``/``job.plot`` by the caller), ``None``
+    on the others. Collective: every rank calls it with the same job."""
+    rank, world = rank_world()
+    say = notify if rank == 0 else _silent
+    sites, gram_dtype = _checked_options(job)
     check_outputs(job.out, job.plot)
     parts = _Parts(job.out, _run_options(job)) if job.out else None
     if parts is not None:

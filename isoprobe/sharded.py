@@ -37,6 +37,8 @@ A pending sum (``Partial``) and meshes of more than one dimension are refused.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -50,11 +52,8 @@ class ShardingRefused(ValueError):
 
 
 def _is_dtensor(x: object) -> bool:
-    if not isinstance(x, torch.Tensor) or not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(x, DTensor)
+    module = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor can exist
+    return module is not None and isinstance(x, module.DTensor)
 
 
 def whole(x: torch.Tensor | None) -> torch.Tensor | None:
