@@ -220,3 +220,38 @@ def test_train_mode_is_refused_before_any_work(tmp_path):
     job = jobs.TextJob(model=str(tmp_path / "absent"), family="auto", texts=("a b",), train_mode=True)
     with pytest.raises(ValueError, match="--train-mode cannot be shared among processes"):
         corpus.run_corpus(job)
+
+
+def test_a_run_interrupted_mid_forward_resumes_with_what_it_finished(tiny_bert, corpus_file, tmp_path, monkeypatch):
+    from isoprobe import models
+
+    out, calls = tmp_path / "run", [0]
+    load = models.load_model
+
+    def interrupted_at_batch_3(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+
+        def stop(module, inputs):
+            calls[0] += 1
+            if calls[0] == 4:  # Ctrl-C inside the fourth forward
+                raise KeyboardInterrupt
+
+        loaded.model.register_forward_pre_hook(stop)
+        return loaded
+
+    monkeypatch.setattr(corpus, "load_model", interrupted_at_batch_3)
+    with pytest.raises(KeyboardInterrupt):
+        corpus.run_corpus(_job(tiny_bert, corpus_file, out=str(out)), lambda m: None)
+    assert sorted(p.name for p in (out / "parts").glob("batch-*")) == [f"batch-000000{k}.json" for k in range(3)]
+    monkeypatch.undo()
+    said: list[str] = []
+    again = corpus.run_corpus(_job(tiny_bert, corpus_file, out=str(out)), said.append)
+    assert any("resumed: 3 of 7 batches" in m for m in said)
+    single = jobs.run(_job(tiny_bert, corpus_file), notify=lambda m: None)
+    _same_records(again.report.records, single.records)
+
+
+def test_rank_0_shows_progress(tiny_bert, corpus_file, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    corpus.run_corpus(_job(tiny_bert, corpus_file, limit=4, quiet=False), lambda m: None)
+    assert "probing (rank 0 of 1)" in capsys.readouterr().err
