@@ -408,6 +408,19 @@ def gpt2_command(**options) -> None:
     "--plot: the comparison figure).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --baseline random and of dropout.")
+@click.option(
+    "--device-map",
+    default=None,
+    help="Split the model over this machine's GPUs, CPU and disk with accelerate: auto, balanced, "
+    "balanced_low_0 or sequential (--device is then unused).",
+)
+@click.option("--max-memory", default=None, help="With --device-map: limits per device, e.g. 0=20GiB,cpu=64GiB.")
+@click.option(
+    "--offload-folder",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --device-map: where weights offloaded to the disk go.",
+)
 @_text_probe_options
 def inspect_command(**options) -> None:
     """Token isometry at every norm and activation of any transformers model (BERT, GPT-2,
@@ -418,8 +431,36 @@ def inspect_command(**options) -> None:
       isoprobe inspect --model bert-base-uncased --text "Norms make tokens isometric."
       isoprobe inspect --model ./my-checkpoint --dataset texts.csv --column sentence --plot gaps.png
       isoprobe inspect --model ./my-checkpoint --text-file texts.txt --baseline random --out run/
+      torchrun --nproc_per_node=4 -m isoprobe inspect --model M --dataset corpus.jsonl --limit 10000 --out run/
+      isoprobe inspect --model ./big-checkpoint --device-map auto --text-file texts.txt
     """
-    _run_text_probe("auto", **options)
+    from isoprobe import distributed
+
+    if distributed.launched_by_torchrun():  # one corpus shared among the ranks (isoprobe.corpus)
+        _run_corpus(**options)
+    else:
+        _run_text_probe("auto", **options)
+
+
+def _run_corpus(**options) -> None:
+    """``inspect`` under torchrun: every rank probes its share; rank 0 prints and writes."""
+    from isoprobe import corpus, distributed, jobs, models
+
+    job = jobs.TextJob(family="auto", **options)
+    with distributed.torchrun_group() as (rank, _world):
+        try:
+            result = corpus.run_corpus(job, lambda message: click.echo(message, err=True))
+        except (ValueError, models.ModelLoadError) as error:
+            raise click.UsageError(str(error)) from None
+        except OSError as error:
+            raise click.ClickException(_cannot_write(error)) from None
+        if result is None:
+            return
+        click.echo(jobs.render(result.report, job.fmt))
+        try:
+            corpus.write_corpus_outputs(result, job, lambda message: click.echo(message, err=True))
+        except OSError as error:
+            raise click.ClickException(_cannot_write(error) + " (the table above is complete)") from None
 
 
 # --- compare: several probe runs side by side -----------------------------------------------------

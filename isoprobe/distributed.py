@@ -41,14 +41,18 @@ import torch
 import torch.distributed as dist
 
 from isoprobe.metrics import gram
+from isoprobe.records import RunningSummary
 
 __all__ = [
     "agree_min",
     "all_gather_features",
     "broadcast_object",
+    "gather_to_root",
     "gather_rows",
     "global_sample_gram",
+    "launched_by_torchrun",
     "local_only",
+    "merge_summaries",
     "rank_world",
     "shard_runs",
     "torchrun_group",
@@ -112,6 +116,31 @@ def gather_rows(rows: Sequence[dict]) -> list[dict]:
     return [r for part in parts for r in (part or [])]
 
 
+def gather_to_root(obj: Any, root: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank ``root`` (``gather_object``), ``None`` on the
+    others; ``[obj]`` without a group. Unlike :func:`gather_rows` only ``root`` holds them all."""
+    if not _active():
+        return [obj]
+    rank = dist.get_rank()
+    parts: list[Any] | None = [None] * dist.get_world_size() if rank == root else None
+    dist.gather_object(obj, parts, dst=root)
+    return parts
+
+
+def merge_summaries(running: RunningSummary, root: int = 0) -> RunningSummary | None:
+    """The running summaries of all ranks merged into one on rank ``root`` (``None`` elsewhere):
+    per (site, call, point) the counts added and the means and variances combined exactly by
+    Chan et al.'s pairwise formulas (:meth:`isoprobe.records.RunningSummary.merge`), ranks in
+    order; equal, to rounding, to one summary of every rank's records. Collective."""
+    parts = gather_to_root(running, root)
+    if parts is None:
+        return None
+    merged = RunningSummary()
+    for part in parts:
+        merged.merge(part)
+    return merged
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (``broadcast_object_list``); ``obj`` itself without a group."""
     if not _active():
@@ -172,12 +201,17 @@ def global_sample_gram(x: torch.Tensor, dtype: torch.dtype = torch.float64, same
     return gram(xs.reshape(xs.shape[0], -1), dtype=dtype)
 
 
+def launched_by_torchrun() -> bool:
+    """Was this process started by ``torchrun`` with more than one process (``WORLD_SIZE > 1``)?"""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 @contextmanager
 def torchrun_group() -> Iterator[tuple[int, int]]:
     """Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) open the default process
     group for the body and close it after: nccl on ``cuda:LOCAL_RANK`` where CUDA is available,
     else gloo. Yields ``(rank, world)``; ``(0, 1)`` and nothing opened outside torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _active():
+    if not launched_by_torchrun() or _active():
         yield rank_world()
         return
     cuda = torch.cuda.is_available()

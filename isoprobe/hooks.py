@@ -142,6 +142,7 @@ from isoprobe.metrics import (
     _spectral_stats,
 )
 from isoprobe.records import Record, RecordSink, RunningSummary, Summary
+from isoprobe.sharded import whole
 from isoprobe.sites import NormSpec, Site, discover_sites, no_site_message, select_sites
 from isoprobe.stacks import DECODER, ENCODER, Streams, encoder_decoder
 
@@ -995,6 +996,7 @@ class Probe:
         def observe(x: torch.Tensor | None, y: torch.Tensor | None) -> None:
             if not self._recording:
                 return
+            x, y = whole(x), whole(y)  # a DTensor (tensor/sequence parallel): its full value, every rank
             call = self._site_calls.get(site.name, 0)
             self._site_calls[site.name] = call + 1
             view = self._view_for(site, x, y)

@@ -52,7 +52,8 @@ from isoprobe.models import (
     random_like,
     read_texts,
 )
-from isoprobe.records import NONFINITE, Record, csv_text, format_table, json_text, plot_records, theorem1_counts
+from isoprobe.placement import describe, dispatch_options
+from isoprobe.records import NONFINITE, Record, csv_text, format_table, json_text, plot_records, theorem1_counts, to_csv
 
 __all__ = [
     "TextJob",
@@ -98,6 +99,9 @@ class TextJob:
     plot: str | None = None
     quiet: bool = False
     baseline: str | None = None  # inspect only: "random", the same architecture at random init
+    device_map: str | None = None  # inspect only, like max_memory, offload_folder (isoprobe.placement)
+    max_memory: str | None = None
+    offload_folder: str | None = None
 
 
 @dataclass
@@ -246,7 +250,10 @@ def run(job: TextJob, notify: Notify = _stderr) -> TextProbeReport:
             loaded = load_gpt2(job.model, job.init, job.seed, job.device, job.dtype, notify)
         else:
             texts = read_texts(job.texts, job.text_files, job.dataset, job.split, job.column, job.limit)
-            loaded = load_model(job.model, job.device, job.dtype)
+            split = dispatch_options(job.device_map, job.max_memory, job.offload_folder, job.dtype)
+            loaded = load_model(job.model, job.device, job.dtype, split)
+            if split is not None:
+                notify(describe(loaded.model))
     probe = functools.partial(
         probe_texts,
         texts=texts,

@@ -18,6 +18,7 @@ parent's) with the architecture and layer count, never the whole path.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -30,6 +31,8 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from isoprobe.placement import input_device
 
 __all__ = [
     "ByteTokenizer",
@@ -320,14 +323,19 @@ def _auto_tokenizer(name: str, **kwargs: Any) -> Any:
     return AutoTokenizer.from_pretrained(name, **kwargs)
 
 
-def load_model(model: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Any transformers ``AutoModel`` (BERT, GPT-2, Llama-style, ...) and its own tokenizer."""
+def load_model(
+    model: str, device: str = "cpu", dtype: str = "float32", split: dict[str, Any] | None = None
+) -> LoadedModel:
+    """Any transformers ``AutoModel`` (BERT, GPT-2, Llama-style, ...) and its own tokenizer.
+    ``split``: ``from_pretrained`` keywords that place it over several devices with accelerate
+    (:func:`isoprobe.placement.dispatch_options`); ``device`` is then unused."""
     from transformers import AutoModel
 
     dev = resolve_device(device)
     _dtype(dtype)
     hint = "Use --model PATH for a checkpoint directory saved with save_pretrained."
-    net = _load(AutoModel.from_pretrained, model, "model", hint)
+    loader = AutoModel.from_pretrained if split is None else functools.partial(AutoModel.from_pretrained, **split)
+    net = _load(loader, model, "model", hint)
     tokenizer = _local_tokenizer([model])
     if tokenizer is None:
         missing = ModelLoadError(
@@ -340,7 +348,10 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32") -> Loade
         if not _usable(tok):
             raise missing
         tokenizer = HFTokenizer(tok)
-    net = _prepare(net, dev, dtype)
+    if split is None:
+        net = _prepare(net, dev, dtype)
+    else:
+        net, dev = net.eval(), input_device(net)
     return LoadedModel(net, tokenizer, display_name(model, net), _context(net.config, tokenizer), dev)
 
 

@@ -15,6 +15,7 @@ valid JSON; :func:`read_json` and :func:`read_records` turn it back into a float
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import fnmatch
@@ -178,6 +179,18 @@ class _Moments:
     def std(self) -> float:
         return math.sqrt(max(self.m2, 0.0) / self.count)
 
+    def merge(self, other: _Moments) -> None:
+        """Fold in the moments of another stream (Chan, Golub & LeVeque 1979, the pairwise update):
+        with ``δ = mean_b − mean_a`` and ``n = n_a + n_b``, ``mean = mean_a + δ·n_b/n`` and
+        ``M2 = M2_a + M2_b + δ²·n_a·n_b/n``: the moments of the concatenated streams, to rounding."""
+        if other.count == 0:
+            return
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean += delta * other.count / count
+        self.m2 += other.m2 + delta * delta * self.count * other.count / count
+        self.count = count
+
 
 class _Group:
     """The running statistics of one (site, call, point): what a summary row needs, O(1) memory."""
@@ -210,6 +223,19 @@ class _Group:
         if r.theorem1_holds is not None:
             self.checked += 1
             self.violations += not r.theorem1_holds
+
+    def merge(self, other: _Group) -> None:
+        """Fold in the statistics of the same (site, call, point) over other records: counts add,
+        ``n_min``/``n_max`` take the min/max, moments combine exactly (:meth:`_Moments.merge`)."""
+        for name, value in vars(other).items():
+            if name == "n_min":
+                self.n_min = min(self.n_min, value)
+            elif name == "n_max":
+                self.n_max = max(self.n_max, value)
+            elif isinstance(value, _Moments):
+                getattr(self, name).merge(value)
+            elif isinstance(value, int):
+                setattr(self, name, getattr(self, name) + value)
 
     def row(self) -> dict[str, Any]:
         r = self.first
@@ -261,6 +287,19 @@ class RunningSummary:
             if group is None:
                 group = self._groups[key] = _Group(r)
             group.add(r)
+
+    def merge(self, other: RunningSummary) -> None:
+        """Fold in ``other``'s summaries (e.g. another process's share of a corpus): afterwards
+        this is the running summary of both record streams, this one's first (forward order of
+        this one, then the groups only ``other`` saw); ``other`` is left unchanged. Means and
+        variances combine by Chan et al.'s pairwise formulas (:meth:`_Moments.merge`), equal to
+        one pass over all records to rounding."""
+        for key, group in other._groups.items():
+            mine = self._groups.get(key)
+            if mine is None:
+                self._groups[key] = copy.deepcopy(group)
+            else:
+                mine.merge(group)
 
     def summary(self) -> Summary:
         return Summary(g.row() for g in self._groups.values())
