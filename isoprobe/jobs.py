@@ -53,7 +53,7 @@ from isoprobe.models import (
     read_texts,
 )
 from isoprobe.placement import describe, dispatch_options
-from isoprobe.records import NONFINITE, Record, csv_text, format_table, json_text, plot_records, theorem1_counts, to_csv
+from isoprobe.records import NONFINITE, Record, csv_text, format_table, json_text, plot_records, theorem1_counts
 
 __all__ = [
     "TextJob",
