@@ -54,6 +54,7 @@ from isoprobe.jobs import (
     _sites_option,
     check_outputs,
     encode_texts,
+    tokenizer_fields,
     write_outputs,
 )
 from isoprobe.models import ModelLoadError, first_line, hub_reachable, load_model, read_texts
@@ -237,7 +238,10 @@ def run_corpus(job: TextJob, notify: Notify = _stderr) -> CorpusResult | None:
         parts.check_run(rank)
     texts = _texts(job)
     loaded = load_model(job.model, _rank_device(job.device), job.dtype)
-    sequences = encode_texts(loaded.tokenizer, texts, loaded.context, job.stride, say)
+    origins: list[tuple[int, int]] = []
+    sequences = encode_texts(loaded.tokenizer, texts, loaded.context, job.stride, say, origins)
+    lengths = [len(s) for s in sequences]
+    empty = TextProbeReport(loaded.name, lengths, [], list(texts), origins, job.batch_size, **tokenizer_fields(loaded))
     batches = [sequences[s : s + job.batch_size] for s in range(0, len(sequences), job.batch_size)]
     mine = range(rank, len(batches), world)
     running, records, resumed = RunningSummary(), [], 0
@@ -264,7 +268,7 @@ def run_corpus(job: TextJob, notify: Notify = _stderr) -> CorpusResult | None:
     counts = gather_to_root(resumed)
     if counts is not None and sum(counts) and parts is not None:
         say(f"resumed: {sum(counts)} of {len(batches)} batches were finished before, read back from {parts.folder}")
-    return _on_root(loaded.name, sequences, records, running)
+    return _on_root(empty, records, running)
 
 
 def _forward(loaded: Any, probe: Probe, batch: list[list[int]], k: int) -> list[Record]:
@@ -276,18 +280,16 @@ def _forward(loaded: Any, probe: Probe, batch: list[list[int]], k: int) -> list[
     return [dataclasses.replace(r, step=k) for r in probe.pop_records()]
 
 
-def _on_root(
-    model: str, sequences: list[list[int]], records: list[Record], running: RunningSummary
-) -> CorpusResult | None:
-    """Rank 0: every rank's records in corpus order (by batch; a batch's records in forward
-    order) and the merged summary; ``None`` on the other ranks."""
+def _on_root(empty: TextProbeReport, records: list[Record], running: RunningSummary) -> CorpusResult | None:
+    """Rank 0: ``empty`` (the report without records: texts, origins, tokenizer) with every
+    rank's records in corpus order (by batch; a batch's records in forward order) and the merged
+    summary; ``None`` on the other ranks."""
     merged = merge_summaries(running)
     parts = gather_to_root(records)
     if parts is None or merged is None:
         return None
     ordered = sorted((r for part in parts for r in part), key=lambda r: r.step)
-    report = TextProbeReport(model, [len(s) for s in sequences], ordered)
-    return CorpusResult(report, merged.summary())
+    return CorpusResult(dataclasses.replace(empty, records=ordered), merged.summary())
 
 
 def write_corpus_outputs(result: CorpusResult, job: TextJob, notify: Notify = _stderr) -> None:

@@ -58,6 +58,7 @@ from isoprobe.records import NONFINITE, Record, csv_text, format_table, json_tex
 __all__ = [
     "TextJob",
     "TextProbeReport",
+    "tokenizer_fields",
     "check_outputs",
     "encode_texts",
     "probe_texts",
@@ -494,10 +495,10 @@ def probe_texts(
             "their records are flagged 'non-finite'"
         )
     lengths = [len(s) for s in sequences]
-    return TextProbeReport(loaded.name, lengths, records, list(texts), origins, batch_size, **_tokenizer_fields(loaded))
+    return TextProbeReport(loaded.name, lengths, records, list(texts), origins, batch_size, **tokenizer_fields(loaded))
 
 
-def _tokenizer_fields(loaded: LoadedModel) -> dict:
+def tokenizer_fields(loaded: LoadedModel) -> dict:
     """The report's record of the tokenizer: its name, its class, whether it was the fallback."""
     tokenizer = loaded.tokenizer
     return {
