@@ -21,6 +21,7 @@ incomplete beta function ``P(T ≤ t) = 1 − ½ I_{ν/(ν+t²)}(ν/2, ½)`` for
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -91,6 +92,7 @@ def t_cdf(t: float, df: float) -> float:
     return 1.0 - tail if t >= 0 else tail
 
 
+@functools.lru_cache(maxsize=1024)
 def t_quantile(p: float, df: float) -> float:
     """The ``p``-quantile of Student's t with ``df`` degrees of freedom (bisection on :func:`t_cdf`)."""
     if not 0.0 < p < 1.0:
@@ -188,26 +190,27 @@ def sign_test_p(k: int, n: int) -> float:
 
 
 def permutation_p(
-    statistic: Callable[[np.ndarray], float],
+    statistic: Callable[[np.ndarray], np.ndarray],
     labels: Sequence[float],
     samples: int = 20_000,
     seed: int = 0,
 ) -> float:
-    """One-sided permutation p-value of a small ``statistic(labels)``: the share of relabellings
-    ``π`` with ``statistic(labels[π]) ≤ statistic(labels)`` (the identity included).
+    """One-sided permutation p-value of a statistic of the ``labels``: the share of relabellings
+    ``π`` with ``T(labels[π]) ≤ T(labels)`` (the identity included).
 
-    Exact over all ``len(labels)!`` permutations up to :data:`EXACT_PERMUTATIONS`, else over
-    ``samples`` seeded random ones plus the identity. When the labels carry no information about
-    the data (exchangeable under the null), ``P(p ≤ α) ≤ α``.
+    ``statistic`` maps a ``(k, n)`` array of relabellings (one per row) to their ``k`` values.
+    Exact over all ``n!`` permutations up to :data:`EXACT_PERMUTATIONS`, else over ``samples``
+    seeded random ones plus the identity. When the labels carry no information about the data
+    (exchangeable under the null), ``P(p ≤ α) ≤ α``.
     """
     lab = np.asarray(labels, dtype=np.float64)
-    observed = statistic(lab)
+    observed = float(np.asarray(statistic(lab[None, :])).ravel()[0])
     if math.isnan(observed):
         return math.nan
     if math.factorial(len(lab)) <= EXACT_PERMUTATIONS:
-        perms = (lab[list(p)] for p in itertools.permutations(range(len(lab))))
-        values = np.array([statistic(p) for p in perms])
+        index = np.array(list(itertools.permutations(range(len(lab)))))
     else:
         rng = np.random.default_rng(seed)
-        values = np.array([observed] + [statistic(lab[rng.permutation(len(lab))]) for _ in range(samples)])
+        index = np.vstack([np.arange(len(lab)), np.argsort(rng.random((samples, len(lab))), axis=1)])
+    values = np.asarray(statistic(lab[index]), dtype=np.float64)
     return float(np.mean(values <= observed + 1e-12 * max(1.0, abs(observed))))

@@ -80,6 +80,7 @@ from isoprobe.experiments.common import (
     site_order,
     spearman,
 )
+from isoprobe.experiments.stats import ALPHA, permutation_p, sign_test_p
 from isoprobe.hermite import isometry_strength
 from isoprobe.metrics import isometry_gap
 from isoprobe.nets import BNMLP, LNMLP
@@ -92,8 +93,8 @@ if TYPE_CHECKING:
 __all__ = [
     "accuracy_area",
     "control_update",
+    "fig7_statistic",
     "loss_area",
-    "sign_stability",
     "verdict_fig2_trained",
     "verdict_fig7",
     "verdict_meterez_fig4",
@@ -118,17 +119,6 @@ def accuracy_area(curves: np.ndarray) -> np.ndarray:
     """Accuracy area per run: the mean over epochs ``1..E`` of ``(runs, E + 1)`` accuracy curves
     (NaN, a diverged run, stays NaN)."""
     return np.asarray(curves, dtype=np.float64)[:, 1:].mean(axis=1)
-
-
-def sign_stability(values: Sequence[float]) -> str:
-    """``"negative"`` if every value is ``< 0``, ``"positive"`` if every value is ``> 0``, else
-    ``"unstable"`` (a zero, a NaN or both signs)."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size and (v < 0).all():
-        return "negative"
-    if v.size and (v > 0).all():
-        return "positive"
-    return "unstable"
 
 
 def weight_gram(W: torch.Tensor) -> torch.Tensor:
@@ -302,57 +292,91 @@ def _fig7_areas(rows: Sequence[dict], cfg: dict) -> tuple[dict[str, float], np.n
     return {a: isometry_strength(a) for a in acts}, np.stack([loss_area(c) for c in curves]), final
 
 
-def verdict_fig7(rows: Sequence[dict], cfg: dict) -> Verdict:
-    """Larger β trains faster: Spearman ``ρ_r(β, A)`` of β and the loss area, per run ``r``.
+def _rank_rows(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank) along the last axis, centred and scaled to unit norm."""
+    v = np.asarray(values, dtype=np.float64)
+    order = np.argsort(v, axis=-1, kind="stable")
+    ranks = np.empty_like(v)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(1.0, v.shape[-1] + 1), v.shape), axis=-1)
+    tied = (np.diff(np.take_along_axis(v, order, axis=-1), axis=-1) == 0).any(axis=-1)
+    for idx in zip(*np.nonzero(tied)):
+        row, r = v[idx], ranks[idx]
+        for value in np.unique(row):
+            tie = row == value
+            if tie.sum() > 1:
+                r[tie] = r[tie].mean()
+    ranks -= ranks.mean(axis=-1, keepdims=True)
+    norm = np.linalg.norm(ranks, axis=-1, keepdims=True)
+    return np.divide(ranks, norm, out=np.full_like(ranks, np.nan), where=norm > 0)
 
-    Runs share their data order and weights across activations (common random numbers), so each
-    run ranks the activations on its own. Held iff ``ρ_r < 0`` in every run; not held iff
-    ``ρ_r > 0`` in every run; otherwise (the sign changes from run to run, or fewer than two runs)
-    undecided: the curves cannot be told apart at these sizes.
-    """
-    betas, area, final = _fig7_areas(rows, cfg)
+
+def fig7_statistic(betas: Sequence[float], area: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``T(b) = mean_r ρ_r(b, A_r)``: the run mean of Spearman's ρ between the labels ``b`` and the loss
+    areas ``A_r`` (``area``: activations × runs), for a ``(k, acts)`` array of relabellings ``b``."""
+    data = _rank_rows(area.T)  # runs × acts
+
+    def statistic(labels: np.ndarray) -> np.ndarray:
+        return (_rank_rows(labels) @ data.T).mean(axis=1)
+
+    return statistic
+
+
+def _fig7_measured(betas: dict[str, float], area: np.ndarray, final: np.ndarray) -> dict:
     b = list(betas.values())
+    stat = fig7_statistic(b, area)
     rho = [spearman(b, area[:, r]) for r in range(area.shape[1])]
-    rho_final = [spearman(b, final[:, r]) for r in range(final.shape[1])]
     with np.errstate(invalid="ignore"):
         mean_area = area.mean(axis=1)
-    measured = {
+    return {
         "beta": betas,
         "loss_area": dict(zip(betas, mean_area)),
         "loss_area_per_run": {a: list(area[i]) for i, a in enumerate(betas)},
         "spearman_beta_area_per_run": rho,
+        "mean_spearman_beta_area": float(np.mean(rho)),
         "spearman_beta_area_of_means": spearman(b, mean_area),
+        "permutation_p_faster": permutation_p(stat, b),
+        "permutation_p_slower": permutation_p(lambda labels: -stat(labels), b),
+        "runs_with_negative_rho": int(sum(r < 0 for r in rho)),
+        "sign_test_p": sign_test_p(int(sum(r < 0 for r in rho)), len(rho)),
         "final_loss": dict(zip(betas, final.mean(axis=1))),
-        "spearman_beta_final_loss_per_run": rho_final,
+        "spearman_beta_final_loss_per_run": [spearman(b, final[:, r]) for r in range(final.shape[1])],
         "slowest": max(betas, key=lambda a: mean_area[list(betas).index(a)]),
-        "sign_test_p": 0.5 ** len(rho),
         "diverged_runs": int(np.isinf(area).sum()),
     }
+
+
+def verdict_fig7(rows: Sequence[dict], cfg: dict) -> Verdict:
+    """Larger β trains faster: a permutation test of β against the loss areas of independent runs.
+
+    ``T = mean_r ρ_r(β, A_r)`` (Spearman's ρ of β and the loss area in run ``r``; each run has its
+    own weights and data order). Under the null the β labels are exchangeable over the activations,
+    so ``p = #{π : T(β∘π) ≤ T(β)} / n!`` over every relabelling has ``P(p ≤ α) ≤ α``: held iff
+    ``p ≤ α`` (:data:`~isoprobe.experiments.stats.ALPHA`), not held iff the mirror test (larger β
+    slower) has ``p ≤ α``, else undecided. More runs make ``T`` less noisy, never the test stricter.
+    """
+    betas, area, final = _fig7_areas(rows, cfg)
+    m = _fig7_measured(betas, area, final)
+    n = len(betas)
     rule = (
-        "per run (activations share the run's weights and data order): Spearman ρ between β and the loss "
-        "area (mean training loss over all SGD steps of epochs 1..E, a diverged run +inf); held iff ρ < 0 in "
-        "every run, not held iff ρ > 0 in every run, else undecided (with no relation each run's sign is a coin "
-        "flip: one sign in all R runs by chance with probability 2^-R, sign_test_p)"
+        f"permutation test over the β labels: T = run mean of Spearman ρ(β, loss area) (loss area: mean training "
+        f"loss over all SGD steps of epochs 1..E, a diverged run +inf; runs independent: own weights and data "
+        f"order); p = share of the {n}! relabellings of β over the activations with T at most the observed one; "
+        f"held iff p ≤ {ALPHA:g}, not held iff the mirror test (larger β slower) gives p ≤ {ALPHA:g}, else "
+        f"undecided (false-held rate ≤ {ALPHA:g} when β carries no information)"
     )
-    sign = sign_stability(rho) if len(rho) >= 2 else "unstable"
-    if sign == "negative":
-        return Verdict("held", rule, measured)
-    if sign == "positive":
-        return Verdict(
-            "not held",
-            rule,
-            measured,
-            reason=(
-                f"in every run a larger β trained slower on the loss area; slowest on average: {measured['slowest']}"
-            ),
-        )
-    why = (
-        "one run cannot show that the sign is stable (use --runs ≥ 2)"
-        if len(rho) < 2
-        else f"the sign of ρ changes from run to run (ρ per run: {', '.join(f'{r:.2f}' for r in rho)}): "
-        "the loss curves cannot be told apart at these sizes"
+    numbers = (
+        f"T = {m['mean_spearman_beta_area']:.2f} over {area.shape[1]} run(s) (ρ per run: "
+        + ", ".join(f"{r:.2f}" for r in m["spearman_beta_area_per_run"])
+        + f"); p(faster) = {m['permutation_p_faster']:.3g}, p(slower) = {m['permutation_p_slower']:.3g}"
     )
-    return Verdict("undecided", rule, measured, reason=why)
+    if 1 / math.factorial(n) > ALPHA:
+        why = f"{n} activations allow no p below 1/{n}! = {1 / math.factorial(n):.3g} > {ALPHA:g}"
+        return Verdict("undecided", rule, m, reason=why)
+    if m["permutation_p_faster"] <= ALPHA:
+        return Verdict("held", rule, m, reason=f"a larger β trained faster: {numbers}")
+    if m["permutation_p_slower"] <= ALPHA:
+        return Verdict("not held", rule, m, reason=f"a larger β trained slower ({numbers}); slowest: {m['slowest']}")
+    return Verdict("undecided", rule, m, reason=f"no ranking by β beyond chance at these sizes: {numbers}")
 
 
 def figure_fig7(rows: Sequence[dict], cfg: dict) -> Figure:
