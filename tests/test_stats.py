@@ -11,6 +11,7 @@ from isoprobe.experiments.stats import (
     mean_interval,
     permutation_p,
     sign_test_p,
+    slope,
     t_cdf,
     t_quantile,
     welch,
@@ -104,3 +105,16 @@ def test_permutation_p_samples_beyond_the_exact_limit():
     data = np.arange(9.0)
     p = permutation_p(lambda labs: labs @ data, -data, samples=2000, seed=0)
     assert 0 < p <= 2 / 2001
+
+
+def test_slope_matches_polyfit_and_its_null_rate():
+    rng = np.random.default_rng(5)
+    x = np.repeat([1.0, 1.1, 1.3, 1.6], 3)
+    y = 2 * x + rng.normal(0, 0.1, x.size)
+    s = slope(x, y)
+    assert s.diff == pytest.approx(np.polyfit(x, y, 1)[0])
+    cov = np.polyfit(x, y, 1, cov="unscaled")[1] * ((y - np.polyval(np.polyfit(x, y, 1), x)) ** 2).sum() / (x.size - 2)
+    assert s.se == pytest.approx(math.sqrt(cov[0, 0])) and s.df == x.size - 2 and s.direction() == "up"
+    ups = sum(slope(x, rng.normal(size=x.size)).direction() == "up" for _ in range(TRIALS))
+    assert ups / TRIALS <= ALPHA + SLACK
+    assert math.isnan(slope([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]).diff)

@@ -8,6 +8,7 @@ with more runs a real effect passes more easily (the tests' power grows with the
   standard error and Welch–Satterthwaite degrees of freedom; one-sided p-values from Student's
   t distribution (:func:`t_cdf`), so three runs are judged at their own, wider, quantile
   (``t₀.₉₅(2) = 2.92``) and not at a normal ``2 SE``.
+* :func:`slope`: a least-squares trend with its t test (``N − 2`` degrees of freedom).
 * :func:`mean_interval`: the t confidence interval of a mean over runs.
 * :func:`sign_test_p`: ``P(Bin(n, ½) ≥ k)``, the chance that ``k`` of ``n`` independent runs
   have one sign when each is a fair coin.
@@ -36,6 +37,7 @@ __all__ = [
     "mean_interval",
     "permutation_p",
     "sign_test_p",
+    "slope",
     "t_cdf",
     "t_quantile",
     "welch",
@@ -214,3 +216,16 @@ def permutation_p(
         index = np.vstack([np.arange(len(lab)), np.argsort(rng.random((samples, len(lab))), axis=1)])
     values = np.asarray(statistic(lab[index]), dtype=np.float64)
     return float(np.mean(values <= observed + 1e-12 * max(1.0, abs(observed))))
+
+
+def slope(x: Sequence[float], y: Sequence[float]) -> Difference:
+    """The least-squares slope of ``y`` on ``x`` as a :class:`Difference` (``diff`` = slope) with its
+    standard error ``s/√Σ(x − x̄)²`` (``s²`` the residual variance, ``N − 2`` degrees of freedom):
+    ``direction()`` tests a rising / falling trend at level :data:`ALPHA`."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    sxx = float(((x - x.mean()) ** 2).sum())
+    if len(x) < 3 or sxx == 0 or not np.isfinite(y).all():
+        return Difference(math.nan, math.nan, math.nan)
+    b = float(((x - x.mean()) * (y - y.mean())).sum() / sxx)
+    resid = y - y.mean() - b * (x - x.mean())
+    return Difference(b, math.sqrt(float((resid**2).sum()) / (len(x) - 2) / sxx), len(x) - 2)
