@@ -9,6 +9,7 @@ from isoprobe.experiments.common import spearman
 from isoprobe.experiments.stats import (
     ALPHA,
     mean_interval,
+    median_interval,
     permutation_p,
     sign_test_p,
     slope,
@@ -118,3 +119,13 @@ def test_slope_matches_polyfit_and_its_null_rate():
     ups = sum(slope(x, rng.normal(size=x.size)).direction() == "up" for _ in range(TRIALS))
     assert ups / TRIALS <= ALPHA + SLACK
     assert math.isnan(slope([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]).diff)
+
+
+def test_median_interval_order_statistics_and_coverage():
+    # n = 6: [x(1), x(6)] covers with 1 − 2/64 = 96.9%; n = 5 cannot reach 95% (93.75%); n = 9: [x(2), x(8)]
+    assert median_interval([5.0, 1, 4, 2, 6, 3])[1:] == (1.0, 6.0)
+    assert all(math.isnan(v) for v in median_interval([1.0, 2, 3, 4, 5])[1:])
+    assert median_interval(list(range(9)))[1:] == (1.0, 7.0)
+    rng = np.random.default_rng(6)
+    cover = sum(lo <= 0.0 <= hi for _, lo, hi in (median_interval(rng.standard_cauchy(9)) for _ in range(TRIALS)))
+    assert cover / TRIALS >= 1 - 2 * 10 / 512 - SLACK  # exact coverage 96.1%, heavy tails or not
