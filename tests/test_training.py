@@ -412,16 +412,17 @@ def _fig2_rows(rise: float = 0.0, centring: float = 0.0, t1: int = 1) -> list[di
 
 def test_verdict_fig2_trained():
     cfg = {"acts": ["tanh"], "depth": 2, "tolerance": 0.01, "probe_every": 5, "probe_batch": 8}
-    assert verdict_fig2_trained(_fig2_rows(), cfg).verdict == "held"
-    raised = verdict_fig2_trained(_fig2_rows(rise=0.05), cfg)  # a trained norm layer raises the gap
+    ok = verdict_fig2_trained(_fig2_rows(), cfg)
+    assert ok.verdict == "held" and "0 of 6 trained norm layers raise the gap" in ok.reason
+    raised = verdict_fig2_trained(_fig2_rows(rise=0.05), cfg)  # a trained norm layer raises the gap by 5%
     assert raised.verdict == "not held"
     assert raised.measured["during_and_after_training"]["max_relative_rise"] == pytest.approx(0.05)
     assert raised.measured["at_initialisation"]["held"]
     assert verdict_fig2_trained(_fig2_rows(t1=0), cfg).verdict == "not held"  # Theorem 1's bound fails
-    # centring (not covered by Corollary 2) raising the gap is reported, not judged
-    centred = verdict_fig2_trained(_fig2_rows(centring=0.2), cfg)
-    assert centred.verdict == "held"
-    assert centred.measured["at_initialisation"]["whole_norm_layer"]["raising_gap"] == 0  # 1.2 · 0.5 < 1
+    # the centring raising the gap is judged now (the whole layer): 1.2 · 0.5 < 1 lowers, 2.5 · 0.5 raises
+    assert verdict_fig2_trained(_fig2_rows(centring=0.2, rise=-0.5), cfg).verdict == "held"
+    centred = verdict_fig2_trained(_fig2_rows(centring=1.5), cfg)
+    assert centred.verdict == "not held" and centred.measured["at_initialisation"]["projection_step"]["raising_gap"] == 0
     init_only = [r for r in _fig2_rows() if r["step"] == 0]
     assert verdict_fig2_trained(init_only, cfg).verdict == "undecided"
 
