@@ -427,26 +427,27 @@ def test_verdict_fig2_trained():
     assert verdict_fig2_trained(init_only, cfg).verdict == "undecided"
 
 
-def _m4_rows(curves: dict[tuple[str, int, int], list[float]]) -> list[dict]:
-    rows = [{"weights": "", "depth": "", "run": "", "epoch": "", "quantity": "chance", "value": 0.1}]
+def _m4_rows(curves: dict[tuple[str, int, int], list[float]], lr: float = 0.01) -> list[dict]:
+    rows = [{"lr": lr, "weights": "", "depth": "", "run": "", "epoch": "", "quantity": "chance", "value": 0.1}]
     for (w, L, run), acc in curves.items():
         for q in ("train_accuracy", "test_accuracy"):
             rows += [
-                {"weights": w, "depth": L, "run": run, "epoch": e, "quantity": q, "value": a} for e, a in enumerate(acc)
+                {"lr": lr, "weights": w, "depth": L, "run": run, "epoch": e, "quantity": q, "value": a}
+                for e, a in enumerate(acc)
             ]
     return rows
 
 
-def _m4(orth: dict[int, list[list[float]]]) -> list[dict]:
+def _m4(orth: dict[int, list[list[float]]], lr: float = 0.01) -> list[dict]:
     gauss = {("gaussian", L, r): c for L, runs in orth.items() for r, c in enumerate(runs)}
-    return _m4_rows({**{("orthogonal", L, r): c for L, runs in orth.items() for r, c in enumerate(runs)}, **gauss})
+    return _m4_rows({**{("orthogonal", L, r): c for L, runs in orth.items() for r, c in enumerate(runs)}, **gauss}, lr)
 
 
 def test_verdict_meterez_fig4():
-    cfg = {"depths": [4, 64], "weights": ["orthogonal", "gaussian"], "epochs": 3, "max_spread": 0.05}
+    cfg = {"depths": [4, 64], "weights": ["orthogonal", "gaussian"], "epochs": 3, "max_spread": 0.05, "lrs": [0.01]}
     fast, slow = [0.1, 0.6, 0.8, 0.9], [0.1, 0.2, 0.3, 0.4]
     held = verdict_meterez_fig4(_m4({4: [fast, fast], 64: [fast, [0.1, 0.58, 0.8, 0.9]]}), cfg)
-    assert held.verdict == "held" and held.measured["spread_over_depths"]["orthogonal"] == pytest.approx(0.01 / 3)
+    assert held.verdict == "held" and held.measured["lr=0.01"]["spread_over_depths"]["orthogonal"] == pytest.approx(0.01 / 3)
     assert "Gaussian weights are as depth-independent" in held.notes[0]  # the control passes too: said
     deep_slow = verdict_meterez_fig4(_m4({4: [fast, fast], 64: [slow, slow]}), cfg)
     assert deep_slow.verdict == "not held" and "depth 64" in deep_slow.reason
@@ -463,14 +464,27 @@ def test_verdict_meterez_fig4():
     )
 
 
-def test_meterez_fig4_reason_gives_the_weight_moves():
+def test_verdict_meterez_fig4_is_judged_over_the_learning_rates():
     cfg = {"depths": [4, 64], "weights": ["orthogonal", "gaussian"], "epochs": 3, "max_spread": 0.05}
+    fast, slow = [0.1, 0.6, 0.8, 0.9], [0.1, 0.2, 0.3, 0.4]
+    same, apart = _m4({4: [fast, fast], 64: [fast, fast]}), _m4({4: [slow, slow], 64: [fast, fast]})
+    relabel = [r | {"lr": 0.1} for r in same]
+    mixed = verdict_meterez_fig4(apart + relabel, {**cfg, "lrs": [0.01, 0.1]})  # depth-free only at lr 0.1
+    assert mixed.verdict == "undecided" and "lr 0.01: not held" in mixed.reason and "lr 0.1: held" in mixed.reason
+    both = verdict_meterez_fig4(same + relabel, {**cfg, "lrs": [0.01, 0.1]})
+    assert both.verdict == "held" and "spread" in both.reason
+    never = verdict_meterez_fig4(apart + [r | {"lr": 0.1} for r in apart], {**cfg, "lrs": [0.01, 0.1]})
+    assert never.verdict == "not held" and set(never.measured) == {"lr=0.01", "lr=0.1"}
+
+
+def test_meterez_fig4_reason_gives_the_weight_moves():
+    cfg = {"depths": [4, 64], "weights": ["orthogonal", "gaussian"], "epochs": 3, "max_spread": 0.05, "lrs": [0.01]}
     fast, slow = [0.1, 0.6, 0.8, 0.9], [0.1, 0.2, 0.3, 0.4]
     rows = _m4({4: [slow, slow], 64: [fast, fast]})
 
     def moved(shallow: float, deep: float) -> list[dict]:
         return [
-            {"weights": w, "depth": L, "run": r, "epoch": 1, "quantity": "weight_move", "value": v + 0.01 * r}
+            {"lr": 0.01, "weights": w, "depth": L, "run": r, "epoch": 1, "quantity": "weight_move", "value": v + 0.01 * r}
             for w in cfg["weights"]
             for L, v in ((4, shallow), (64, deep))
             for r in range(2)
@@ -479,7 +493,7 @@ def test_meterez_fig4_reason_gives_the_weight_moves():
     bigger = verdict_meterez_fig4(rows + moved(0.16, 0.75), cfg)
     assert bigger.verdict == "not held" and "depth 4 trains slower than depth 64" in bigger.reason
     assert "moved more" in bigger.reason and "0.755 against 0.165" in bigger.reason
-    assert bigger.measured["weight_move_epoch1"] == {4: pytest.approx(0.165), 64: pytest.approx(0.755)}
+    assert bigger.measured["lr=0.01"]["weight_move_epoch1"] == {4: pytest.approx(0.165), 64: pytest.approx(0.755)}
     smaller = verdict_meterez_fig4(rows + moved(0.75, 0.16), cfg)
     assert smaller.verdict == "not held" and "mechanism not established" in smaller.reason
     assert "not recorded" in verdict_meterez_fig4(rows, cfg).reason
