@@ -148,6 +148,11 @@ def _final(values: np.ndarray) -> float:
     return float(mean_curve(values)[-1])
 
 
+def _fmt(values: Mapping[str, float]) -> str:
+    """``"a 1.23, b 4.56"``: named numbers for a verdict's reason."""
+    return ", ".join(f"{k} {v:.3g}" for k, v in values.items())
+
+
 def _ratio(a: float, b: float) -> float:
     """``a / b`` for gaps, with collapsed (+inf) values: inf/inf counts as 1 (both collapsed)."""
     if math.isinf(a) and math.isinf(b):
@@ -291,7 +296,9 @@ def _table2_verdict(rows: list[dict], cfg: dict) -> Verdict:
         rule=f"held if |β_numeric − β_closed_form| ≤ {cfg['tolerance']:g} for every activation of Table 2",
         measured={r["act"]: r["beta_numeric"] for r in rows} | {"max_abs_error": worst},
         theory={r["act"]: r["beta_closed_form"] for r in rows},
-        reason="" if ok else "exact quadrature disagrees with the paper's closed form",
+        reason=f"largest |β_numeric − β_closed_form| = {worst:.2g} (tolerance {cfg['tolerance']:g})"
+        if ok
+        else f"exact quadrature disagrees with the paper's closed form (largest error {worst:.2g})",
     )
 
 
@@ -396,7 +403,13 @@ def _fig2_verdict(rows: list[dict], cfg: dict) -> Verdict:
         measured,
         theory,
         notes=notes,
-        reason="" if held else "a norm layer raised the gap of its input, or Theorem 1 failed",
+        reason=(
+            f"{rises} of {before.size} norm layers raise the gap of their input, by at most {worst:.2g} relative "
+            f"(tolerance {cfg['tolerance']:g}); Theorem 1 failures: {t1_fail}"
+        )
+        if held
+        else f"a norm layer raised the gap of its input, or Theorem 1 failed ({rises} rises, largest {worst:.2g}; "
+        f"{t1_fail} Theorem 1 failures)",
     )
 
 
@@ -576,7 +589,16 @@ def _fig3_verdict(rows: list[dict], cfg: dict) -> Verdict:
         rule,
         measured,
         theory,
-        reason="" if ordered else "the gap decays slower for a larger β",
+        reason=(
+            "decay rate / log β: "
+            + _fmt({a: m[a]["rate_over_log_beta"] for a in by_beta})
+            + f" (band [{lo:g}, {hi:g}]); rates by increasing β "
+            + _fmt({a: m[a]["decay_rate"] for a in by_beta})
+            + "; one-sided Welch p of each step: "
+            + ", ".join(f"{d.p_greater:.2g}" for d in steps)
+        )
+        if ordered
+        else "the gap decays slower for a larger β",
     )
 
 
@@ -754,7 +776,9 @@ def _fig4_verdict(rows: list[dict], cfg: dict) -> Verdict:
             "mean_field": "layer centering converges to subtracting c₀ as d → ∞",
             "offset_c0": {act: float(activation_stats(act).c0) for act in cfg["acts"]},
         },
-        reason="" if held else "the two centerings give gaps more than 2× apart at some depth",
+        reason=("largest ratio of the two centerings' mean gaps over depth: " + _fmt(ratio) + " (at most 2)")
+        if held
+        else "the two centerings give gaps more than 2× apart at some depth: " + _fmt(ratio),
     )
 
 
@@ -819,7 +843,11 @@ def _fig5_verdict(rows: list[dict], cfg: dict) -> Verdict:
             reason="projection did not lower the gap, or without it the gap still decayed",
         )
     why = f"the two variants are not separated at level {ALPHA:g} (Welch's t test; too few runs to separate them)"
-    return _held_if_separated(sep, why, rule, measured, theory, notes)
+    numbers = "final mean gap with / without projection: " + ", ".join(
+        f"{a} {m[a]['final_with_projection']:.3g} / {m[a]['final_without']:.3g} (input {m[a]['input_gap']:.3g})"
+        for a in m
+    )
+    return _held_if_separated(sep, f"{why}; {numbers}", rule, measured, theory, notes, held_reason=numbers)
 
 
 # --quick: 5 runs, where 3 leave sigmoid's two variants (final gaps ≈ 0.34 and 0.62) too close to separate
@@ -943,7 +971,9 @@ def _fig8a_verdict(rows: list[dict], cfg: dict) -> Verdict:
             "scale": {a: float(activation_stats(a).var) for a in cfg["acts"]},
             "squared_norm_map_slope_at_fixed_point": {a: _norm_map_slope(a) for a in cfg["acts"]},
         },
-        reason="" if held else "SELU or tanh needed layer norm, or ReLU did not",
+        reason=("final gap, offset-and-scale over layer norm: " + _fmt(ratio) + " (SELU, tanh ≤ 2; ReLU > 2)")
+        if held
+        else "SELU or tanh needed layer norm, or ReLU did not: " + _fmt(ratio),
         notes=(
             (
                 "ReLU's squared-norm map under offset-and-scale has slope 1 at its fixed point (see fig6): its "
@@ -976,7 +1006,9 @@ def _fig8b_verdict(rows: list[dict], cfg: dict) -> Verdict:
         "activation with c₀ ≠ 0, and within a factor 2 of it for those with c₀ = 0",
         measured={"final_gap": finals, "ratio_normact_to_actnorm": ratio, "as_predicted": ok},
         theory={"offset_c0": offset},
-        reason="" if held else f"not as predicted for {', '.join(a for a in ok if not ok[a])}",
+        reason=("final gap, norm-then-activation over activation-then-norm: " + _fmt(ratio))
+        if held
+        else f"not as predicted for {', '.join(a for a in ok if not ok[a])}: " + _fmt(ratio),
         notes=_collapse_notes(rows, cfg),
     )
 
@@ -1144,7 +1176,10 @@ def _figB1_verdict(rows: list[dict], cfg: dict) -> Verdict:
         "γ at most that bound plus two standard errors over runs (both to 1e-9 relative: ℓ = 0 is an equality)",
         measured=measured,
         theory=theory,
-        reason="" if held else "γ exceeds the Corollary B.2 bound",
+        reason="at every depth and activation the mean-field γ and the simulated mean γ (within 2 SE) are at most "
+        "γ(G₀)β^(−ℓ); final simulated γ: " + _fmt({a: float(measured[a]["mean_gamma"][-1]) for a in measured})
+        if held
+        else "γ exceeds the Corollary B.2 bound",
     )
 
 
@@ -1222,7 +1257,10 @@ def _figC1_verdict(rows: list[dict], cfg: dict) -> Verdict:
         f"grid, and ReLU's β varies by at most {cfg['tolerance']:g} over it",
         measured={"max_abs_error": errors, "relu_beta_spread_over_gains": spread},
         theory={"relu_beta": _TABLE_C1["relu"](1.0)},
-        reason="" if held else "exact quadrature disagrees with Table C.1, or ReLU's β depends on the gain",
+        reason=f"largest error against Table C.1: {_fmt(errors)}; ReLU's β spread over gains {spread:.2g} "
+        f"(tolerance {cfg['tolerance']:g})"
+        if held
+        else "exact quadrature disagrees with Table C.1, or ReLU's β depends on the gain: " + _fmt(errors),
     )
 
 
@@ -1549,6 +1587,15 @@ def _figC4_units(cfg: dict, env: Env) -> list[Unit]:
     return [(f"{n}|{s}", _one_thread(_figC4_rows, cfg, env, n, s)) for n in _datasets(cfg) for s in cfg["schedules"]]
 
 
+def _figC4_numbers(measured: dict) -> str:
+    """Per data set and schedule: the fall of the mean gap from layer 1 to the last, and the final gap."""
+    return "; ".join(
+        f"{name}: "
+        + ", ".join(f"{sched} falls {m['gap_layer1'] / m['gap_final']:.3g}× to {m['gap_final']:.3g}" for sched, m in ms.items())
+        for name, ms in measured.items()
+    )
+
+
 def _figC4_verdict(rows: list[dict], cfg: dict) -> Verdict:
     measured, ok, decays_const = {}, True, True
     for name in _datasets(cfg):
@@ -1598,7 +1645,9 @@ def _figC4_verdict(rows: list[dict], cfg: dict) -> Verdict:
         measured,
         theory,
         notes=notes,
-        reason="" if ok else "a width schedule decays less than 3× or ends more than 3× from constant width",
+        reason=_figC4_numbers(measured)
+        if ok
+        else "a width schedule decays less than 3× or ends more than 3× from constant width: " + _figC4_numbers(measured),
     )
 
 

@@ -1125,7 +1125,10 @@ def _m6_decide(m: dict, cfg: dict) -> tuple[str, str]:
             "for the control to tell a bias from a random update"
         )
     if (ratios <= cfg["max_ratio"]).all():
-        return "held", ""
+        return "held", (
+            f"gap over control {ratios.min():.2f}–{ratios.max():.2f} in every run (≤ {cfg['max_ratio']:g}), relative "
+            f"move {m['middle_relative_move']:.3f}"
+        )
     if (ratios > cfg["max_ratio"]).all():
         return "not held", (
             f"the middle weights' gap is {ratios.mean():.2f}× that of the same displacement in a "
@@ -1168,7 +1171,7 @@ def verdict_meterez_fig6(rows: Sequence[dict], cfg: dict) -> Verdict:
     verdicts = [v for v, _ in decided.values()]
     reasons = "; ".join(f"{name}: {why}" for name, (v, why) in decided.items() if why)
     verdict = "not held" if "not held" in verdicts else "held" if set(verdicts) == {"held"} else "undecided"
-    return Verdict(verdict, rule, measured, theory, reason=reasons if verdict != "held" else "")
+    return Verdict(verdict, rule, measured, theory, reason=reasons)
 
 
 def figure_meterez_fig6(rows: Sequence[dict], cfg: dict) -> Figure:
