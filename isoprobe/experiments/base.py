@@ -24,7 +24,7 @@ Write a module ``isoprobe/experiments/<paper>.py`` (it imports this module and
     def verdict(rows: list[dict], cfg: dict) -> Verdict:   # a pure function of the rows
         ...
         return Verdict("held" if ok else "not held", rule="what was compared, thresholds",
-                       measured={...}, theory={...})
+                       measured={...}, theory={...}, reason="the numbers that decided it")
 
     def draw(rows: list[dict], cfg: dict) -> Figure:       # drawn from the rows alone
         ...

@@ -918,7 +918,9 @@ def _fig6_verdict(rows: list[dict], cfg: dict) -> Verdict:
     held = all(comparable.values()) and exp_fails
     failing = [a for a, ok in comparable.items() if not ok]
     exp_note = [] if exp_fails else ["exp's mean-field projection does not end more than 2× above layer projection"]
-    reason = "; ".join([*(_fig6_reason(a, ratios[a], slope[a], spread[a]) for a in failing), *exp_note])
+    reason = "; ".join([*(_fig6_reason(a, ratios[a], slope[a], spread[a]) for a in failing), *exp_note]) or (
+        "final gap, mean-field over layer projection: " + _fmt(final) + " (within 2× but exp, which is above)"
+    )
     return Verdict(
         "held" if held else "not held",
         rule="held if the final mean gaps of the two projections agree within a factor 2 for every activation but "
@@ -1077,7 +1079,14 @@ def _fig9_verdict(rows: list[dict], cfg: dict) -> Verdict:
         "normalisation and at most 1.5× its value at depth L/3 (no accumulation), and it decreases with width",
         measured=measured | {"LN_error_shrinks_with_width": shrinks},
         theory={"mean_field": "G*_ℓ from the same spec; finite-width error O(1/√d) per layer"},
-        reason=""
+        reason=(
+            "final / depth-L/3 mean error with layer norm, and mean-field normalisation's final: "
+            + "; ".join(
+                f"d = {d}: {measured[str(d)]['LN_error']['final']:.3g} / {measured[str(d)]['LN_error']['at_L/3']:.3g}, "
+                f"{measured[str(d)]['meanfield_norm_error']['final']:.3g}"
+                for d in cfg["widths"]
+            )
+        )
         if held
         else "the layer-norm error accumulates with depth, exceeds mean-field normalisation's, or "
         "does not shrink with width",
