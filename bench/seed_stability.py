@@ -33,7 +33,9 @@ def run_seed(seed: int, out: Path, names: list[str]) -> dict:
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    summaries = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if not p.name.endswith("units.json")}
+    summaries = {
+        p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if not p.name.endswith("units.json")
+    }
     return {"wall": wall, "cpu": cpu, "load": (load0, os.getloadavg()[0]), "summaries": summaries}
 
 
@@ -63,12 +65,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("seed-stability"))
     ap.add_argument("--names", nargs="+", default=["all"])
     a = ap.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
+    )
     results = {}
     for s in a.seeds:
         results[s] = run_seed(s, a.out / f"seed-{s}", a.names)
         r = results[s]
-        print(f"seed {s}: {r['wall']:.0f} s wall, {r['cpu']:.0f} s CPU, load {r['load'][0]:.1f}→{r['load'][1]:.1f}", flush=True)
+        print(
+            f"seed {s}: {r['wall']:.0f} s wall, {r['cpu']:.0f} s CPU, load {r['load'][0]:.1f}→{r['load'][1]:.1f}",
+            flush=True,
+        )
     print(table(results))
     per = {
         n: [results[s]["summaries"][n].get("elapsed_s", float("nan")) for s in results if n in results[s]["summaries"]]

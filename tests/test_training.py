@@ -19,9 +19,9 @@ from isoprobe import Probe, distributed
 from isoprobe.experiments.common import FIG7_ACTS, rule_norms_never_raise, spearman
 from isoprobe.experiments.training import (
     _ln_classifier,
-    fig7_statistic,
     _m4_move_rows,
     control_update,
+    fig7_statistic,
     loss_area,
     verdict_fig2_trained,
     verdict_fig7,
@@ -422,7 +422,9 @@ def test_verdict_fig2_trained():
     # the centring raising the gap is judged now (the whole layer): 1.2 · 0.5 < 1 lowers, 2.5 · 0.5 raises
     assert verdict_fig2_trained(_fig2_rows(centring=0.2, rise=-0.5), cfg).verdict == "held"
     centred = verdict_fig2_trained(_fig2_rows(centring=1.5), cfg)
-    assert centred.verdict == "not held" and centred.measured["at_initialisation"]["projection_step"]["raising_gap"] == 0
+    assert (
+        centred.verdict == "not held" and centred.measured["at_initialisation"]["projection_step"]["raising_gap"] == 0
+    )
     init_only = [r for r in _fig2_rows() if r["step"] == 0]
     assert verdict_fig2_trained(init_only, cfg).verdict == "undecided"
 
@@ -447,7 +449,9 @@ def test_verdict_meterez_fig4():
     cfg = {"depths": [4, 64], "weights": ["orthogonal", "gaussian"], "epochs": 3, "max_spread": 0.05, "lrs": [0.01]}
     fast, slow = [0.1, 0.6, 0.8, 0.9], [0.1, 0.2, 0.3, 0.4]
     held = verdict_meterez_fig4(_m4({4: [fast, fast], 64: [fast, [0.1, 0.58, 0.8, 0.9]]}), cfg)
-    assert held.verdict == "held" and held.measured["lr=0.01"]["spread_over_depths"]["orthogonal"] == pytest.approx(0.01 / 3)
+    assert held.verdict == "held" and held.measured["lr=0.01"]["spread_over_depths"]["orthogonal"] == pytest.approx(
+        0.01 / 3
+    )
     assert "Gaussian weights are as depth-independent" in held.notes[0]  # the control passes too: said
     deep_slow = verdict_meterez_fig4(_m4({4: [fast, fast], 64: [slow, slow]}), cfg)
     assert deep_slow.verdict == "not held" and "depth 64" in deep_slow.reason
@@ -484,7 +488,15 @@ def test_meterez_fig4_reason_gives_the_weight_moves():
 
     def moved(shallow: float, deep: float) -> list[dict]:
         return [
-            {"lr": 0.01, "weights": w, "depth": L, "run": r, "epoch": 1, "quantity": "weight_move", "value": v + 0.01 * r}
+            {
+                "lr": 0.01,
+                "weights": w,
+                "depth": L,
+                "run": r,
+                "epoch": 1,
+                "quantity": "weight_move",
+                "value": v + 0.01 * r,
+            }
             for w in cfg["weights"]
             for L, v in ((4, shallow), (64, deep))
             for r in range(2)

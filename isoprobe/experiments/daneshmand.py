@@ -171,7 +171,9 @@ def _draw(rows: list[dict], cfg: dict):
     for w in widths:
         plot_depth_curves(ax, curves[(True, w)], label=f"d = {w}", ylabel="orthogonality gap")
         c = curves[(False, w)]
-        plot_depth_curves(bx, c, label=f"d = {w}", layers=np.arange(c.shape[1]) / w, ylabel="orthogonality gap", log=False)
+        plot_depth_curves(
+            bx, c, label=f"d = {w}", layers=np.arange(c.shape[1]) / w, ylabel="orthogonality gap", log=False
+        )
     ax.legend(fontsize=6, ncol=2)
     ax.set_title(f"BN, from correlated inputs (n = {n})", fontsize=10)
     bx.set_xlabel("layer ℓ / width d")

@@ -1382,7 +1382,7 @@ def _step(a: dict, b: dict) -> str:
 
 def _trend(r: dict, x: str = "beta") -> Difference:
     """The least-squares slope of the per-run decay rates of ``r`` (gain → rates) on ``x`` (β or gain)."""
-    xs = [v[x] if x in v else g for g, v in r.items() for _ in v["rate_per_run"]]
+    xs = [v.get(x, g) for g, v in r.items() for _ in v["rate_per_run"]]
     return slope(xs, [q for v in r.values() for q in v["rate_per_run"]])
 
 
@@ -1543,9 +1543,7 @@ def _figC3_verdict(rows: list[dict], cfg: dict) -> Verdict:
     dependence = _figC3_gain_dependence(gain, gain1)
     if losers or not markedly:
         why = (
-            _figC3_reason(losers, gain, cfg)
-            if losers
-            else "the improvement for ReLU and leaky ReLU is not the largest"
+            _figC3_reason(losers, gain, cfg) if losers else "the improvement for ReLU and leaky ReLU is not the largest"
         )
         return Verdict("not held", rule, measured, theory, reason=f"{why}; {dependence}", notes=notes)
     why = f"mean-field not better at level {ALPHA:g} (Welch's t test over runs); {dependence}"
@@ -1600,7 +1598,9 @@ def _figC4_numbers(measured: dict) -> str:
     """Per data set and schedule: the fall of the mean gap from layer 1 to the last, and the final gap."""
     return "; ".join(
         f"{name}: "
-        + ", ".join(f"{sched} falls {m['gap_layer1'] / m['gap_final']:.3g}× to {m['gap_final']:.3g}" for sched, m in ms.items())
+        + ", ".join(
+            f"{sched} falls {m['gap_layer1'] / m['gap_final']:.3g}× to {m['gap_final']:.3g}" for sched, m in ms.items()
+        )
         for name, ms in measured.items()
     )
 
@@ -1656,7 +1656,8 @@ def _figC4_verdict(rows: list[dict], cfg: dict) -> Verdict:
         notes=notes,
         reason=_figC4_numbers(measured)
         if ok
-        else "a width schedule decays less than 3× or ends more than 3× from constant width: " + _figC4_numbers(measured),
+        else "a width schedule decays less than 3× or ends more than 3× from constant width: "
+        + _figC4_numbers(measured),
     )
 
 

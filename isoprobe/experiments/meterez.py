@@ -25,7 +25,6 @@ from functools import partial
 import numpy as np
 import torch
 
-from isoprobe.experiments.stats import mean_interval, median_interval
 from isoprobe.experiments.base import Env, Options, Reproduction, Unit, Verdict, data_request, register
 from isoprobe.experiments.common import (
     METEREZ,
@@ -39,6 +38,7 @@ from isoprobe.experiments.common import (
     run_generator,
     single_thread,
 )
+from isoprobe.experiments.stats import mean_interval, median_interval
 from isoprobe.metrics import gram, numerical_rank
 from isoprobe.nets.bn_mlp import BNMLP, first_layer_grad_log_norms
 from isoprobe.theory.batchnorm import METEREZ_FIG1_C, isometry_gap_rate, meterez_bound

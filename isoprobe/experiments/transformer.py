@@ -233,7 +233,9 @@ def figc5_verdict(rows: Sequence[dict], cfg: dict) -> Verdict:
         why = f"the normalisation step raises the gap at {', '.join(raised[:6])}: {numbers}"
         return Verdict("not held", rule, measured, theory, reason=why, notes=notes)
     if lowered < calls:
-        return Verdict("undecided", rule, measured, theory, reason=f"some calls leave the gap unchanged: {numbers}", notes=notes)
+        return Verdict(
+            "undecided", rule, measured, theory, reason=f"some calls leave the gap unchanged: {numbers}", notes=notes
+        )
     return Verdict("held", rule, measured, theory, reason=numbers, notes=notes)
 
 
