@@ -467,7 +467,7 @@ def _one_panel(series: Callable[[dict], dict[str, dict]], title: Callable[[dict]
 
 
 def _fig2_config(opt: Options) -> dict:
-    cfg = _grad_config(opt, width=32, quick_width=16, runs=10, quick_runs=9)
+    cfg = _grad_config(opt, width=32, quick_width=16, runs=15, quick_runs=15)
     cfg["duplicated_pairs"] = [cfg["batch"] // 8, cfg["batch"] // 2]
     return cfg
 
@@ -560,7 +560,7 @@ register(
         claim="the log-norm of the first layer's gradient stays bounded in depth (to 1000) with orthogonal "
         "weights and grows linearly with Gaussian weights" + as_tested(),
         columns=("series", "run", "depth", "log_grad_norm"),
-        config=lambda opt: _grad_config(opt, width=100, quick_width=32, runs=10, quick_runs=9),
+        config=lambda opt: _grad_config(opt, width=100, quick_width=32, runs=15, quick_runs=15),
         units=_grad_units(_fig3_series),
         verdict=_fig3_verdict,
         uses_data=True,
