@@ -126,7 +126,8 @@ def test_every_command_help_has_an_example(command):
 def test_repro_shows_no_progress_bar_off_a_terminal(tmp_path):
     result = run("repro", "table2", "--quick", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
-    assert "%|" not in result.output and "it/s" not in result.output and "table2: held" in result.output
+    assert "%|" not in result.output and "it/s" not in result.output and "table2 (Table 2: isometry" in result.output
+    assert "Table 2): held" in result.output
     assert run("repro", "table2", "--quick", "--quiet", "--out", str(tmp_path / "q")).exit_code == 0
 
 

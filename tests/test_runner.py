@@ -58,6 +58,7 @@ def _verdict(rows: list[dict], cfg: dict) -> Verdict:
         "held" if total > 0 else "not held",
         rule="held iff the values sum above 0",
         measured={"total": total, "n": len(rows)},
+        reason=f"the values sum to {total}",
     )
 
 
@@ -109,15 +110,16 @@ def _quiet(messages: list | None = None) -> dict:
 
 
 def test_verdict_held_follows_verdict_and_bad_verdicts_are_refused():
-    assert Verdict("held", "r", {}).held is True
-    assert Verdict("not held", "r", {}).held is False
+    assert Verdict("held", "r", {}, reason="x = 2 > 1").held is True
+    assert Verdict("not held", "r", {}, reason="x = 0 ≤ 1").held is False
     assert Verdict("undecided", "r", {}, reason="too few runs").held is None
     with pytest.raises(ValueError, match="one of"):
         Verdict("passed", "r", {})
-    with pytest.raises(ValueError, match="reason"):
-        Verdict("undecided", "r", {})
+    for verdict in ("held", "not held", "undecided"):  # held too: the numbers that decided it
+        with pytest.raises(ValueError, match="reason"):
+            Verdict(verdict, "r", {})
     with pytest.raises(ValueError, match="rule"):
-        Verdict("held", "", {})
+        Verdict("held", "", {}, reason="x")
 
 
 # --- files, JSON, resume ------------------------------------------------------------------------
@@ -302,13 +304,29 @@ def test_a_fallback_that_cannot_load_gives_way_to_the_synthetic_set(monkeypatch)
         base.resolve_data(data_request("cifar10", fallback="digits"), "digits", 0, notes.append)
 
 
-def test_the_console_line_gives_the_reason_of_every_verdict_but_held(tmp_path):
+def test_the_console_line_gives_the_claim_and_the_reason_of_every_verdict_but_held(tmp_path):
     lines: list[str] = []
     for verdict in ("not held", "undecided", "held"):
-        summary = {"verdict": verdict, "reason": f"why {verdict}" if verdict != "held" else "", "elapsed_s": 1.0}
+        summary = {
+            "verdict": verdict,
+            "figure": "Fig. 1",
+            "claim": "values are positive (as tested: their sum)",
+            "reason": f"why {verdict}",
+            "elapsed_s": 1.0,
+        }
         base._announce(summary, tmp_path / "x.json", lines.append, "x")
-    assert lines[0].startswith("x: not held: why not held") and lines[1].startswith("x: undecided: why undecided")
-    assert lines[2].startswith("x: held (1.0 s)")
+    assert lines[0].startswith("x (Fig. 1: values are positive): not held: why not held")
+    assert lines[1].startswith("x (Fig. 1: values are positive): undecided: why undecided")
+    assert lines[2].startswith("x (Fig. 1: values are positive): held (1.0 s)")
+
+
+def test_the_png_states_the_claim_and_the_verdict(toys, tmp_path):
+    (summary,) = run_reproductions(["toy-a"], Options(), tmp_path, **_quiet())
+    footer = [t.get_text() for t in FIGS[-1].texts]
+    assert any("Claim (Fig. 1): values are positive" in t and "Verdict: HELD — the values sum to" in t for t in footer)
+    long = Verdict("not held", "r", {}, reason="x" * 1000)
+    text = base._footer(toys["toy-a"], long, 4.0)
+    assert len(text) < 600 and text.rstrip().endswith("…") and max(map(len, text.splitlines())) <= 60
 
 
 def test_summary_counts_verdicts_and_keeps_substitute_data_apart():

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from isoprobe import Probe, distributed
-from isoprobe.experiments.common import rule_norms_never_raise, spearman
+from isoprobe.experiments.common import FIG7_ACTS, rule_norms_never_raise, spearman
 from isoprobe.experiments.training import (
+    _ln_classifier,
     _m4_move_rows,
     control_update,
+    fig7_statistic,
     loss_area,
     verdict_fig2_trained,
     verdict_fig7,
@@ -28,6 +30,7 @@ from isoprobe.experiments.training import (
     weight_gram,
     weight_measures,
 )
+from isoprobe.hermite import isometry_strength
 from isoprobe.metrics import isometry_gap
 from isoprobe.nets import BNMLP, LNMLP
 from isoprobe.theory import LNMLPSpec
@@ -290,12 +293,12 @@ def test_rule_norms_never_raise():
 _ACTS = ["sigmoid", "tanh", "relu"]  # β 1.02 < 1.07 < 1.27
 
 
-def _fig7_rows(scales: dict[int, list[float]]) -> list[dict]:
+def _fig7_rows(scales: dict[int, list[float]], acts: list[str] = _ACTS) -> list[dict]:
     """Loss curves ``c · exp(−e/3)``: ``scales[run][i]`` is activation ``i``'s ``c`` in that run."""
     return [
         {"act": a, "beta": 0.0, "run": run, "epoch": e, "loss": c * math.exp(-e / 3)}
         for run, cs in scales.items()
-        for a, c in zip(_ACTS, cs)
+        for a, c in zip(acts, cs)
         for e in range(6)
     ]
 
@@ -305,21 +308,69 @@ def test_loss_area_is_the_mean_over_trained_epochs():
     np.testing.assert_array_equal(loss_area(curves), [2.0, math.inf])  # epoch 0 left out; diverged: slowest
 
 
-def test_verdict_fig7():
-    cfg = {"acts": _ACTS, "epochs": 5}
-    faster = verdict_fig7(_fig7_rows({0: [3, 2, 1], 1: [2.5, 2.4, 2.0]}), cfg)
-    assert faster.verdict == "held" and faster.measured["spearman_beta_area_per_run"] == [-1.0, -1.0]
-    slower = verdict_fig7(_fig7_rows({0: [1, 2, 3], 1: [1, 1.5, 1.6]}), cfg)  # larger β trains slower
-    assert slower.verdict == "not held" and slower.measured["slowest"] == "relu"
-    mixed = verdict_fig7(_fig7_rows({0: [3, 2, 1], 1: [1, 2, 3]}), cfg)  # the sign flips between runs
-    assert mixed.verdict == "undecided" and "changes from run to run" in mixed.reason
-    assert verdict_fig7(_fig7_rows({0: [3, 2, 1]}), cfg).verdict == "undecided"  # one run: no stability
+_BY_BETA = sorted(FIG7_ACTS, key=isometry_strength)
+_CFG7 = {"acts": _BY_BETA, "epochs": 5}
+
+
+def _areas_rows(area: np.ndarray) -> list[dict]:
+    """Rows whose loss areas are ``area`` (activations of ``_BY_BETA`` × runs)."""
+    unit = np.mean(np.exp(-np.arange(1, 6) / 3))
+    return _fig7_rows({r: list(area[:, r] / unit) for r in range(area.shape[1])}, _BY_BETA)
+
+
+def test_verdict_fig7_held_and_not_held():
+    rng = np.random.default_rng(0)
+    trend = np.linspace(3.0, 1.0, 7)[:, None]  # larger β, smaller loss area
+    faster = verdict_fig7(_areas_rows(trend + 0.2 * rng.normal(size=(7, 3))), _CFG7)
+    assert faster.verdict == "held" and faster.measured["permutation_p_faster"] <= 0.05
+    assert "p(faster)" in faster.reason and faster.measured["spearman_beta_area_per_run"][0] < 0
+    slower = verdict_fig7(_areas_rows(trend[::-1] + 0.2 * rng.normal(size=(7, 3))), _CFG7)
+    assert slower.verdict == "not held" and slower.measured["slowest"] == _BY_BETA[-1]
+    # three activations cannot reach p ≤ 0.05 (1/3! = 0.17): undecided, saying so
+    few = verdict_fig7(_fig7_rows({0: [3, 2, 1], 1: [2.5, 2.4, 2.0]}), {"acts": _ACTS, "epochs": 5})
+    assert few.verdict == "undecided" and "3!" in few.reason
     # the final loss alone would say "faster" here, the area (the speed) says slower: judged on the area
     rows = [
-        r | {"loss": r["loss"] * (0.1 if r["epoch"] == 5 and r["act"] == "relu" else 1)}
-        for r in _fig7_rows({0: [1, 2, 3], 1: [1, 2, 3]})
+        r | {"loss": r["loss"] * (0.1 if r["epoch"] == 5 and r["act"] == _BY_BETA[-1] else 1)}
+        for r in _areas_rows(np.repeat(trend[::-1], 2, axis=1))
     ]
-    assert verdict_fig7(rows, cfg).verdict == "not held"
+    assert verdict_fig7(rows, _CFG7).verdict == "not held"
+
+
+def test_verdict_fig7_false_held_rate_under_the_null():
+    """Activations differ (a ranking shared by every run) but not by β: the rule says held at most at
+    its stated rate 5%, over 200 simulated row sets (binomial 3-sigma slack); the per-run sign rule it
+    replaces ("ρ < 0 in every run") says held far more often on the same rows."""
+    rng = np.random.default_rng(7)
+    trials, held, old = 200, 0, 0
+    for _ in range(trials):
+        effect = rng.normal(size=(7, 1))  # each activation's speed, unrelated to its β
+        v = verdict_fig7(_areas_rows(2.0 + effect + 0.3 * rng.normal(size=(7, 3))), _CFG7)
+        held += v.verdict == "held"
+        old += all(r < 0 for r in v.measured["spearman_beta_area_per_run"])
+    assert held / trials <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / trials)
+    assert old / trials > 0.15
+
+
+def test_fig7_statistic_is_the_run_mean_of_spearman():
+    rng = np.random.default_rng(1)
+    area, b = rng.normal(size=(7, 4)), rng.normal(size=7)
+    area[2, 1] = area[3, 1]  # a tie
+    expected = np.mean([spearman(b, area[:, r]) for r in range(4)])
+    assert fig7_statistic(b, area)(b[None, :])[0] == pytest.approx(expected)
+
+
+def test_fig7_runs_are_independent_and_shard_invariant():
+    """Each run draws its own weights and data order from its global index, so a run computed alone
+    (another rank) equals the same run computed with others; within a run the activations share them."""
+    cfg = {"depth": 2, "width": 8, "seed": 3}
+    w = {(a, r): _ln_classifier(a, cfg, 5, 3, r).state_dict() for a in ("tanh", "relu") for r in (0, 1)}
+    assert not torch.equal(w["tanh", 0]["head.weight"], w["tanh", 1]["head.weight"])
+    assert torch.equal(w["tanh", 0]["head.weight"], w["relu", 0]["head.weight"])
+    body = [k for k in w["tanh", 0] if k.startswith("body") and k.endswith("weight")]
+    assert body and all(not torch.equal(w["tanh", 0][k], w["tanh", 1][k]) for k in body)
+    both, alone = epoch_order(50, [0, 1], 3, 1), epoch_order(50, [1], 3, 1)
+    assert not torch.equal(both[0], both[1]) and torch.equal(both[1], alone[0])
 
 
 def _fig2_rows(rise: float = 0.0, centring: float = 0.0, t1: int = 1) -> list[dict]:
@@ -361,40 +412,46 @@ def _fig2_rows(rise: float = 0.0, centring: float = 0.0, t1: int = 1) -> list[di
 
 def test_verdict_fig2_trained():
     cfg = {"acts": ["tanh"], "depth": 2, "tolerance": 0.01, "probe_every": 5, "probe_batch": 8}
-    assert verdict_fig2_trained(_fig2_rows(), cfg).verdict == "held"
-    raised = verdict_fig2_trained(_fig2_rows(rise=0.05), cfg)  # a trained norm layer raises the gap
+    ok = verdict_fig2_trained(_fig2_rows(), cfg)
+    assert ok.verdict == "held" and "0 of 6 trained norm layers raise the gap" in ok.reason
+    raised = verdict_fig2_trained(_fig2_rows(rise=0.05), cfg)  # a trained norm layer raises the gap by 5%
     assert raised.verdict == "not held"
     assert raised.measured["during_and_after_training"]["max_relative_rise"] == pytest.approx(0.05)
     assert raised.measured["at_initialisation"]["held"]
     assert verdict_fig2_trained(_fig2_rows(t1=0), cfg).verdict == "not held"  # Theorem 1's bound fails
-    # centring (not covered by Corollary 2) raising the gap is reported, not judged
-    centred = verdict_fig2_trained(_fig2_rows(centring=0.2), cfg)
-    assert centred.verdict == "held"
-    assert centred.measured["at_initialisation"]["whole_norm_layer"]["raising_gap"] == 0  # 1.2 · 0.5 < 1
+    # the centring raising the gap is judged now (the whole layer): 1.2 · 0.5 < 1 lowers, 2.5 · 0.5 raises
+    assert verdict_fig2_trained(_fig2_rows(centring=0.2, rise=-0.5), cfg).verdict == "held"
+    centred = verdict_fig2_trained(_fig2_rows(centring=1.5), cfg)
+    assert (
+        centred.verdict == "not held" and centred.measured["at_initialisation"]["projection_step"]["raising_gap"] == 0
+    )
     init_only = [r for r in _fig2_rows() if r["step"] == 0]
     assert verdict_fig2_trained(init_only, cfg).verdict == "undecided"
 
 
-def _m4_rows(curves: dict[tuple[str, int, int], list[float]]) -> list[dict]:
-    rows = [{"weights": "", "depth": "", "run": "", "epoch": "", "quantity": "chance", "value": 0.1}]
+def _m4_rows(curves: dict[tuple[str, int, int], list[float]], lr: float = 0.01) -> list[dict]:
+    rows = [{"lr": lr, "weights": "", "depth": "", "run": "", "epoch": "", "quantity": "chance", "value": 0.1}]
     for (w, L, run), acc in curves.items():
         for q in ("train_accuracy", "test_accuracy"):
             rows += [
-                {"weights": w, "depth": L, "run": run, "epoch": e, "quantity": q, "value": a} for e, a in enumerate(acc)
+                {"lr": lr, "weights": w, "depth": L, "run": run, "epoch": e, "quantity": q, "value": a}
+                for e, a in enumerate(acc)
             ]
     return rows
 
 
-def _m4(orth: dict[int, list[list[float]]]) -> list[dict]:
+def _m4(orth: dict[int, list[list[float]]], lr: float = 0.01) -> list[dict]:
     gauss = {("gaussian", L, r): c for L, runs in orth.items() for r, c in enumerate(runs)}
-    return _m4_rows({**{("orthogonal", L, r): c for L, runs in orth.items() for r, c in enumerate(runs)}, **gauss})
+    return _m4_rows({**{("orthogonal", L, r): c for L, runs in orth.items() for r, c in enumerate(runs)}, **gauss}, lr)
 
 
 def test_verdict_meterez_fig4():
-    cfg = {"depths": [4, 64], "weights": ["orthogonal", "gaussian"], "epochs": 3, "max_spread": 0.05}
+    cfg = {"depths": [4, 64], "weights": ["orthogonal", "gaussian"], "epochs": 3, "max_spread": 0.05, "lrs": [0.01]}
     fast, slow = [0.1, 0.6, 0.8, 0.9], [0.1, 0.2, 0.3, 0.4]
     held = verdict_meterez_fig4(_m4({4: [fast, fast], 64: [fast, [0.1, 0.58, 0.8, 0.9]]}), cfg)
-    assert held.verdict == "held" and held.measured["spread_over_depths"]["orthogonal"] == pytest.approx(0.01 / 3)
+    assert held.verdict == "held" and held.measured["lr=0.01"]["spread_over_depths"]["orthogonal"] == pytest.approx(
+        0.01 / 3
+    )
     assert "Gaussian weights are as depth-independent" in held.notes[0]  # the control passes too: said
     deep_slow = verdict_meterez_fig4(_m4({4: [fast, fast], 64: [slow, slow]}), cfg)
     assert deep_slow.verdict == "not held" and "depth 64" in deep_slow.reason
@@ -411,14 +468,35 @@ def test_verdict_meterez_fig4():
     )
 
 
-def test_meterez_fig4_reason_gives_the_weight_moves():
+def test_verdict_meterez_fig4_is_judged_over_the_learning_rates():
     cfg = {"depths": [4, 64], "weights": ["orthogonal", "gaussian"], "epochs": 3, "max_spread": 0.05}
+    fast, slow = [0.1, 0.6, 0.8, 0.9], [0.1, 0.2, 0.3, 0.4]
+    same, apart = _m4({4: [fast, fast], 64: [fast, fast]}), _m4({4: [slow, slow], 64: [fast, fast]})
+    relabel = [r | {"lr": 0.1} for r in same]
+    mixed = verdict_meterez_fig4(apart + relabel, {**cfg, "lrs": [0.01, 0.1]})  # depth-free only at lr 0.1
+    assert mixed.verdict == "undecided" and "lr 0.01: not held" in mixed.reason and "lr 0.1: held" in mixed.reason
+    both = verdict_meterez_fig4(same + relabel, {**cfg, "lrs": [0.01, 0.1]})
+    assert both.verdict == "held" and "spread" in both.reason
+    never = verdict_meterez_fig4(apart + [r | {"lr": 0.1} for r in apart], {**cfg, "lrs": [0.01, 0.1]})
+    assert never.verdict == "not held" and set(never.measured) == {"lr=0.01", "lr=0.1"}
+
+
+def test_meterez_fig4_reason_gives_the_weight_moves():
+    cfg = {"depths": [4, 64], "weights": ["orthogonal", "gaussian"], "epochs": 3, "max_spread": 0.05, "lrs": [0.01]}
     fast, slow = [0.1, 0.6, 0.8, 0.9], [0.1, 0.2, 0.3, 0.4]
     rows = _m4({4: [slow, slow], 64: [fast, fast]})
 
     def moved(shallow: float, deep: float) -> list[dict]:
         return [
-            {"weights": w, "depth": L, "run": r, "epoch": 1, "quantity": "weight_move", "value": v + 0.01 * r}
+            {
+                "lr": 0.01,
+                "weights": w,
+                "depth": L,
+                "run": r,
+                "epoch": 1,
+                "quantity": "weight_move",
+                "value": v + 0.01 * r,
+            }
             for w in cfg["weights"]
             for L, v in ((4, shallow), (64, deep))
             for r in range(2)
@@ -427,7 +505,7 @@ def test_meterez_fig4_reason_gives_the_weight_moves():
     bigger = verdict_meterez_fig4(rows + moved(0.16, 0.75), cfg)
     assert bigger.verdict == "not held" and "depth 4 trains slower than depth 64" in bigger.reason
     assert "moved more" in bigger.reason and "0.755 against 0.165" in bigger.reason
-    assert bigger.measured["weight_move_epoch1"] == {4: pytest.approx(0.165), 64: pytest.approx(0.755)}
+    assert bigger.measured["lr=0.01"]["weight_move_epoch1"] == {4: pytest.approx(0.165), 64: pytest.approx(0.755)}
     smaller = verdict_meterez_fig4(rows + moved(0.75, 0.16), cfg)
     assert smaller.verdict == "not held" and "mechanism not established" in smaller.reason
     assert "not recorded" in verdict_meterez_fig4(rows, cfg).reason

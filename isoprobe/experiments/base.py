@@ -24,7 +24,7 @@ Write a module ``isoprobe/experiments/<paper>.py`` (it imports this module and
     def verdict(rows: list[dict], cfg: dict) -> Verdict:   # a pure function of the rows
         ...
         return Verdict("held" if ok else "not held", rule="what was compared, thresholds",
-                       measured={...}, theory={...})
+                       measured={...}, theory={...}, reason="the numbers that decided it")
 
     def draw(rows: list[dict], cfg: dict) -> Figure:       # drawn from the rows alone
         ...
@@ -98,8 +98,9 @@ PROTOCOLS = ("isoprobe", "paper")
 class Verdict:
     """The decision of a reproduction: ``verdict`` by ``rule`` on the ``measured`` numbers.
 
-    ``reason`` is required for ``"undecided"`` (why the run cannot decide) and, for
-    ``"not held"``, gives the mechanism where it is known. ``held`` mirrors ``verdict``.
+    ``reason`` is required for every verdict: for ``"held"`` the numbers that decided it, for
+    ``"not held"`` what failed (and the mechanism where it is known), for ``"undecided"`` why the
+    run cannot decide. ``held`` mirrors ``verdict``.
     """
 
     verdict: str
@@ -114,8 +115,8 @@ class Verdict:
             raise ValueError(f"verdict must be one of {', '.join(map(repr, VERDICTS))}, got {self.verdict!r}")
         if not self.rule:
             raise ValueError("a verdict states its rule")
-        if self.verdict == "undecided" and not self.reason:
-            raise ValueError("an undecided verdict needs its reason")
+        if not self.reason:
+            raise ValueError(f"a {self.verdict!r} verdict needs its reason (held: the numbers that decided it)")
         object.__setattr__(self, "notes", tuple(self.notes))
 
     @property
@@ -647,12 +648,31 @@ def _compute(units: list[Unit], table: TidyTable | None, env: Env) -> list[dict]
     return table.rows(keys) if table is not None else []
 
 
-def _save_figure(fig, path: Path, label: str) -> None:
+_VERDICT_COLORS = {"held": "tab:green", "not held": "tab:red", "undecided": "tab:gray"}
+
+
+def _footer(rep: Reproduction, verdict: Verdict, width_in: float, limit: int = 420) -> str:
+    """The PNG's footer: the claim in short and the verdict with (the start of) its reason, wrapped
+    to the figure's width."""
+    import textwrap
+
+    chars = max(60, int(width_in * 15))
+    reason = verdict.reason if len(verdict.reason) <= limit else verdict.reason[: limit - 1].rstrip() + "…"
+    claim = rep.claim.split(" (as tested")[0]
+    lines = textwrap.wrap(f"Claim ({rep.figure}): {claim}", chars)
+    lines += textwrap.wrap(f"Verdict: {verdict.verdict.upper()} — {reason}", chars)
+    return "\n".join(lines)
+
+
+def _save_figure(fig, path: Path, label: str, footer: str = "", verdict: str = "") -> None:
+    """Save ``fig`` with the substitute-data ``label`` in red above and the claim/verdict ``footer`` below."""
     if label:
         title = fig.get_suptitle()
         fig.suptitle(
             f"{title}\n[{label}]" if title else f"[{label}]", color="tab:red", fontsize="medium" if title else "large"
         )
+    if footer:
+        fig.text(0.0, 0.0, footer, ha="left", va="top", fontsize=8, color=_VERDICT_COLORS.get(verdict, "black"))
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
@@ -707,7 +727,9 @@ def _run_declared(rep: Reproduction, options: Options, out_dir: Path, env: Env) 
     if not isinstance(verdict, Verdict):
         raise TypeError(f"{rep.name}: the verdict function must return a Verdict, got {type(verdict).__name__}")
     data = cfg.get("data")  # resolved images (uses_data) or a provenance the config states itself
-    _save_figure(rep.draw(rows, cfg), paths["png"], data_label(data))
+    fig = rep.draw(rows, cfg)
+    footer = _footer(rep, verdict, fig.get_figwidth())
+    _save_figure(fig, paths["png"], data_label(data), footer, verdict.verdict)
     summary = _summary(rep, verdict, cfg, env.notes, table.elapsed(), data)
     _write_json(paths["json"], summary)
     table.finish()
@@ -719,8 +741,9 @@ def _run_declared(rep: Reproduction, options: Options, out_dir: Path, env: Env) 
 def _announce(summary: dict, path: Path, echo: Callable[[str], None], st: str) -> None:
     label = data_label(summary.get("data"))
     why = f": {summary['reason']}" if summary.get("verdict") != "held" and summary.get("reason") else ""
+    claim = summary.get("claim", "").split(" (as tested")[0]
     echo(
-        f"{st}: {summary['verdict']}{why}"
+        f"{st} ({summary.get('figure', '')}: {claim}): {summary['verdict']}{why}"
         + (f" [{label}]" if label else "")
         + f" ({summary['elapsed_s']:.1f} s) -> {path}"
     )

@@ -55,6 +55,7 @@ from isoprobe.experiments.common import (
     site_order,
 )
 from isoprobe.experiments.common import JOUDAKI as PAPER
+from isoprobe.experiments.stats import ALPHA, Difference, slope, welch, welch_from_summaries
 from isoprobe.hermite import activation_stats, isometry_strength
 from isoprobe.metrics import isometry_gap, lyapunov_gamma
 from isoprobe.theory import (
@@ -147,6 +148,11 @@ def _final(values: np.ndarray) -> float:
     return float(mean_curve(values)[-1])
 
 
+def _fmt(values: Mapping[str, float]) -> str:
+    """``"a 1.23, b 4.56"``: named numbers for a verdict's reason."""
+    return ", ".join(f"{k} {v:.3g}" for k, v in values.items())
+
+
 def _ratio(a: float, b: float) -> float:
     """``a / b`` for gaps, with collapsed (+inf) values: inf/inf counts as 1 (both collapsed)."""
     if math.isinf(a) and math.isinf(b):
@@ -155,26 +161,42 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _separated(low: np.ndarray, high: np.ndarray) -> bool:
-    """The final-layer mean of ``high`` exceeds that of ``low`` by more than twice the combined
-    standard error over runs (a collapsed, +inf, ``high`` run against a finite ``low``: separated)."""
+    """The final-layer mean of ``high`` exceeds that of ``low`` by Welch's one-sided t test at level
+    :data:`~isoprobe.experiments.stats.ALPHA` over runs (a collapsed, +inf, ``high`` run against a
+    finite ``low``: separated)."""
     a, b = low[:, -1], high[:, -1]
     if np.isinf(b).any() and np.isfinite(a).all():
         return True
     if min(len(a), len(b)) < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
         return False
-    se = math.hypot(a.std(ddof=1) / math.sqrt(len(a)), b.std(ddof=1) / math.sqrt(len(b)))
-    return bool(b.mean() - a.mean() > 2 * se)
+    return welch(a, b).direction() == "up"
 
 
-def decay_rates(curves: np.ndarray, floor: float) -> tuple[float, float, int]:
-    """``(rate, se, depths)``: the mean over runs of ``−slope`` of ``log gap`` vs ``ℓ``, its standard
-    error, and the number of depths fitted — those from ``ℓ = 0`` while the mean gap stays above
-    ``floor`` (and :data:`GAP_FLOOR`). A gap ``∝ β^(−ℓ)`` has rate ``log β`` (Theorem 4)."""
+def _rate_step(a: dict, b: dict) -> Difference:
+    """Welch's :class:`~isoprobe.experiments.stats.Difference` of decay rates ``b − a`` (``decay_rate``,
+    ``decay_rate_se`` and ``runs`` of each)."""
+    return welch_from_summaries(
+        a["decay_rate"], a["decay_rate_se"], a["runs"], b["decay_rate"], b["decay_rate_se"], b["runs"]
+    )
+
+
+def run_decay_rates(curves: np.ndarray, floor: float) -> tuple[np.ndarray, int]:
+    """``(rates, depths)``: per run, ``−slope`` of ``log gap`` vs ``ℓ`` over the depths fitted — those
+    from ``ℓ = 0`` while the mean gap stays above ``floor`` (and :data:`GAP_FLOOR`); NaN rates when
+    fewer than 2 depths are. A gap ``∝ β^(−ℓ)`` has rate ``log β`` (Theorem 4)."""
     mean = mean_curve(curves)
     above = mean > max(floor, GAP_FLOOR)
     depths = int(np.argmin(above)) if not above.all() else len(mean)
     ell = np.arange(depths)
-    slopes = [-fit_slope(ell, np.log(run[:depths])) for run in curves] if depths >= 2 else [math.nan]
+    if depths < 2:
+        return np.full(len(curves), math.nan), depths
+    return np.array([-fit_slope(ell, np.log(run[:depths])) for run in curves]), depths
+
+
+def decay_rates(curves: np.ndarray, floor: float) -> tuple[float, float, int]:
+    """``(rate, se, depths)``: the mean over runs of :func:`run_decay_rates`, its standard error
+    (NaN with one run) and the number of depths fitted."""
+    slopes, depths = run_decay_rates(curves, floor)
     se = float(np.std(slopes, ddof=1) / math.sqrt(len(slopes))) if len(slopes) > 1 else math.nan
     return float(np.mean(slopes)), se, depths
 
@@ -274,7 +296,9 @@ def _table2_verdict(rows: list[dict], cfg: dict) -> Verdict:
         rule=f"held if |β_numeric − β_closed_form| ≤ {cfg['tolerance']:g} for every activation of Table 2",
         measured={r["act"]: r["beta_numeric"] for r in rows} | {"max_abs_error": worst},
         theory={r["act"]: r["beta_closed_form"] for r in rows},
-        reason="" if ok else "exact quadrature disagrees with the paper's closed form",
+        reason=f"largest |β_numeric − β_closed_form| = {worst:.2g} (tolerance {cfg['tolerance']:g})"
+        if ok
+        else f"exact quadrature disagrees with the paper's closed form (largest error {worst:.2g})",
     )
 
 
@@ -379,7 +403,13 @@ def _fig2_verdict(rows: list[dict], cfg: dict) -> Verdict:
         measured,
         theory,
         notes=notes,
-        reason="" if held else "a norm layer raised the gap of its input, or Theorem 1 failed",
+        reason=(
+            f"{rises} of {before.size} norm layers raise the gap of their input, by at most {worst:.2g} relative "
+            f"(tolerance {cfg['tolerance']:g}); Theorem 1 failures: {t1_fail}"
+        )
+        if held
+        else f"a norm layer raised the gap of its input, or Theorem 1 failed ({rises} rises, largest {worst:.2g}; "
+        f"{t1_fail} Theorem 1 failures)",
     )
 
 
@@ -461,6 +491,7 @@ def _fig3_measure(rows: list[dict], cfg: dict, act: str) -> dict:
         "beta": beta,
         "decay_rate": rate,
         "decay_rate_se": se,
+        "runs": len(sim),
         "fitted_depths": depths,
         "rate_over_log_beta": rate / math.log(beta),
         "mean_field_rate_over_log_beta": mf_rate / math.log(beta),
@@ -469,14 +500,20 @@ def _fig3_measure(rows: list[dict], cfg: dict, act: str) -> dict:
 
 
 def _held_if_separated(
-    sep: Mapping[str, bool], why: str, rule: str, measured: dict, theory: dict, notes: tuple[str, ...] = ()
+    sep: Mapping[str, bool],
+    why: str,
+    rule: str,
+    measured: dict,
+    theory: dict,
+    notes: tuple[str, ...] = (),
+    held_reason: str = "",
 ) -> Verdict:
-    """``held`` when every activation of ``sep`` has its two curves separated by twice their combined
-    standard error, else ``undecided`` naming those that are not (``why`` says what is too close)."""
+    """``held`` when every activation of ``sep`` has its two curves separated (Welch's one-sided t test
+    at level ALPHA, :func:`_separated`), else ``undecided`` naming those that are not (``why`` says what is too close)."""
     close = [a for a in sep if not sep[a]]
     if close:
         return Verdict("undecided", rule, measured, theory, notes=notes, reason=f"{', '.join(close)}: {why}")
-    return Verdict("held", rule, measured, theory, notes=notes)
+    return Verdict("held", rule, measured, theory, notes=notes, reason=held_reason)
 
 
 def _fig3_theory(cfg: dict, m: dict, by_beta: list[str]) -> dict:
@@ -498,7 +535,7 @@ def _fig3_rule(lo: float, hi: float) -> str:
         f"held if the mean simulated gap is at most n·β^(−ℓ) at every depth ℓ ≤ L, its decay rate (−slope of "
         f"log gap, fitted per run from ℓ = 0 while the mean gap is above 10× the finite-width floor n/(2d)) "
         f"lies within [{lo:g}, {hi:g}]·log β for every activation, and the rates increase with β by more "
-        "than twice their combined standard error. The band is wide because Theorem 4's rate is an upper bound "
+        f"by Welch's one-sided t test at level {ALPHA:g} over runs. The band is wide because Theorem 4's rate is an upper bound "
         "that applies only from the depth ℓ₀ where (n − 1)γ(G_ℓ) ≤ 1/2 (theory: theorem4_applies_from_depth, "
         "beyond L for these inputs); before it the mean-field recursion itself decays at 0.9–1.7·log β here "
         "(mean_field_rate_over_log_beta, same depths), finite width adds a drift of order n/(2d) per layer "
@@ -511,14 +548,15 @@ def _fig3_verdict(rows: list[dict], cfg: dict) -> Verdict:
     by_beta = sorted(cfg["acts"], key=lambda a: m[a]["beta"])
     lo, hi = _RATE_BAND
     below = all(m[a]["below_bound_everywhere"] for a in by_beta)
-    steps = [
-        (m[b]["decay_rate"] - m[a]["decay_rate"], 2 * math.hypot(m[a]["decay_rate_se"], m[b]["decay_rate_se"]))
-        for a, b in pairwise(by_beta)
-    ]
-    ordered, resolved = all(d > 0 for d, _ in steps), all(abs(d) > tol for d, tol in steps)  # NaN se: False
+    steps = [_rate_step(m[a], m[b]) for a, b in pairwise(by_beta)]
+    dirs = [d.direction() for d in steps]  # NaN se (one run): "tie"
+    ordered, resolved = "down" not in dirs, "tie" not in dirs
     theory = _fig3_theory(cfg, m, by_beta)
     rule = _fig3_rule(lo, hi)
-    measured = m | {"decay_ordered_by_beta": ordered}
+    measured = m | {
+        "decay_ordered_by_beta": ordered,
+        "steps_by_beta": {f"{a}->{b}": d.as_dict() for (a, b), d in zip(pairwise(by_beta), steps)},
+    }
     fitted = [a for a in by_beta if m[a]["fitted_depths"] >= 4]
     if not below or not all(lo <= m[a]["rate_over_log_beta"] <= hi for a in fitted):
         return Verdict(
@@ -543,15 +581,24 @@ def _fig3_verdict(rows: list[dict], cfg: dict) -> Verdict:
             rule,
             measured,
             theory,
-            reason="the decay rates of neighbouring β are not separated by twice their combined "
-            "standard error (or there is one run only)",
+            reason=f"the decay rates of neighbouring β are not separated at level {ALPHA:g} (Welch; or there "
+            "is one run only)",
         )
     return Verdict(
         "held" if ordered else "not held",
         rule,
         measured,
         theory,
-        reason="" if ordered else "the gap decays slower for a larger β",
+        reason=(
+            "decay rate / log β: "
+            + _fmt({a: m[a]["rate_over_log_beta"] for a in by_beta})
+            + f" (band [{lo:g}, {hi:g}]); rates by increasing β "
+            + _fmt({a: m[a]["decay_rate"] for a in by_beta})
+            + "; one-sided Welch p of each step: "
+            + ", ".join(f"{d.p_greater:.2g}" for d in steps)
+        )
+        if ordered
+        else "the gap decays slower for a larger β",
     )
 
 
@@ -729,7 +776,9 @@ def _fig4_verdict(rows: list[dict], cfg: dict) -> Verdict:
             "mean_field": "layer centering converges to subtracting c₀ as d → ∞",
             "offset_c0": {act: float(activation_stats(act).c0) for act in cfg["acts"]},
         },
-        reason="" if held else "the two centerings give gaps more than 2× apart at some depth",
+        reason=("largest ratio of the two centerings' mean gaps over depth: " + _fmt(ratio) + " (at most 2)")
+        if held
+        else "the two centerings give gaps more than 2× apart at some depth: " + _fmt(ratio),
     )
 
 
@@ -760,14 +809,14 @@ def _fig5_verdict(rows: list[dict], cfg: dict) -> Verdict:
     no_decay = {a: m[a]["without_over_input"] >= 1 for a in m}
     measured = {
         "gaps": m,
-        "separated_by_2se": sep,
+        "separated_welch": sep,
         "projection_lower": lower,
         "gap_not_decaying_without_projection": no_decay,
         "layers_below_float64_resolution_of_subtracted_c0": _floor_counts(rows, cfg),
     }
     rule = (
         "held if, for every activation, the final mean gap with layer projection is below the one without "
-        "(collapsed = +inf) by more than twice the combined standard error over runs, and without projection "
+        f"(collapsed = +inf) by Welch's one-sided t test at level {ALPHA:g} over runs, and without projection "
         "the gap ends at or above the input's (it does not decay); undecided if the difference is within the "
         "noise"
     )
@@ -793,11 +842,15 @@ def _fig5_verdict(rows: list[dict], cfg: dict) -> Verdict:
             notes=notes,
             reason="projection did not lower the gap, or without it the gap still decayed",
         )
-    why = "the two variants differ by less than twice their combined standard error (too few runs to separate them)"
-    return _held_if_separated(sep, why, rule, measured, theory, notes)
+    why = f"the two variants are not separated at level {ALPHA:g} (Welch's t test; too few runs to separate them)"
+    numbers = "final mean gap with / without projection: " + ", ".join(
+        f"{a} {m[a]['final_with_projection']:.3g} / {m[a]['final_without']:.3g} (input {m[a]['input_gap']:.3g})"
+        for a in m
+    )
+    return _held_if_separated(sep, f"{why}; {numbers}", rule, measured, theory, notes, held_reason=numbers)
 
 
-# --quick: 5 runs, where 3 leave sigmoid's two variants (final gaps ≈ 0.34 and 0.62) within 2 SE of each other
+# --quick: 5 runs, where 3 leave sigmoid's two variants (final gaps ≈ 0.34 and 0.62) too close to separate
 _declare_variants(
     "fig5",
     "Fig. 5",
@@ -865,7 +918,9 @@ def _fig6_verdict(rows: list[dict], cfg: dict) -> Verdict:
     held = all(comparable.values()) and exp_fails
     failing = [a for a, ok in comparable.items() if not ok]
     exp_note = [] if exp_fails else ["exp's mean-field projection does not end more than 2× above layer projection"]
-    reason = "; ".join([*(_fig6_reason(a, ratios[a], slope[a], spread[a]) for a in failing), *exp_note])
+    reason = "; ".join([*(_fig6_reason(a, ratios[a], slope[a], spread[a]) for a in failing), *exp_note]) or (
+        "final gap, mean-field over layer projection: " + _fmt(final) + " (within 2× but exp, which is above)"
+    )
     return Verdict(
         "held" if held else "not held",
         rule="held if the final mean gaps of the two projections agree within a factor 2 for every activation but "
@@ -918,7 +973,9 @@ def _fig8a_verdict(rows: list[dict], cfg: dict) -> Verdict:
             "scale": {a: float(activation_stats(a).var) for a in cfg["acts"]},
             "squared_norm_map_slope_at_fixed_point": {a: _norm_map_slope(a) for a in cfg["acts"]},
         },
-        reason="" if held else "SELU or tanh needed layer norm, or ReLU did not",
+        reason=("final gap, offset-and-scale over layer norm: " + _fmt(ratio) + " (SELU, tanh ≤ 2; ReLU > 2)")
+        if held
+        else "SELU or tanh needed layer norm, or ReLU did not: " + _fmt(ratio),
         notes=(
             (
                 "ReLU's squared-norm map under offset-and-scale has slope 1 at its fixed point (see fig6): its "
@@ -951,7 +1008,9 @@ def _fig8b_verdict(rows: list[dict], cfg: dict) -> Verdict:
         "activation with c₀ ≠ 0, and within a factor 2 of it for those with c₀ = 0",
         measured={"final_gap": finals, "ratio_normact_to_actnorm": ratio, "as_predicted": ok},
         theory={"offset_c0": offset},
-        reason="" if held else f"not as predicted for {', '.join(a for a in ok if not ok[a])}",
+        reason=("final gap, norm-then-activation over activation-then-norm: " + _fmt(ratio))
+        if held
+        else f"not as predicted for {', '.join(a for a in ok if not ok[a])}: " + _fmt(ratio),
         notes=_collapse_notes(rows, cfg),
     )
 
@@ -1020,7 +1079,14 @@ def _fig9_verdict(rows: list[dict], cfg: dict) -> Verdict:
         "normalisation and at most 1.5× its value at depth L/3 (no accumulation), and it decreases with width",
         measured=measured | {"LN_error_shrinks_with_width": shrinks},
         theory={"mean_field": "G*_ℓ from the same spec; finite-width error O(1/√d) per layer"},
-        reason=""
+        reason=(
+            "final / depth-L/3 mean error with layer norm, and mean-field normalisation's final: "
+            + "; ".join(
+                f"d = {d}: {measured[str(d)]['LN_error']['final']:.3g} / {measured[str(d)]['LN_error']['at_L/3']:.3g}, "
+                f"{measured[str(d)]['meanfield_norm_error']['final']:.3g}"
+                for d in cfg["widths"]
+            )
+        )
         if held
         else "the layer-norm error accumulates with depth, exceeds mean-field normalisation's, or "
         "does not shrink with width",
@@ -1119,7 +1185,10 @@ def _figB1_verdict(rows: list[dict], cfg: dict) -> Verdict:
         "γ at most that bound plus two standard errors over runs (both to 1e-9 relative: ℓ = 0 is an equality)",
         measured=measured,
         theory=theory,
-        reason="" if held else "γ exceeds the Corollary B.2 bound",
+        reason="at every depth and activation the mean-field γ and the simulated mean γ (within 2 SE) are at most "
+        "γ(G₀)β^(−ℓ); final simulated γ: " + _fmt({a: float(measured[a]["mean_gamma"][-1]) for a in measured})
+        if held
+        else "γ exceeds the Corollary B.2 bound",
     )
 
 
@@ -1197,7 +1266,10 @@ def _figC1_verdict(rows: list[dict], cfg: dict) -> Verdict:
         f"grid, and ReLU's β varies by at most {cfg['tolerance']:g} over it",
         measured={"max_abs_error": errors, "relu_beta_spread_over_gains": spread},
         theory={"relu_beta": _TABLE_C1["relu"](1.0)},
-        reason="" if held else "exact quadrature disagrees with Table C.1, or ReLU's β depends on the gain",
+        reason=f"largest error against Table C.1: {_fmt(errors)}; ReLU's β spread over gains {spread:.2g} "
+        f"(tolerance {cfg['tolerance']:g})"
+        if held
+        else "exact quadrature disagrees with Table C.1, or ReLU's β depends on the gain: " + _fmt(errors),
     )
 
 
@@ -1277,14 +1349,16 @@ def _figC2_rates(rows: list[dict], cfg: dict, act: str) -> dict:
     for g in cfg["gains"]:
         sim = run_curves(rows, act=act, gain=g, series="simulation")
         mean = mean_curve(sim)
-        rate, se, depths = decay_rates(sim, threshold)
+        per_run, depths = run_decay_rates(sim, threshold)
         censored = depths < 2
         if censored:
-            rate, se = float(np.log(mean[0] / threshold)), 0.0
+            per_run = np.full(len(sim), float(np.log(mean[0] / threshold)))
         out[g] = {
             "beta": _beta(act, g),
-            "decay_rate": rate,
-            "decay_rate_se": se,
+            "decay_rate": float(per_run.mean()),
+            "decay_rate_se": float(per_run.std(ddof=1) / math.sqrt(len(per_run))) if len(per_run) > 1 else math.nan,
+            "runs": len(per_run),
+            "rate_per_run": per_run.tolist(),
             "fitted_depths": depths,
             "censored": censored,
             "depth_to_tenth_of_input_gap": _tenth_depth(mean),
@@ -1293,68 +1367,77 @@ def _figC2_rates(rows: list[dict], cfg: dict, act: str) -> dict:
 
 
 def _step(a: dict, b: dict) -> str:
-    """``"up"``, ``"down"`` or ``"tie"`` from rate ``a`` to rate ``b`` at twice the combined SE; a
-    censored rate is a lower bound (it can exceed, not fall short of, a measured one)."""
-    d, tol = b["decay_rate"] - a["decay_rate"], 2 * math.hypot(a["decay_rate_se"], b["decay_rate_se"])
+    """``"up"``, ``"down"`` or ``"tie"`` from rate ``a`` to rate ``b`` by Welch's one-sided t test at
+    level :data:`~isoprobe.experiments.stats.ALPHA`; a censored rate is a lower bound (it can
+    exceed, not fall short of, a measured one)."""
     if a["censored"] and b["censored"]:
         return "tie"
+    step = _rate_step(a, b).direction()
     if b["censored"]:
-        return "up" if d > tol else "tie"
+        return "up" if step == "up" else "tie"
     if a["censored"]:
-        return "down" if d < -tol else "tie"
-    return "up" if d > tol else "down" if d < -tol else "tie"
+        return "down" if step == "down" else "tie"
+    return step
+
+
+def _trend(r: dict, x: str = "beta") -> Difference:
+    """The least-squares slope of the per-run decay rates of ``r`` (gain → rates) on ``x`` (β or gain)."""
+    xs = [v.get(x, g) for g, v in r.items() for _ in v["rate_per_run"]]
+    return slope(xs, [q for v in r.values() for q in v["rate_per_run"]])
 
 
 def _ordered_by_beta(r: dict) -> str:
-    """``"ordered"``, ``"reversed"`` (a significant step the wrong way) or ``"unresolved"`` for the
-    rates of one activation's gains, stepping through them by increasing β."""
+    """``"ordered"`` (the rates rise with β: a significant positive slope on β, no significantly
+    reversed step), ``"reversed"`` (a significant fall) or ``"unresolved"``, for one activation."""
     keys = sorted(r, key=lambda g: r[g]["beta"])
     steps = [_step(r[a], r[b]) for a, b in pairwise(keys)]
-    if "down" in steps:
+    trend = _trend(r).direction()
+    if "down" in steps or trend == "down":
         return "reversed"
-    return "ordered" if all(s == "up" for s in steps) else "unresolved"
+    return "ordered" if trend == "up" else "unresolved"
+
+
+def _figC2_rule() -> str:
+    return (
+        "per gain, the decay rate of the gap (−slope of log gap, fitted per run from ℓ = 0 while the mean gap is "
+        "above 10× the finite-width floor n/(2d); a gap below that from ℓ = 1 on gives a lower bound). Held iff, "
+        f"for tanh and sin, the least-squares slope of the per-run rates on β(α) is positive by a one-sided t test "
+        f"at level {ALPHA:g} and no step between neighbouring gains falls significantly (Welch, {ALPHA:g}); and "
+        f"ReLU's slope of rate on the gain (independent weights per gain) is not significant (two-sided, "
+        f"{ALPHA:g}). Not held iff a rate falls significantly with β or ReLU's depends on the gain; else undecided"
+    )
 
 
 def _figC2_verdict(rows: list[dict], cfg: dict) -> Verdict:
     rates = {act: _figC2_rates(rows, cfg, act) for act in cfg["acts"]}
     order = {act: _ordered_by_beta(rates[act]) for act in cfg["acts"] if act != "relu"}
-    relu = list(rates.get("relu", {}).values())
-    relu_steps = {_step(a, b) for a in relu for b in relu}
-    relu_spread = float(np.ptp([v["decay_rate"] for v in relu])) if relu else math.nan
-    rule = (
-        "held if, for tanh and sin, the decay rate of the gap (−slope of log gap, fitted per run from ℓ = 0 "
-        "while the mean gap is above 10× the finite-width floor n/(2d); a gap below that from ℓ = 1 on gives a "
-        "lower bound) increases with β(α), each step larger than twice the combined standard error, and ReLU's "
-        "rates for all gains (independent weights per gain) agree within twice the combined standard error; "
-        "undecided if a step is within the noise or there is one run only"
-    )
+    trends = {act: _trend(rates[act], "beta" if act != "relu" else "gain") for act in cfg["acts"]}
+    relu = trends.get("relu")
+    relu_depends = relu is not None and min(relu.p_greater, relu.p_less) <= ALPHA / 2
     measured = {
         "rates": {f"{a}@{g}": v for a in rates for g, v in rates[a].items()},
         "ordered_by_beta": order,
-        "relu_rate_spread_over_gains": relu_spread,
+        "rate_slope": {a: t.as_dict() for a, t in trends.items()},
+        "relu_rate_spread_over_gains": float(np.ptp([v["decay_rate"] for v in rates["relu"].values()]))
+        if "relu" in rates
+        else math.nan,
     }
     theory = {
         "beta": {f"{a}@{g}": v["beta"] for a in rates for g, v in rates[a].items()},
         "relu": "ReLU(αh) = α·ReLU(h) and layer norm removes α: the networks of all gains are equal in law",
     }
-    if "reversed" in order.values() or relu_steps - {"tie"}:
-        return Verdict(
-            "not held",
-            rule,
-            measured,
-            theory,
-            reason="a larger β decayed significantly slower, or ReLU's rate depends on the gain",
-        )
-    nan_se = any(math.isnan(v["decay_rate_se"]) for r in rates.values() for v in r.values())
-    if "unresolved" in order.values() or nan_se:
-        return Verdict(
-            "undecided",
-            rule,
-            measured,
-            theory,
-            reason="a step between neighbouring gains is within twice its standard error (or one run only)",
-        )
-    return Verdict("held", rule, measured, theory)
+    numbers = "; ".join(
+        f"{a}: slope {t.diff:.3g} ± {t.se:.2g} per unit {'gain' if a == 'relu' else 'β'}, "
+        f"p(rise) = {t.p_greater:.2g}, p(fall) = {t.p_less:.2g}"
+        for a, t in trends.items()
+    )
+    if "reversed" in order.values() or relu_depends:
+        why = f"a larger β decayed significantly slower, or ReLU's rate depends on the gain ({numbers})"
+        return Verdict("not held", _figC2_rule(), measured, theory, reason=why)
+    if "unresolved" in order.values():
+        why = f"the rise of the rate with β is not significant for {', '.join(a for a, o in order.items() if o != 'ordered')} ({numbers})"
+        return Verdict("undecided", _figC2_rule(), measured, theory, reason=why)
+    return Verdict("held", _figC2_rule(), measured, theory, reason=numbers)
 
 
 def _figC2_draw(rows: list[dict], cfg: dict):
@@ -1398,7 +1481,7 @@ def _xavier_gain_at_depth(act: str, depth: int) -> tuple[float, float]:
     return g, float(activation_stats(act, gain=g).beta)
 
 
-def _figC3_reason(losers: list[str], gain: dict, gain1: dict, cfg: dict) -> str:
+def _figC3_reason(losers: list[str], gain: dict, cfg: dict) -> str:
     parts = []
     for a in losers:
         g, b = _xavier_gain_at_depth(a, cfg["depth"])
@@ -1408,11 +1491,19 @@ def _figC3_reason(losers: list[str], gain: dict, gain1: dict, cfg: dict) -> str:
             f"β = {b:.4f} against β(1) = {_beta(a):.4f}, and c₀ = {float(activation_stats(a).c0):.2g} needs "
             "no centering"
         )
-    return (
-        "; ".join(parts)
-        + "; with gain 1 the improvement factors are "
-        + ", ".join(f"{a} {v:.3g}×" for a, v in gain1.items())
-    )
+    return "; ".join(parts)
+
+
+def _figC3_gain_dependence(gain: dict, gain1: dict) -> str:
+    """Which activations fail (mean-field not better) under torch's Xavier gains and under gain 1."""
+
+    def side(g: dict) -> str:
+        bad = [f"{a} ({v:.3g}×)" for a, v in g.items() if v <= 1]
+        factors = ", ".join(f"{a} {v:.3g}×" for a, v in g.items())
+        return (f"fails for {', '.join(bad)}" if bad else "mean-field better for every activation") + f" [{factors}]"
+
+    out = f"the verdict depends on Xavier's gain: with torch's gains (tanh 5/3, ReLU √2, SELU 3/4) {side(gain)}"
+    return out + (f"; with gain 1 {side(gain1)}" if gain1 else "")
 
 
 def _figC3_verdict(rows: list[dict], cfg: dict) -> Verdict:
@@ -1426,7 +1517,7 @@ def _figC3_verdict(rows: list[dict], cfg: dict) -> Verdict:
     markedly = all(gain[a] > max(others, default=0.0) for a in marked if a in gain)
     rule = (
         "held if the mean-field network's final mean gap is below Xavier's (torch's gain for the activation) by "
-        "more than twice the combined standard error for every activation, and the improvement factor for ReLU "
+        f"by Welch's one-sided t test at level {ALPHA:g} over runs for every activation, and the improvement factor for ReLU "
         "and leaky ReLU exceeds that of every other activation; not held where Xavier's final gap is at or "
         "below the mean-field one; Xavier with gain 1 is reported beside it, not judged"
     )
@@ -1434,7 +1525,7 @@ def _figC3_verdict(rows: list[dict], cfg: dict) -> Verdict:
         "final_gap": finals,
         "improvement_xavier_over_meanfield": gain,
         "improvement_xavier_gain1_over_meanfield": gain1,
-        "mean_field_better_by_2se": sep,
+        "mean_field_better_welch": sep,
         "relu_leaky_relu_improve_most": markedly,
     }
     theory = {
@@ -1449,15 +1540,14 @@ def _figC3_verdict(rows: list[dict], cfg: dict) -> Verdict:
             "by √σ̄(1) with Gaussian N(0, 1/d) weights"
         ),
     )
+    dependence = _figC3_gain_dependence(gain, gain1)
     if losers or not markedly:
         why = (
-            _figC3_reason(losers, gain, gain1, cfg)
-            if losers
-            else "the improvement for ReLU and leaky ReLU is not the largest"
+            _figC3_reason(losers, gain, cfg) if losers else "the improvement for ReLU and leaky ReLU is not the largest"
         )
-        return Verdict("not held", rule, measured, theory, reason=why, notes=notes)
-    why = "mean-field better by less than twice the combined standard error"
-    return _held_if_separated(sep, why, rule, measured, theory, notes)
+        return Verdict("not held", rule, measured, theory, reason=f"{why}; {dependence}", notes=notes)
+    why = f"mean-field not better at level {ALPHA:g} (Welch's t test over runs); {dependence}"
+    return _held_if_separated(sep, why, rule, measured, theory, notes, held_reason=dependence)
 
 
 _declare_variants(
@@ -1502,6 +1592,17 @@ def _datasets(cfg: dict) -> list[str]:
 
 def _figC4_units(cfg: dict, env: Env) -> list[Unit]:
     return [(f"{n}|{s}", _one_thread(_figC4_rows, cfg, env, n, s)) for n in _datasets(cfg) for s in cfg["schedules"]]
+
+
+def _figC4_numbers(measured: dict) -> str:
+    """Per data set and schedule: the fall of the mean gap from layer 1 to the last, and the final gap."""
+    return "; ".join(
+        f"{name}: "
+        + ", ".join(
+            f"{sched} falls {m['gap_layer1'] / m['gap_final']:.3g}× to {m['gap_final']:.3g}" for sched, m in ms.items()
+        )
+        for name, ms in measured.items()
+    )
 
 
 def _figC4_verdict(rows: list[dict], cfg: dict) -> Verdict:
@@ -1553,7 +1654,10 @@ def _figC4_verdict(rows: list[dict], cfg: dict) -> Verdict:
         measured,
         theory,
         notes=notes,
-        reason="" if ok else "a width schedule decays less than 3× or ends more than 3× from constant width",
+        reason=_figC4_numbers(measured)
+        if ok
+        else "a width schedule decays less than 3× or ends more than 3× from constant width: "
+        + _figC4_numbers(measured),
     )
 
 

@@ -80,6 +80,7 @@ from isoprobe.experiments.common import (
     site_order,
     spearman,
 )
+from isoprobe.experiments.stats import ALPHA, permutation_p, sign_test_p
 from isoprobe.hermite import isometry_strength
 from isoprobe.metrics import isometry_gap
 from isoprobe.nets import BNMLP, LNMLP
@@ -92,8 +93,8 @@ if TYPE_CHECKING:
 __all__ = [
     "accuracy_area",
     "control_update",
+    "fig7_statistic",
     "loss_area",
-    "sign_stability",
     "verdict_fig2_trained",
     "verdict_fig7",
     "verdict_meterez_fig4",
@@ -118,17 +119,6 @@ def accuracy_area(curves: np.ndarray) -> np.ndarray:
     """Accuracy area per run: the mean over epochs ``1..E`` of ``(runs, E + 1)`` accuracy curves
     (NaN, a diverged run, stays NaN)."""
     return np.asarray(curves, dtype=np.float64)[:, 1:].mean(axis=1)
-
-
-def sign_stability(values: Sequence[float]) -> str:
-    """``"negative"`` if every value is ``< 0``, ``"positive"`` if every value is ``> 0``, else
-    ``"unstable"`` (a zero, a NaN or both signs)."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size and (v < 0).all():
-        return "negative"
-    if v.size and (v > 0).all():
-        return "positive"
-    return "unstable"
 
 
 def weight_gram(W: torch.Tensor) -> torch.Tensor:
@@ -302,57 +292,91 @@ def _fig7_areas(rows: Sequence[dict], cfg: dict) -> tuple[dict[str, float], np.n
     return {a: isometry_strength(a) for a in acts}, np.stack([loss_area(c) for c in curves]), final
 
 
-def verdict_fig7(rows: Sequence[dict], cfg: dict) -> Verdict:
-    """Larger β trains faster: Spearman ``ρ_r(β, A)`` of β and the loss area, per run ``r``.
+def _rank_rows(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank) along the last axis, centred and scaled to unit norm."""
+    v = np.asarray(values, dtype=np.float64)
+    order = np.argsort(v, axis=-1, kind="stable")
+    ranks = np.empty_like(v)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(1.0, v.shape[-1] + 1), v.shape), axis=-1)
+    tied = (np.diff(np.take_along_axis(v, order, axis=-1), axis=-1) == 0).any(axis=-1)
+    for idx in zip(*np.nonzero(tied)):
+        row, r = v[idx], ranks[idx]
+        for value in np.unique(row):
+            tie = row == value
+            if tie.sum() > 1:
+                r[tie] = r[tie].mean()
+    ranks -= ranks.mean(axis=-1, keepdims=True)
+    norm = np.linalg.norm(ranks, axis=-1, keepdims=True)
+    return np.divide(ranks, norm, out=np.full_like(ranks, np.nan), where=norm > 0)
 
-    Runs share their data order and weights across activations (common random numbers), so each
-    run ranks the activations on its own. Held iff ``ρ_r < 0`` in every run; not held iff
-    ``ρ_r > 0`` in every run; otherwise (the sign changes from run to run, or fewer than two runs)
-    undecided: the curves cannot be told apart at these sizes.
-    """
-    betas, area, final = _fig7_areas(rows, cfg)
+
+def fig7_statistic(betas: Sequence[float], area: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``T(b) = mean_r ρ_r(b, A_r)``: the run mean of Spearman's ρ between the labels ``b`` and the loss
+    areas ``A_r`` (``area``: activations × runs), for a ``(k, acts)`` array of relabellings ``b``."""
+    data = _rank_rows(area.T)  # runs × acts
+
+    def statistic(labels: np.ndarray) -> np.ndarray:
+        return (_rank_rows(labels) @ data.T).mean(axis=1)
+
+    return statistic
+
+
+def _fig7_measured(betas: dict[str, float], area: np.ndarray, final: np.ndarray) -> dict:
     b = list(betas.values())
+    stat = fig7_statistic(b, area)
     rho = [spearman(b, area[:, r]) for r in range(area.shape[1])]
-    rho_final = [spearman(b, final[:, r]) for r in range(final.shape[1])]
     with np.errstate(invalid="ignore"):
         mean_area = area.mean(axis=1)
-    measured = {
+    return {
         "beta": betas,
         "loss_area": dict(zip(betas, mean_area)),
         "loss_area_per_run": {a: list(area[i]) for i, a in enumerate(betas)},
         "spearman_beta_area_per_run": rho,
+        "mean_spearman_beta_area": float(np.mean(rho)),
         "spearman_beta_area_of_means": spearman(b, mean_area),
+        "permutation_p_faster": permutation_p(stat, b),
+        "permutation_p_slower": permutation_p(lambda labels: -stat(labels), b),
+        "runs_with_negative_rho": int(sum(r < 0 for r in rho)),
+        "sign_test_p": sign_test_p(int(sum(r < 0 for r in rho)), len(rho)),
         "final_loss": dict(zip(betas, final.mean(axis=1))),
-        "spearman_beta_final_loss_per_run": rho_final,
+        "spearman_beta_final_loss_per_run": [spearman(b, final[:, r]) for r in range(final.shape[1])],
         "slowest": max(betas, key=lambda a: mean_area[list(betas).index(a)]),
-        "sign_test_p": 0.5 ** len(rho),
         "diverged_runs": int(np.isinf(area).sum()),
     }
+
+
+def verdict_fig7(rows: Sequence[dict], cfg: dict) -> Verdict:
+    """Larger β trains faster: a permutation test of β against the loss areas of independent runs.
+
+    ``T = mean_r ρ_r(β, A_r)`` (Spearman's ρ of β and the loss area in run ``r``; each run has its
+    own weights and data order). Under the null the β labels are exchangeable over the activations,
+    so ``p = #{π : T(β∘π) ≤ T(β)} / n!`` over every relabelling has ``P(p ≤ α) ≤ α``: held iff
+    ``p ≤ α`` (:data:`~isoprobe.experiments.stats.ALPHA`), not held iff the mirror test (larger β
+    slower) has ``p ≤ α``, else undecided. More runs make ``T`` less noisy, never the test stricter.
+    """
+    betas, area, final = _fig7_areas(rows, cfg)
+    m = _fig7_measured(betas, area, final)
+    n = len(betas)
     rule = (
-        "per run (activations share the run's weights and data order): Spearman ρ between β and the loss "
-        "area (mean training loss over all SGD steps of epochs 1..E, a diverged run +inf); held iff ρ < 0 in "
-        "every run, not held iff ρ > 0 in every run, else undecided (with no relation each run's sign is a coin "
-        "flip: one sign in all R runs by chance with probability 2^-R, sign_test_p)"
+        f"permutation test over the β labels: T = run mean of Spearman ρ(β, loss area) (loss area: mean training "
+        f"loss over all SGD steps of epochs 1..E, a diverged run +inf; runs independent: own weights and data "
+        f"order); p = share of the {n}! relabellings of β over the activations with T at most the observed one; "
+        f"held iff p ≤ {ALPHA:g}, not held iff the mirror test (larger β slower) gives p ≤ {ALPHA:g}, else "
+        f"undecided (false-held rate ≤ {ALPHA:g} when β carries no information)"
     )
-    sign = sign_stability(rho) if len(rho) >= 2 else "unstable"
-    if sign == "negative":
-        return Verdict("held", rule, measured)
-    if sign == "positive":
-        return Verdict(
-            "not held",
-            rule,
-            measured,
-            reason=(
-                f"in every run a larger β trained slower on the loss area; slowest on average: {measured['slowest']}"
-            ),
-        )
-    why = (
-        "one run cannot show that the sign is stable (use --runs ≥ 2)"
-        if len(rho) < 2
-        else f"the sign of ρ changes from run to run (ρ per run: {', '.join(f'{r:.2f}' for r in rho)}): "
-        "the loss curves cannot be told apart at these sizes"
+    numbers = (
+        f"T = {m['mean_spearman_beta_area']:.2f} over {area.shape[1]} run(s) (ρ per run: "
+        + ", ".join(f"{r:.2f}" for r in m["spearman_beta_area_per_run"])
+        + f"); p(faster) = {m['permutation_p_faster']:.3g}, p(slower) = {m['permutation_p_slower']:.3g}"
     )
-    return Verdict("undecided", rule, measured, reason=why)
+    if 1 / math.factorial(n) > ALPHA:
+        why = f"{n} activations allow no p below 1/{n}! = {1 / math.factorial(n):.3g} > {ALPHA:g}"
+        return Verdict("undecided", rule, m, reason=why)
+    if m["permutation_p_faster"] <= ALPHA:
+        return Verdict("held", rule, m, reason=f"a larger β trained faster: {numbers}")
+    if m["permutation_p_slower"] <= ALPHA:
+        return Verdict("not held", rule, m, reason=f"a larger β trained slower ({numbers}); slowest: {m['slowest']}")
+    return Verdict("undecided", rule, m, reason=f"no ranking by β beyond chance at these sizes: {numbers}")
 
 
 def _whole_epochs(ax) -> None:
@@ -511,58 +535,59 @@ def _projection_pairs(rows: Sequence[dict], trained: bool) -> tuple[np.ndarray, 
     return np.asarray([before[k] for k in keys]), np.asarray([after[k] for k in keys]), fails
 
 
-def verdict_fig2_trained(rows: Sequence[dict], cfg: dict) -> Verdict:
-    """Corollary 2 (layer normalization ``LN(x) = √d·x/‖x‖`` never lowers isometry, for any
-    weights) at initialisation and at every probed step of training.
+def _fig2t_phase(rows: Sequence[dict], cfg: dict, values: dict, steps: list[int], sites: list, trained: bool) -> dict:
+    """The numbers of one phase (initialisation, or the probed steps after it): the whole norm layer
+    (input → output), judged, and its projection step (centred input → output), reported."""
+    before, after, fails = _projection_pairs(rows, trained)
+    _, rises, worst = rule_norms_never_raise(before, after, cfg["tolerance"])
+    chosen = [s for s in steps if (s > 0) == trained]
+    pairs = norm_site_gaps(np.stack([values[a][s] for a in cfg["acts"] for s in chosen]), sites) if chosen else None
+    whole = rule_norms_never_raise(*pairs, cfg["tolerance"]) if chosen else (False, 0, math.nan)
+    return {
+        "held": whole[0] and fails == 0,
+        "norm_layers": int(pairs[0].size) if chosen else 0,
+        "norm_layers_raising_gap": whole[1],
+        "max_relative_rise": whole[2],
+        "theorem1_failures": fails,
+        "projection_step": {"projections": int(before.size), "raising_gap": rises, "max_relative_rise": worst},
+    }
 
-    Judged on each norm layer's projection (its input after centering → its output): no rise of
-    the gap by more than ``tolerance`` (relative) and Theorem 1's bound holds (the Probe's check).
-    Held iff both hold in both phases; undecided with no probed step after initialisation. The
-    whole norm layer (centering included, which Corollary 2 does not cover) is reported beside.
+
+def verdict_fig2_trained(rows: Sequence[dict], cfg: dict) -> Verdict:
+    """Fig. 2 (right): "both before and after training, the normalization layers maintain or decrease
+    the isometry gap" — judged on the whole norm layer, as Fig. 2 (left) is, at initialisation and at
+    every probed step of training.
+
+    Held iff no norm layer's output gap exceeds its input's by more than ``tolerance`` (relative) and
+    Theorem 1's bound holds at every projection (the Probe's check), in both phases; undecided with no
+    probed step after initialisation. The projection step alone (Corollary 2, which holds for any
+    weights) is reported beside.
     """
     values, steps, sites = _fig2t_values(rows, cfg)
     measured: dict = {"probe_steps": steps}
-    ok = True
     for phase, trained in (("at_initialisation", False), ("during_and_after_training", True)):
-        before, after, fails = _projection_pairs(rows, trained)
-        held, rises, worst = rule_norms_never_raise(before, after, cfg["tolerance"])
-        chosen = [s for s in steps if (s > 0) == trained]
-        whole = (
-            rule_norms_never_raise(
-                *norm_site_gaps(np.stack([values[a][s] for a in cfg["acts"] for s in chosen]), sites), cfg["tolerance"]
-            )
-            if chosen
-            else (False, 0, math.nan)
-        )
-        measured[phase] = {
-            "held": held and fails == 0,
-            "projections": int(before.size),
-            "projections_raising_gap": rises,
-            "max_relative_rise": worst,
-            "theorem1_failures": fails,
-            "whole_norm_layer": {"raising_gap": whole[1], "max_relative_rise": whole[2]},
-        }
-        ok = ok and measured[phase]["held"]
+        measured[phase] = _fig2t_phase(rows, cfg, values, steps, sites, trained)
     rule = (
         f"at every probed step (every {cfg['probe_every']} SGD steps on a fixed batch of {cfg['probe_batch']} "
-        "training images, step 0 = initialisation): no layer norm's projection onto the sphere raises the gap "
-        f"of its (centred) input by more than {cfg['tolerance']:g} (relative), and Theorem 1 holds there"
+        "training images, step 0 = initialisation): no norm layer (centring and projection) raises the gap of "
+        f"its input by more than {cfg['tolerance']:g} (relative), and Theorem 1 holds at every projection"
     )
     theory = {
         "corollary_2": "projection onto the sphere never lowers isometry, for any weights (trained or not); "
-        "the centring before it is not covered (whole_norm_layer)"
+        "the centring before it is not covered by it: the whole layer is what the figure shows",
     }
     if not any(s > 0 for s in steps):
         return Verdict("undecided", rule, measured, theory, reason="no probed step after initialisation")
-    if ok:
-        return Verdict("held", rule, measured, theory)
-    return Verdict(
-        "not held",
-        rule,
-        measured,
-        theory,
-        reason="a layer norm's projection raised the isometry gap of its input (see max_relative_rise)",
+    init, trained = measured["at_initialisation"], measured["during_and_after_training"]
+    numbers = (
+        f"{trained['norm_layers_raising_gap']} of {trained['norm_layers']} trained norm layers raise the gap, by "
+        f"at most {trained['max_relative_rise']:.2g} relative ({init['norm_layers_raising_gap']} of "
+        f"{init['norm_layers']}, at most {init['max_relative_rise']:.2g}, at initialisation; tolerance "
+        f"{cfg['tolerance']:g}); Theorem 1 failures: {init['theorem1_failures'] + trained['theorem1_failures']}"
     )
+    if init["held"] and trained["held"]:
+        return Verdict("held", rule, measured, theory, reason=numbers)
+    return Verdict("not held", rule, measured, theory, reason=f"a norm layer raised the isometry gap: {numbers}")
 
 
 def figure_fig2_trained(rows: Sequence[dict], cfg: dict) -> Figure:
@@ -609,7 +634,8 @@ register(
 
 
 def _m4_config(o: Options) -> dict:
-    """Ours (the paper's numbers are lost): width 100, batch 100, lr 0.01, 10 epochs, depths 10–200."""
+    """Ours (the paper's numbers are lost): width 100, batch 100, 10 epochs, depths 10–200, and a range of
+    learning rates (0.003–0.1; quick: 0.01–0.16), each trained separately: the claim is judged at each."""
     big = not o.quick
     return {
         "depths": [10, 50, 100, 200] if big else [4, 16, 64],
@@ -618,7 +644,7 @@ def _m4_config(o: Options) -> dict:
         "norm": "rms",
         "width": 100 if big else 32,
         "batch": 100 if big else 64,
-        "lr": 0.01,
+        "lrs": [0.003, 0.01, 0.03, 0.1] if big else [0.01, 0.04, 0.16],
         "epochs": 10 if big else 3,
         **_common(o, 3, 2, "digits"),
         "test_size": 500 if big else 300,
@@ -626,7 +652,7 @@ def _m4_config(o: Options) -> dict:
     }
 
 
-_M4_COLUMNS = ("weights", "depth", "run", "epoch", "quantity", "value")
+_M4_COLUMNS = ("lr", "weights", "depth", "run", "epoch", "quantity", "value")
 
 
 def _accuracy_rows(
@@ -718,13 +744,13 @@ def _m4_units(cfg: dict, env: Env):
         return {"weights": w, "depth": L, "run": run, "epoch": log.epoch, "quantity": "train_loss", "value": loss}
 
     chance = {"weights": "", "depth": "", "run": "", "epoch": "", "quantity": "chance", "value": 1.0 / classes}
-    for key, runs in _run_batches(cfg, env):
+    for lr, (key, runs) in itertools.product(cfg["lrs"], _run_batches(cfg, env)):
         start: dict = {}
         fit = partial(
             _fit,
-            cfg,
+            {**cfg, "lr": lr},
             env,
-            key,
+            f"lr={lr:g} {key}",
             runs,
             build,
             (Xtr, ytr),
@@ -732,7 +758,7 @@ def _m4_units(cfg: dict, env: Env):
             prepare=partial(_keep_hidden_weights, start=start),
             evaluate=partial(evaluate, start=start),
         )
-        yield key, lambda fit=fit: [chance, *fit()]
+        yield f"lr={lr:g} {key}", lambda fit=fit, lr=lr: [{**r, "lr": lr} for r in [chance, *fit()]]
 
 
 def _m4_curves(rows: Sequence[dict], cfg: dict, quantity: str) -> dict[tuple[str, int], np.ndarray]:
@@ -806,8 +832,8 @@ def _m4_measured(rows: Sequence[dict], cfg: dict, acc: dict, stats: dict) -> dic
     }
 
 
-def verdict_meterez_fig4(rows: Sequence[dict], cfg: dict) -> Verdict:
-    """Orthogonal weights: SGD's training-accuracy area (mean training accuracy over epochs 1..E,
+def _m4_at(rows: Sequence[dict], cfg: dict) -> Verdict:
+    """At one learning rate (``rows`` of that rate only). Orthogonal weights: SGD's training-accuracy area (mean training accuracy over epochs 1..E,
     the speed of the accuracy curve) does not depend on depth.
 
     Held iff every depth learned (final training accuracy ≥ 2 × chance) and the areas' spread over
@@ -843,7 +869,8 @@ def verdict_meterez_fig4(rows: Sequence[dict], cfg: dict) -> Verdict:
     if min(float(np.min(c[:, 1])) for c in orth.values()) >= 0.99:
         return Verdict("undecided", rule, measured, notes=notes, reason="every depth is saturated after one epoch")
     if s["spread"] <= cfg["max_spread"] and min(final.values()) >= 2 * chance:
-        return Verdict("held", rule, measured, notes=notes)
+        why = f"spread of the accuracy areas over depths {s['spread']:.3f} ≤ {cfg['max_spread']:g}"
+        return Verdict("held", rule, measured, notes=notes, reason=why)
     if s["separated"] or min(final.values()) < 2 * chance:
         return Verdict(
             "not held",
@@ -860,8 +887,35 @@ def verdict_meterez_fig4(rows: Sequence[dict], cfg: dict) -> Verdict:
     )
 
 
+def _at_lr(rows: Sequence[dict], lr: float) -> list[dict]:
+    return [r for r in rows if r["lr"] == lr]
+
+
+def verdict_meterez_fig4(rows: Sequence[dict], cfg: dict) -> Verdict:
+    """Depth-independent training, judged at every learning rate of ``cfg["lrs"]`` (:func:`_m4_at` at
+    each): held iff held at every rate, not held iff not held at every rate, else undecided, naming
+    the rates where it holds and where not (the paper's rate is lost: a verdict at one chosen rate
+    would be about that rate, not about the claim)."""
+    per = {lr: _m4_at(_at_lr(rows, lr), cfg) for lr in cfg["lrs"]}
+    kinds = {v.verdict for v in per.values()}
+    each = "; ".join(f"lr {lr:g}: {v.verdict} ({v.reason or 'no reason'})" for lr, v in per.items())
+    rule = (
+        f"at each learning rate of {cfg['lrs']} (trained separately): {next(iter(per.values())).rule}; held iff held "
+        "at every rate, not held iff not held at every rate, else undecided"
+    )
+    measured = {f"lr={lr:g}": v.measured | {"verdict": v.verdict} for lr, v in per.items()}
+    notes = tuple(dict.fromkeys(n for v in per.values() for n in v.notes))
+    if len(kinds) == 1 and kinds != {"undecided"}:
+        return Verdict(kinds.pop(), rule, measured, notes=notes, reason=each)
+    why = f"the verdict depends on the learning rate or cannot be decided at some: {each}"
+    return Verdict("undecided", rule, measured, notes=notes, reason=why)
+
+
 def figure_meterez_fig4(rows: Sequence[dict], cfg: dict) -> Figure:
-    acc = _m4_curves(rows, cfg, "train_accuracy")
+    mid = cfg["lrs"][len(cfg["lrs"]) // 2]
+    areas = {lr: _m4_curves(_at_lr(rows, lr), cfg, "train_accuracy") for lr in cfg["lrs"]}
+    rows = _at_lr(rows, mid)
+    acc = areas[mid]
     E = cfg["epochs"]
     fig, axes = new_figure(len(cfg["weights"]) + 1)
     for ax, w in zip(axes, cfg["weights"]):
@@ -871,12 +925,13 @@ def figure_meterez_fig4(rows: Sequence[dict], cfg: dict) -> Figure:
             )
         ax.set_xlabel("epoch")
         _whole_epochs(ax)
-        ax.set_title(f"{w} weights, BN without mean reduction, width {cfg['width']}", fontsize=8)
+        ax.set_title(f"{w} weights, BN without mean reduction, width {cfg['width']}, lr {mid:g}", fontsize=8)
         ax.legend(fontsize=7)
     ax = axes[-1]
     chance = float(_select(rows, quantity="chance")[0]["value"])
-    for w in cfg["weights"]:
-        ax.plot(cfg["depths"], [float(np.mean(accuracy_area(acc[w, L]))) for L in cfg["depths"]], "o-", label=w)
+    for (w, ls), lr in itertools.product(zip(cfg["weights"], ("-", "--")), cfg["lrs"]):
+        area = [float(np.mean(accuracy_area(areas[lr][w, L]))) for L in cfg["depths"]]
+        ax.plot(cfg["depths"], area, "o" + ls, label=f"{w}, lr {lr:g}")
     ax.axhline(chance, color="grey", ls=":", label="chance")
     log_axes_with_ticks(ax, cfg["depths"])
     ax.set_yscale("linear")
@@ -1079,7 +1134,10 @@ def _m6_decide(m: dict, cfg: dict) -> tuple[str, str]:
             "for the control to tell a bias from a random update"
         )
     if (ratios <= cfg["max_ratio"]).all():
-        return "held", ""
+        return "held", (
+            f"gap over control {ratios.min():.2f}–{ratios.max():.2f} in every run (≤ {cfg['max_ratio']:g}), relative "
+            f"move {m['middle_relative_move']:.3f}"
+        )
     if (ratios > cfg["max_ratio"]).all():
         return "not held", (
             f"the middle weights' gap is {ratios.mean():.2f}× that of the same displacement in a "
@@ -1122,7 +1180,7 @@ def verdict_meterez_fig6(rows: Sequence[dict], cfg: dict) -> Verdict:
     verdicts = [v for v, _ in decided.values()]
     reasons = "; ".join(f"{name}: {why}" for name, (v, why) in decided.items() if why)
     verdict = "not held" if "not held" in verdicts else "held" if set(verdicts) == {"held"} else "undecided"
-    return Verdict(verdict, rule, measured, theory, reason=reasons if verdict != "held" else "")
+    return Verdict(verdict, rule, measured, theory, reason=reasons)
 
 
 def figure_meterez_fig6(rows: Sequence[dict], cfg: dict) -> Figure:
