@@ -7,10 +7,11 @@ in its default views. Compared, interleaved over the repetitions (medians):
 * ``plain``  the forward alone;
 * ``probe``  ``Probe(model)``;
 * ``floor``  the arithmetic that the Grams of the Probe's records need, on tensors of the same shapes
-  made beforehand: per Gram the Probe forms (one per site call and point, but a norm's ``pre`` and
-  ``normalized``, which the Probe derives from the centred Gram, and none for a Gram singular by
-  construction, more items than entries), the float32 → float64 conversion of its items into a
-  reused buffer, the float64 product ``X Xᵀ``, and its Cholesky factorisation.
+  made beforehand: per Gram the Probe forms (one per site call, point and view, but none for a
+  norm's ``pre`` and ``normalized`` in the view of its ``centered``, which the Probe derives from
+  the centred Gram, and none for a Gram singular by construction, more items than entries), the
+  float32 → float64 conversion of its items into a reused buffer, the float64 product ``X Xᵀ``,
+  and its Cholesky factorisation.
 
 The Probe's own work is ``probe − plain − floor``; the target (issue 16) is at most 0.15 × ``plain``.
 Which Grams are needed is read off one probed forward's records (site, call, point, view, items
@@ -44,21 +45,22 @@ from vision_env import import_torchvision  # noqa: E402
 
 from isoprobe import Probe  # noqa: E402
 
-_DERIVED = ("pre", "normalized")  # a norm's points derived from its centred Gram
+_DERIVED = ("pre", "normalized")  # a norm's points derived from its centred Gram in the same view
 
 
 def gram_shapes(model, x) -> list[tuple[int, int, int]]:
     """``(groups, items, entries)`` of every Gram the Probe forms in one forward of ``model``."""
     with torch.no_grad(), Probe(model) as probe:
         model(x)
-    groups = Counter((r.site, r.call, r.point) for r in probe.records)
+    groups = Counter((r.site, r.call, r.point, r.view) for r in probe.records)
+    centred = {(r.site, r.call, r.view) for r in probe.records if r.point == "centered"}
     shapes = {}
     for r in probe.records:
-        if r.kind == "norm" and r.point in _DERIVED:
+        if r.kind == "norm" and r.point in _DERIVED and (r.site, r.call, r.view) in centred:
             continue
         if r.n > r.dim:  # singular by construction: no Gram needed
             continue
-        shapes[r.site, r.call, r.point] = (groups[r.site, r.call, r.point], r.n, r.dim)
+        shapes[r.site, r.call, r.point, r.view] = (groups[r.site, r.call, r.point, r.view], r.n, r.dim)
     return list(shapes.values())
 
 
