@@ -8,7 +8,7 @@ never failing, outputs, gradients, buffers, RNG state and hooks bit-for-bit as w
 20-40 minutes on two busy cores, then ``python tests/vision.py --commit SCRATCH.jsonl
 tests/data/vision_sweep.json``), one row per type: checked (both modes' results) or skipped
 (with the reason). The CI part re-checks a fixed selection: the checked types in order of their
-sweep time within ``_CI_BUDGET_S`` sweep seconds, plus every type the installed timm and
+sweep CPU time within ``_CI_BUDGET_S`` seconds, plus every type the installed timm and
 torchvision have that the file lacks (checked, with a warning asking to regenerate the file).
 ``ISOPROBE_VISION_ALL=1`` checks every type. Needs timm (the ``test`` extra).
 """
@@ -31,7 +31,7 @@ import vision  # noqa: E402  (imports timm)
 SWEEP = json.loads((Path(__file__).parent / "data" / "vision_sweep.json").read_text())
 ROWS = {row["type"]: row for row in SWEEP["rows"]}
 SAME_VERSION = all(SWEEP[k] == v for k, v in vision.versions().items())
-_CI_BUDGET_S = 12.0  # sweep seconds (one thread) of the selection: about 30 s of a pytest run here
+_CI_BUDGET_S = 12.0  # sweep CPU seconds (one thread) of the selection: about 30 s of a pytest run here
 _POINT_FIELDS = ("missed", "extra", "wrong_kind", "disagree", "failed", "bound_differs", "view_breaks")
 # Where the Probe and the oracle disagree, and why (the test fails if a disagreement changes):
 # type -> field -> value, for both modes, or type -> mode -> field -> value.
@@ -39,11 +39,11 @@ KNOWN: dict[str, dict] = {}
 
 
 def ci_selection() -> list[str]:
-    """The checked types in order of sweep time (ties by name) within ``_CI_BUDGET_S``."""
-    checked = sorted((row["seconds"], t) for t, row in ROWS.items() if row["status"] == "checked")
+    """The checked types in order of sweep CPU time (ties by name) within ``_CI_BUDGET_S``."""
+    checked = sorted((row["cpu_s"], t) for t, row in ROWS.items() if row["status"] == "checked")
     chosen, total = [], 0.0
     for seconds, model_type in checked:
-        if total + seconds > _CI_BUDGET_S:
+        if total + seconds > _CI_BUDGET_S:  # CPU seconds
             break
         chosen.append(model_type)
         total += seconds
