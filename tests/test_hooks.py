@@ -6,6 +6,7 @@ float64 and takes numpy eigenvalues; it shares no code with isoprobe.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -72,6 +73,9 @@ def items_of(a: np.ndarray, view: str, item, mask) -> np.ndarray:
         return seq if mask is None else seq[mask[item].astype(bool)]
     if view == "sample":
         return a.reshape(a.shape[0], -1)
+    if view == "spatial":  # image ``item``'s positions; channels-first unless ``mask == "last"``
+        image = a[item] if mask == "last" else np.moveaxis(a[item], 0, -1)
+        return image.reshape(-1, image.shape[-1])
     return np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
 
 
@@ -244,7 +248,12 @@ def test_feature_view_batchnorm_corollary3(train):
     capture.close()
     records = probe.records
     bn = [r for r in records if r.kind == "norm"]
-    assert all(r.view == "feature" and r.n in (24, 12) and r.dim == 64 for r in bn)
+    # auto: one view along depth (sample, as the batch-norm papers plot) at pre and post; the
+    # centered and normalized points in the feature view that Corollary 3 concerns
+    inner = [r for r in bn if r.point in ("centered", "normalized")]
+    assert len(inner) == 4 and all(r.view == "feature" and r.n in (24, 12) and r.dim == 64 for r in inner)
+    assert all(r.view == "sample" and r.n == 64 for r in bn if r.point in ("pre", "post"))
+    assert [r.point for r in bn if r.site == "1"] == ["pre", "centered", "normalized", "post"]
     assert all(r.view == "sample" for r in records if r.kind == "activation")
     # the feature covariance is normalised per feature (row) with batch statistics, always
     checked = check_records(records, capture, {"1": (1e-5, True), "4": (1e-5, True)})
@@ -257,12 +266,23 @@ def test_batchnorm2d_feature_view():
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU())
     x = torch.randn(4, 3, 7, 7)
     capture = Capture(model, ["1", "2"])
-    with Probe(model, sites="norm") as probe:
+    with Probe(model, sites="norm", view="feature") as probe:  # every point in the feature view
+        model(x)
+    with Probe(model, sites="norm") as auto:  # auto: pre and post in the sample view
         model(x)
     capture.close()
     records = probe.records
     assert all(r.n == 6 and r.dim == 4 * 5 * 5 for r in records)
     assert check_records(records, capture, {"1": (1e-5, True)}) == 1
+    capture.data["1"].append(capture.data["1"][0])
+    auto_records = [dataclasses.replace(r, step=1) for r in auto.records]
+    assert [(r.point, r.view) for r in auto_records] == [
+        ("pre", "sample"),
+        ("centered", "feature"),
+        ("normalized", "feature"),
+        ("post", "sample"),
+    ]
+    assert check_records(auto_records, capture, {"1": (1e-5, True)}) == 1
 
 
 def test_n_larger_than_dim_is_singular():
@@ -721,12 +741,19 @@ def test_probe_sees_isoprobe_own_networks():
         dtype=torch.float64,
     )
     x = torch.randn(24, 16, dtype=torch.float64)
-    with Probe(bn, sites="norm") as probe:
+    with Probe(bn, sites="norm") as auto:  # auto: Corollary 3 checked in the feature view
+        bn(x)
+    views = {(r.point, r.view) for r in auto.records}
+    assert views == {("pre", "sample"), ("centered", "feature"), ("normalized", "feature"), ("post", "sample")}
+    assert all(r.theorem1_holds for r in auto.records if r.point == "normalized")
+    with Probe(bn, sites="norm", view="feature") as probe:
         bn(x)
     norm_records = [r for r in probe.records if r.kind == "norm"]
     assert norm_records and all(r.view == "feature" for r in norm_records)
     checks = [r for r in norm_records if r.point == "normalized"]
     assert checks and all(r.theorem1_holds for r in checks)
+    inner = {(r.site, r.point): r.isometry_gap for r in auto.records if r.view == "feature"}
+    assert inner == {(r.site, r.point): r.isometry_gap for r in checks + [r for r in norm_records if r.point == "centered"]}
     by_site = {}
     for r in norm_records:
         by_site.setdefault(r.site, {})[r.point] = r.isometry_gap

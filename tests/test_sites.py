@@ -226,7 +226,10 @@ def test_olmo_layernorm_bloom_gelu_and_channels_first_layernorm_by_behaviour():
     with torch.no_grad(), Probe(conv) as probe:
         conv(img)
     capture.close()
-    assert {r.view for r in probe.records} == {"sample"}
+    # pre and post in the depth view; the norm's own points where it normalises whole items:
+    # each image's positions over the channels (the spatial view)
+    assert {(r.point, r.view) for r in probe.records} >= {("pre", "sample"), ("normalized", "spatial")}
+    assert {r.item for r in probe.records if r.view == "spatial"} == set(range(5))
     check_records(probe.records, capture, {"1": channel_parts})
 
 
