@@ -483,7 +483,7 @@ def _measure_input(
     points = points or (("pre", "post") if spec is None else _rec.POINTS)
     common = dict(site=site, view=view, step=step, call=call, dim=m, n=n, token_items=view in ("token", "spatial"), pad=pad)
     common.update(points=points, items=items)
-    ins = tuple(q for q in points if q != "post")
+    ins = points[:-1] if points[-1] == "post" else points
     if N < 2:  # one item per Gram: nothing is defined (records are flagged)
         nan = torch.full((g,), math.nan, dtype=torch.float64, device=x.device)
         empty = x.new_zeros(0, g, N, N, dtype=gram_dtype)
@@ -869,11 +869,26 @@ def _version(x: torch.Tensor | None) -> int | None:
 
 
 def _in_point_order(made: list[list[Record]]) -> list[Record]:
-    """The records of several measurements, those of one site call (measured in two views:
-    :meth:`Probe._plan`) in the order of :data:`isoprobe.records.POINTS`."""
-    order = {(r.site, r.step, r.call): i for i, rs in reversed(list(enumerate(made))) for r in rs}
-    flat = [r for rs in made for r in rs]
-    return sorted(flat, key=lambda r: (order[r.site, r.step, r.call], _rec.POINTS.index(r.point)))
+    """The records of several measurements, in order; the two measurements of one site call in
+    two views (:meth:`Probe._plan`, queued one after the other) merged in the order of
+    :data:`isoprobe.records.POINTS`."""
+    out: list[Record] = []
+    previous: list[Record] = []
+    for records in made:
+        if records and previous and (records[0].site, records[0].step, records[0].call) == (
+            previous[0].site,
+            previous[0].step,
+            previous[0].call,
+        ):
+            del out[len(out) - len(previous) :]
+            records = sorted(previous + records, key=_point_rank)
+        out.extend(records)
+        previous = records
+    return out
+
+
+def _point_rank(r: Record) -> int:
+    return _rec.POINTS.index(r.point)
 
 
 def _describe(t: torch.Tensor | None) -> str:
