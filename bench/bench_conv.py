@@ -131,7 +131,9 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", *sys.argv[1:]]
         out = subprocess.run(cmd, env=env, cwd=checkout, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"ResNet-50-like, batch {args.batch} × 3 × {args.px} × {args.px}, {args.threads} thread(s), median of {args.reps}")
+    print(
+        f"ResNet-50-like, batch {args.batch} × 3 × {args.px} × {args.px}, {args.threads} thread(s), median of {args.reps}"
+    )
     print("\n| checkout | config | records | CPU time | ratio to plain | wall time |\n|---|---|---|---|---|---|")
     for res in results:
         plain = res["cpu"]["plain"]

@@ -23,7 +23,9 @@ A site's name is its qualified module name; a record's key is ``"site:point"``, 
 per call, told apart by ``Record.call`` (0, 1, ...); the k-th call's key is ``"site@k:point"``
 (k ≥ 1), and ``probe["site@k:point"]`` selects it (``probe["site:point"]`` selects every call).
 
-**Points.** Every site has ``pre`` (the module's first tensor input) and ``post`` (its output;
+**Points.** Every site has ``pre`` (the module's first tensor input, read by a forward pre-hook
+before the module runs: an in-place module such as ``nn.ReLU(inplace=True)`` cannot have
+overwritten it, and no copy of it is kept) and ``post`` (its output;
 the first tensor of a tuple or dict output). A norm site
 also has ``centered`` (``x - mean``, over what the module normalises) and ``normalized``
 (centred and divided by ``sqrt(var + eps)`` with the module's own eps, before the affine
@@ -39,13 +41,25 @@ cross-attention's keys and values, which read the encoder's output), ``decoder_a
 in the decoder, or no mask there when the forward got none (the decoder's own default: it then
 attends to every target token); *sample* — one Gram per batch, items = the flattened samples;
 *feature* — the feature covariance ``C = X Xᵀ`` of a batch (items = channels, entries = batch ×
-spatial positions). ``"auto"``: feature for BatchNorm, token for 3-D activations, sample otherwise.
+spatial positions); *spatial* — one Gram per image of a 4-D map, items = its H·W positions,
+entries = the channels (the convolutional analogue of the token view; ``Record.item`` is the
+image), channels-first ``(B, C, H, W)`` or channels-last ``(B, H, W, C)``: a norm over the
+channels says the first, a norm over the last dimension the second, and another site takes the
+layout of the last such norm of the forward whose ``(B, H, W)`` matches its input's, else
+channels-first; tensors that are not 4-D get the sample view there.
+``"auto"``, one view along depth (the same tensor gets the same number at the end of one site
+and the start of the next): ``pre`` and ``post`` in the token view for 3-D activations and the
+sample view otherwise (what the batch-norm papers plot, Daneshmand, Joudaki & Bach, NeurIPS 2021;
+Meterez et al. 2024, arXiv:2310.02012); a norm's ``centered`` and ``normalized`` points in the
+view whose items it normalises (below), which each record states. An explicit view puts every
+point there.
 
 **Theorem 1** (Joudaki et al. 2023; Corollary 2 for layer norm, Corollary 3 for batch norm):
 with item norms ``a_i`` of the centred items, ``I(normalized) ≥ I(centered) · (1 + Var(a)/ā²)``.
 Checked on every norm site whose normalisation acts on whole items (token view for a
-last-dimension LayerNorm/RMSNorm, sample view for a LayerNorm over all non-batch dimensions or a
-one-group GroupNorm, feature view for BatchNorm). The check is ``gap(normalized) ≤ gap(centered)
+last-dimension LayerNorm/RMSNorm of ``(B, S, H)``, spatial view for one over the channels of
+``(B, C, H, W)`` or the last dimension of ``(B, H, W, C)``, sample view for a norm over all
+non-batch dimensions or a one-group GroupNorm, feature view for BatchNorm). The check is ``gap(normalized) ≤ gap(centered)
 - log factor + tol``, ``tol = sqrt(eps)`` of the Gram dtype (relative to ``gap(centered)`` above 1).
 Theorem 1 is about the projection ``x_c / ‖x_c‖``; a norm divides by ``sqrt(var + eps)``
 instead, which lifts the gap by exactly ``δ = log(mean r²) - mean log r²``, ``r_i² = var_i /
@@ -71,7 +85,10 @@ itself, ``G_pre`` is formed and factorised); ``G_norm = D G_c D`` with ``D = dia
 eps))``, so ``gap(normalized) = gap(centered) + log(tr G_norm / tr G_c) - (2/n) Σ log D_ii``
 needs no new factorisation (unless ``G_c`` is numerically singular: rescaling its rows can
 restore a full numerical rank, so ``G_norm`` is then factorised on its own); only ``post`` needs
-its own Gram. ``var`` and the norm-variation factor come from the diagonal of ``G_c``.
+its own Gram. ``var`` and the norm-variation factor come from the diagonal of ``G_c``. A Gram
+with more items than entries per item (and no padding) is singular by construction: its gap is
+``+inf`` and it is neither formed nor factorised; its orthogonality gap comes from the small
+dual Gram, ``‖G/tr G - I/n‖² = ‖Xᵀ X‖² / tr(G)² - 1/n``.
 
 **float32 Grams** (``gram_dtype=torch.float32``) halve the Gram products' cost on a CPU. Each
 record then carries ``gap_error``, an estimate of its gap's error against the exact Gram of the
@@ -481,7 +498,9 @@ def _measure_input(
         n, pad = torch.full((g,), N, dtype=torch.int64, device=x.device), None
     spec = site.norm
     points = points or (("pre", "post") if spec is None else _rec.POINTS)
-    common = dict(site=site, view=view, step=step, call=call, dim=m, n=n, token_items=view in ("token", "spatial"), pad=pad)
+    common = dict(
+        site=site, view=view, step=step, call=call, dim=m, n=n, token_items=view in ("token", "spatial"), pad=pad
+    )
     common.update(points=points, items=items)
     ins = points[:-1] if points[-1] == "post" else points
     if N < 2:  # one item per Gram: nothing is defined (records are flagged)
@@ -491,7 +510,7 @@ def _measure_input(
     if "centered" in points and _aligned(spec, view, x.ndim, last):
         return _measure_aligned(spec, items(x, writable=True), x.dtype, common)
     parts = (x,) if spec is None or "centered" not in points else (x, *_normalize_parts(x.to(gram_dtype), spec))
-    short = pad is None and N > m
+    short = pad is None and m < N
     gram_points = (*(() if short else ins), *(("post",) if "post" in points else ()))
     grams = torch.empty(len(gram_points), g, N, N, dtype=gram_dtype, device=x.device)
     og, infinite = {}, {}
@@ -513,7 +532,7 @@ def _measure_output(p: _Pending, y: torch.Tensor) -> _Pending:
     g, N, p.post_dim = Y.shape
     if N < 2:
         p.og["post"] = torch.full((g,), math.nan, dtype=torch.float64, device=y.device)
-    elif p.pad is None and N > p.post_dim:  # singular by construction: no Gram
+    elif p.pad is None and p.post_dim < N:  # singular by construction: no Gram
         p.og["post"], p.infinite["post"] = _dual(Y, p.n)
         p.grams, p.gram_points = p.grams[:-1], p.gram_points[:-1]
     else:
@@ -538,7 +557,7 @@ def _measure_aligned(spec: NormSpec, X: torch.Tensor, x_dtype: torch.dtype, comm
     """
     n, pad, points = common["n"], common["pad"], common["points"]
     g, N, m = X.shape
-    short = pad is None and N > m
+    short = pad is None and m < N
     og: dict[str, torch.Tensor] = {}
     mu = X.mean(-1) if spec.centers else None
     infinite: dict[str, torch.Tensor] = {}
@@ -875,10 +894,15 @@ def _in_point_order(made: list[list[Record]]) -> list[Record]:
     out: list[Record] = []
     previous: list[Record] = []
     for records in made:
-        if records and previous and (records[0].site, records[0].step, records[0].call) == (
-            previous[0].site,
-            previous[0].step,
-            previous[0].call,
+        if (
+            records
+            and previous
+            and (records[0].site, records[0].step, records[0].call)
+            == (
+                previous[0].site,
+                previous[0].step,
+                previous[0].call,
+            )
         ):
             del out[len(out) - len(previous) :]
             records = sorted(previous + records, key=_point_rank)
@@ -950,7 +974,7 @@ class Probe:
     ----------
     model: the model; nothing in it is changed (hooks are added on enter, removed on exit).
     sites: ``None`` (all), ``"norm"``, ``"activation"``, a glob on site names, or a list of these.
-    view: ``"auto"``, ``"token"``, ``"sample"`` or ``"feature"`` (module docstring).
+    view: ``"auto"``, ``"token"``, ``"sample"``, ``"feature"`` or ``"spatial"`` (module docstring).
     every: record every ``every``-th forward call of ``model`` (calls 0, every, 2·every, ...).
     attention_mask: ``(batch, seq)`` mask (1 = real token) used for the token view instead of
         the one the model's forward receives (in an encoder-decoder model: the encoder's; its
@@ -1116,7 +1140,10 @@ class Probe:
         return kwargs
 
     def _on_return(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        raised = sys.exc_info()[1] not in (None, self._raised_before)  # torch runs this hook while the forward's error is handled
+        raised = sys.exc_info()[1] not in (
+            None,
+            self._raised_before,
+        )  # torch runs this hook while the forward's error is handled
         if self._recording and self.sites and not self._site_calls and not raised:
             self._warn_once(
                 "no-site",
@@ -1171,7 +1198,9 @@ class Probe:
                     gathered = all_gather_features(x, same_size=self.equal_batches)
                 z = gathered if self.gather and view != "token" else x
                 mask = self._mask_for(site, z) if view == "token" else None
-                pending = _measure_input(site, z.detach(), view, mask, self.gram_dtype, self._step, call, self._work, points, last)
+                pending = _measure_input(
+                    site, z.detach(), view, mask, self.gram_dtype, self._step, call, self._work, points, last
+                )
                 begun.parts.append((pending, (view, mask, points, last)))
         return begun
 
@@ -1232,7 +1261,9 @@ class Probe:
     def _measured_in_float64(self, args: tuple, call: int) -> _Finished:
         """A float32-Gram measurement redone with float64 Grams (its error estimate was too large)."""
         site, x, y, view, mask, points, last = args
-        return _finish(_measure(site, x, y, view, mask, torch.float64, self._step, call, self._work, points, last), _TOL64)
+        return _finish(
+            _measure(site, x, y, view, mask, torch.float64, self._step, call, self._work, points, last), _TOL64
+        )
 
     def _plan(self, site: Site, x: torch.Tensor) -> list[tuple[str, bool, tuple[str, ...]]]:
         """``(view, channels-last, points)`` of each measurement of a call of ``site`` on ``x``.

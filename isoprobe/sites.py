@@ -17,14 +17,29 @@ they do.
   affine (``f(x + x') + f(0) ≠ f(x) + f(x')``); a *norm over the rows* if, not entrywise, its
   output is unchanged when each row is scaled by its own positive factor — LayerNorm-like (rule
   ``"layer"``) if a per-row shift leaves it unchanged too, RMSNorm-like (``"rms"``) otherwise;
-  rows along the channels give ``NormSpec.channels``. ``d`` is the size of the module's 1-D
+  rows along the channels give ``NormSpec.channels``. On the ``(2, d, 3, 3)`` input, before
+  the entrywise test, two more norms: *batch-norm-like* (rule ``"batch"``, or ``"batch-rms"``
+  without centring) if, run in training mode (the copy's; a batch norm in eval mode acts
+  entrywise), its output is unchanged by a positive factor per channel, the same for every
+  sample and position, yet changed by one per sample and channel (an instance norm); and a
+  *group norm* (rule ``"group"``, ``num_groups`` of the module or one group: PoolFormer's
+  ``GroupNorm1``, a norm over all non-batch dimensions) if a positive factor and a shift per
+  sample and group leave it unchanged but one per position, or per sample and channel, does
+  not. Whatever a norm applies entrywise after normalising keeps these invariances, so a fused
+  norm and activation (timm's ``BatchNormAct2d``, ``GroupNormAct``, ``LayerNormAct``: a torch
+  norm subclass whose own ``forward`` normalises, then calls an ``act`` child) is a norm site;
+  its ``normalized`` point (computed by the Probe from the input) precedes the activation, its
+  ``post`` is what the module returns, and the activation module inside stays a site of its
+  own (selectable alone; the same records as a norm followed by a separate activation module).
+  ``d`` is the size of the module's 1-D
   parameters, else 8, else the last entry of a ``normalized_shape`` attribute. This finds e.g. OLMo's LayerNorm (no parameter at all,
   ``F.layer_norm`` in a plain module) and BLOOM's ``BloomGelu``. The copy is bounded: a
   candidate of more than ``_TRIAL_MAX_MODULES`` modules (itself and its descendants)
   or ``_TRIAL_MAX_ENTRIES`` parameter and buffer entries, or one that cannot be
   deep-copied, is not tried (select it by name to probe it); the model's other modules and
   tensors that it refers to are shared with the copy, not copied. A module with sites below it
-  is a container, and no site, if one of them runs when it runs; if none does, it computes by
+  is a container, and no site, if one of them runs when it runs (for a norm: one of the norm
+  sites below it; activations may run after its normalisation); if none does, it computes by
   itself and replaces them: TransformerLens's ``NormalizationBridge`` normalises with the
   weight and bias of the ``nn.LayerNorm`` it wraps, which never runs.
 
@@ -495,7 +510,9 @@ def _passes_through(module: nn.Module, relative: str, site: Site, shared: dict[i
         for width in widths:
             calls.clear()
             spec = site.norm
-            trial = _Trial(trial_module, width, spec is not None and (spec.channels or spec.rule not in ("layer", "rms")))
+            trial = _Trial(
+                trial_module, width, spec is not None and (spec.channels or spec.rule not in ("layer", "rms"))
+            )
             x = 10 * trial.randn(*trial.shape)
             try:
                 y = trial(x)

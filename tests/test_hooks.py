@@ -754,7 +754,9 @@ def test_probe_sees_isoprobe_own_networks():
     checks = [r for r in norm_records if r.point == "normalized"]
     assert checks and all(r.theorem1_holds for r in checks)
     inner = {(r.site, r.point): r.isometry_gap for r in auto.records if r.view == "feature"}
-    assert inner == {(r.site, r.point): r.isometry_gap for r in checks + [r for r in norm_records if r.point == "centered"]}
+    assert inner == {
+        (r.site, r.point): r.isometry_gap for r in checks + [r for r in norm_records if r.point == "centered"]
+    }
     by_site = {}
     for r in norm_records:
         by_site.setdefault(r.site, {})[r.point] = r.isometry_gap
@@ -838,7 +840,13 @@ def test_inplace_activations_pre_is_the_true_input(view):
         out = model(x)
     capture.close()
     records = probe.records
-    assert sorted({(r.site, r.call) for r in records}) == [("act6", 0), ("act6", 1), ("act6", 2), ("relu", 0), ("silu", 0)]
+    assert sorted({(r.site, r.call) for r in records}) == [
+        ("act6", 0),
+        ("act6", 1),
+        ("act6", 2),
+        ("relu", 0),
+        ("silu", 0),
+    ]
     _reference_records(records, capture.data)
     gaps = {(r.site, r.call, r.point, r.item): r.isometry_gap for r in records}
     assert any(gaps[k] != gaps[(*k[:2], "post", k[3])] for k in gaps if k[2] == "pre")
@@ -862,7 +870,11 @@ def test_default_view_is_one_view_along_depth():
     one number in the default view (before: a C×C feature Gram against a B×B sample Gram)."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16)
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(16, 16, 3),
+        nn.BatchNorm2d(16),
     )
     with torch.no_grad(), Probe(model) as probe:
         model(torch.randn(8, 3, 6, 6))
