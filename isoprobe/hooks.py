@@ -99,7 +99,9 @@ about ``sqrt(m) u max_i w_i (1 + 1/λ_min(Ĝ)) / sqrt(n)`` (``Ĝ`` the unit-diag
 with ``x`` the uncentred items); ``gap_error`` is 8 times that (×4 for items centred in float32).
 On GPT-2's token Grams it exceeds the actual error about 100-fold. An item group whose estimate
 exceeds ``Probe.float32_tolerance`` (1e-3) at some point, or whose float32 Gram is singular or
-near it, is measured again with float64 Grams (its records then have ``gap_error = 0.0``).
+near it, is measured again with float64 Grams (its records then have ``gap_error = 0.0``),
+unless the module changed its input in place (then gone): those records keep their float32
+values and their estimate.
 
 **Padding** without a loop over sequences: padded rows of the items are zero, so a zero-padded
 Gram is block-diagonal; putting ``c = tr(G)/n`` (the mean eigenvalue of the real block) on the
@@ -1213,11 +1215,15 @@ class Probe:
         else:
             changed = x is not x_now or _version(x_now) != begun.version
         if not begun.parts:
-            if changed and site.kind == "module":
-                return self._skip(site, "it changed its input in place, so that input is gone")
+            if changed:
+                why = "it changed its input in place, so that input is gone"
+                return self._warn_once(f"skip:{site.name}", f"site {site.name!r} is not measured: {why}")
             return self._measure_whole(site, x, y, begun.call)
-        if y is None or not y.is_floating_point() or y.shape != x_now.shape:
-            return self._skip(site, f"its output ({_describe(y)}) is not a tensor of its input's shape")
+        if y is None or not y.is_floating_point() or y.shape != x_now.shape:  # GLU halves its input
+            if changed:
+                why = "its output's shape differs from its input's, which it changed in place"
+                return self._warn_once(f"skip:{site.name}", f"site {site.name!r} is not measured: {why}")
+            return self._measure_whole(site, x, y, begun.call)
         with torch.no_grad(), _no_autocast(y.device):
             gathered = None
             for pending, (view, mask, points, last) in begun.parts:

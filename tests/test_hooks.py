@@ -950,3 +950,27 @@ def test_forward_that_raises_before_any_site_does_not_warn():
         with Probe(model) as probe, pytest.raises(ValueError, match="bad input"):
             model(torch.randn(2, 3))
     assert probe.records == []
+
+
+def test_an_activation_that_changes_the_shape_is_measured_from_input_and_output():
+    """GLU halves its input: ``pre`` and ``post`` each in their own width, against numpy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GLU()).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    capture = Capture(model, ["1"])
+    with torch.no_grad(), Probe(model) as probe:
+        model(x)
+    capture.close()
+    assert [(r.point, r.dim) for r in probe.records] == [("pre", 8), ("post", 4)]
+    check_records(probe.records, capture, {})
+
+
+def test_a_named_module_that_changes_its_input_in_place_is_skipped_with_a_warning():
+    class AddInPlace(nn.Module):
+        def forward(self, x):
+            return x.add_(1.0)
+
+    model = nn.Sequential(nn.Linear(4, 4), AddInPlace(), nn.Tanh())
+    with torch.no_grad(), Probe(model, sites=["1", "2"]) as probe, pytest.warns(UserWarning, match="changed its input"):
+        model(torch.randn(6, 4))
+    assert {r.site for r in probe.records} == {"2"}
