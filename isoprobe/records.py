@@ -69,8 +69,10 @@ class Record:
     ``"activation"``; ``point``: ``"pre"`` (module input), ``"centered"`` (an RMSNorm does not
     centre: there it equals ``pre``), ``"normalized"`` (centred and divided by
     ``sqrt(var + eps)`` with the module's own eps, before the affine part; norms only) or
-    ``"post"`` (module output); ``view``: ``"token"``, ``"sample"`` or
-    ``"feature"``; ``item``: sequence index in the batch for the token view, else ``None``;
+    ``"post"`` (module output); ``view``: ``"token"``, ``"sample"``, ``"feature"`` or
+    ``"spatial"`` (a norm's ``centered`` and ``normalized`` points may be in another view than
+    its ``pre`` and ``post``: the one where Theorem 1 is checked); ``item``: sequence index in
+    the batch for the token view, image index for the spatial view, else ``None``;
     ``step``: forward-call counter of the probed model; ``call``: 0, 1, ... for the k-th call of
     the site's module within that forward (a module applied twice, e.g. one activation module
     shared by two layers); ``n``: items in the Gram; ``dim``: entries per item.
