@@ -133,6 +133,7 @@ import torch
 from torch import nn
 
 from isoprobe import records as _rec
+from isoprobe.calls import FUNCTIONS, FunctionalSites, call_selector, may_call
 from isoprobe.compiled import eager_module, outer_hook, release, site_hook
 from isoprobe.distributed import all_gather_features
 from isoprobe.metrics import (
@@ -141,6 +142,7 @@ from isoprobe.metrics import (
     _orthogonality_gap,
     _spectral_stats,
 )
+from isoprobe.names import match_site
 from isoprobe.records import Record, RecordSink, RunningSummary, Summary
 from isoprobe.sites import NormSpec, Site, discover_sites, no_site_message, select_sites
 from isoprobe.stacks import DECODER, ENCODER, Streams, encoder_decoder
@@ -819,7 +821,8 @@ class Probe:
     Parameters
     ----------
     model: the model; nothing in it is changed (hooks are added on enter, removed on exit).
-    sites: ``None`` (all), ``"norm"``, ``"activation"``, a glob on site names, or a list of these.
+    sites: ``None`` (all), ``"norm"``, ``"activation"``, a glob on site names, or a list of these
+        (kinds and ``None`` pick functional sites too: ``calls``).
     view: ``"auto"``, ``"token"``, ``"sample"`` or ``"feature"`` (module docstring).
     every: record every ``every``-th forward call of ``model`` (calls 0, every, 2·every, ...).
     attention_mask: ``(batch, seq)`` mask (1 = real token) used for the token view instead of
@@ -840,6 +843,11 @@ class Probe:
         :class:`~isoprobe.records.RecordSink`; every record is written there as it is made and
         only per-(site, call, point) running summaries stay in memory (``summary()``), while
         ``records``/``pop_records()``/``probe[key]`` refuse (the records are in the file).
+    calls: also record *functional sites*, the activations and norms a module's forward applies
+        as functions (``F.relu``, ``torch.tanh``, ``x.relu_()``, ``F.layer_norm``, ...), named
+        ``"owner:function@index"`` (:mod:`isoprobe.calls`); ``False`` records module sites only.
+        A ``sites`` glob with a ``:`` selects functional sites (``"*:relu"``, ``"layer1.**:*"``);
+        it is matched as the forward runs (a warning names one that matched no call).
 
     Records are made during calls of ``model``; ``probe.records`` lists them in forward order.
     Use as a context manager, or ``attach()``/``detach()`` (e.g. from a training callback).
@@ -862,6 +870,7 @@ class Probe:
         gather: bool = False,
         equal_batches: bool = False,
         sink: str | Path | RecordSink | None = None,
+        calls: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -876,10 +885,19 @@ class Probe:
         _check_sites_argument(sites)
         model = eager_module(model)
         found = discover_sites(model)
-        if not found and sites is None:
+        functional = calls and may_call(model)
+        if not found and sites is None and not functional:
             raise ValueError(no_site_message(model))
         self.model = model
-        self.sites = select_sites(found, sites, model)
+        self.sites = select_sites(found, sites, model, functional=functional)
+        self._functional = (
+            FunctionalSites(
+                model, [s.module for s in found], call_selector(sites), self._site_observer, lambda: self._recording
+            )
+            if functional
+            else None
+        )
+        self._patterns = [p for p in ([sites] if isinstance(sites, str) else sites or []) if ":" in p]
         self.view = view
         self.every = every
         self.attention_mask = attention_mask
@@ -906,6 +924,12 @@ class Probe:
         self._work = _Workspace()
         self._site_calls: dict[str, int] = {}  # site -> calls of its module in this forward
 
+    @property
+    def functional_sites(self) -> list[Site]:
+        """The selected functional sites called so far (:mod:`isoprobe.calls`), in order of
+        first call; a site's ``module`` is the module whose forward made the call."""
+        return [] if self._functional is None else self._functional.sites
+
     # -- lifecycle
     def attach(self) -> Probe:
         """Register the hooks (what ``with`` does on enter)."""
@@ -919,6 +943,10 @@ class Probe:
                 hook, token = site_hook(site.module, self._site_observer(site))
                 self._tokens.append(token)
                 self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+            if self._functional is not None:
+                handles, tokens = self._functional.attach()
+                self._handles.extend(handles)
+                self._tokens.extend(tokens)
             if self._streams is not None:
                 handles, tokens = self._streams.hooks(self.model, outer_hook)
                 self._handles.extend(handles)
@@ -939,6 +967,8 @@ class Probe:
         for token in self._tokens:
             release(token)
         self._tokens.clear()
+        if self._functional is not None:
+            self._functional.stop()
         self._recording = False
         self._flush()
         self._work.clear()
@@ -976,7 +1006,30 @@ class Probe:
         return kwargs
 
     def _on_return(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._recording and self.sites and not self._site_calls:
+        if self._recording:
+            self._check_ran()
+        self._recording = False
+        if self._streams is not None:
+            self._streams.stop()
+        self._flush()
+
+    def _check_ran(self) -> None:
+        """Warn (once) when no site ran in a recorded forward, and for a functional-site
+        pattern that no call of the forward matched."""
+        if self._functional is not None:
+            seen = self._functional.seen()
+            for pattern in self._patterns:
+                if not any(match_site(name, pattern) for name in seen):
+                    self._warn_once(
+                        f"pattern:{pattern}",
+                        f"site pattern {pattern!r} matched no functional call in forward {self._step} "
+                        f"(calls seen: {', '.join(seen[:6]) or 'none'}{', ...' if len(seen) > 6 else ''})",
+                    )
+        if self._site_calls:
+            return
+        if not self.sites:  # functional sites only, and none was called
+            self._warn_once("no-site", f"no site ran in forward {self._step}: {no_site_message(self.model)}")
+        else:
             self._warn_once(
                 "no-site",
                 f"no site of this Probe ran in forward {self._step}, so it has no records. Either the "
@@ -986,10 +1039,6 @@ class Probe:
                 "added): attach the Probe before the first compiled forward, keep it attached, or call "
                 "torch.compiler.reset() after attaching it",
             )
-        self._recording = False
-        if self._streams is not None:
-            self._streams.stop()
-        self._flush()
 
     def _site_observer(self, site: Site):
         def observe(x: torch.Tensor | None, y: torch.Tensor | None) -> None:
@@ -1146,13 +1195,19 @@ class Probe:
     def __getitem__(self, key: str) -> list[Record]:
         """Records whose key matches the glob ``key`` (:meth:`Record.matches`): ``"site:point"``
         for every call of the module, e.g. ``probe["*.ln_1:pre"]``; ``"site@k:point"`` for its
-        k-th call in each forward only (``probe["blocks.act@1:pre"]``; ``@0`` the first).
+        k-th call in each forward only (``probe["blocks.act@1:pre"]``; ``@0`` the first); a
+        functional site by its name (``probe["layer1.0:relu@0:pre"]``, ``probe["*:gelu"]``).
 
-        A point that is not one of ``pre, centered, normalized, post`` (nor a glob), or a key that
-        matches none of the records made, is a ``KeyError`` that says what there is."""
-        point = key.rpartition(":")[2] if ":" in key else "*"
-        if point not in _rec.POINTS and not any(c in point for c in "*?["):
-            raise KeyError(f"{key!r}: the point must be one of {', '.join(_rec.POINTS)} (or a glob), got {point!r}")
+        A part after the last ``:`` that is neither one of ``pre, centered, normalized, post``
+        nor a function of a functional site (nor a glob), or a key that matches none of the
+        records made, is a ``KeyError`` that says what there is."""
+        tail = key.rpartition(":")[2] if ":" in key else "*"
+        known = tail in _rec.POINTS or tail.partition("@")[0] in FUNCTIONS or any(c in tail for c in "*?[")
+        if not known:
+            raise KeyError(
+                f"{key!r}: the part after ':' must be a point ({', '.join(_rec.POINTS)}), a function "
+                f"of a functional site ('relu@0', 'layer_norm') or a glob, got {tail!r}"
+            )
         kept = self._kept()
         found = [r for r in kept if r.matches(key)]
         if kept and not found:
