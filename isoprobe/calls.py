@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,7 @@ from isoprobe.compiled import Token, eager_hook, release
 from isoprobe.names import match_site
 from isoprobe.sites import KINDS, NormSpec, Site
 
-__all__ = ["FUNCTIONS", "FunctionalSites", "call_selector", "may_call"]
+__all__ = ["FUNCTIONS", "FunctionalSites", "call_selector", "may_call", "suspended"]
 
 #: Function name -> site kind of the functions recorded as functional sites.
 FUNCTIONS: dict[str, str] = {
@@ -247,18 +248,33 @@ class _CallMode(TorchFunctionMode):
 _MODE = _CallMode()
 
 
+@contextmanager
+def suspended() -> Iterator[None]:
+    """The mode off torch's stack while the block runs, if it is on top: the Probe's own
+    arithmetic in a site hook (hundreds of torch calls) is no model code to look at."""
+    ours = _THREAD.entered and torch.overrides._get_current_function_mode() is _MODE
+    if not ours:
+        yield
+        return
+    torch._C._pop_torch_function_stack()
+    try:
+        yield
+    finally:
+        torch._C._push_on_torch_function_stack(_MODE)
+
+
 def _observed_call(target: _Target, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run ``func`` once as called, telling every active recorder its input (a copy taken
     before the call if it works in place) and output."""
     x = args[0] if args else kwargs.get("input")
     if not isinstance(x, torch.Tensor):
         return func(*args, **kwargs)
+    sites = [(recorder, recorder._site_of(stack, target)) for recorder, stack in list(_THREAD.runs.items())]
+    if not any(site is not None for _, site in sites):  # inside module sites, or not selected
+        return func(*args, **kwargs)
     bound = _bound(target, args, kwargs)
-    observers = []
-    for recorder, stack in list(_THREAD.runs.items()):
-        observe = recorder._observer(stack, target, x, bound)
-        if observe is not None:
-            observers.append(observe)
+    observers = [r._observer(site, target, x, bound) for r, site in sites if site is not None]
+    observers = [observe for observe in observers if observe is not None]
     if not observers:
         return func(*args, **kwargs)
     inplace = target.inplace or bool(bound.get("inplace", False))
@@ -374,29 +390,29 @@ class FunctionalSites:
                 del stack[i:]
                 return
 
-    def _observer(
-        self, stack: list[_Frame], target: _Target, x: torch.Tensor, bound: dict[str, Any]
-    ) -> Observer | None:
-        """The observer of this call (and the call counted), or ``None``: inside a site, not
-        selected, not recording, or a norm call whose arguments are not understood."""
+    def _site_of(self, stack: list[_Frame], target: _Target) -> Site | None:
+        """The site of this call (the call counted), or ``None``: inside a site, or not selected."""
         frame = stack[-1]
         if frame.inside_site:
             return None
         index = frame.counts.get(target.name, 0)
         frame.counts[target.name] = index + 1
         name = f"{frame.name}:{target.name}@{index}"
-        kind = FUNCTIONS[target.name]
         if name not in self._sites:
+            kind = FUNCTIONS[target.name]
             self._sites[name] = Site(name, kind, frame.module) if self._picks(name, kind) else None
-        site = self._sites[name]
-        if site is None:
-            return None
-        if kind == "norm":
+        return self._sites[name]
+
+    def _observer(self, site: Site, target: _Target, x: torch.Tensor, bound: dict[str, Any]) -> Observer | None:
+        """What measures this call of ``site``; ``None`` for a norm call whose arguments are not
+        understood. A norm's spec is read from each call's arguments (``bound``)."""
+        name = site.name
+        if site.kind == "norm":
             spec = _norm_spec(target.name, x, bound)
             if spec is None:
                 return None
             if spec != site.norm:
-                site = self._sites[name] = Site(name, kind, frame.module, spec)
+                site = self._sites[name] = Site(name, site.kind, site.module, spec)
                 self._observers.pop(name, None)
         if name not in self._observers:
             self._observers[name] = self._make_observer(site)

@@ -133,7 +133,7 @@ import torch
 from torch import nn
 
 from isoprobe import records as _rec
-from isoprobe.calls import FUNCTIONS, FunctionalSites, call_selector, may_call
+from isoprobe.calls import FUNCTIONS, FunctionalSites, call_selector, may_call, suspended
 from isoprobe.compiled import eager_module, outer_hook, release, site_hook
 from isoprobe.distributed import all_gather_features
 from isoprobe.metrics import (
@@ -1049,7 +1049,7 @@ class Probe:
             view = self._view_for(site, x, y)
             if view is None:
                 return
-            with torch.no_grad(), _no_autocast(x.device):
+            with torch.no_grad(), _no_autocast(x.device), suspended():
                 if self.gather and view != "token":  # the global batch under DistributedDataParallel
                     x = all_gather_features(x, same_size=self.equal_batches)
                     y = all_gather_features(y, same_size=self.equal_batches)
