@@ -9,7 +9,8 @@ interleaved over the repetitions (medians):
   each of its modules, the torch-function mode seeing every torch call of the forward);
 * **a conv net with F.relu** (eight torchvision-Inception ``BasicConv2d`` blocks, conv → batch
   norm → ``F.relu(x, inplace=True)``, 32 channels, batch 16 × 32 × 32): ``calls=True`` adds the
-  eight functional ReLU sites (a copy of each in-place input, two Grams each).
+  eight functional ReLU sites (a copy of each in-place input, two Grams each); and the same
+  net at batch 2 × 8 × 8, where the mechanism's fixed cost per forward weighs most.
 
 Configurations: ``plain`` (the forward), ``calls=False`` (module sites only), ``calls=True``;
 and both again with ``sites="norm"``, where the calls are seen and counted but none is
@@ -47,10 +48,10 @@ class BasicConv2d(nn.Module):
         return F.relu(self.bn(self.conv(x)), inplace=True)
 
 
-def conv_net() -> tuple[nn.Module, dict]:
+def conv_net(batch: int = 16, size: int = 32) -> tuple[nn.Module, dict]:
     torch.manual_seed(0)
     model = nn.Sequential(BasicConv2d(3, 32), *(BasicConv2d(32, 32) for _ in range(7))).eval()
-    return model, {"input": torch.randn(16, 3, 32, 32)}
+    return model, {"input": torch.randn(batch, 3, size, size)}
 
 
 def gpt2() -> tuple[nn.Module, dict]:
@@ -84,7 +85,12 @@ def main() -> None:
         "norm, calls=True": {"sites": "norm"},
     }
     rows = []
-    for label, (model, batch) in (("GPT-2 small, 4×128", gpt2()), ("conv net, F.relu, 16×32×32", conv_net())):
+    models = {
+        "GPT-2 small, 4×128": gpt2(),
+        "conv net, F.relu, 16×32×32": conv_net(),
+        "conv net, F.relu, 2×8×8": conv_net(2, 8),  # the per-forward cost, in a small forward
+    }
+    for label, (model, batch) in models.items():
         for probe in configs.values():  # warm-up
             timed(model, batch, probe)
         times: dict[str, list[float]] = {name: [] for name in configs}

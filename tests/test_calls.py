@@ -454,3 +454,32 @@ def test_compiled_model_records_module_sites_in_one_graph():
     assert [(r.key, r.step, r.isometry_gap) for r in probe.records] == [
         (r.key, r.step, r.isometry_gap) for r in eager.records
     ]
+
+
+class Aten(nn.Module):
+    """The ATen entry points, whose arguments come in another order than F's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        tap(self, "layer_norm@0", "pre", h)
+        a = torch.layer_norm(h, (8,), None, None, 1e-3, False)
+        tap(self, "layer_norm@0", "post", a)
+        tap(self, "batch_norm@0", "pre", a)
+        b = torch.batch_norm(a, None, None, None, None, True, 0.1, 1e-4, False)
+        tap(self, "batch_norm@0", "post", b)
+        return b
+
+
+def test_aten_spellings_of_the_norms():
+    torch.manual_seed(0)
+    model = tagged(Aten())
+    x = torch.randn(6, 8)
+    taps = tapped(model, x)
+    with torch.no_grad(), Probe(model) as probe:
+        model(x)
+    norms = {":layer_norm@0": ("layer", 1e-3), ":batch_norm@0": ("batch", 1e-4)}
+    assert check(probe.records, taps, norms) == 2  # sample view (whole rows), feature view
