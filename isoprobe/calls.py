@@ -28,9 +28,12 @@ and gradients are bit-for-bit unchanged.
 
 Calls made inside a discovered norm or activation module (``nn.ReLU`` calls ``F.relu``,
 ``nn.LayerNorm`` calls ``F.layer_norm``), or in any module below one, are that module's site and
-are not recorded again. Under ``torch.compile`` functional calls are traced into the graph like
-any other operation and are not recorded (the mode lets them through untouched, so the graph is
-the same and is not compiled again); module sites are recorded as usual.
+are not recorded again. Under ``torch.compile`` the hooks that put the mode on torch's stack
+are traced as no-ops (:func:`isoprobe.compiled.eager_hook`), so a compiled forward runs without
+it: its functional calls run in the graph and are not recorded (module sites are, as usual, in
+one graph compiled once); a compiled function called from an eager forward gets its calls
+passed through untouched. The mode is taken off the stack while the Probe measures a site
+(:func:`suspended`): its own arithmetic is no model code.
 """
 
 from __future__ import annotations
@@ -229,8 +232,8 @@ _THREAD = _Thread()
 
 
 class _CallMode(TorchFunctionMode):
-    """Hands the calls of :data:`FUNCTIONS` to the active recorders (one object for every
-    Probe, so that a compiled graph guards on one and the same mode)."""
+    """Hands the calls of :data:`FUNCTIONS` to the active recorders, every other call through
+    at once (one object for every Probe and thread)."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -296,7 +299,7 @@ class FunctionalSites:
     """The functional sites of one Probe's ``model`` (module docstring).
 
     ``site_modules``: the discovered norm and activation modules (their calls are theirs);
-    ``picks(name, kind)``: the selection (:func:`call_selector`); ``observer(site)``: what
+    ``selection``: the Probe's ``sites`` (:func:`call_selector`); ``observer(site)``: what
     measures a site's ``(pre, post)``; ``recording()``: is this forward of the model recorded?
     :meth:`attach` registers forward pre/post hooks on the model's modules (returned for
     removal): the model's own put the mode on torch's stack in the calling thread for the
@@ -309,7 +312,7 @@ class FunctionalSites:
         self,
         model: nn.Module,
         site_modules: Sequence[nn.Module],
-        picks: Callable[[str, str], bool],
+        selection: str | Sequence[str] | None,
         observer: Callable[[Site], Observer],
         recording: Callable[[], bool],
     ) -> None:
@@ -318,7 +321,9 @@ class FunctionalSites:
         for name, module in model.named_modules():
             self._names.setdefault(module, name)
         self._site_modules = set(map(id, site_modules))
-        self._picks = picks
+        self._picks = call_selector(selection)
+        patterns = [selection] if isinstance(selection, str) else list(selection or ())
+        self._patterns = [p for p in patterns if ":" in p]
         self._make_observer = observer
         self._sites: dict[str, Site | None] = {}  # name -> its site (None: not selected)
         self._observers: dict[str, Observer] = {}
@@ -332,6 +337,10 @@ class FunctionalSites:
     def seen(self) -> list[str]:
         """Names of every functional site called so far, selected or not."""
         return list(self._sites)
+
+    def unmatched(self) -> list[str]:
+        """The selection's functional-site globs (with a ``:``) that no call so far matched."""
+        return [p for p in self._patterns if not any(match_site(name, p) for name in self._sites)]
 
     def attach(self) -> tuple[list[torch.utils.hooks.RemovableHandle], list[Token]]:
         """Register the hooks (:func:`isoprobe.compiled.eager_hook`): their handles and tokens,

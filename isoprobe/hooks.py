@@ -22,6 +22,9 @@ A site's name is its qualified module name; a record's key is ``"site:point"``, 
 ``"transformer.h.3.ln_1:pre"``. A module called more than once in one forward gives one record
 per call, told apart by ``Record.call`` (0, 1, ...); the k-th call's key is ``"site@k:point"``
 (k ≥ 1), and ``probe["site@k:point"]`` selects it (``probe["site:point"]`` selects every call).
+Activations and norms a forward applies as functions (``F.relu``, ``torch.tanh``,
+``x.relu_()``, ``F.layer_norm``) are *functional sites* (:mod:`isoprobe.calls`; ``calls=False``
+turns them off), named ``"owner:function@index"``, e.g. ``"Mixed_5b.branch1x1:relu@0"``.
 
 **Points.** Every site has ``pre`` (the module's first tensor input) and ``post`` (its output;
 the first tensor of a tuple or dict output). A norm site
@@ -133,7 +136,7 @@ import torch
 from torch import nn
 
 from isoprobe import records as _rec
-from isoprobe.calls import FUNCTIONS, FunctionalSites, call_selector, may_call, suspended
+from isoprobe.calls import FUNCTIONS, FunctionalSites, may_call, suspended
 from isoprobe.compiled import eager_module, outer_hook, release, site_hook
 from isoprobe.distributed import all_gather_features
 from isoprobe.metrics import (
@@ -142,7 +145,6 @@ from isoprobe.metrics import (
     _orthogonality_gap,
     _spectral_stats,
 )
-from isoprobe.names import match_site
 from isoprobe.records import Record, RecordSink, RunningSummary, Summary
 from isoprobe.sites import NormSpec, Site, discover_sites, no_site_message, select_sites
 from isoprobe.stacks import DECODER, ENCODER, Streams, encoder_decoder
@@ -890,14 +892,10 @@ class Probe:
             raise ValueError(no_site_message(model))
         self.model = model
         self.sites = select_sites(found, sites, model, functional=functional)
+        modules = [s.module for s in found]
         self._functional = (
-            FunctionalSites(
-                model, [s.module for s in found], call_selector(sites), self._site_observer, lambda: self._recording
-            )
-            if functional
-            else None
+            FunctionalSites(model, modules, sites, self._site_observer, self._is_recording) if functional else None
         )
-        self._patterns = [p for p in ([sites] if isinstance(sites, str) else sites or []) if ":" in p]
         self.view = view
         self.every = every
         self.attention_mask = attention_mask
@@ -1013,18 +1011,20 @@ class Probe:
             self._streams.stop()
         self._flush()
 
+    def _is_recording(self) -> bool:
+        return self._recording
+
     def _check_ran(self) -> None:
         """Warn (once) when no site ran in a recorded forward, and for a functional-site
         pattern that no call of the forward matched."""
         if self._functional is not None:
             seen = self._functional.seen()
-            for pattern in self._patterns:
-                if not any(match_site(name, pattern) for name in seen):
-                    self._warn_once(
-                        f"pattern:{pattern}",
-                        f"site pattern {pattern!r} matched no functional call in forward {self._step} "
-                        f"(calls seen: {', '.join(seen[:6]) or 'none'}{', ...' if len(seen) > 6 else ''})",
-                    )
+            for pattern in self._functional.unmatched():
+                self._warn_once(
+                    f"pattern:{pattern}",
+                    f"site pattern {pattern!r} matched no functional call in forward {self._step} "
+                    f"(calls seen: {', '.join(seen[:6]) or 'none'}{', ...' if len(seen) > 6 else ''})",
+                )
         if self._site_calls:
             return
         if not self.sites:  # functional sites only, and none was called
