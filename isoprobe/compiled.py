@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["eager_module", "outer_hook", "outside_graphs", "release", "site_hook", "site_pre_hook"]
+__all__ = ["eager_hook", "eager_module", "outer_hook", "outside_graphs", "release", "site_hook", "site_pre_hook"]
 
 Observer = Callable[[torch.Tensor | None, torch.Tensor | None], None]
 InputObserver = Callable[[torch.Tensor | None], None]
@@ -157,6 +157,21 @@ def _caller(token: Token, entry: _Entry) -> Callable[..., None]:
     call = functools.partial(_dispatch, token)
     call.entry = entry  # type: ignore[attr-defined]
     return call
+
+
+def eager_hook(module: nn.Module, kind: str, fn: Callable[..., None]) -> tuple[Callable[..., None], Token]:
+    """A hook for ``module`` that runs ``fn`` with the hook's arguments in eager forwards only,
+    and its token. Traced by ``torch.compile`` it does nothing and reads nothing but
+    ``torch.compiler.is_compiling()``: no graph break, and no guard on the Probe, so a Probe
+    attached later (at the same slot) runs in the same graph."""
+    token, entry = _register(module, kind, fn)
+    call = _caller(token, entry)
+
+    def hook(*args: Any) -> None:
+        if not torch.compiler.is_compiling():
+            call(*args)
+
+    return hook, token
 
 
 def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:

@@ -22,6 +22,9 @@ A site's name is its qualified module name; a record's key is ``"site:point"``, 
 ``"transformer.h.3.ln_1:pre"``. A module called more than once in one forward gives one record
 per call, told apart by ``Record.call`` (0, 1, ...); the k-th call's key is ``"site@k:point"``
 (k ≥ 1), and ``probe["site@k:point"]`` selects it (``probe["site:point"]`` selects every call).
+Activations and norms a forward applies as functions (``F.relu``, ``torch.tanh``,
+``x.relu_()``, ``F.layer_norm``) are *functional sites* (:mod:`isoprobe.calls`; ``calls=False``
+turns them off), named ``"owner:function@index"``, e.g. ``"Mixed_5b.branch1x1:relu@0"``.
 
 **Points.** Every site has ``pre`` (the module's first tensor input, read by a forward pre-hook
 before the module runs: an in-place module such as ``nn.ReLU(inplace=True)`` cannot have
@@ -153,6 +156,7 @@ import torch
 from torch import nn
 
 from isoprobe import records as _rec
+from isoprobe.calls import FUNCTIONS, FunctionalSites, may_call, suspended
 from isoprobe.compiled import eager_module, outer_hook, release, site_hook, site_pre_hook
 from isoprobe.distributed import all_gather_features
 from isoprobe.metrics import (
@@ -975,7 +979,8 @@ class Probe:
     Parameters
     ----------
     model: the model; nothing in it is changed (hooks are added on enter, removed on exit).
-    sites: ``None`` (all), ``"norm"``, ``"activation"``, a glob on site names, or a list of these.
+    sites: ``None`` (all), ``"norm"``, ``"activation"``, a glob on site names, or a list of these
+        (kinds and ``None`` pick functional sites too: ``calls``).
     view: ``"auto"``, ``"token"``, ``"sample"``, ``"feature"`` or ``"spatial"`` (module docstring).
     every: record every ``every``-th forward call of ``model`` (calls 0, every, 2·every, ...).
     attention_mask: ``(batch, seq)`` mask (1 = real token) used for the token view instead of
@@ -996,6 +1001,11 @@ class Probe:
         :class:`~isoprobe.records.RecordSink`; every record is written there as it is made and
         only per-(site, call, point) running summaries stay in memory (``summary()``), while
         ``records``/``pop_records()``/``probe[key]`` refuse (the records are in the file).
+    calls: also record *functional sites*, the activations and norms a module's forward applies
+        as functions (``F.relu``, ``torch.tanh``, ``x.relu_()``, ``F.layer_norm``, ...), named
+        ``"owner:function@index"`` (:mod:`isoprobe.calls`); ``False`` records module sites only.
+        A ``sites`` glob with a ``:`` selects functional sites (``"*:relu"``, ``"layer1.**:*"``);
+        it is matched as the forward runs (a warning names one that matched no call).
 
     Records are made during calls of ``model``; ``probe.records`` lists them in forward order.
     Use as a context manager, or ``attach()``/``detach()`` (e.g. from a training callback).
@@ -1018,6 +1028,7 @@ class Probe:
         gather: bool = False,
         equal_batches: bool = False,
         sink: str | Path | RecordSink | None = None,
+        calls: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -1032,10 +1043,15 @@ class Probe:
         _check_sites_argument(sites)
         model = eager_module(model)
         found = discover_sites(model)
-        if not found and sites is None:
+        functional = calls and may_call(model)
+        if not found and sites is None and not functional:
             raise ValueError(no_site_message(model))
         self.model = model
-        self.sites = select_sites(found, sites, model)
+        self.sites = select_sites(found, sites, model, functional=functional)
+        modules = [s.module for s in found]
+        self._functional = (
+            FunctionalSites(model, modules, sites, self._site_observer, self._is_recording) if functional else None
+        )
         self.view = view
         self.every = every
         self.attention_mask = attention_mask
@@ -1065,6 +1081,12 @@ class Probe:
         self._layouts: dict[tuple[int, ...], bool] = {}  # (B, H, W) of a spatial map -> channels-last
         self._raised_before: BaseException | None = None  # the exception being handled when the forward began
 
+    @property
+    def functional_sites(self) -> list[Site]:
+        """The selected functional sites called so far (:mod:`isoprobe.calls`), in order of
+        first call; a site's ``module`` is the module whose forward made the call."""
+        return [] if self._functional is None else self._functional.sites
+
     # -- lifecycle
     def attach(self) -> Probe:
         """Register the hooks (what ``with`` does on enter)."""
@@ -1082,6 +1104,10 @@ class Probe:
                 hook, token = site_hook(site.module, after)
                 self._tokens.append(token)
                 self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+            if self._functional is not None:
+                handles, tokens = self._functional.attach()
+                self._handles.extend(handles)
+                self._tokens.extend(tokens)
             if self._streams is not None:
                 handles, tokens = self._streams.hooks(self.model, outer_hook)
                 self._handles.extend(handles)
@@ -1102,6 +1128,8 @@ class Probe:
         for token in self._tokens:
             release(token)
         self._tokens.clear()
+        if self._functional is not None:
+            self._functional.stop()
         self._recording = False
         self._flush()
         self._work.clear()
@@ -1146,7 +1174,32 @@ class Probe:
             None,
             self._raised_before,
         )  # torch runs this hook while the forward's error is handled
-        if self._recording and self.sites and not self._site_calls and not raised:
+        if self._recording and not raised:
+            self._check_ran()
+        self._recording = False
+        if self._streams is not None:
+            self._streams.stop()
+        self._flush()
+
+    def _is_recording(self) -> bool:
+        return self._recording
+
+    def _check_ran(self) -> None:
+        """Warn (once) when no site ran in a recorded forward, and for a functional-site
+        pattern that no call of the forward matched."""
+        if self._functional is not None:
+            seen = self._functional.seen()
+            for pattern in self._functional.unmatched():
+                self._warn_once(
+                    f"pattern:{pattern}",
+                    f"site pattern {pattern!r} matched no functional call in forward {self._step} "
+                    f"(calls seen: {', '.join(seen[:6]) or 'none'}{', ...' if len(seen) > 6 else ''})",
+                )
+        if self._site_calls:
+            return
+        if not self.sites:  # functional sites only, and none was called
+            self._warn_once("no-site", f"no site ran in forward {self._step}: {no_site_message(self.model)}")
+        else:
             self._warn_once(
                 "no-site",
                 f"no site of this Probe ran in forward {self._step}, so it has no records. Either the "
@@ -1156,10 +1209,6 @@ class Probe:
                 "added): attach the Probe before the first compiled forward, keep it attached, or call "
                 "torch.compiler.reset() after attaching it",
             )
-        self._recording = False
-        if self._streams is not None:
-            self._streams.stop()
-        self._flush()
 
     def _site_hooks(self, site: Site) -> tuple[Callable[[torch.Tensor | None], None], Callable[..., None]]:
         """``(before, after)``: one call of ``site`` measured in two halves, the entry point for
@@ -1187,13 +1236,25 @@ class Probe:
 
         return before, after
 
+    def _site_observer(self, site: Site) -> Callable[[torch.Tensor | None, torch.Tensor | None], None]:
+        """A functional site's observer (:mod:`isoprobe.calls`): given the call's input as it was
+        before the call (a copy for an in-place call) and its output, both halves of
+        :meth:`_site_hooks` at once."""
+        before, after = self._site_hooks(site)
+
+        def observe(x: torch.Tensor | None, y: torch.Tensor | None) -> None:
+            before(x)
+            after(x, y)
+
+        return observe
+
     def _begin(self, site: Site, x: torch.Tensor | None, call: int) -> _Call | None:
         """The first half of :meth:`_site_hooks`: the input's measurements, in the views of
         :meth:`_plan`; ``None`` when there is nothing to measure."""
         begun = _Call(call, x, _version(x))
         if site.kind == "module" or x is None or not x.is_floating_point() or x.numel() == 0:
             return begun  # decided with the output, in _end
-        with torch.no_grad(), _no_autocast(x.device):
+        with torch.no_grad(), _no_autocast(x.device), suspended():
             gathered = None
             for view, last, points in self._plan(site, x):
                 if self.gather and view != "token" and gathered is None:
@@ -1224,7 +1285,7 @@ class Probe:
                 why = "its output's shape differs from its input's, which it changed in place"
                 return self._warn_once(f"skip:{site.name}", f"site {site.name!r} is not measured: {why}")
             return self._measure_whole(site, x, y, begun.call)
-        with torch.no_grad(), _no_autocast(y.device):
+        with torch.no_grad(), _no_autocast(y.device), suspended():
             gathered = None
             for pending, (view, mask, points, last) in begun.parts:
                 if self.gather and view != "token" and gathered is None:
@@ -1238,7 +1299,7 @@ class Probe:
         view = self._view_for(site, x, y)
         if view is None:
             return
-        with torch.no_grad(), _no_autocast(x.device):
+        with torch.no_grad(), _no_autocast(x.device), suspended():
             if self.gather and view != "token":  # the global batch under DistributedDataParallel
                 x = all_gather_features(x, same_size=self.equal_batches)
                 y = all_gather_features(y, same_size=self.equal_batches)
@@ -1423,13 +1484,19 @@ class Probe:
     def __getitem__(self, key: str) -> list[Record]:
         """Records whose key matches the glob ``key`` (:meth:`Record.matches`): ``"site:point"``
         for every call of the module, e.g. ``probe["*.ln_1:pre"]``; ``"site@k:point"`` for its
-        k-th call in each forward only (``probe["blocks.act@1:pre"]``; ``@0`` the first).
+        k-th call in each forward only (``probe["blocks.act@1:pre"]``; ``@0`` the first); a
+        functional site by its name (``probe["layer1.0:relu@0:pre"]``, ``probe["*:gelu"]``).
 
-        A point that is not one of ``pre, centered, normalized, post`` (nor a glob), or a key that
-        matches none of the records made, is a ``KeyError`` that says what there is."""
-        point = key.rpartition(":")[2] if ":" in key else "*"
-        if point not in _rec.POINTS and not any(c in point for c in "*?["):
-            raise KeyError(f"{key!r}: the point must be one of {', '.join(_rec.POINTS)} (or a glob), got {point!r}")
+        A part after the last ``:`` that is neither one of ``pre, centered, normalized, post``
+        nor a function of a functional site (nor a glob), or a key that matches none of the
+        records made, is a ``KeyError`` that says what there is."""
+        tail = key.rpartition(":")[2] if ":" in key else "*"
+        known = tail in _rec.POINTS or tail.partition("@")[0] in FUNCTIONS or any(c in tail for c in "*?[")
+        if not known:
+            raise KeyError(
+                f"{key!r}: the part after ':' must be a point ({', '.join(_rec.POINTS)}), a function "
+                f"of a functional site ('relu@0', 'layer_norm') or a glob, got {tail!r}"
+            )
         kept = self._kept()
         found = [r for r in kept if r.matches(key)]
         if kept and not found:

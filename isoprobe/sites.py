@@ -574,7 +574,10 @@ class _Wrappers:
 
 
 def select_sites(
-    sites: Sequence[Site], selection: str | Sequence[str] | None, model: nn.Module | None = None
+    sites: Sequence[Site],
+    selection: str | Sequence[str] | None,
+    model: nn.Module | None = None,
+    functional: bool = False,
 ) -> list[Site]:
     """The discovered ``sites`` (and, given ``model``, named modules) that ``selection`` picks.
 
@@ -586,6 +589,8 @@ def select_sites(
     named by it; a module picked twice is one site; a wrapper of one discovered site is that
     site, :class:`_Wrappers`). A glob that matches nothing is an error,
     and so is a selection that leaves no site. Sites come in ``named_modules`` order.
+    With ``functional`` (the Probe records functional sites, :mod:`isoprobe.calls`), a glob
+    with a ``:`` names functional sites and is left to them, and no site here is no error.
     """
     if selection is None:
         return list(sites)
@@ -601,6 +606,8 @@ def select_sites(
         if pattern in KINDS:
             chosen = {s.name: s.name for s in sites if s.kind == pattern} | chosen
             continue
+        if functional and ":" in pattern:
+            continue
         hits = {name: name for name in named if name and match_name(name, pattern)}
         hits |= {name: alias for alias, name in aliases.items() if match_name(alias, pattern) and name not in hits}
         if not hits:
@@ -610,7 +617,7 @@ def select_sites(
                 "stands for one dotted component, '**' for any number: '*.attn', 'transformer.h.*.ln_*'"
             )
         chosen = wrappers(hits) | chosen  # a name taken first stays
-    if not chosen:
+    if not chosen and not functional:
         kinds = sorted({s.kind for s in sites})
         raise ValueError(f"sites={selection!r} selects no site; the model has only: {', '.join(kinds)}")
     picked = [(name, module) for name, module in named.items() if name in chosen]
@@ -623,7 +630,8 @@ def no_site_message(model: nn.Module) -> str:
         f"no site found in {type(model).__name__}: searched its modules for torch norms "
         "(LayerNorm, RMSNorm, GroupNorm, BatchNorm*) and activation modules (torch.nn.ReLU, GELU, "
         "...), and tried every parameter-free or vector-parameter module on a probe input for "
-        "entrywise nonlinear maps (activations) and per-row scale-invariant maps (norms). "
-        "Activations applied as functions (torch.relu, F.gelu) are not modules and cannot be "
-        "hooked; select any module by name instead: Probe(model, sites=['*.mlp', 'layers.*'])."
+        "entrywise nonlinear maps (activations) and per-row scale-invariant maps (norms), and its "
+        "forward called no activation or norm function (F.relu, torch.tanh, x.relu_(), F.layer_norm, "
+        "...; not recorded under torch.compile, nor with Probe(calls=False)); select any module by "
+        "name instead: Probe(model, sites=['*.mlp', 'layers.*'])."
     )
