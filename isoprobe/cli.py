@@ -272,7 +272,15 @@ def _text_probe_options(command):
             "--sites",
             default=None,
             help="Comma-separated: norm, activation, or globs on module names "
-            "(e.g. 'transformer.h.*.ln_*'). Default: all.",
+            "(e.g. 'transformer.h.*.ln_*'), or with a ':' on functional sites (e.g. '*:gelu'). Default: all.",
+        ),
+        click.option(
+            "--calls/--no-calls",
+            default=True,
+            show_default=True,
+            help="Also record activations and norms that a forward calls as functions (F.gelu, "
+            "torch.tanh, x.relu_(), F.layer_norm...) as sites named 'module:function@index'; "
+            "--no-calls: module sites only.",
         ),
         click.option(
             "--out",

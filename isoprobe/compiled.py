@@ -42,9 +42,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["eager_module", "outer_hook", "outside_graphs", "release", "site_hook"]
+__all__ = ["eager_hook", "eager_module", "outer_hook", "outside_graphs", "release", "site_hook", "site_pre_hook"]
 
 Observer = Callable[[torch.Tensor | None, torch.Tensor | None], None]
+InputObserver = Callable[[torch.Tensor | None], None]
 
 Token = tuple[int, str, int]  # (module number, hook kind, slot)
 
@@ -83,21 +84,30 @@ def _observe_kernel(x: torch.Tensor, y: torch.Tensor, module: int, slot: int) ->
     _dispatch((module, "site", slot), x, y)
 
 
-def _register_operator() -> Any:
-    """``torch.ops.isoprobe.observe``, or ``None`` where this torch cannot declare its effect."""
+def _observe_input_kernel(x: torch.Tensor, module: int, slot: int) -> None:
+    _dispatch((module, "site-input", slot), x)
+
+
+def _register_operator(name: str, kernel: Callable[..., None]) -> Any:
+    """``torch.ops.isoprobe.<name>``, or ``None`` where this torch cannot declare its effect."""
     try:
         from torch._library.effects import EffectType
 
-        op = torch.library.custom_op("isoprobe::observe", _observe_kernel, mutates_args=())
-        op.register_fake(lambda x, y, module, slot: None)
+        op = torch.library.custom_op(f"isoprobe::{name}", kernel, mutates_args=())
+        op.register_fake(lambda *args: None)
         op.register_effect(EffectType.ORDERED)
     except (AttributeError, ImportError, TypeError):
         return None
-    return torch.ops.isoprobe.observe.default
+    return getattr(torch.ops.isoprobe, name).default
 
 
-# Registered once: a reload keeps the operator (its kernel calls this module's _dispatch).
-_OBSERVE = globals()["_OBSERVE"] if "_OBSERVE" in globals() else _register_operator()
+# Registered once: a reload keeps the operators (their kernels call this module's _dispatch).
+_OBSERVE = globals()["_OBSERVE"] if "_OBSERVE" in globals() else _register_operator("observe", _observe_kernel)
+_OBSERVE_INPUT = (
+    globals()["_OBSERVE_INPUT"]
+    if "_OBSERVE_INPUT" in globals()
+    else _register_operator("observe_input", _observe_input_kernel)
+)
 
 
 def _register(module: nn.Module, kind: str, target: Callable[..., Any]) -> tuple[Token, _Entry]:
@@ -149,6 +159,21 @@ def _caller(token: Token, entry: _Entry) -> Callable[..., None]:
     return call
 
 
+def eager_hook(module: nn.Module, kind: str, fn: Callable[..., None]) -> tuple[Callable[..., None], Token]:
+    """A hook for ``module`` that runs ``fn`` with the hook's arguments in eager forwards only,
+    and its token. Traced by ``torch.compile`` it does nothing and reads nothing but
+    ``torch.compiler.is_compiling()``: no graph break, and no guard on the Probe, so a Probe
+    attached later (at the same slot) runs in the same graph."""
+    token, entry = _register(module, kind, fn)
+    call = _caller(token, entry)
+
+    def hook(*args: Any) -> None:
+        if not torch.compiler.is_compiling():
+            call(*args)
+
+    return hook, token
+
+
 def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The first tensor among a call's arguments."""
     for v in (*args, *kwargs.values()):
@@ -183,6 +208,29 @@ def site_hook(module: nn.Module, observe: Observer) -> tuple[Callable[..., None]
             eager_only(x, y)
         else:
             _OBSERVE(x.detach(), y.detach(), number, slot)
+
+    return hook, token
+
+
+def site_pre_hook(module: nn.Module, observe: InputObserver) -> tuple[Callable[..., None], Token]:
+    """A forward pre-hook (``with_kwargs=True``) for ``module`` that calls ``observe(first
+    input)`` before the module runs (so before an in-place module overwrites its input), and its
+    token; under ``torch.compile`` through the graph's ``isoprobe::observe_input`` operator,
+    ordered before the module's own operations (without one, out of the graph)."""
+    token, entry = _register(module, "site-input", observe)
+    eager_only = outside_graphs(_caller(token, entry))
+    if _OBSERVE_INPUT is None:
+        return lambda module, args, kwargs: eager_only(first_tensor(args, kwargs)), token
+    number, _, slot = token
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = first_tensor(args, kwargs)
+        if not torch.compiler.is_compiling():
+            _dispatch(token, x)
+        elif x is None:
+            eager_only(x)
+        else:
+            _OBSERVE_INPUT(x.detach(), number, slot)
 
     return hook, token
 

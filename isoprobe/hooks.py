@@ -22,8 +22,13 @@ A site's name is its qualified module name; a record's key is ``"site:point"``, 
 ``"transformer.h.3.ln_1:pre"``. A module called more than once in one forward gives one record
 per call, told apart by ``Record.call`` (0, 1, ...); the k-th call's key is ``"site@k:point"``
 (k ≥ 1), and ``probe["site@k:point"]`` selects it (``probe["site:point"]`` selects every call).
+Activations and norms a forward applies as functions (``F.relu``, ``torch.tanh``,
+``x.relu_()``, ``F.layer_norm``) are *functional sites* (:mod:`isoprobe.calls`; ``calls=False``
+turns them off), named ``"owner:function@index"``, e.g. ``"Mixed_5b.branch1x1:relu@0"``.
 
-**Points.** Every site has ``pre`` (the module's first tensor input) and ``post`` (its output;
+**Points.** Every site has ``pre`` (the module's first tensor input, read by a forward pre-hook
+before the module runs: an in-place module such as ``nn.ReLU(inplace=True)`` cannot have
+overwritten it, and no copy of it is kept) and ``post`` (its output;
 the first tensor of a tuple or dict output). A norm site
 also has ``centered`` (``x - mean``, over what the module normalises) and ``normalized``
 (centred and divided by ``sqrt(var + eps)`` with the module's own eps, before the affine
@@ -39,13 +44,25 @@ cross-attention's keys and values, which read the encoder's output), ``decoder_a
 in the decoder, or no mask there when the forward got none (the decoder's own default: it then
 attends to every target token); *sample* — one Gram per batch, items = the flattened samples;
 *feature* — the feature covariance ``C = X Xᵀ`` of a batch (items = channels, entries = batch ×
-spatial positions). ``"auto"``: feature for BatchNorm, token for 3-D activations, sample otherwise.
+spatial positions); *spatial* — one Gram per image of a 4-D map, items = its H·W positions,
+entries = the channels (the convolutional analogue of the token view; ``Record.item`` is the
+image), channels-first ``(B, C, H, W)`` or channels-last ``(B, H, W, C)``: a norm over the
+channels says the first, a norm over the last dimension the second, and another site takes the
+layout of the last such norm of the forward whose ``(B, H, W)`` matches its input's, else
+channels-first; tensors that are not 4-D get the sample view there.
+``"auto"``, one view along depth (the same tensor gets the same number at the end of one site
+and the start of the next): ``pre`` and ``post`` in the token view for 3-D activations and the
+sample view otherwise (what the batch-norm papers plot, Daneshmand, Joudaki & Bach, NeurIPS 2021;
+Meterez et al. 2024, arXiv:2310.02012); a norm's ``centered`` and ``normalized`` points in the
+view whose items it normalises (below), which each record states. An explicit view puts every
+point there.
 
 **Theorem 1** (Joudaki et al. 2023; Corollary 2 for layer norm, Corollary 3 for batch norm):
 with item norms ``a_i`` of the centred items, ``I(normalized) ≥ I(centered) · (1 + Var(a)/ā²)``.
 Checked on every norm site whose normalisation acts on whole items (token view for a
-last-dimension LayerNorm/RMSNorm, sample view for a LayerNorm over all non-batch dimensions or a
-one-group GroupNorm, feature view for BatchNorm). The check is ``gap(normalized) ≤ gap(centered)
+last-dimension LayerNorm/RMSNorm of ``(B, S, H)``, spatial view for one over the channels of
+``(B, C, H, W)`` or the last dimension of ``(B, H, W, C)``, sample view for a norm over all
+non-batch dimensions or a one-group GroupNorm, feature view for BatchNorm). The check is ``gap(normalized) ≤ gap(centered)
 - log factor + tol``, ``tol = sqrt(eps)`` of the Gram dtype (relative to ``gap(centered)`` above 1).
 Theorem 1 is about the projection ``x_c / ‖x_c‖``; a norm divides by ``sqrt(var + eps)``
 instead, which lifts the gap by exactly ``δ = log(mean r²) - mean log r²``, ``r_i² = var_i /
@@ -71,7 +88,10 @@ itself, ``G_pre`` is formed and factorised); ``G_norm = D G_c D`` with ``D = dia
 eps))``, so ``gap(normalized) = gap(centered) + log(tr G_norm / tr G_c) - (2/n) Σ log D_ii``
 needs no new factorisation (unless ``G_c`` is numerically singular: rescaling its rows can
 restore a full numerical rank, so ``G_norm`` is then factorised on its own); only ``post`` needs
-its own Gram. ``var`` and the norm-variation factor come from the diagonal of ``G_c``.
+its own Gram. ``var`` and the norm-variation factor come from the diagonal of ``G_c``. A Gram
+with more items than entries per item (and no padding) is singular by construction: its gap is
+``+inf`` and it is neither formed nor factorised; its orthogonality gap comes from the small
+dual Gram, ``‖G/tr G - I/n‖² = ‖Xᵀ X‖² / tr(G)² - 1/n``.
 
 **float32 Grams** (``gram_dtype=torch.float32``) halve the Gram products' cost on a CPU. Each
 record then carries ``gap_error``, an estimate of its gap's error against the exact Gram of the
@@ -82,7 +102,9 @@ about ``sqrt(m) u max_i w_i (1 + 1/λ_min(Ĝ)) / sqrt(n)`` (``Ĝ`` the unit-diag
 with ``x`` the uncentred items); ``gap_error`` is 8 times that (×4 for items centred in float32).
 On GPT-2's token Grams it exceeds the actual error about 100-fold. An item group whose estimate
 exceeds ``Probe.float32_tolerance`` (1e-3) at some point, or whose float32 Gram is singular or
-near it, is measured again with float64 Grams (its records then have ``gap_error = 0.0``).
+near it, is measured again with float64 Grams (its records then have ``gap_error = 0.0``),
+unless the module changed its input in place (then gone): those records keep their float32
+values and their estimate.
 
 **Padding** without a loop over sequences: padded rows of the items are zero, so a zero-padded
 Gram is block-diagonal; putting ``c = tr(G)/n`` (the mean eigenvalue of the real block) on the
@@ -123,8 +145,9 @@ import dataclasses
 import functools
 import inspect
 import math
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -133,7 +156,8 @@ import torch
 from torch import nn
 
 from isoprobe import records as _rec
-from isoprobe.compiled import eager_module, outer_hook, release, site_hook
+from isoprobe.calls import FUNCTIONS, FunctionalSites, may_call, suspended
+from isoprobe.compiled import eager_module, outer_hook, release, site_hook, site_pre_hook
 from isoprobe.distributed import all_gather_features
 from isoprobe.metrics import (
     _CHOLESKY_MARGIN,
@@ -148,16 +172,21 @@ from isoprobe.stacks import DECODER, ENCODER, Streams, encoder_decoder
 
 __all__ = ["NormSpec", "Probe", "Site", "discover_sites", "select_sites"]
 
-View = Literal["auto", "token", "sample", "feature"]
-_VIEWS = ("auto", "token", "sample", "feature")
+View = Literal["auto", "token", "sample", "feature", "spatial"]
+_VIEWS = ("auto", "token", "sample", "feature", "spatial")
 
 
 # --------------------------------------------------------------- statistics of item batches
 # Pure tensor math: items are rows, X shaped (g, n, m) = (groups, items, entries per item).
 
 
-def _items(x: torch.Tensor, view: str) -> torch.Tensor:
-    """The activation ``x`` as items ``(g, n, m)`` for ``view`` (see the module docstring)."""
+def _items(x: torch.Tensor, view: str, last: bool = False) -> torch.Tensor:
+    """The activation ``x`` as items ``(g, n, m)`` for ``view`` (see the module docstring); in the
+    spatial view ``last`` reads ``x`` as channels-last ``(B, H, W, C)``, else ``(B, C, H, W)``."""
+    if view == "spatial":
+        if x.ndim != 4:
+            raise ValueError(f"the spatial view needs (batch, C, H, W) activations, got shape {tuple(x.shape)}")
+        return x.flatten(1, 2) if last else x.flatten(2).transpose(1, 2)  # views, no copy
     if view == "token":
         if x.ndim != 3:
             raise ValueError(
@@ -188,15 +217,28 @@ def _normalize_parts(x: torch.Tensor, spec: NormSpec) -> tuple[torch.Tensor, tor
     return xc.reshape(shape), xn.reshape(shape)
 
 
-def _aligned(spec: NormSpec, view: str, ndim: int) -> bool:
-    """Does the norm normalise each item of ``view`` as a whole (Theorem 1 applies)?"""
-    if spec.channels and ndim > 2:  # per position over the channels: no view's items
-        return False
-    if spec.rule in ("layer", "rms"):
-        return (view == "token" and spec.dims == 1 and ndim == 3) or (view == "sample" and spec.dims == ndim - 1)
+def _check_view(spec: NormSpec, ndim: int) -> tuple[str, bool] | None:
+    """``(view, channels-last)`` whose items the norm normalises each as a whole, on ``ndim``-D
+    inputs (Theorem 1 applies there; Corollary 3's feature view for batch norms), or ``None``:
+    batch norms → feature; a one-group GroupNorm or a norm over all non-batch dimensions →
+    sample; a norm over the last dimension of ``(B, S, H)`` → token, of ``(B, H, W, C)`` →
+    spatial (channels-last); a norm over the channels of ``(B, C, H, W)`` → spatial."""
+    if spec.rule in ("batch", "batch-rms"):
+        return "feature", False
     if spec.rule == "group":
-        return view == "sample" and spec.groups == 1
-    return view == "feature"
+        return ("sample", False) if spec.groups == 1 else None
+    if spec.channels:
+        return ("spatial", False) if ndim == 4 else ("sample", False) if ndim == 2 else None
+    if spec.dims == ndim - 1:
+        return "sample", False
+    if spec.dims == 1 and ndim in (3, 4):
+        return ("token", False) if ndim == 3 else ("spatial", True)
+    return None
+
+
+def _aligned(spec: NormSpec, view: str, ndim: int, last: bool = False) -> bool:
+    """Does the norm normalise each item of ``view`` as a whole (Theorem 1 applies)?"""
+    return _check_view(spec, ndim) == (view, last if view == "spatial" else False)
 
 
 def _orth_gap(G: torch.Tensor, n: torch.Tensor, padded: bool) -> torch.Tensor:
@@ -233,12 +275,17 @@ def _gap_factored(
         G = _pad_diagonal(G, n, pad)
     if short is not None:  # finite ones only (NaN must stay NaN); a float64 sum overflowing leaves G as is
         short = short & torch.isfinite(G.sum((-2, -1), dtype=torch.float64))
-        G = torch.where(short[:, None, None], torch.eye(N, dtype=G.dtype, device=G.device), G)
-    stats, trusted, L = _spectral_stats(G)
-    gap = _gap_of(stats, N)
-    gap = gap if pad is None else gap * (N / n.to(torch.float64))
-    if short is not None:
-        gap, trusted = torch.where(short, torch.full_like(gap, math.inf), gap), trusted & ~short
+    scale = torch.ones(G.shape[:-2], dtype=torch.float64, device=G.device) if pad is None else N / n.to(torch.float64)
+    if short is None or not bool(short.any()):
+        stats, trusted, L = _spectral_stats(G)
+        return _gap_of(stats, N) * scale, trusted, L
+    gap = torch.full(short.shape, math.inf, dtype=torch.float64, device=G.device)
+    trusted = torch.zeros_like(short)
+    L = torch.eye(N, dtype=torch.float64, device=G.device).expand(*G.shape[:-2], N, N).clone()
+    keep = ~short  # only these are factorised: no placeholder for the others
+    if bool(keep.any()):
+        stats, trusted[keep], L[keep] = _spectral_stats(G[keep])
+        gap[keep] = _gap_of(stats, N) * scale[keep]
     return gap, trusted, L
 
 
@@ -320,21 +367,27 @@ class _Workspace:
 
 @dataclass
 class _Pending:
-    """One site call's measurements; ``grams`` wait for their isometry gaps (see ``_finish``)."""
+    """One site call's measurements; ``grams`` wait for their isometry gaps (see ``_finish``).
+
+    Made in two phases (:func:`_measure_input` before the module runs, :func:`_measure_output`
+    after): until the second, ``post_dim`` is -1 and the last Gram slot is unfilled."""
 
     site: Site
     view: str
     step: int
     call: int  # k-th call of the site's module in this forward
     dim: int  # entries per item of the input (pre, centered, normalized)
-    post_dim: int  # entries per item of the output (a named module may change the width)
     n: torch.Tensor  # (g,) items per Gram
     token_items: bool
-    points: tuple[str, ...]  # every point of the site, in order
+    points: tuple[str, ...]  # every point of this measurement, in order
     gram_points: tuple[str, ...]  # the points whose Gram is in grams
     grams: torch.Tensor  # (len(gram_points), g, N, N)
     pad: torch.Tensor | None  # (g, N) padded items
     og: dict[str, torch.Tensor]  # point -> (g,) orthogonality gaps
+    items: _Items  # the conversion of the tensors into items (for the output, in the second phase)
+    post_dim: int = -1  # entries per item of the output (a named module may change the width)
+    infinite: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # point -> (g,) finite items:
+    # points singular by construction, gap +inf (NaN where the items are not finite), no Gram formed
     same_as_pre: tuple[str, ...] = ()  # points equal to pre (RMSNorm's centered)
     pre_vector: torch.Tensor | None = None  # (g, N) v with G_pre = G_c + v vᵀ (v = sqrt(m) μ)
     log_ratio: torch.Tensor | None = None  # (g,) gap(normalized) - gap(centered)
@@ -359,22 +412,50 @@ class _Finished:
     table: torch.Tensor
 
 
+@dataclass
+class _Call:
+    """A site call begun (:meth:`Probe._site_hooks`): its input as given (its ``_version`` tells
+    whether the module changed it in place) and the measurements begun on it, each with
+    ``(view, mask, points, channels-last)``."""
+
+    call: int
+    x: torch.Tensor | None
+    version: int | None
+    parts: list[tuple[_Pending, tuple[str, torch.Tensor | None, tuple[str, ...], bool]]] = dataclasses.field(
+        default_factory=list
+    )
+
+
 _ROWS_PER_POINT = 7  # gap, og, Theorem 1 bound, holds, factor, eps-dominated, float32 error estimate
 
 
 class _Items:
-    """The items ``(g, N, m)`` of one site call's tensors in the Gram dtype, zero on padding."""
+    """The items ``(g, N, m)`` of one site call's tensors in the Gram dtype, zero on padding
+    (``last``: a spatial view's channels-last layout)."""
 
-    def __init__(self, view: str, mask: torch.Tensor | None, dtype: torch.dtype, work: _Workspace):
-        self.view, self.dtype, self.work = view, dtype, work
+    def __init__(self, view: str, mask: torch.Tensor | None, dtype: torch.dtype, work: _Workspace, last: bool = False):
+        self.view, self.dtype, self.work, self.last = view, dtype, work, last
         self.keep = None if mask is None else mask.to(dtype)[..., None]
 
+    def shape(self, t: torch.Tensor) -> tuple[int, int, int]:
+        return tuple(_items(t, self.view, self.last).shape)  # type: ignore[return-value]
+
     def __call__(self, t: torch.Tensor, writable: bool = False) -> torch.Tensor:
-        z = _items(t, self.view)
+        z = _items(t, self.view, self.last)
         if z.dtype == self.dtype and self.keep is None and not writable:
             return z  # read only: no copy
         z = self.work.copy(z, self.dtype)
         return z if self.keep is None else z.mul_(self.keep)
+
+
+def _dual(X: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonality gap of ``G = X Xᵀ`` from the ``m × m`` Gram ``Xᵀ X`` of items ``(g, n, m)``,
+    ``m < n``: ``‖G/tr G - I/n‖_F² = ‖Xᵀ X‖_F² / tr(G)² - 1/n`` (no ``n × n`` Gram formed), and
+    whether the items are finite ``(g,)``."""
+    D = (X.mT @ X).to(torch.float64)
+    trace = D.diagonal(dim1=-2, dim2=-1).sum(-1)
+    og = (D.square().sum((-2, -1)) / trace.square() - 1 / n.to(torch.float64)).clamp_min(0).sqrt()
+    return og, torch.isfinite(D.sum((-2, -1)))
 
 
 def _measure(
@@ -387,49 +468,83 @@ def _measure(
     step: int,
     call: int = 0,
     work: _Workspace | None = None,
+    points: tuple[str, ...] | None = None,
+    last: bool = False,
 ) -> _Pending:
-    """Everything of one site call (the ``call``-th of its module in forward ``step``) that
-    needs no host synchronisation.
+    """Both phases of one site call at once (:func:`_measure_input`, :func:`_measure_output`)."""
+    pending = _measure_input(site, x, view, mask, gram_dtype, step, call, work, points, last)
+    return _measure_output(pending, y)
 
-    Items are converted to ``gram_dtype`` one tensor at a time, into the buffers of ``work``
-    (the output only once the input's Grams are formed), so the extra memory stays near one
-    float64 copy of one activation. Nothing is done in place on the model's activations.
+
+def _measure_input(
+    site: Site,
+    x: torch.Tensor,
+    view: str,
+    mask: torch.Tensor | None,
+    gram_dtype: torch.dtype,
+    step: int,
+    call: int = 0,
+    work: _Workspace | None = None,
+    points: tuple[str, ...] | None = None,
+    last: bool = False,
+) -> _Pending:
+    """What the input ``x`` of one site call (the ``call``-th of its module in forward ``step``)
+    gives, before the module runs: ``pre`` and a norm's ``centered`` and ``normalized``
+    (``points``: the measurement's points, by default all of the site's). No host synchronisation.
+
+    Items are converted to ``gram_dtype`` one tensor at a time, into the buffers of ``work``, so
+    the extra memory stays near one float64 copy of one activation. Nothing is done in place on
+    the model's activations. Points whose Grams are singular by construction (fewer entries per
+    item than items, no padding) form no Gram: their orthogonality gap comes from the dual Gram.
     """
-    items = _Items(view, mask, gram_dtype, work or _Workspace())
-    g, N, m = _items(x, view).shape
+    items = _Items(view, mask, gram_dtype, work or _Workspace(), last)
+    g, N, m = items.shape(x)
     if mask is not None:
         n, pad = mask.sum(-1), ~mask
     else:
         n, pad = torch.full((g,), N, dtype=torch.int64, device=x.device), None
     spec = site.norm
-    post_dim = y.shape[-1] if view == "token" else y[:1].numel() if view == "sample" else y.numel() // y.shape[1]
+    points = points or (("pre", "post") if spec is None else _rec.POINTS)
     common = dict(
-        site=site, view=view, step=step, call=call, dim=m, post_dim=post_dim, n=n, token_items=view == "token", pad=pad
+        site=site, view=view, step=step, call=call, dim=m, n=n, token_items=view in ("token", "spatial"), pad=pad
     )
-    points = ("pre", "post") if spec is None else ("pre", "centered", "normalized", "post")
+    common.update(points=points, items=items)
+    ins = points[:-1] if points[-1] == "post" else points
     if N < 2:  # one item per Gram: nothing is defined (records are flagged)
         nan = torch.full((g,), math.nan, dtype=torch.float64, device=x.device)
-        return _Pending(
-            points=points,
-            gram_points=(),
-            grams=x.new_zeros(0, g, N, N, dtype=gram_dtype),
-            og=dict.fromkeys(points, nan),
-            **common,
-        )
-    padded = pad is not None
-    grams = torch.empty((2 if spec is None else 4, g, N, N), dtype=gram_dtype, device=x.device)
-    if spec is None:
-        _gram(items(x), grams[0])
-        _gram(items(y), grams[1])
-        og = {"pre": _orth_gap(grams[0], n, padded), "post": _orth_gap(grams[1], n, padded)}
-        return _Pending(points=points, gram_points=points, grams=grams, og=og, **common)
-    if not _aligned(spec, view, x.ndim):
-        xc, xn = _normalize_parts(x.to(gram_dtype), spec)
-        for i, t in enumerate((x, xc, xn, y)):
-            _gram(items(t), grams[i])
-        og = {p: _orth_gap(G, n, padded) for p, G in zip(points, grams)}
-        return _Pending(points=points, gram_points=points, grams=grams, og=og, **common)
-    return _measure_aligned(spec, items(x, writable=True), items, y, x.dtype, grams[:2], common)
+        empty = x.new_zeros(0, g, N, N, dtype=gram_dtype)
+        return _Pending(gram_points=(), grams=empty, og=dict.fromkeys(points, nan), **common)
+    if "centered" in points and _aligned(spec, view, x.ndim, last):
+        return _measure_aligned(spec, items(x, writable=True), x.dtype, common)
+    parts = (x,) if spec is None or "centered" not in points else (x, *_normalize_parts(x.to(gram_dtype), spec))
+    short = pad is None and m < N
+    gram_points = (*(() if short else ins), *(("post",) if "post" in points else ()))
+    grams = torch.empty(len(gram_points), g, N, N, dtype=gram_dtype, device=x.device)
+    og, infinite = {}, {}
+    for i, (q, t) in enumerate(zip(ins, parts[len(parts) - len(ins) :])):
+        if short:
+            og[q], infinite[q] = _dual(items(t), n)
+        else:
+            og[q] = _orth_gap(_gram(items(t), grams[i]), n, pad is not None)
+    return _Pending(gram_points=gram_points, grams=grams, og=og, infinite=infinite, **common)
+
+
+def _measure_output(p: _Pending, y: torch.Tensor) -> _Pending:
+    """The second phase of :func:`_measure_input`: the output ``y``'s point ``post`` (if the
+    measurement has it), its Gram into the last slot of ``p.grams``; returns ``p``."""
+    if "post" not in p.points:
+        p.post_dim = p.dim
+        return p
+    Y = p.items(y)
+    g, N, p.post_dim = Y.shape
+    if N < 2:
+        p.og["post"] = torch.full((g,), math.nan, dtype=torch.float64, device=y.device)
+    elif p.pad is None and p.post_dim < N:  # singular by construction: no Gram
+        p.og["post"], p.infinite["post"] = _dual(Y, p.n)
+        p.grams, p.gram_points = p.grams[:-1], p.gram_points[:-1]
+    else:
+        p.og["post"] = _orth_gap(_gram(Y, p.grams[-1]), p.n, p.pad is not None)
+    return p
 
 
 def _gram(X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -437,59 +552,65 @@ def _gram(X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.matmul(X, X.mT, out=out)
 
 
-def _measure_aligned(
-    spec: NormSpec,
-    X: torch.Tensor,
-    items: _Items,
-    y: torch.Tensor,
-    x_dtype: torch.dtype,
-    grams: torch.Tensor,
-    common: dict[str, Any],
-) -> _Pending:
+def _measure_aligned(spec: NormSpec, X: torch.Tensor, x_dtype: torch.dtype, common: dict[str, Any]) -> _Pending:
     """A norm that acts on whole items: two Grams serve four points (module docstring).
 
-    ``X`` is a writable copy of the input items; it is centred in place, ``grams`` receives
-    ``G_c`` and ``G_post``, and ``G_pre = G_c +
-    v vᵀ`` (``v = sqrt(m) μ``) is left for :func:`_gap_rank_one` (no Cholesky of its own).
-    The norm-variation factor of the centred items ``a_i = sqrt(G_c,ii)`` over the ``n`` real
-    ones is ``n Σ a_i² / (Σ a_i)²`` (= ``1 + Var(a)/ā²``).
+    ``X`` is a writable copy of the input items; it is centred in place, a new Gram tensor
+    receives ``G_c`` (and, in the second phase, ``G_post``), and ``G_pre = G_c + v vᵀ``
+    (``v = sqrt(m) μ``) is left for :func:`_gap_rank_one` (no Cholesky of its own). The
+    norm-variation factor of the centred items ``a_i = sqrt(G_c,ii)`` over the ``n`` real ones is
+    ``n Σ a_i² / (Σ a_i)²`` (= ``1 + Var(a)/ā²``). Where ``G_c`` is singular by construction
+    (more items than entries, no padding), no Gram is formed (:func:`_dual_orth_gap`).
     """
-    n, pad = common["n"], common["pad"]
-    m = X.shape[-1]
+    n, pad, points = common["n"], common["pad"], common["points"]
+    g, N, m = X.shape
+    short = pad is None and m < N
+    og: dict[str, torch.Tensor] = {}
     mu = X.mean(-1) if spec.centers else None
+    infinite: dict[str, torch.Tensor] = {}
+    if short and "pre" in points:
+        og["pre"], infinite["pre"] = _dual(X, n)
     if mu is not None:
         X.sub_(mu[..., None])
-    Gc = _gram(X, grams[0])
-    var = Gc.diagonal(dim1=-2, dim2=-1) / m
+    grams = torch.empty(int(not short) + ("post" in points), g, N, N, dtype=X.dtype, device=X.device)
+    Gc = None if short else _gram(X, grams[0])
+    var = X.square().mean(-1) if short else Gc.diagonal(dim1=-2, dim2=-1) / m
     eps = torch.finfo(x_dtype).eps if spec.eps is None else spec.eps
     d2 = 1 / (var + eps)  # D_ii²
-    Gn = Gc * d2.sqrt()[..., :, None] * d2.sqrt()[..., None, :]
+    Gn = None if short else Gc * d2.sqrt()[..., :, None] * d2.sqrt()[..., None, :]
     real = torch.ones_like(var) if pad is None else (~pad).to(var.dtype)
     nf = n.to(var.dtype)
     log_ratio = (d2 * var * real).sum(-1).log() - (var * real).sum(-1).log() - (d2.log() * real).sum(-1) / nf
     a = (var.to(torch.float64) * m).sqrt()
     factor = n.to(torch.float64) * a.square().sum(-1) / a.sum(-1).square()
     eps_effect = _eps_effect(var.to(torch.float64), eps, real > 0, n)
-    Gpost = _gram(items(y), grams[1])
     padded = pad is not None
-    og = {"normalized": _orth_gap(Gn, n, padded), "post": _orth_gap(Gpost, n, padded)}
-    og["centered"] = _orth_gap(Gc, n, padded)
-    if mu is None:  # nothing subtracted: G_pre is G_c
-        og["pre"] = og["centered"]
-        pre: dict[str, Any] = {"gram_points": ("pre", "post"), "same_as_pre": ("centered",)}
+    if short:
+        og["centered"], infinite["centered"] = _dual(X, n)
+        og["normalized"], infinite["normalized"] = _dual(X * d2.sqrt()[..., None], n)
+        if mu is None and "pre" in points:
+            og["pre"], infinite["pre"] = og["centered"], infinite["centered"]
+        shape: dict[str, Any] = {"gram_points": ("post",) if len(grams) else (), "infinite": infinite}
     else:
-        v = mu * math.sqrt(m)
-        og["pre"] = _orth_gap(Gc + v[..., :, None] * v[..., None, :], n, padded)
-        pre = {"gram_points": ("centered", "post"), "pre_vector": v}
+        og["normalized"], og["centered"] = _orth_gap(Gn, n, padded), _orth_gap(Gc, n, padded)
+        if mu is None:  # nothing subtracted: G_pre is G_c
+            og["pre"] = og["centered"]
+            shape = {"gram_points": ("pre", "post"), "same_as_pre": ("centered",)}
+        elif "pre" in points:
+            v = mu * math.sqrt(m)
+            og["pre"] = _orth_gap(Gc + v[..., :, None] * v[..., None, :], n, padded)
+            shape = {"gram_points": ("centered", "post"), "pre_vector": v}
+        else:
+            shape = {"gram_points": ("centered", "post")}
+        shape["gram_points"] = shape["gram_points"][: len(grams)]
     return _Pending(
-        points=("pre", "centered", "normalized", "post"),
         grams=grams,
-        og=og,
+        og={q: og[q] for q in points if q in og},
         log_ratio=log_ratio,
         factor=factor,
         eps_effect=eps_effect,
         gram_normalized=Gn,
-        **pre,
+        **shape,
         **common,
     )
 
@@ -513,16 +634,20 @@ def _finish(p: _Pending, tol: float) -> _Finished:
             gaps["pre"], lemma = _gap_rank_one(
                 p.grams[0], p.pre_vector, p.n, p.pad, gaps["centered"], trusted[:g], L[:g], p.dim
             )
+    for q, finite in p.infinite.items():
+        gaps[q] = torch.where(finite, math.inf, nan)
     for q in p.same_as_pre:
         gaps[q] = gaps["pre"]
     extra: dict[str, list[torch.Tensor]] = {}
     if p.log_ratio is not None:
         extra["normalized"] = _theorem1(p, gaps, tol)
-    errors = {}
+    errors = {q: torch.where(torch.isnan(gaps[q]), nan, 0.0) for q in p.infinite}  # +inf in any precision
     if k and p.grams.dtype == torch.float32:
-        errors = _float32_errors(
+        errors |= _float32_errors(
             p, gaps, trusted.view(k, g), L.view(k, g, *L.shape[-2:]), lemma if p.pre_vector is not None else None
         )
+    elif p.items.dtype != torch.float32:
+        errors = {}
     rows = [p.n.to(torch.float64)]
     for q in p.points:
         rows += [gaps[q].to(torch.float64), p.og[q].to(torch.float64)]
@@ -604,7 +729,8 @@ def _float32_errors(
         d_pre = diags[0] + v[..., 0].square()
         w_c = real * d_pre / diags[0].clamp_min(torch.finfo(torch.float64).tiny)
         out["centered"] = bound(0, w_c, _CENTRING_SAFETY * gamma, trusted[0])
-        out["post"] = bound(1, real, gamma, trusted[1])
+        if "post" in p.gram_points:
+            out["post"] = bound(1, real, gamma, trusted[1])
         u = _cholesky_solve(L[0], v)
 
         def pre_inverse(z: torch.Tensor) -> torch.Tensor:  # Sherman–Morrison with G_c's factor
@@ -614,7 +740,7 @@ def _float32_errors(
         out["pre"] = bound(0, real, _CENTRING_SAFETY * gamma, lemma, pre_inverse, d_pre)
     for q in p.same_as_pre:
         out[q] = out["pre"]
-    if "normalized" in p.points and "normalized" not in out:  # gap(G_c) + exact log-ratio terms
+    if "normalized" in p.points and "normalized" not in out and "centered" in out:  # gap(G_c) + exact log-ratio
         w = w_c if p.pre_vector is not None else real
         out["normalized"] = out["centered"] + 4 * _CENTRING_SAFETY * gamma * w.amax(-1)
     exact = {q: _short(_point_dim(p, q), p.n) & torch.isinf(gaps[q]) for q in out}  # +inf in any precision
@@ -681,7 +807,7 @@ def _checked(f: _Finished, tolerance: float, redo: Any) -> _Finished:
     rows become 0. NaN bounds (non-finite or undefined records) do not count."""
     err = f.table[_ROWS_PER_POINT::_ROWS_PER_POINT]
     bad = (err > tolerance).any(0)
-    if not bool(bad.any()):
+    if redo is None or not bool(bad.any()):
         return f
     table = f.table.clone()
     table[:, bad] = redo().table[:, bad]
@@ -762,6 +888,40 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
     return out
 
 
+def _version(x: torch.Tensor | None) -> int | None:
+    """``x``'s version counter (bumped by every in-place change), ``None`` for no tensor or an
+    inference tensor (``torch.inference_mode``), which has none."""
+    return None if x is None or x.is_inference() else x._version
+
+
+def _in_point_order(made: list[list[Record]]) -> list[Record]:
+    """The records of several measurements, in order; the two measurements of one site call in
+    two views (:meth:`Probe._plan`, queued one after the other) merged in the order of
+    :data:`isoprobe.records.POINTS`."""
+    out: list[Record] = []
+    previous: list[Record] = []
+    for records in made:
+        if (
+            records
+            and previous
+            and (records[0].site, records[0].step, records[0].call)
+            == (
+                previous[0].site,
+                previous[0].step,
+                previous[0].call,
+            )
+        ):
+            del out[len(out) - len(previous) :]
+            records = sorted(previous + records, key=_point_rank)
+        out.extend(records)
+        previous = records
+    return out
+
+
+def _point_rank(r: Record) -> int:
+    return _rec.POINTS.index(r.point)
+
+
 def _describe(t: torch.Tensor | None) -> str:
     return "no tensor" if t is None else f"a {t.dtype} tensor"
 
@@ -820,8 +980,9 @@ class Probe:
     Parameters
     ----------
     model: the model; nothing in it is changed (hooks are added on enter, removed on exit).
-    sites: ``None`` (all), ``"norm"``, ``"activation"``, a glob on site names, or a list of these.
-    view: ``"auto"``, ``"token"``, ``"sample"`` or ``"feature"`` (module docstring).
+    sites: ``None`` (all), ``"norm"``, ``"activation"``, a glob on site names, or a list of these
+        (kinds and ``None`` pick functional sites too: ``calls``).
+    view: ``"auto"``, ``"token"``, ``"sample"``, ``"feature"`` or ``"spatial"`` (module docstring).
     every: record every ``every``-th forward call of ``model`` (calls 0, every, 2·every, ...).
     attention_mask: ``(batch, seq)`` mask (1 = real token) used for the token view instead of
         the one the model's forward receives (in an encoder-decoder model: the encoder's; its
@@ -841,6 +1002,11 @@ class Probe:
         :class:`~isoprobe.records.RecordSink`; every record is written there as it is made and
         only per-(site, call, point) running summaries stay in memory (``summary()``), while
         ``records``/``pop_records()``/``probe[key]`` refuse (the records are in the file).
+    calls: also record *functional sites*, the activations and norms a module's forward applies
+        as functions (``F.relu``, ``torch.tanh``, ``x.relu_()``, ``F.layer_norm``, ...), named
+        ``"owner:function@index"`` (:mod:`isoprobe.calls`); ``False`` records module sites only.
+        A ``sites`` glob with a ``:`` selects functional sites (``"*:relu"``, ``"layer1.**:*"``);
+        it is matched as the forward runs (a warning names one that matched no call).
 
     Records are made during calls of ``model``; ``probe.records`` lists them in forward order.
     Use as a context manager, or ``attach()``/``detach()`` (e.g. from a training callback).
@@ -863,6 +1029,7 @@ class Probe:
         gather: bool = False,
         equal_batches: bool = False,
         sink: str | Path | RecordSink | None = None,
+        calls: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -877,10 +1044,15 @@ class Probe:
         _check_sites_argument(sites)
         model = eager_module(model)
         found = discover_sites(model)
-        if not found and sites is None:
+        functional = calls and may_call(model)
+        if not found and sites is None and not functional:
             raise ValueError(no_site_message(model))
         self.model = model
-        self.sites = select_sites(found, sites, model)
+        self.sites = select_sites(found, sites, model, functional=functional)
+        modules = [s.module for s in found]
+        self._functional = (
+            FunctionalSites(model, modules, sites, self._site_observer, self._is_recording) if functional else None
+        )
         self.view = view
         self.every = every
         self.attention_mask = attention_mask
@@ -906,6 +1078,15 @@ class Probe:
         self._warned: set[str] = set()
         self._work = _Workspace()
         self._site_calls: dict[str, int] = {}  # site -> calls of its module in this forward
+        self._open: dict[str, list[_Call | None]] = {}  # site -> its calls begun and not yet ended
+        self._layouts: dict[tuple[int, ...], bool] = {}  # (B, H, W) of a spatial map -> channels-last
+        self._raised_before: BaseException | None = None  # the exception being handled when the forward began
+
+    @property
+    def functional_sites(self) -> list[Site]:
+        """The selected functional sites called so far (:mod:`isoprobe.calls`), in order of
+        first call; a site's ``module`` is the module whose forward made the call."""
+        return [] if self._functional is None else self._functional.sites
 
     # -- lifecycle
     def attach(self) -> Probe:
@@ -917,9 +1098,17 @@ class Probe:
             self._tokens.append(token)
             self._handles.append(self.model.register_forward_pre_hook(hook, with_kwargs=True))
             for site in self.sites:
-                hook, token = site_hook(site.module, self._site_observer(site))
+                before, after = self._site_hooks(site)
+                hook, token = site_pre_hook(site.module, before)
+                self._tokens.append(token)
+                self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
+                hook, token = site_hook(site.module, after)
                 self._tokens.append(token)
                 self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+            if self._functional is not None:
+                handles, tokens = self._functional.attach()
+                self._handles.extend(handles)
+                self._tokens.extend(tokens)
             if self._streams is not None:
                 handles, tokens = self._streams.hooks(self.model, outer_hook)
                 self._handles.extend(handles)
@@ -940,6 +1129,8 @@ class Probe:
         for token in self._tokens:
             release(token)
         self._tokens.clear()
+        if self._functional is not None:
+            self._functional.stop()
         self._recording = False
         self._flush()
         self._work.clear()
@@ -958,6 +1149,9 @@ class Probe:
         self._calls += 1
         self._recording = self._step % self.every == 0
         self._site_calls = {}
+        self._open = {}
+        self._layouts = {}
+        self._raised_before = sys.exc_info()[1]
         self._masks_by_device = {}
         passed = self._passed(args, kwargs)
         mask = _as_mask(self.attention_mask if self.attention_mask is not None else passed.get("attention_mask"))
@@ -977,7 +1171,36 @@ class Probe:
         return kwargs
 
     def _on_return(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._recording and self.sites and not self._site_calls:
+        raised = sys.exc_info()[1] not in (
+            None,
+            self._raised_before,
+        )  # torch runs this hook while the forward's error is handled
+        if self._recording and not raised:
+            self._check_ran()
+        self._recording = False
+        if self._streams is not None:
+            self._streams.stop()
+        self._flush()
+
+    def _is_recording(self) -> bool:
+        return self._recording
+
+    def _check_ran(self) -> None:
+        """Warn (once) when no site ran in a recorded forward, and for a functional-site
+        pattern that no call of the forward matched."""
+        if self._functional is not None:
+            seen = self._functional.seen()
+            for pattern in self._functional.unmatched():
+                self._warn_once(
+                    f"pattern:{pattern}",
+                    f"site pattern {pattern!r} matched no functional call in forward {self._step} "
+                    f"(calls seen: {', '.join(seen[:6]) or 'none'}{', ...' if len(seen) > 6 else ''})",
+                )
+        if self._site_calls:
+            return
+        if not self.sites:  # functional sites only, and none was called
+            self._warn_once("no-site", f"no site ran in forward {self._step}: {no_site_message(self.model)}")
+        else:
             self._warn_once(
                 "no-site",
                 f"no site of this Probe ran in forward {self._step}, so it has no records. Either the "
@@ -987,52 +1210,170 @@ class Probe:
                 "added): attach the Probe before the first compiled forward, keep it attached, or call "
                 "torch.compiler.reset() after attaching it",
             )
-        self._recording = False
-        if self._streams is not None:
-            self._streams.stop()
-        self._flush()
 
-    def _site_observer(self, site: Site):
-        def observe(x: torch.Tensor | None, y: torch.Tensor | None) -> None:
+    def _site_hooks(self, site: Site) -> tuple[Callable[[torch.Tensor | None], None], Callable[..., None]]:
+        """``(before, after)``: one call of ``site`` measured in two halves, the entry point for
+        anything that can run code just before and just after a call. ``before(x)``, given the
+        call's first input ``x`` before it runs, measures what ``x`` gives (``pre``, a norm's
+        ``centered`` and ``normalized``), so an in-place module cannot have overwritten it; no
+        copy of ``x`` is kept. ``after(x, y)``, given the input and output after the call, adds
+        ``post``. Calls of one site may nest (a stack). A named module (kind ``"module"``, whose
+        view may depend on its output) is measured whole in ``after``, unless its input was
+        changed in place meanwhile (then it is skipped with a warning)."""
+
+        def before(x: torch.Tensor | None) -> None:
             if not self._recording:
                 return
             x, y = whole(x), whole(y)  # a DTensor (tensor/sequence parallel): its full value, every rank
             call = self._site_calls.get(site.name, 0)
             self._site_calls[site.name] = call + 1
-            view = self._view_for(site, x, y)
-            if view is None:
-                return
-            with torch.no_grad(), _no_autocast(x.device):
-                if self.gather and view != "token":  # the global batch under DistributedDataParallel
-                    x = all_gather_features(x, same_size=self.equal_batches)
-                    y = all_gather_features(y, same_size=self.equal_batches)
-                mask = self._mask_for(site, x) if view == "token" else None
-                args = (site, x.detach(), y.detach(), view, mask)
-                pending = _measure(*args, self.gram_dtype, self._step, call, self._work)
-                if self.gram_dtype == torch.float32:  # its error estimates decide now (a sync off the CPU)
-                    redo = functools.partial(self._measured_in_float64, args, call)
-                    self._pending.append(_checked(_finish(pending, self._tol), self.float32_tolerance, redo))
-                    return
-                if not _defer(x.device):
-                    self._pending.append(_finish(pending, self._tol))
-                    return
-                self._pending.append(pending)
-                for t in (pending.grams, pending.gram_normalized):
-                    self._pending_bytes += 0 if t is None else t.numel() * t.element_size()
-                if self._pending_bytes > self.max_pending_bytes:  # rare sync that bounds device memory
-                    self._finish_pending()
+            self._open.setdefault(site.name, []).append(self._begin(site, x, call))
+
+        def after(x: torch.Tensor | None, y: torch.Tensor | None) -> None:
+            opened = self._open.get(site.name)
+            if self._recording and opened:
+                begun = opened.pop()
+                if begun is not None:
+                    self._end(site, begun, x, y)
+
+        return before, after
+
+    def _site_observer(self, site: Site) -> Callable[[torch.Tensor | None, torch.Tensor | None], None]:
+        """A functional site's observer (:mod:`isoprobe.calls`): given the call's input as it was
+        before the call (a copy for an in-place call) and its output, both halves of
+        :meth:`_site_hooks` at once."""
+        before, after = self._site_hooks(site)
+
+        def observe(x: torch.Tensor | None, y: torch.Tensor | None) -> None:
+            before(x)
+            after(x, y)
 
         return observe
 
+    def _begin(self, site: Site, x: torch.Tensor | None, call: int) -> _Call | None:
+        """The first half of :meth:`_site_hooks`: the input's measurements, in the views of
+        :meth:`_plan`; ``None`` when there is nothing to measure."""
+        begun = _Call(call, x, _version(x))
+        if site.kind == "module" or x is None or not x.is_floating_point() or x.numel() == 0:
+            return begun  # decided with the output, in _end
+        with torch.no_grad(), _no_autocast(x.device), suspended():
+            gathered = None
+            for view, last, points in self._plan(site, x):
+                if self.gather and view != "token" and gathered is None:
+                    gathered = all_gather_features(x, same_size=self.equal_batches)
+                z = gathered if self.gather and view != "token" else x
+                mask = self._mask_for(site, z) if view == "token" else None
+                pending = _measure_input(
+                    site, z.detach(), view, mask, self.gram_dtype, self._step, call, self._work, points, last
+                )
+                begun.parts.append((pending, (view, mask, points, last)))
+        return begun
+
+    def _end(self, site: Site, begun: _Call, x: torch.Tensor | None, y: torch.Tensor | None) -> None:
+        """The second half of :meth:`_site_hooks`: ``post`` from the output ``y``, then the
+        measurements are finished (or, off the CPU, queued until the forward ends)."""
+        x_now = begun.x
+        if begun.version is None:  # an inference tensor has no version counter: the module's word
+            changed = getattr(site.module, "inplace", False) is True
+        else:
+            changed = x is not x_now or _version(x_now) != begun.version
+        if not begun.parts:
+            if changed:
+                why = "it changed its input in place, so that input is gone"
+                return self._warn_once(f"skip:{site.name}", f"site {site.name!r} is not measured: {why}")
+            return self._measure_whole(site, x, y, begun.call)
+        if y is None or not y.is_floating_point() or y.shape != x_now.shape:  # GLU halves its input
+            if changed:
+                why = "its output's shape differs from its input's, which it changed in place"
+                return self._warn_once(f"skip:{site.name}", f"site {site.name!r} is not measured: {why}")
+            return self._measure_whole(site, x, y, begun.call)
+        with torch.no_grad(), _no_autocast(y.device), suspended():
+            gathered = None
+            for pending, (view, mask, points, last) in begun.parts:
+                if self.gather and view != "token" and gathered is None:
+                    gathered = all_gather_features(y, same_size=self.equal_batches)
+                z = gathered if self.gather and view != "token" else y
+                args = None if changed else (site, x_now.detach(), z.detach(), view, mask, points, last)
+                self._queue(_measure_output(pending, z.detach()), args, begun.call)
+
+    def _measure_whole(self, site: Site, x: torch.Tensor | None, y: torch.Tensor | None, call: int) -> None:
+        """A named module's call, from its input and output together (both views known)."""
+        view = self._view_for(site, x, y)
+        if view is None:
+            return
+        with torch.no_grad(), _no_autocast(x.device), suspended():
+            if self.gather and view != "token":  # the global batch under DistributedDataParallel
+                x = all_gather_features(x, same_size=self.equal_batches)
+                y = all_gather_features(y, same_size=self.equal_batches)
+            mask = self._mask_for(site, x) if view == "token" else None
+            last = view == "spatial" and self._layouts.get(tuple(x.shape[:3]), False)
+            args = (site, x.detach(), y.detach(), view, mask, None, last)
+            self._queue(_measure(*args[:5], self.gram_dtype, self._step, call, self._work, None, last), args, call)
+
+    def _queue(self, pending: _Pending, args: tuple | None, call: int) -> None:
+        """Finish ``pending`` now (CPU, float32 Grams) or at the end of the forward; ``args``
+        re-measure it with float64 Grams if its float32 error estimate is too large (``None``:
+        the input is gone, overwritten in place, and the float32 values stay with their estimate)."""
+        if self.gram_dtype == torch.float32:  # its error estimates decide now (a sync off the CPU)
+            redo = None if args is None else functools.partial(self._measured_in_float64, args, call)
+            self._pending.append(_checked(_finish(pending, self._tol), self.float32_tolerance, redo))
+            return
+        if not _defer(pending.n.device):
+            self._pending.append(_finish(pending, self._tol))
+            return
+        self._pending.append(pending)
+        for t in (pending.grams, pending.gram_normalized):
+            self._pending_bytes += 0 if t is None else t.numel() * t.element_size()
+        if self._pending_bytes > self.max_pending_bytes:  # rare sync that bounds device memory
+            self._finish_pending()
+
     def _measured_in_float64(self, args: tuple, call: int) -> _Finished:
         """A float32-Gram measurement redone with float64 Grams (its error estimate was too large)."""
-        return _finish(_measure(*args, torch.float64, self._step, call, self._work), _TOL64)
+        site, x, y, view, mask, points, last = args
+        return _finish(
+            _measure(site, x, y, view, mask, torch.float64, self._step, call, self._work, points, last), _TOL64
+        )
+
+    def _plan(self, site: Site, x: torch.Tensor) -> list[tuple[str, bool, tuple[str, ...]]]:
+        """``(view, channels-last, points)`` of each measurement of a call of ``site`` on ``x``.
+
+        The depth view (``view="auto"``: token for ``(B, S, H)`` activations, sample otherwise; an
+        explicit view as given, the spatial view only for 4-D maps, sample for the others) holds
+        ``pre`` and ``post``, so that a tensor gets the same number at the end of one site and the
+        start of the next. With ``"auto"``, a norm's ``centered`` and ``normalized`` points are
+        measured in the view whose items it normalises (:func:`_check_view`: where Theorem 1,
+        or Corollary 3 for batch norms, is checked), which may differ from the depth view."""
+        view, last = self.view, False
+        if view == "auto":
+            view = "token" if x.ndim == 3 else "sample"
+        elif view == "spatial" and x.ndim != 4:
+            view = "sample"
+        elif view == "spatial":
+            last = self._spatial_layout(site, x)
+        spec = site.norm
+        if spec is None:
+            return [(view, last, ("pre", "post"))]
+        check = _check_view(spec, x.ndim) if self.view == "auto" else None
+        if check is None or check == (view, last):
+            return [(view, last, _rec.POINTS)]
+        return [(view, last, ("pre", "post")), (*check, ("centered", "normalized"))]
+
+    def _spatial_layout(self, site: Site, x: torch.Tensor) -> bool:
+        """Is the 4-D ``x`` channels-last ``(B, H, W, C)``? A norm over the channels says so for
+        its own input (channels-first) and a norm over the last dimension (channels-last); the
+        other sites take the layout of the last such norm of this forward whose ``(B, H, W)``
+        matches, and are read channels-first (torch's convolution layout) without one."""
+        check = None if site.norm is None else _check_view(site.norm, 4)
+        if check is not None and check[0] == "spatial":
+            self._layouts[tuple(x.shape[:3]) if check[1] else (x.shape[0], *x.shape[2:])] = check[1]
+            return check[1]
+        return self._layouts.get(tuple(x.shape[:3]), False)
 
     def _view_for(self, site: Site, x: torch.Tensor | None, y: torch.Tensor | None) -> str | None:
-        """``auto``: feature for BatchNorm; sample for GroupNorm and for a norm over all
-        non-batch dimensions; else token for 3-D activations, sample otherwise; for a module
-        whose input and output imply different views (a pooler: 3-D in, 2-D out), sample at
-        both points. ``None``: nothing to measure (an empty tensor; warned once for a named module)."""
+        """The view of a named module's call: ``auto``: token for 3-D input and output of the
+        same ``(batch, seq)``, sample otherwise (a pooler: 3-D in, 2-D out, sample at both
+        points); ``spatial``: for 4-D input and output, else sample. ``None``: nothing to measure
+        (an empty tensor; warned once)."""
         if x is None or y is None or not x.is_floating_point() or not y.is_floating_point():
             return self._skip(
                 site,
@@ -1047,13 +1388,10 @@ class Probe:
                 f"its input {tuple(x.shape)} and output {tuple(y.shape)} have "
                 "different batch sizes, so their items cannot be paired",
             )
+        if self.view == "spatial":
+            return "spatial" if x.ndim == 4 and y.ndim == 4 else "sample"
         if self.view != "auto":
             return self.view
-        spec = site.norm
-        if spec is not None and spec.rule in ("batch", "batch-rms"):
-            return "feature"
-        if spec is not None and (spec.rule == "group" or spec.dims == x.ndim - 1):
-            return "sample"
         if x.ndim == 3 and y.ndim == 3 and x.shape[:2] == y.shape[:2]:
             return "token"
         return "sample"
@@ -1111,8 +1449,8 @@ class Probe:
         finished, self._pending = self._pending, []
         if not finished:
             return
-        for f, table in zip(finished, _to_host([f.table for f in finished])):
-            self._store(_records(f, table))
+        made = [_records(f, table) for f, table in zip(finished, _to_host([f.table for f in finished]))]
+        self._store(_in_point_order(made))
 
     def _store(self, records: list[Record]) -> None:
         """Keep ``records``, or (with a sink) write them out and fold them into running summaries."""
@@ -1148,13 +1486,19 @@ class Probe:
     def __getitem__(self, key: str) -> list[Record]:
         """Records whose key matches the glob ``key`` (:meth:`Record.matches`): ``"site:point"``
         for every call of the module, e.g. ``probe["*.ln_1:pre"]``; ``"site@k:point"`` for its
-        k-th call in each forward only (``probe["blocks.act@1:pre"]``; ``@0`` the first).
+        k-th call in each forward only (``probe["blocks.act@1:pre"]``; ``@0`` the first); a
+        functional site by its name (``probe["layer1.0:relu@0:pre"]``, ``probe["*:gelu"]``).
 
-        A point that is not one of ``pre, centered, normalized, post`` (nor a glob), or a key that
-        matches none of the records made, is a ``KeyError`` that says what there is."""
-        point = key.rpartition(":")[2] if ":" in key else "*"
-        if point not in _rec.POINTS and not any(c in point for c in "*?["):
-            raise KeyError(f"{key!r}: the point must be one of {', '.join(_rec.POINTS)} (or a glob), got {point!r}")
+        A part after the last ``:`` that is neither one of ``pre, centered, normalized, post``
+        nor a function of a functional site (nor a glob), or a key that matches none of the
+        records made, is a ``KeyError`` that says what there is."""
+        tail = key.rpartition(":")[2] if ":" in key else "*"
+        known = tail in _rec.POINTS or tail.partition("@")[0] in FUNCTIONS or any(c in tail for c in "*?[")
+        if not known:
+            raise KeyError(
+                f"{key!r}: the part after ':' must be a point ({', '.join(_rec.POINTS)}), a function "
+                f"of a functional site ('relu@0', 'layer_norm') or a glob, got {tail!r}"
+            )
         kept = self._kept()
         found = [r for r in kept if r.matches(key)]
         if kept and not found:

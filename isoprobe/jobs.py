@@ -95,6 +95,7 @@ class TextJob:
     batch_size: int = 8
     train_mode: bool = False
     gram_dtype: str = "float64"
+    calls: bool = True
     out: str | None = None
     fmt: str = "table"
     plot: str | None = None
@@ -264,6 +265,7 @@ def run(job: TextJob, notify: Notify = _stderr) -> TextProbeReport:
         train_mode=job.train_mode,
         seed=job.seed,
         gram_dtype=gram_dtype,
+        calls=job.calls,
         notify=notify,
         progress=progress,
     )
@@ -450,6 +452,7 @@ def probe_texts(
     train_mode: bool = False,
     seed: int = 0,
     gram_dtype: torch.dtype = torch.float64,
+    calls: bool = True,
     notify: Notify = _stderr,
     progress: bool | None = None,
 ) -> TextProbeReport:
@@ -458,6 +461,7 @@ def probe_texts(
     ``train_mode`` runs with dropout on (as the paper's GPT-2 notebook did; seeded by
     ``seed``); eval mode is the default. ``progress``: a bar on stderr over the sequences
     (texts, or windows with ``stride``) and batches; ``None``: only when stderr is a terminal.
+    ``calls``: also record functional sites (``Probe(calls=...)``).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -477,7 +481,7 @@ def probe_texts(
         disable=not (sys.stderr.isatty() if progress is None else progress),
         desc="probing",
     )
-    with bar, torch.no_grad(), Probe(model, sites=sites, gram_dtype=gram_dtype) as probe:
+    with bar, torch.no_grad(), Probe(model, sites=sites, gram_dtype=gram_dtype, calls=calls) as probe:
         for k, start in enumerate(batches):
             batch = sequences[start : start + batch_size]
             ids, mask = _pad(batch, loaded.tokenizer.pad_id, loaded.device)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from isoprobe.names import match_name
+from isoprobe.names import match_site
 
 __all__ = [
     "POINTS",
@@ -46,6 +46,7 @@ __all__ = [
     "read_records",
     "record_key",
     "site_label",
+    "split_key",
     "summarize",
     "theorem1_counts",
     "to_csv",
@@ -70,8 +71,10 @@ class Record:
     ``"activation"``; ``point``: ``"pre"`` (module input), ``"centered"`` (an RMSNorm does not
     centre: there it equals ``pre``), ``"normalized"`` (centred and divided by
     ``sqrt(var + eps)`` with the module's own eps, before the affine part; norms only) or
-    ``"post"`` (module output); ``view``: ``"token"``, ``"sample"`` or
-    ``"feature"``; ``item``: sequence index in the batch for the token view, else ``None``;
+    ``"post"`` (module output); ``view``: ``"token"``, ``"sample"``, ``"feature"`` or
+    ``"spatial"`` (a norm's ``centered`` and ``normalized`` points may be in another view than
+    its ``pre`` and ``post``: the one where Theorem 1 is checked); ``item``: sequence index in
+    the batch for the token view, image index for the spatial view, else ``None``;
     ``step``: forward-call counter of the probed model; ``call``: 0, 1, ... for the k-th call of
     the site's module within that forward (a module applied twice, e.g. one activation module
     shared by two layers); ``n``: items in the Gram; ``dim``: entries per item.
@@ -120,16 +123,16 @@ class Record:
         return record_key(self.site, self.point, self.call)
 
     def matches(self, pattern: str) -> bool:
-        """Does ``pattern`` (``"site[@call][:point]"``) select this record? ``site`` is a glob on
-        dotted names (:func:`isoprobe.names.match_name`: ``"*.ln_1"``, ``"transformer.h.*.attn"``),
-        ``point`` an :mod:`fnmatch` glob (every point when left out); without ``@`` every call of
-        the module matches, ``@1`` only its second call in each forward, ``@0`` its first."""
-        site, _, point = pattern.rpartition(":") if ":" in pattern else (pattern, "", "*")
-        site, at, call = site.partition("@")
+        """Does ``pattern`` (``"site[@call][:point]"``, :func:`split_key`) select this record?
+        ``site`` is a glob on site names (:func:`isoprobe.names.match_site`: ``"*.ln_1"``,
+        ``"transformer.h.*.attn"``, ``"*.branch1x1:relu@0"``), ``point`` an :mod:`fnmatch` glob
+        (every point when left out); without ``@call`` every call of the site matches, ``@1``
+        only its second call in each forward, ``@0`` its first."""
+        site, call, point = split_key(pattern)
         return (
-            match_name(self.site, site)
+            match_site(self.site, site)
             and fnmatch.fnmatchcase(self.point, point)
-            and (not at or fnmatch.fnmatchcase(str(self.call), call))
+            and (call is None or fnmatch.fnmatchcase(str(self.call), call))
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +157,25 @@ FIELDS = tuple(f.name for f in dataclasses.fields(Record))
 def site_label(site: str, call: int = 0) -> str:
     """``site`` for a module's first call in a forward, ``"site@k"`` for its k-th (k ≥ 1)."""
     return site if call == 0 else f"{site}@{call}"
+
+
+def split_key(pattern: str) -> tuple[str, str | None, str]:
+    """``(site, call, point)`` of a key or pattern ``"site[@call][:point]"``: ``point`` ``"*"``
+    and ``call`` ``None`` when left out. A functional site's name ``"owner:function@index"``
+    has a ``:`` and an ``@`` of its own, so its k-th call is ``"owner:function@index@k"``; a
+    part after the last ``:`` that fits no point (``"blk:relu@0"``) is part of the site."""
+    head, colon, tail = pattern.rpartition(":")
+    if colon and any(fnmatch.fnmatchcase(p, tail) for p in POINTS):
+        site, point = head, tail
+    else:
+        site, point = pattern, "*"
+    owner, colon, function = site.partition(":")
+    if colon:  # owner:function[@index[@call]]
+        name, _, index = function.partition("@")
+        index, at, call = index.partition("@")
+        return f"{owner}:{name}{'@' + index if index else ''}", call if at else None, point
+    site, at, call = site.partition("@")
+    return site, call if at else None, point
 
 
 def record_key(site: str, point: str, call: int = 0) -> str:

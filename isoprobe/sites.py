@@ -17,14 +17,29 @@ they do.
   affine (``f(x + x') + f(0) ≠ f(x) + f(x')``); a *norm over the rows* if, not entrywise, its
   output is unchanged when each row is scaled by its own positive factor — LayerNorm-like (rule
   ``"layer"``) if a per-row shift leaves it unchanged too, RMSNorm-like (``"rms"``) otherwise;
-  rows along the channels give ``NormSpec.channels``. ``d`` is the size of the module's 1-D
+  rows along the channels give ``NormSpec.channels``. On the ``(2, d, 3, 3)`` input, before
+  the entrywise test, two more norms: *batch-norm-like* (rule ``"batch"``, or ``"batch-rms"``
+  without centring) if, run in training mode (the copy's; a batch norm in eval mode acts
+  entrywise), its output is unchanged by a positive factor per channel, the same for every
+  sample and position, yet changed by one per sample and channel (an instance norm); and a
+  *group norm* (rule ``"group"``, ``num_groups`` of the module or one group: PoolFormer's
+  ``GroupNorm1``, a norm over all non-batch dimensions) if a positive factor and a shift per
+  sample and group leave it unchanged but one per position, or per sample and channel, does
+  not. Whatever a norm applies entrywise after normalising keeps these invariances, so a fused
+  norm and activation (timm's ``BatchNormAct2d``, ``GroupNormAct``, ``LayerNormAct``: a torch
+  norm subclass whose own ``forward`` normalises, then calls an ``act`` child) is a norm site;
+  its ``normalized`` point (computed by the Probe from the input) precedes the activation, its
+  ``post`` is what the module returns, and the activation module inside stays a site of its
+  own (selectable alone; the same records as a norm followed by a separate activation module).
+  ``d`` is the size of the module's 1-D
   parameters, else 8, else the last entry of a ``normalized_shape`` attribute. This finds e.g. OLMo's LayerNorm (no parameter at all,
   ``F.layer_norm`` in a plain module) and BLOOM's ``BloomGelu``. The copy is bounded: a
   candidate of more than ``_TRIAL_MAX_MODULES`` modules (itself and its descendants)
   or ``_TRIAL_MAX_ENTRIES`` parameter and buffer entries, or one that cannot be
   deep-copied, is not tried (select it by name to probe it); the model's other modules and
   tensors that it refers to are shared with the copy, not copied. A module with sites below it
-  is a container, and no site, if one of them runs when it runs; if none does, it computes by
+  is a container, and no site, if one of them runs when it runs (for a norm: one of the norm
+  sites below it; activations may run after its normalisation); if none does, it computes by
   itself and replaces them: TransformerLens's ``NormalizationBridge`` normalises with the
   weight and bias of the ``nn.LayerNorm`` it wraps, which never runs.
 
@@ -220,11 +235,16 @@ def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
 
 
 def _behaviour(trial: _Trial) -> tuple[str, NormSpec | None] | None:
-    """Activation, norm over the trial's rows, or neither (module docstring)."""
+    """Activation, norm over the trial's rows, over each sample (and group of channels), over
+    the batch per channel, or neither (module docstring)."""
     x = 10 * trial.randn(*trial.shape)
     y = trial(x)
     if y is None or not bool(torch.isfinite(y).all()):
         return None
+    if trial.channels:  # before the entrywise check: a batch norm in eval mode may act entrywise
+        found = _batch_behaviour(trial, x) or _sample_behaviour(trial, x, y)
+        if found is not None:
+            return "norm", found
     perm = torch.randperm(x.numel(), generator=trial.gen)
     if _same(trial(x.flatten()[perm].view_as(x)), y.flatten()[perm].view_as(y)):  # entrywise
         if trial.channels:  # entrywise maps are judged in the first layout
@@ -239,25 +259,109 @@ def _behaviour(trial: _Trial) -> tuple[str, NormSpec | None] | None:
     if not _same(trial(x * scale), y):
         return None
     layer = _same(trial(x + 10 * trial.randn(*trial.per_row)), y)
-    own = (a for a in _EPS_ATTRS if a in vars(trial.module) or hasattr(type(trial.module), a))
-    eps = next((getattr(trial.module, a) for a in own), None)  # not one a __getattr__ forwards
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+    eps = _own_eps(trial.module)
+    if eps is None:
         eps = _measured_eps(trial, center=layer)
     return "norm", NormSpec("layer" if layer else "rms", float(eps), channels=trial.channels)
 
 
-def _measured_eps(trial: _Trial, center: bool) -> float:
-    """``eps`` from ``R(s) = s² (1 + eps) / (s² + eps)`` of the odd part (module docstring)."""
-    u = trial.randn(trial.width)
-    u = u - u.mean() if center else u
-    u = u / u.square().mean().sqrt()
+def _own_eps(module: nn.Module) -> float | None:
+    """The module's own eps attribute (not one a ``__getattr__`` forwards from a wrapped module)."""
+    own = (a for a in _EPS_ATTRS if a in vars(module) or hasattr(type(module), a))
+    eps = next((getattr(module, a) for a in own), None)
+    return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
+
+
+def _invariant(trial: _Trial, x: torch.Tensor, y: torch.Tensor, shape: tuple[int, ...]) -> tuple[bool, bool]:
+    """``(scale, shift)``: is the output unchanged when the input is multiplied by a positive
+    factor of shape ``shape`` (broadcast over ``x``), and when such a shift is added?"""
+    scale = 1 + 3 * torch.rand(*shape, generator=trial.gen, dtype=torch.float64)
+    if not _same(trial(x * scale), y):
+        return False, False
+    return True, _same(trial(x + 10 * trial.randn(*shape)), y)
+
+
+def _batch_behaviour(trial: _Trial, x: torch.Tensor) -> NormSpec | None:
+    """Batch-norm-like (in training mode, on a ``(2, d, 3, 3)`` input): unchanged by a positive
+    factor per channel, the same for every sample and position, yet changed by one per sample
+    and channel (which an instance norm ignores); ``"batch"`` if a per-channel shift leaves it
+    unchanged too, ``"batch-rms"`` otherwise. Whatever the module applies after normalising
+    entrywise and monotonically (a fused activation, timm's ``BatchNormAct2d``) keeps this."""
+    was = trial.module.training
+    trial.module.train()
+    try:
+        y = trial(x)
+        if y is None:
+            return None
+        scaled, centred = _invariant(trial, x, y, (1, trial.width, 1, 1))
+        if not scaled or _invariant(trial, x, y, (2, trial.width, 1, 1))[0]:
+            return None
+        eps = _own_eps(trial.module)
+        eps = _measured_eps(trial, centred, batch=True) if eps is None else eps
+        return NormSpec("batch" if centred else "batch-rms", eps)
+    finally:
+        trial.module.train(was)
+
+
+def _sample_behaviour(trial: _Trial, x: torch.Tensor, y: torch.Tensor) -> NormSpec | None:
+    """A group norm (on a ``(2, d, 3, 3)`` input): unchanged by a positive factor and a shift per
+    sample and group of channels (``num_groups`` of the module, else one group: a norm over all
+    non-batch dimensions, PoolFormer's ``GroupNorm1``), yet changed by one per position and by
+    one per sample and channel."""
+    groups = getattr(trial.module, "num_groups", 1)
+    if not isinstance(groups, int) or groups < 1 or trial.width % groups:
+        return None
+    per_group = (2, groups, 1, 1, 1)
+
+    def grouped(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(2, groups, -1, 3, 3)
+
+    scale = 1 + 3 * torch.rand(*per_group, generator=trial.gen, dtype=torch.float64)
+    shift = 10 * trial.randn(*per_group)
+    if not _same(trial((grouped(x) * scale + shift).reshape(x.shape)), y):
+        return None
+    if _same(trial(x * (1 + 3 * torch.rand(*trial.per_row, generator=trial.gen, dtype=torch.float64))), y):
+        return None  # per position: a norm over the channels, judged as such
+    if groups < trial.width and _invariant(trial, x, y, (2, trial.width, 1, 1))[0]:
+        return None  # per sample and channel: finer groups than it declares (an instance norm)
+    eps = _own_eps(trial.module)
+    return NormSpec("group", _measured_eps(trial, True, groups) if eps is None else eps, groups=groups)
+
+
+def _measured_eps(trial: _Trial, center: bool, groups: int = 0, batch: bool = False) -> float:
+    """``eps`` from ``R(s) = s² (1 + eps) / (s² + eps)`` of the odd part (module docstring), on
+    items ``s·u`` normalised as the norm does: rows (default), samples of ``groups`` groups of
+    channels, or (``batch``) a whole batch per scale, ``u`` centred and of unit variance per channel."""
     s2 = 10.0 ** -torch.arange(0, 29, dtype=torch.float64)
-    x = s2.sqrt()[:, None] * u  # (scales, width) rows
-    x = x.T[None, :, :, None] if trial.channels else x[None]  # (1, width, scales, 1) or (1, scales, width)
+    if batch:
+        u = trial.randn(2, trial.width, 3, 3)
+        u = u - u.mean((0, 2, 3), keepdim=True) if center else u
+        u = u / u.square().mean((0, 2, 3), keepdim=True).sqrt()
+        ys = [(trial(s * u), trial(-s * u)) for s in s2.sqrt()]
+        if any(y is None or y_neg is None for y, y_neg in ys):
+            return 0.0
+        odd = torch.stack([((y - y_neg) / 2).square().sum() for y, y_neg in ys])
+        return _eps_from_ratios(s2, odd)
+    if groups:
+        u = trial.randn(groups, trial.width // groups * 9)
+        u = u - u.mean(1, keepdim=True) if center else u
+        u = (u / u.square().mean(1, keepdim=True).sqrt()).reshape(trial.width, 3, 3)
+        x, sum_dims = s2.sqrt()[:, None, None, None] * u, (1, 2, 3)  # one sample per scale
+    else:
+        u = trial.randn(trial.width)
+        u = u - u.mean() if center else u
+        u = u / u.square().mean().sqrt()
+        x = s2.sqrt()[:, None] * u  # (scales, width) rows
+        x = x.T[None, :, :, None] if trial.channels else x[None]  # (1, width, scales, 1) or (1, scales, width)
+        sum_dims = (trial.row_dim,)
     y, y_neg = trial(x), trial(-x)
     if y is None or y_neg is None:
         return 0.0
-    odd = ((y - y_neg) / 2).square().sum(trial.row_dim).flatten()
+    return _eps_from_ratios(s2, ((y - y_neg) / 2).square().sum(sum_dims).flatten())
+
+
+def _eps_from_ratios(s2: torch.Tensor, odd: torch.Tensor) -> float:
+    """``eps`` from the squared odd parts ``odd`` at the squared scales ``s2`` (the first 1)."""
     R = odd[1:] / odd[0]
     s2 = s2[1:]
     k = int((R - 0.5).abs().argmin())
@@ -311,10 +415,14 @@ def _calls(modules: Sequence[nn.Module]) -> Iterator[list[int]]:
             handle.remove()
 
 
-def _kind_of(module: nn.Module, below: Sequence[str], shared: dict[int, object]) -> tuple[str, NormSpec | None] | None:
-    """The module's kind; ``below``: the sites found under it, by name relative to it. A module
-    is a site only if none of them runs when it runs (it computes the norm itself from a wrapped
-    module's parameters); ``shared``: :func:`_trial_copy`."""
+def _kind_of(
+    module: nn.Module, below: Mapping[str, str], shared: dict[int, object]
+) -> tuple[str, NormSpec | None] | None:
+    """The module's kind; ``below``: the sites found under it, by name relative to it, with
+    their kinds. A module is a site only if none of them runs when it runs (it computes the norm
+    itself from a wrapped module's parameters), except that a norm may run activation sites
+    after normalising (a fused norm and activation, timm's ``BatchNormAct2d``: the activation
+    stays its own site); ``shared``: :func:`_trial_copy`."""
     found = _declared(module) or _torch_kind(module)
     if found is not None or _torch_own(module):
         return found
@@ -324,13 +432,14 @@ def _kind_of(module: nn.Module, below: Sequence[str], shared: dict[int, object])
         return None
     for width in widths:
         for channels in (False, True):
-            watched = [trial_module.get_submodule(name) for name in below]
-            with _calls(watched) as ran:
+            norms = [trial_module.get_submodule(name) for name, kind in below.items() if kind != "activation"]
+            others = [trial_module.get_submodule(name) for name, kind in below.items() if kind == "activation"]
+            with _calls(norms) as ran, _calls(others) as ran_activations:
                 try:
                     found = _behaviour(_Trial(trial_module, width, channels))
                 except Exception:  # not callable on a tensor of this layout: try the next one
                     continue
-            if ran[0]:
+            if ran[0] or (ran_activations[0] and (found is None or found[0] != "norm")):
                 return None  # a container: the sites below it compute what it does
             if found is not None:
                 return found
@@ -347,10 +456,11 @@ def discover_sites(model: nn.Module) -> list[Site]:
     for name, module in reversed(modules):  # children before parents
         prefix = f"{name}." if name else ""
         below = [other for other in kinds if other.startswith(prefix)]
-        found = _kind_of(module, [other[len(prefix) :] for other in below], shared)
+        found = _kind_of(module, {other[len(prefix) :]: kinds[other][0] for other in below}, shared)
         if found is not None:
             for other in below:  # wrapped, never run: the module computes it itself
-                del kinds[other]
+                if found[0] != "norm" or kinds[other][0] != "activation":  # a fused norm's activation stays
+                    del kinds[other]
             kinds[name] = found
     return [Site(name, kinds[name][0], module, kinds[name][1]) for name, module in modules if name in kinds]
 
@@ -399,7 +509,10 @@ def _passes_through(module: nn.Module, relative: str, site: Site, shared: dict[i
     try:
         for width in widths:
             calls.clear()
-            trial = _Trial(trial_module, width, site.norm is not None and site.norm.channels)
+            spec = site.norm
+            trial = _Trial(
+                trial_module, width, spec is not None and (spec.channels or spec.rule not in ("layer", "rms"))
+            )
             x = 10 * trial.randn(*trial.shape)
             try:
                 y = trial(x)
@@ -461,7 +574,10 @@ class _Wrappers:
 
 
 def select_sites(
-    sites: Sequence[Site], selection: str | Sequence[str] | None, model: nn.Module | None = None
+    sites: Sequence[Site],
+    selection: str | Sequence[str] | None,
+    model: nn.Module | None = None,
+    functional: bool = False,
 ) -> list[Site]:
     """The discovered ``sites`` (and, given ``model``, named modules) that ``selection`` picks.
 
@@ -473,6 +589,8 @@ def select_sites(
     named by it; a module picked twice is one site; a wrapper of one discovered site is that
     site, :class:`_Wrappers`). A glob that matches nothing is an error,
     and so is a selection that leaves no site. Sites come in ``named_modules`` order.
+    With ``functional`` (the Probe records functional sites, :mod:`isoprobe.calls`), a glob
+    with a ``:`` names functional sites and is left to them, and no site here is no error.
     """
     if selection is None:
         return list(sites)
@@ -488,6 +606,8 @@ def select_sites(
         if pattern in KINDS:
             chosen = {s.name: s.name for s in sites if s.kind == pattern} | chosen
             continue
+        if functional and ":" in pattern:
+            continue
         hits = {name: name for name in named if name and match_name(name, pattern)}
         hits |= {name: alias for alias, name in aliases.items() if match_name(alias, pattern) and name not in hits}
         if not hits:
@@ -497,7 +617,7 @@ def select_sites(
                 "stands for one dotted component, '**' for any number: '*.attn', 'transformer.h.*.ln_*'"
             )
         chosen = wrappers(hits) | chosen  # a name taken first stays
-    if not chosen:
+    if not chosen and not functional:
         kinds = sorted({s.kind for s in sites})
         raise ValueError(f"sites={selection!r} selects no site; the model has only: {', '.join(kinds)}")
     picked = [(name, module) for name, module in named.items() if name in chosen]
@@ -510,7 +630,8 @@ def no_site_message(model: nn.Module) -> str:
         f"no site found in {type(model).__name__}: searched its modules for torch norms "
         "(LayerNorm, RMSNorm, GroupNorm, BatchNorm*) and activation modules (torch.nn.ReLU, GELU, "
         "...), and tried every parameter-free or vector-parameter module on a probe input for "
-        "entrywise nonlinear maps (activations) and per-row scale-invariant maps (norms). "
-        "Activations applied as functions (torch.relu, F.gelu) are not modules and cannot be "
-        "hooked; select any module by name instead: Probe(model, sites=['*.mlp', 'layers.*'])."
+        "entrywise nonlinear maps (activations) and per-row scale-invariant maps (norms), and its "
+        "forward called no activation or norm function (F.relu, torch.tanh, x.relu_(), F.layer_norm, "
+        "...; not recorded under torch.compile, nor with Probe(calls=False)); select any module by "
+        "name instead: Probe(model, sites=['*.mlp', 'layers.*'])."
     )

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vision_env import import_torchvision
+
+# timm imports torchvision, and so do transformers' timm-backed model types: on the CPU torch,
+# PyPI's torchvision needs two op schemas defined first (tests/vision_env.py). Nothing if absent.
+import_torchvision()
 
 
 def _random_gpt2(**config):

@@ -306,3 +306,21 @@ def test_gram_dtype_help_says_float32_is_cheaper_and_states_its_error(command):
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "float32: cheaper" in text and "gap_error" in text and "not faster" not in text
+
+
+def test_calls_flag_and_gpt2_has_no_functional_site_of_its_own(tiny_gpt2_dir, monkeypatch):
+    """GPT-2 applies its functions inside its module sites (LayerNorm's F.layer_norm, the MLP
+    activation's torch.tanh): the default table (functional sites on) equals --no-calls, and
+    the flag reaches the Probe."""
+    import isoprobe.jobs
+
+    default = run("gpt2", "--model", str(tiny_gpt2_dir), "--text", TEXT, "--format", "csv")
+    without = run("gpt2", "--model", str(tiny_gpt2_dir), "--text", TEXT, "--format", "csv", "--no-calls")
+    assert default.exit_code == without.exit_code == 0, default.output + without.output
+    assert default.stdout == without.stdout and ":" not in default.stdout.splitlines()[1].split(",")[0]
+    made = []
+    real = isoprobe.jobs.Probe
+    monkeypatch.setattr(isoprobe.jobs, "Probe", lambda *a, **kw: made.append(kw) or real(*a, **kw))
+    for flag in ("--calls", "--no-calls"):
+        assert run("gpt2", "--model", str(tiny_gpt2_dir), "--text", TEXT, flag).exit_code == 0
+    assert [kw["calls"] for kw in made] == [True, False]

@@ -6,8 +6,10 @@ float64 and takes numpy eigenvalues; it shares no code with isoprobe.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -72,6 +74,9 @@ def items_of(a: np.ndarray, view: str, item, mask) -> np.ndarray:
         return seq if mask is None else seq[mask[item].astype(bool)]
     if view == "sample":
         return a.reshape(a.shape[0], -1)
+    if view == "spatial":  # image ``item``'s positions; channels-first unless ``mask == "last"``
+        image = a[item] if mask == "last" else np.moveaxis(a[item], 0, -1)
+        return image.reshape(-1, image.shape[-1])
     return np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
 
 
@@ -244,7 +249,12 @@ def test_feature_view_batchnorm_corollary3(train):
     capture.close()
     records = probe.records
     bn = [r for r in records if r.kind == "norm"]
-    assert all(r.view == "feature" and r.n in (24, 12) and r.dim == 64 for r in bn)
+    # auto: one view along depth (sample, as the batch-norm papers plot) at pre and post; the
+    # centered and normalized points in the feature view that Corollary 3 concerns
+    inner = [r for r in bn if r.point in ("centered", "normalized")]
+    assert len(inner) == 4 and all(r.view == "feature" and r.n in (24, 12) and r.dim == 64 for r in inner)
+    assert all(r.view == "sample" and r.n == 64 for r in bn if r.point in ("pre", "post"))
+    assert [r.point for r in bn if r.site == "1"] == ["pre", "centered", "normalized", "post"]
     assert all(r.view == "sample" for r in records if r.kind == "activation")
     # the feature covariance is normalised per feature (row) with batch statistics, always
     checked = check_records(records, capture, {"1": (1e-5, True), "4": (1e-5, True)})
@@ -257,12 +267,23 @@ def test_batchnorm2d_feature_view():
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU())
     x = torch.randn(4, 3, 7, 7)
     capture = Capture(model, ["1", "2"])
-    with Probe(model, sites="norm") as probe:
+    with Probe(model, sites="norm", view="feature") as probe:  # every point in the feature view
+        model(x)
+    with Probe(model, sites="norm") as auto:  # auto: pre and post in the sample view
         model(x)
     capture.close()
     records = probe.records
     assert all(r.n == 6 and r.dim == 4 * 5 * 5 for r in records)
     assert check_records(records, capture, {"1": (1e-5, True)}) == 1
+    capture.data["1"].append(capture.data["1"][0])
+    auto_records = [dataclasses.replace(r, step=1) for r in auto.records]
+    assert [(r.point, r.view) for r in auto_records] == [
+        ("pre", "sample"),
+        ("centered", "feature"),
+        ("normalized", "feature"),
+        ("post", "sample"),
+    ]
+    assert check_records(auto_records, capture, {"1": (1e-5, True)}) == 1
 
 
 def test_n_larger_than_dim_is_singular():
@@ -721,15 +742,235 @@ def test_probe_sees_isoprobe_own_networks():
         dtype=torch.float64,
     )
     x = torch.randn(24, 16, dtype=torch.float64)
-    with Probe(bn, sites="norm") as probe:
+    with Probe(bn, sites="norm") as auto:  # auto: Corollary 3 checked in the feature view
+        bn(x)
+    views = {(r.point, r.view) for r in auto.records}
+    assert views == {("pre", "sample"), ("centered", "feature"), ("normalized", "feature"), ("post", "sample")}
+    assert all(r.theorem1_holds for r in auto.records if r.point == "normalized")
+    with Probe(bn, sites="norm", view="feature") as probe:
         bn(x)
     norm_records = [r for r in probe.records if r.kind == "norm"]
     assert norm_records and all(r.view == "feature" for r in norm_records)
     checks = [r for r in norm_records if r.point == "normalized"]
     assert checks and all(r.theorem1_holds for r in checks)
+    inner = {(r.site, r.point): r.isometry_gap for r in auto.records if r.view == "feature"}
+    assert inner == {
+        (r.site, r.point): r.isometry_gap for r in checks + [r for r in norm_records if r.point == "centered"]
+    }
     by_site = {}
     for r in norm_records:
         by_site.setdefault(r.site, {})[r.point] = r.isometry_gap
     for points in by_site.values():
         assert points["normalized"] == pytest.approx(points["post"], rel=1e-9)
         assert points["centered"] == pytest.approx(points["pre"], rel=1e-12)
+
+
+# ------------------------------------------------------------- in-place modules, one view along depth
+
+
+class PreCapture:
+    """The true inputs (read by forward pre-hooks, before the module runs) and outputs of named
+    modules, as float64 numpy, per call: the reference for in-place modules."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        modules = dict(model.named_modules())
+        self.data: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in names}
+        self._inputs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        self.handles = []
+        for n in names:
+            self.handles.append(modules[n].register_forward_pre_hook(self._pre(n)))
+            self.handles.append(modules[n].register_forward_hook(self._post(n)))
+
+    def _pre(self, name):
+        def hook(module, args):
+            self._inputs[name].append(args[0].detach().double().numpy().copy())
+
+        return hook
+
+    def _post(self, name):
+        def hook(module, args, output):
+            self.data[name].append((self._inputs[name].pop(), output.detach().double().numpy().copy()))
+
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+class _InplaceNet(nn.Module):
+    """Conv net with ``inplace=True`` activations everywhere, one of them reused in a loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.act6 = nn.ReLU6(inplace=True)
+        self.silu = nn.SiLU(inplace=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.relu(self.bn(self.conv(x)))
+        for conv in self.convs:  # the same in-place module, three calls
+            x = self.act6(4 * conv(x))
+        x = self.silu(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def _reference_records(probe_records, data, rtol=1e-7):
+    for r in probe_records:
+        x, y = data[r.site][r.call]
+        Z = items_of(x if r.point == "pre" else y, r.view, r.item, None)
+        gap, og = ref_stats(Z)
+        assert r.isometry_gap == (math.inf if math.isinf(gap) else pytest.approx(gap, rel=rtol, abs=1e-9)), r
+        assert r.orthogonality_gap == pytest.approx(og, rel=rtol, abs=1e-12), r
+
+
+@pytest.mark.parametrize("view", ["auto", "spatial"])
+def test_inplace_activations_pre_is_the_true_input(view):
+    """``pre`` of an in-place activation is its input before it ran (before, pre == post)."""
+    torch.manual_seed(0)
+    model = _InplaceNet().double()
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64)  # 4 positions, 8 channels: finite spatial Grams
+    names = ["relu", "act6", "silu"]
+    capture = PreCapture(model, names)
+    with torch.no_grad(), Probe(model, sites="activation", view=view) as probe:
+        out = model(x)
+    capture.close()
+    records = probe.records
+    assert sorted({(r.site, r.call) for r in records}) == [
+        ("act6", 0),
+        ("act6", 1),
+        ("act6", 2),
+        ("relu", 0),
+        ("silu", 0),
+    ]
+    _reference_records(records, capture.data)
+    gaps = {(r.site, r.call, r.point, r.item): r.isometry_gap for r in records}
+    assert any(gaps[k] != gaps[(*k[:2], "post", k[3])] for k in gaps if k[2] == "pre")
+    with torch.no_grad():
+        assert torch.equal(out, model(x))  # the model's output as without the Probe
+
+
+def test_inplace_activation_pre_with_float32_grams():
+    torch.manual_seed(1)
+    model = _InplaceNet().double()
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    capture = PreCapture(model, ["relu", "act6"])
+    with torch.no_grad(), Probe(model, sites=["relu", "act6"], gram_dtype=torch.float32) as probe:
+        model(x)
+    capture.close()
+    _reference_records(probe.records, capture.data, rtol=1e-4)
+
+
+def test_default_view_is_one_view_along_depth():
+    """ResNet-like stem: the batch norm's output and the next ReLU's input are one tensor and get
+    one number in the default view (before: a C×C feature Gram against a B×B sample Gram)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(16, 16, 3),
+        nn.BatchNorm2d(16),
+    )
+    with torch.no_grad(), Probe(model) as probe:
+        model(torch.randn(8, 3, 6, 6))
+    by = {(r.site, r.point): r for r in probe.records}
+    assert by["1", "post"].view == by["2", "pre"].view == "sample"
+    assert by["1", "post"].isometry_gap == pytest.approx(by["2", "pre"].isometry_gap, rel=1e-12)
+    assert {r.view for r in probe.records if r.point in ("pre", "post")} == {"sample"}
+    assert by["1", "normalized"].view == "feature" and by["1", "normalized"].theorem1_holds
+
+
+def test_spatial_view_channels_last_layernorm_theorem1():
+    """ConvNeXt-style block: a channels-last LayerNorm, a GELU on channels-last maps, and a
+    channels-first LayerNorm (LayerNorm2d-like, by behaviour). In view="spatial" every 4-D
+    site's items are its image's positions with the channels as entries; Theorem 1 is checked
+    at both norms there; the same tensor gets one number at consecutive sites."""
+
+    class LayerNorm2d(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+            self.norm = nn.LayerNorm(12)
+            self.fc1, self.act, self.fc2 = nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 12)
+            self.down = LayerNorm2d(12)
+
+        def forward(self, x):
+            h = self.norm(self.dw(x).permute(0, 2, 3, 1))
+            h = self.fc2(self.act(self.fc1(h))).permute(0, 3, 1, 2)
+            return self.down(x + h)
+
+    torch.manual_seed(0)
+    model = Block().double()
+    x = torch.randn(3, 12, 3, 3, dtype=torch.float64)
+    capture = PreCapture(model, ["norm", "act", "down"])
+    with torch.no_grad(), Probe(model, view="spatial") as probe:
+        model(x)
+    capture.close()
+    records = probe.records
+    assert {r.view for r in records} == {"spatial"} and {r.item for r in records} == {0, 1, 2}
+    assert {r.n for r in records} == {9} and {r.dim for r in records if r.site != "act"} == {12}
+    assert {r.dim for r in records if r.site == "act"} == {16}  # channels-last, as its norm
+    last = {"norm", "act"}
+    for r in records:
+        x_in, y_out = capture.data[r.site][0]
+        layout = "last" if r.site in last else None
+        X = items_of(x_in, "spatial", r.item, layout)
+        if r.point == "post":
+            Z = items_of(y_out, "spatial", r.item, layout)
+        elif r.point == "pre":
+            Z = X
+        else:
+            Z = rowwise_norm_parts(X, 1e-5, True)[r.point == "normalized"]
+        assert r.isometry_gap == pytest.approx(ref_stats(Z)[0], rel=1e-7), r
+    checks = [r for r in records if r.point == "normalized"]
+    assert len(checks) == 6 and all(r.theorem1_holds for r in checks)
+
+
+def test_forward_that_raises_before_any_site_does_not_warn():
+    class Fails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            raise ValueError("bad input")
+
+    model = Fails()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Probe(model) as probe, pytest.raises(ValueError, match="bad input"):
+            model(torch.randn(2, 3))
+    assert probe.records == []
+
+
+def test_an_activation_that_changes_the_shape_is_measured_from_input_and_output():
+    """GLU halves its input: ``pre`` and ``post`` each in their own width, against numpy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GLU()).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    capture = Capture(model, ["1"])
+    with torch.no_grad(), Probe(model) as probe:
+        model(x)
+    capture.close()
+    assert [(r.point, r.dim) for r in probe.records] == [("pre", 8), ("post", 4)]
+    check_records(probe.records, capture, {})
+
+
+def test_a_named_module_that_changes_its_input_in_place_is_skipped_with_a_warning():
+    class AddInPlace(nn.Module):
+        def forward(self, x):
+            return x.add_(1.0)
+
+    model = nn.Sequential(nn.Linear(4, 4), AddInPlace(), nn.Tanh())
+    with torch.no_grad(), Probe(model, sites=["1", "2"]) as probe, pytest.warns(UserWarning, match="changed its input"):
+        model(torch.randn(6, 4))
+    assert {r.site for r in probe.records} == {"2"}

@@ -156,7 +156,7 @@ def test_a_lookup_that_names_no_point_or_matches_nothing_says_what_there_is():
     with probe:
         model(torch.randn(5, 4))
     assert len(probe["1:pre"]) == 1 and len(probe["*:post"]) == 2
-    with pytest.raises(KeyError, match="must be one of pre, centered, normalized, post"):
+    with pytest.raises(KeyError, match=r"must be a point \(pre, centered, normalized, post\), a function"):
         probe["1:bogus"]
     with pytest.raises(KeyError, match=r"no record matches 'h\.\*'; recorded sites: 1, 2"):
         probe["h.*"]

@@ -14,6 +14,7 @@ from torch import nn
 
 from isoprobe import LNMLP, Probe
 from isoprobe.names import match_name
+from isoprobe.sites import NormSpec, discover_sites
 from isoprobe.theory.spec import CENTERINGS, PROJECTIONS, LNMLPSpec
 
 NAMES = [
@@ -226,7 +227,10 @@ def test_olmo_layernorm_bloom_gelu_and_channels_first_layernorm_by_behaviour():
     with torch.no_grad(), Probe(conv) as probe:
         conv(img)
     capture.close()
-    assert {r.view for r in probe.records} == {"sample"}
+    # pre and post in the depth view; the norm's own points where it normalises whole items:
+    # each image's positions over the channels (the spatial view)
+    assert {(r.point, r.view) for r in probe.records} >= {("pre", "sample"), ("normalized", "spatial")}
+    assert {r.item for r in probe.records if r.view == "spatial"} == set(range(5))
     check_records(probe.records, capture, {"1": channel_parts})
 
 
@@ -477,3 +481,137 @@ def test_discovery_trials_fire_neither_global_nor_the_models_own_hooks():
     finally:
         for handle in handles:
             handle.remove()
+
+
+# ------------------------------------------------- fused and subclassed norms, found by behaviour
+# Hand-made modules in the patterns of timm's BatchNormAct2d, GroupNormAct, LayerNormAct and
+# PoolFormer's GroupNorm1 (timm itself is not needed): torch norm subclasses with their own
+# forward that normalise with the functional form and then apply an ``act`` child.
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    def __init__(self, c):
+        super().__init__(c, eps=1e-3)
+        self.drop, self.act = nn.Identity(), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        use_batch = self.training or self.running_mean is None
+        x = nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, use_batch, 0.1, self.eps
+        )
+        return self.act(self.drop(x))
+
+
+class _GroupNormAct(nn.GroupNorm):
+    def __init__(self, c, groups):
+        super().__init__(groups, c, eps=1e-4)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+class _LayerNormAct(nn.LayerNorm):
+    def __init__(self, c):
+        super().__init__(c, eps=1e-5)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps))
+
+
+class _GroupNorm1(nn.GroupNorm):
+    def __init__(self, c):
+        super().__init__(1, c, eps=1e-5)
+
+    def forward(self, x):
+        return nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class _PlainBatchNorm(nn.Module):
+    """Batch statistics, an eps of 1e-3 that no attribute states (measured), no centring."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        return self.weight[:, None, None] * x / (x.square().mean((0, 2, 3), keepdim=True) + 1e-3).sqrt()
+
+
+class _InstanceNorm(nn.Module):
+    def forward(self, x):
+        xc = x - x.mean((2, 3), keepdim=True)
+        return xc / (xc.square().mean((2, 3), keepdim=True) + 1e-5).sqrt()
+
+
+class _FusedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = _BatchNormAct(8)
+        self.gn = _GroupNormAct(8, 4)
+        self.gn1 = _GroupNorm1(8)
+        self.rms = _PlainBatchNorm(8)
+        self.inorm = _InstanceNorm()
+        self.ln = _LayerNormAct(8)
+
+    def forward(self, x):
+        x = self.gn1(self.gn(self.bn(self.conv(x))))
+        x = self.inorm(self.rms(x))
+        return self.ln(x.amax((2, 3)))
+
+
+def test_fused_and_subclassed_norms_are_found_by_behaviour():
+    model = _FusedNet().eval()
+    sites = {s.name: s for s in discover_sites(model)}
+    assert sites["bn"].norm == NormSpec("batch", 1e-3)  # found in eval mode too (its trial copy trains)
+    assert sites["gn"].norm == NormSpec("group", 1e-4, groups=4)
+    assert sites["gn1"].norm == NormSpec("group", 1e-5, groups=1)
+    assert sites["rms"].norm == NormSpec("batch-rms", 1e-3)  # eps measured
+    assert sites["ln"].norm == NormSpec("layer", 1e-5)
+    assert "inorm" not in sites  # per sample and channel: not a group or batch norm
+    # the activations inside the fused norms stay sites of their own
+    assert {n for n, s in sites.items() if s.kind == "activation"} == {"bn.act", "gn.act", "ln.act"}
+    assert not model.training and int(model.bn.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_norms_points_against_float64_reference(train):
+    """Every point of the fused norms against numpy; ``normalized`` is the normalisation before
+    the module's activation (and affine part); ``post`` is the module's output, after it."""
+    torch.manual_seed(0)
+    model = _FusedNet().double().train(train)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    names = ["bn", "gn", "gn1", "rms", "ln"]
+    capture = Capture(model, names)
+    with torch.no_grad(), Probe(model, sites="norm") as probe:
+        model(x)
+    capture.close()
+
+    def batch(a, center, eps):
+        ac = a - a.mean((0, 2, 3), keepdims=True) if center else a
+        return ac, ac / np.sqrt((ac**2).mean((0, 2, 3), keepdims=True) + eps)
+
+    def group(a, groups, eps):
+        g = a.reshape(a.shape[0], groups, -1)
+        gc = g - g.mean(-1, keepdims=True)
+        return gc.reshape(a.shape), (gc / np.sqrt((gc**2).mean(-1, keepdims=True) + eps)).reshape(a.shape)
+
+    norms = {
+        "bn": lambda a: batch(a, True, 1e-3),
+        "gn": lambda a: group(a, 4, 1e-4),
+        "gn1": lambda a: group(a, 1, 1e-5),
+        "rms": lambda a: batch(a, False, 1e-3),
+        "ln": (1e-5, True),
+    }
+    assert check_records(probe.records, capture, norms) == 4  # Theorem 1 / Cor. 3 at every aligned norm
+    views = {(r.site, r.point): r.view for r in probe.records}
+    assert views["bn", "normalized"] == views["rms", "normalized"] == "feature"
+    assert views["gn1", "normalized"] == "sample" and views["bn", "post"] == "sample"
+    bn = {r.point: r for r in probe.records if r.site == "bn"}
+    out = capture.data["bn"][0][1]
+    assert bn["post"].isometry_gap == pytest.approx(ref_stats(out.reshape(6, -1))[0], rel=1e-9)
