@@ -166,7 +166,7 @@ from isoprobe.metrics import (
     _spectral_stats,
 )
 from isoprobe.records import Record, RecordSink, RunningSummary, Summary
-from isoprobe.sharded import whole
+from isoprobe.sharded import is_dtensor, whole
 from isoprobe.sites import NormSpec, Site, discover_sites, no_site_message, select_sites
 from isoprobe.stacks import DECODER, ENCODER, Streams, encoder_decoder
 
@@ -1224,7 +1224,7 @@ class Probe:
         def before(x: torch.Tensor | None) -> None:
             if not self._recording:
                 return
-            x, y = whole(x), whole(y)  # a DTensor (tensor/sequence parallel): its full value, every rank
+            x = whole(x)  # a DTensor (tensor/sequence parallel): its full value, on every rank
             call = self._site_calls.get(site.name, 0)
             self._site_calls[site.name] = call + 1
             self._open.setdefault(site.name, []).append(self._begin(site, x, call))
@@ -1233,8 +1233,8 @@ class Probe:
             opened = self._open.get(site.name)
             if self._recording and opened:
                 begun = opened.pop()
-                if begun is not None:
-                    self._end(site, begun, x, y)
+                if begun is not None:  # a DTensor input: the full value ``before`` read
+                    self._end(site, begun, begun.x if is_dtensor(x) else x, whole(y))
 
         return before, after
 

@@ -44,14 +44,15 @@ import torch.distributed as dist
 
 from isoprobe.metrics import isometry_gap
 
-__all__ = ["ShardingRefused", "norm_point_grams", "token_gaps", "token_grams", "whole"]
+__all__ = ["ShardingRefused", "is_dtensor", "norm_point_grams", "token_gaps", "token_grams", "whole"]
 
 
 class ShardingRefused(ValueError):
     """The activation's layout does not allow the exact Gram without gathering it."""
 
 
-def _is_dtensor(x: object) -> bool:
+def is_dtensor(x: object) -> bool:
+    """Is ``x`` a DTensor (without importing ``torch.distributed.tensor``)?"""
     module = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor can exist
     return module is not None and isinstance(x, module.DTensor)
 
@@ -59,14 +60,14 @@ def _is_dtensor(x: object) -> bool:
 def whole(x: torch.Tensor | None) -> torch.Tensor | None:
     """A DTensor's full value as a plain tensor on every rank (``full_tensor()``: a collective);
     any other value unchanged."""
-    return x.full_tensor() if _is_dtensor(x) else x
+    return x.full_tensor() if is_dtensor(x) else x
 
 
 def _layout(x: torch.Tensor) -> tuple[torch.Tensor, dist.ProcessGroup | None]:
     """``(local tensor (B, T, d_r), the group to sum partial Grams over or None)``."""
     from torch.distributed.tensor import Replicate, Shard
 
-    if not _is_dtensor(x):
+    if not is_dtensor(x):
         local = x
         group = None
     else:
