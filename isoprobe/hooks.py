@@ -840,6 +840,9 @@ class Probe:
         :class:`~isoprobe.records.RecordSink`; every record is written there as it is made and
         only per-(site, call, point) running summaries stay in memory (``summary()``), while
         ``records``/``pop_records()``/``probe[key]`` refuse (the records are in the file).
+    sink_mode: what a ``sink`` path that exists and is not empty gets: ``"new"`` (default) a
+        ``FileExistsError`` naming it, ``"append"`` the new records after the old ones,
+        ``"overwrite"`` a fresh file.
 
     Records are made during calls of ``model``; ``probe.records`` lists them in forward order.
     Use as a context manager, or ``attach()``/``detach()`` (e.g. from a training callback).
@@ -862,6 +865,7 @@ class Probe:
         gather: bool = False,
         equal_batches: bool = False,
         sink: str | Path | RecordSink | None = None,
+        sink_mode: str = "new",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -893,7 +897,7 @@ class Probe:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._tokens: list[tuple[int, str, int]] = []  # its hooks' slots (isoprobe.compiled)
         self._records: list[Record] = []
-        self._sink = sink if isinstance(sink, RecordSink) or sink is None else RecordSink(sink)
+        self._sink = sink if isinstance(sink, RecordSink) or sink is None else RecordSink(sink, sink_mode)
         self._running = RunningSummary()
         self._pending: list[_Pending | _Finished] = []
         self._pending_bytes = 0
@@ -1149,7 +1153,13 @@ class Probe:
         k-th call in each forward only (``probe["blocks.act@1:pre"]``; ``@0`` the first).
 
         A point that is not one of ``pre, centered, normalized, post`` (nor a glob), or a key that
-        matches none of the records made, is a ``KeyError`` that says what there is."""
+        matches none of the records made, is a ``KeyError`` that says what there is; a key that is
+        no string (``probe[0]``) a ``TypeError``."""
+        if not isinstance(key, str):
+            raise TypeError(
+                f"Probe keys are site names or glob patterns, such as 'transformer.h.3.ln_1:pre' or '*.ln_1:post', "
+                f"not {type(key).__name__} {key!r}; probe.records is the list of all records"
+            )
         point = key.rpartition(":")[2] if ":" in key else "*"
         if point not in _rec.POINTS and not any(c in point for c in "*?["):
             raise KeyError(f"{key!r}: the point must be one of {', '.join(_rec.POINTS)} (or a glob), got {point!r}")

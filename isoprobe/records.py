@@ -35,6 +35,7 @@ __all__ = [
     "Record",
     "RecordSink",
     "RunningSummary",
+    "SINK_MODES",
     "Summary",
     "csv_text",
     "format_summary",
@@ -396,27 +397,46 @@ def _from_json_row(row: dict[str, Any]) -> Record:
     return Record.from_dict({k: (float(v) if v in ("inf", "-inf") else v) for k, v in row.items()})
 
 
+SINK_MODES = ("new", "append", "overwrite")
+
+
 class RecordSink:
     """Records streamed to a file as they are made: CSV (``.csv``, the columns of :func:`csv_text`)
     or JSON lines (``.jsonl``, ``.json``, ``.ndjson``: one record per line, ``+inf`` as ``"inf"``).
 
-    The file is created (emptied) when the sink is made, so a path that cannot be written fails
-    before any work; each :meth:`write` appends and flushes; :meth:`close` closes the file, and a
-    later write reopens it for appending. :func:`read_records` reads it back.
+    ``mode``: ``"new"`` (default) refuses an existing non-empty file with ``FileExistsError``
+    naming it (a rerun never loses an earlier run's records); ``"append"`` continues such a file
+    (a CSV's header must then be this version's columns); ``"overwrite"`` empties it. The file is
+    opened when the sink is made, so a path that cannot be written fails before any work; each
+    :meth:`write` appends and flushes; :meth:`close` closes the file, and a later write reopens
+    it for appending. :func:`read_records` reads it back.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, mode: str = "new") -> None:
         self.path = Path(path)
         suffix = self.path.suffix.lower()
         if suffix not in (".csv", ".jsonl", ".json", ".ndjson"):
             raise ValueError(
                 f"sink {str(path)!r}: give a .csv or .jsonl file (JSON lines), not {suffix or 'no suffix'}"
             )
+        if mode not in SINK_MODES:
+            raise ValueError(f"sink_mode must be one of {', '.join(SINK_MODES)}; got {mode!r}")
         if not self.path.parent.is_dir():
             raise FileNotFoundError(2, "the sink's folder does not exist", str(self.path.parent))
         self.csv = suffix == ".csv"
-        self._file: io.TextIOBase | None = self.path.open("w", newline="", encoding="utf-8")
-        if self.csv:
+        full = self.path.is_file() and self.path.stat().st_size > 0
+        if full and mode == "new":
+            raise FileExistsError(
+                17,
+                "the sink file exists and is not empty; pass sink_mode='append' to continue it or "
+                "sink_mode='overwrite' to replace it",
+                str(self.path),
+            )
+        if full and mode == "append" and self.csv:
+            _check_csv_header(self.path)
+        keep = full and mode == "append"
+        self._file: io.TextIOBase | None = self.path.open("a" if keep else "w", newline="", encoding="utf-8")
+        if self.csv and not keep:
             csv.writer(self._file, lineterminator="\n").writerow(FIELDS)
 
     def write(self, records: Iterable[Record]) -> None:
@@ -437,13 +457,55 @@ class RecordSink:
             self._file = None
 
 
+def _check_csv_header(path: Path) -> None:
+    """``ValueError`` unless ``path``'s first line is this version's CSV header (:data:`FIELDS`)."""
+    with path.open(newline="", encoding="utf-8") as file:
+        header = next(csv.reader(file), [])
+    if tuple(header) != FIELDS:
+        raise ValueError(
+            f"cannot append to {str(path)!r}: its header ({', '.join(header[:4])}, ...) is not the columns of "
+            "these records; use another file or sink_mode='overwrite'"
+        )
+
+
 def read_records(path: str | Path) -> list[Record]:
-    """The records of a :class:`RecordSink` file (``.csv`` or JSON lines), or of :func:`to_csv`."""
+    """The records of a :class:`RecordSink` file (``.csv`` or JSON lines), or of :func:`to_csv`.
+
+    A damaged file (a line that is no JSON object of a record, a CSV row whose values do not
+    parse) is a ``ValueError`` naming the file and the line, and what was expected there."""
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as file:
         if path.suffix.lower() == ".csv":
-            return [_from_csv_row(row) for row in csv.DictReader(file)]
-        return [_from_json_row(json.loads(line)) for line in file if line.strip()]
+            reader = csv.DictReader(file)
+            if reader.fieldnames is not None and not {"site", "point", "step"} <= set(reader.fieldnames):
+                raise ValueError(
+                    f"{path}, line 1: expected a CSV header of record fields ({', '.join(FIELDS[:5])}, ...), "
+                    f"got {', '.join(reader.fieldnames[:5])}"
+                )
+            return [_parsed(path, reader.line_num, "a CSV row of record fields", _from_csv_row, row) for row in reader]
+        return [
+            _parsed(path, k, "one JSON object per line, a record's fields", _from_json_line, line)
+            for k, line in enumerate(file, start=1)
+            if line.strip()
+        ]
+
+
+def _from_json_line(line: str) -> Record:
+    row = json.loads(line)
+    if not isinstance(row, dict):
+        raise ValueError(f"a JSON {type(row).__name__}, not an object")
+    missing = [k for k in ("site", "point", "step") if k not in row]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+    return _from_json_row(row)
+
+
+def _parsed(path: Path, line: int, expected: str, parse: Any, text: Any) -> Record:
+    """``parse(text)``, or a ``ValueError`` naming ``path`` and ``line`` and what was expected."""
+    try:
+        return parse(text)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}, line {line}: expected {expected} ({error})") from None
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
