@@ -144,10 +144,18 @@ from isoprobe.metrics import (
 from isoprobe.records import Record, RecordSink, RunningSummary, Summary
 from isoprobe.sites import NormSpec, Site, discover_sites, no_site_message, select_sites
 from isoprobe.stacks import DECODER, ENCODER, Streams, encoder_decoder
+from isoprobe.windows import WindowLayout, window_layout, windowed
 
-__all__ = ["NormSpec", "Probe", "Site", "discover_sites", "select_sites"]
+__all__ = ["NormSpec", "Probe", "SingularGramWarning", "Site", "discover_sites", "select_sites"]
 
 View = Literal["auto", "token", "sample", "feature"]
+
+
+class SingularGramWarning(UserWarning):
+    """Token Grams with more tokens than their items' rank allows: singular by construction
+    (warned once per :class:`Probe`, naming the sites and the ``window`` that fits)."""
+
+
 _VIEWS = ("auto", "token", "sample", "feature")
 
 
@@ -340,6 +348,7 @@ class _Pending:
     factor: torch.Tensor | None = None  # (g,) norm-variation factor of the centred items
     eps_effect: torch.Tensor | None = None  # (g,) δ = gap(normalized) - gap(x_c / ‖x_c‖), float64
     gram_normalized: torch.Tensor | None = None  # (g, N, N) D G_c D, for a singular G_c
+    groups: list[tuple[int, int]] | None = None  # (item, window) of each group (isoprobe.windows)
 
 
 @dataclass
@@ -356,6 +365,7 @@ class _Finished:
     token_items: bool
     points: tuple[str, ...]
     table: torch.Tensor
+    groups: list[tuple[int, int]] | None = None  # (item, window) of each group (isoprobe.windows)
 
 
 _ROWS_PER_POINT = 7  # gap, og, Theorem 1 bound, holds, factor, eps-dominated, float32 error estimate
@@ -527,7 +537,9 @@ def _finish(p: _Pending, tol: float) -> _Finished:
         rows += [gaps[q].to(torch.float64), p.og[q].to(torch.float64)]
         rows += extra.get(q, [nan, nan, nan, nan])
         rows.append(errors.get(q, nan))
-    return _Finished(p.site, p.view, p.step, p.call, p.dim, p.post_dim, p.token_items, p.points, torch.stack(rows))
+    return _Finished(
+        p.site, p.view, p.step, p.call, p.dim, p.post_dim, p.token_items, p.points, torch.stack(rows), p.groups
+    )
 
 
 # float32 Grams. Worst-case rounding bounds (an entry of a Gram formed from m float32 products
@@ -644,7 +656,8 @@ def _theorem1(p: _Pending, gaps: dict[str, torch.Tensor], tol: float) -> list[to
     """Sets ``gaps["normalized"]``; returns the rows ``(bound, holds, factor, eps-dominated)``.
 
     The check: ``gap(normalized) ≤ gap(centered) - log factor + t``, ``t = tol · max(1,
-    |gap(centered)|)`` for rounding (trivially true for a singular ``G_c``: the bound is 0).
+    |gap(centered)|)`` for rounding. A singular ``G_c`` makes the bound 0, true of every
+    ``G_norm``: no check there (bound and holds NaN), so a singular Gram never counts as a pass.
     Theorem 1 is about ``x_c / ‖x_c‖``, whose gap is ``gap(normalized) - δ`` exactly
     (:func:`_eps_effect`). The verdict is decided where eps cannot have made it: *holds* when the
     normalized point meets the bound (the projection, ``δ`` lower, then does too); *fails* when
@@ -661,7 +674,7 @@ def _theorem1(p: _Pending, gaps: dict[str, torch.Tensor], tol: float) -> list[to
         gn[ask] = _gap(p.gram_normalized[ask], p.n[ask], pad).to(gn.dtype)
     gaps["normalized"] = gn
     log_factor = p.factor.to(gc.dtype).log()
-    bound = torch.where(singular, torch.zeros_like(gc), torch.exp(log_factor - gc))
+    bound = torch.where(singular, torch.full_like(gc, math.nan), torch.exp(log_factor - gc))  # 0: no check
     limit = gc - log_factor + tol * gc.abs().clamp_min(1)
     meets = singular | (gn <= limit)
     dominated = ~meets & (gn - p.eps_effect.to(gc.dtype) <= limit)
@@ -708,9 +721,23 @@ def _none_if_nan(v: float) -> float | None:
     return None if math.isnan(v) else v
 
 
+def _centered_dim(site: Site, dim: int) -> int:
+    """The rank bound of a norm's centred items: ``dim - 1`` where it subtracts each item's mean
+    over its ``dim`` entries (they are orthogonal to the ones vector), else ``dim``."""
+    return dim - 1 if site.norm is not None and site.norm.centers else dim
+
+
+def _by_construction(f: _Finished, point: str, n: int) -> bool:
+    """More items than the rank bound of ``point``'s items: the Gram is singular by construction."""
+    if point == "post":
+        return n > f.post_dim
+    return n > (_centered_dim(f.site, f.dim) if point in ("centered", "normalized") else f.dim)
+
+
 def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
     out = []
     ns = table[0]
+    groups = f.groups or [(i, None) for i in range(len(ns))]
     for j, point in enumerate(f.points):
         first = 1 + _ROWS_PER_POINT * j
         gap_row, og_row, bound_row, holds_row, factor_row, eps_row, err_row = table[first : first + _ROWS_PER_POINT]
@@ -721,7 +748,8 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
                 kind=f.site.kind,
                 point=point,
                 view=f.view,
-                item=i if f.token_items else None,
+                item=groups[i][0] if f.token_items else None,
+                window=groups[i][1],
                 step=f.step,
                 call=f.call,
                 n=n,
@@ -754,7 +782,11 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
                     theorem1_bound=_none_if_nan(bound_row[i]),
                     theorem1_holds=None if math.isnan(holds) else bool(holds),
                     norm_factor=_none_if_nan(factor_row[i]),
-                    flag=_rec.EPS_DOMINATED if eps_row[i] == 1 else None,
+                    flag=_rec.EPS_DOMINATED
+                    if eps_row[i] == 1
+                    else _rec.SINGULAR
+                    if math.isinf(gap) and _by_construction(f, point, n)
+                    else None,
                     gap_error=_none_if_nan(err_row[i]),
                 )
             )
@@ -866,6 +898,7 @@ class Probe:
         equal_batches: bool = False,
         sink: str | Path | RecordSink | None = None,
         sink_mode: str = "new",
+        window: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -873,6 +906,8 @@ class Probe:
             raise ValueError(f"view must be one of {', '.join(_VIEWS)}; got {view!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 2):
+            raise ValueError(f"window must be an integer number of tokens, at least 2, or None; got {window!r}")
         if gram_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
         if attention_mask is not None and attention_mask.ndim != 2:
@@ -890,6 +925,7 @@ class Probe:
         self.gram_dtype = gram_dtype
         self.gather = gather
         self.equal_batches = equal_batches
+        self.window = window
         self._tol = math.sqrt(torch.finfo(gram_dtype).eps)
         self._forward_sig = _mask_signature(model)
         stacks = encoder_decoder(model)
@@ -909,6 +945,8 @@ class Probe:
         self._warned: set[str] = set()
         self._work = _Workspace()
         self._site_calls: dict[str, int] = {}  # site -> calls of its module in this forward
+        self._layouts: dict[tuple[Any, ...], WindowLayout] = {}  # this forward's windows (isoprobe.windows)
+        self._singular: dict[str, tuple[int, int]] = {}  # site -> (tokens, rank bound): singular token Grams
 
     # -- lifecycle
     def attach(self) -> Probe:
@@ -962,6 +1000,7 @@ class Probe:
         self._recording = self._step % self.every == 0
         self._site_calls = {}
         self._masks_by_device = {}
+        self._layouts = {}
         passed = self._passed(args, kwargs)
         mask = _as_mask(self.attention_mask if self.attention_mask is not None else passed.get("attention_mask"))
         if self._streams is None:
@@ -993,6 +1032,7 @@ class Probe:
         self._recording = False
         if self._streams is not None:
             self._streams.stop()
+        self._warn_singular()
         self._flush()
 
     def _site_observer(self, site: Site):
@@ -1009,8 +1049,14 @@ class Probe:
                     x = all_gather_features(x, same_size=self.equal_batches)
                     y = all_gather_features(y, same_size=self.equal_batches)
                 mask = self._mask_for(site, x) if view == "token" else None
+                groups = None
+                if view == "token" and self.window is not None and x.shape[:2] == y.shape[:2]:
+                    x, y, mask, groups = self._windowed(x, y, mask)
+                if view == "token" and "singular" not in self._warned:
+                    self._note_singular(site, call, x, y, mask)
                 args = (site, x.detach(), y.detach(), view, mask)
                 pending = _measure(*args, self.gram_dtype, self._step, call, self._work)
+                pending.groups = groups
                 if self.gram_dtype == torch.float32:  # its error estimates decide now (a sync off the CPU)
                     redo = functools.partial(self._measured_in_float64, args, call)
                     self._pending.append(_checked(_finish(pending, self._tol), self.float32_tolerance, redo))
@@ -1099,10 +1145,51 @@ class Probe:
             self._masks_by_device[key] = mask.to(x.device, non_blocking=True) != 0
         return self._masks_by_device[key]
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _windowed(
+        self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[tuple[int, int]]]:
+        """``x``, ``y`` and their mask cut into windows of at most ``window`` tokens
+        (:mod:`isoprobe.windows`; one layout per mask and shape in a forward)."""
+        key = (None if mask is None else id(mask), *x.shape[:2], x.device)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = window_layout(mask, x.shape[0], x.shape[1], self.window, x.device)
+        return windowed(x, layout), windowed(y, layout), layout.mask, layout.groups
+
+    def _note_singular(
+        self, site: Site, call: int, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None
+    ) -> None:
+        """Note a site whose token Grams have more tokens than their rank bound (warned at the
+        forward's end, once per Probe); a host sync only where the padded length exceeds it."""
+        bound = min(_centered_dim(site, x.shape[-1]), y.shape[-1])
+        if x.shape[1] <= bound:
+            return
+        tokens = x.shape[1] if mask is None else int(mask.sum(-1).max())
+        if tokens > bound:
+            self._singular[_rec.site_label(site.name, call)] = (tokens, bound)
+
+    def _warn_singular(self) -> None:
+        if not self._singular or "singular" in self._warned:
+            return
+        sites = list(self._singular.items())
+        fit = min(bound for _, (_, bound) in sites)
+        listed = ", ".join(f"{name} ({tokens} tokens > {bound})" for name, (tokens, bound) in sites[:4])
+        more = f" and {len(sites) - 4} more" if len(sites) > 4 else ""
+        self._warn_once(
+            "singular",
+            f"token Grams singular by construction at {len(sites)} site{'s' * (len(sites) != 1)}: more tokens "
+            f"than the rank of their items allows (their width; one less after a norm's centring): {listed}{more}. "
+            f"Their gap is +inf whatever the model does and they get no Theorem 1 check; "
+            f"{'a smaller ' if self.window else ''}Probe(..., window={fit}) (isoprobe gpt2/inspect --window {fit}) "
+            "measures Grams over consecutive windows of at most that many tokens, which can be full rank",
+            SingularGramWarning,
+        )
+        self._singular = {}
+
+    def _warn_once(self, key: str, message: str, category: type[Warning] = UserWarning) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, category, stacklevel=3)
 
     def _finish_pending(self) -> None:
         self._pending = [p if isinstance(p, _Finished) else _finish(p, self._tol) for p in self._pending]

@@ -35,6 +35,7 @@ __all__ = [
     "Record",
     "RecordSink",
     "RunningSummary",
+    "SINGULAR",
     "SINK_MODES",
     "Summary",
     "csv_text",
@@ -57,6 +58,7 @@ POINTS = ("pre", "centered", "normalized", "post")
 
 UNDEFINED = "undefined: fewer than 2 items"
 NONFINITE = "non-finite"
+SINGULAR = "singular by construction: more items than entries per item (rank ≤ entries), gap +inf, no Theorem 1 check"
 EPS_DOMINATED = (
     "eps-dominated: the norm's eps, not small against these items' variances, explains the gap above Theorem 1's bound"
 )
@@ -87,7 +89,13 @@ class Record:
     NaN or inf in the activations) or why the check is undecided (``"eps-dominated: ..."``:
     Theorem 1 is about ``x / ‖x‖``, and the normalized point misses the bound by no more than the
     norm's eps lifts its gap; the values stay, only ``theorem1_holds`` is ``None``); values a
-    record does not have are ``None``. ``gap_error``, for float32 Grams
+    record does not have are ``None``; ``"singular by construction"`` (:data:`SINGULAR`) marks a Gram
+    of more items than its items' rank bound (``n > dim``; ``n > dim - 1`` at a centring norm's
+    ``centered`` and ``normalized`` points): its gap is ``+inf`` whatever the model does, and a
+    ``normalized`` record then has no Theorem 1 check (its bound would be 0). ``window``: with
+    ``Probe(window=N)``, the index of the window of at most ``N`` tokens of sequence ``item`` that
+    the Gram is over (:mod:`isoprobe.windows`); ``None`` for a Gram over the whole sequence.
+    ``gap_error``, for float32 Grams
     (``Probe(gram_dtype=torch.float32)``): an estimate (probabilistic rounding model) of the
     isometry gap's error against the exact Gram of the same items (``0.0``: the value is exact:
     the estimate exceeded the Probe's ``float32_tolerance`` and the record was recomputed with
@@ -112,6 +120,7 @@ class Record:
     flag: str | None = None
     gap_error: float | None = None
     call: int = 0
+    window: int | None = None
 
     @property
     def key(self) -> str:
@@ -185,7 +194,7 @@ class _Group:
 
     def __init__(self, r: Record) -> None:
         self.first = r
-        self.count = self.singular = self.undefined = self.nonfinite = self.eps_dominated = 0
+        self.count = self.singular = self.by_construction = self.undefined = self.nonfinite = self.eps_dominated = 0
         self.checked = self.violations = 0
         self.n_min, self.n_max, self.n_sum = r.n, r.n, 0
         self.isometry, self.gap, self.bound = _Moments(), _Moments(), _Moments()
@@ -204,6 +213,7 @@ class _Group:
         if r.isometry_gap is not None:
             if math.isinf(r.isometry_gap):
                 self.singular += 1
+                self.by_construction += r.flag == SINGULAR or r.n > r.dim
             else:
                 self.gap.add(r.isometry_gap)
         if r.theorem1_bound is not None:
@@ -215,10 +225,7 @@ class _Group:
     def row(self) -> dict[str, Any]:
         r = self.first
         iso, gap = self.isometry, self.gap
-        if self.singular:
-            gap_mean, gap_std = math.inf, None
-        else:
-            gap_mean, gap_std = (gap.mean, gap.std) if gap.count else (None, None)
+        gap_mean, gap_std = (gap.mean, gap.std) if gap.count else (None, None)
         return {
             "site": r.site,
             "call": r.call,
@@ -235,6 +242,7 @@ class _Group:
             "gap_mean": gap_mean,
             "gap_std": gap_std,
             "singular": self.singular,
+            "singular_by_construction": self.by_construction,
             "undefined": self.undefined,
             "nonfinite": self.nonfinite,
             "bound_mean": self.bound.mean if self.bound.count else None,
@@ -309,9 +317,11 @@ def summarize(records: Iterable[Record]) -> Summary:
 
     The calls of a module used more than once in a forward are kept apart (``call`` 0, 1, ...).
     Row keys: ``site, call, point, key`` (:func:`record_key`), ``kind, view, count`` (records),
-    ``n_min, n_max, n_mean`` (items per Gram), ``isometry_mean/std``, ``gap_mean/std``
-    (population std; ``gap_mean`` is ``inf`` and ``gap_std`` ``None`` when one Gram is singular),
-    ``singular`` (records with an infinite gap), ``undefined`` and ``nonfinite`` (flagged
+    ``n_min, n_max, n_mean`` (items per Gram), ``isometry_mean/std`` (over every Gram, a singular
+    one's isometry 0 included), ``gap_mean/std`` (population std over the *finite* gaps; ``None``
+    when no gap is finite), ``singular`` (records with an infinite gap, left out of ``gap_mean``),
+    ``singular_by_construction`` (those of them with more items than entries, :data:`SINGULAR`),
+    ``undefined`` and ``nonfinite`` (flagged
     records, left out of the means), ``bound_mean`` (Theorem 1 bound, normalized points),
     ``theorem1_checked``, ``theorem1_violations`` (decided checks), ``eps_dominated`` (undecided
     checks, :data:`EPS_DOMINATED`; their values are in the means). Returns a :class:`Summary`.
@@ -374,7 +384,7 @@ def read_json(path: str | Path) -> tuple[list[Record], dict[str, Any]]:
     return [_from_json_row(row) for row in rows], obj
 
 
-_INT_FIELDS = ("item", "step", "n", "dim", "call")
+_INT_FIELDS = ("item", "step", "n", "dim", "call", "window")
 _FLOAT_FIELDS = ("isometry", "isometry_gap", "orthogonality_gap", "theorem1_bound", "norm_factor", "gap_error")
 
 
@@ -522,19 +532,24 @@ def _n_cell(row: dict[str, Any]) -> str:
 
 
 def _gap_cell(row: dict[str, Any]) -> str:
+    singular, by_construction = row["singular"], row.get("singular_by_construction", 0)
     if row["gap_mean"] is None:
+        if by_construction and by_construction == singular:
+            return f"singular by construction ×{singular} (n > dim)"
+        if singular:
+            return f"inf ({singular} singular)"
         return "non-finite" if row["nonfinite"] else "undefined"
-    if math.isinf(row["gap_mean"]):
-        return f"inf ({row['singular']} singular)"
-    if row["count"] - row["undefined"] - row["nonfinite"] == 1:  # one Gram: no spread to show
-        return _fmt(row["gap_mean"])
-    return f"{_fmt(row['gap_mean'])} ± {_fmt(row['gap_std'], 2)}"
+    finite = row["count"] - row["undefined"] - row["nonfinite"] - singular
+    cell = _fmt(row["gap_mean"]) if finite == 1 else f"{_fmt(row['gap_mean'])} ± {_fmt(row['gap_std'], 2)}"
+    return cell + (f" (+{singular} singular)" if singular else "")
 
 
 def _theorem1_cell(row: dict[str, Any]) -> str:
     k, v = row["theorem1_checked"], row["theorem1_violations"]
     if k == 0:
-        return "undecided" if row.get("eps_dominated") else "-"
+        if row.get("eps_dominated"):
+            return "undecided"
+        return "n/a: singular" if row["point"] == "normalized" and row["singular"] else "-"
     return f"yes {k}/{k}" if v == 0 else f"NO {v}/{k}"
 
 
@@ -551,11 +566,14 @@ def format_summary(rows: Iterable[dict[str, Any]]) -> str:
     Columns: ``site`` (``site@k`` for the k-th call of a module called more than once per
     forward), ``point``, ``view``, ``n`` (items per Gram: one number, or the range ``min–max``
     where the Grams differ, e.g. sequences of different lengths), ``gap mean ± std`` (isometry
-    gap ``−log I``, population std over items and steps, the mean alone for a single Gram;
-    ``inf`` when a Gram is singular),
+    gap ``−log I`` over the finite gaps, population std over items and steps, the mean alone
+    for a single Gram; ``(+k singular)`` counts the singular Grams left out; ``singular by
+    construction ×k (n > dim)`` when every Gram has more items than entries, ``inf (k
+    singular)`` when every Gram is singular),
     ``Theorem 1`` (on the ``normalized`` point of a norm: ``yes k/k`` when
     ``I(normalized) ≥ I(centered) · norm-variation factor`` held for all k decided Grams, ``NO
-    v/k`` when it failed v times, ``undecided`` when every check was eps-dominated) and
+    v/k`` when it failed v times, ``undecided`` when every check was eps-dominated, ``n/a:
+    singular`` when every Gram was singular by construction: the bound is 0, nothing to check) and
     ``flagged`` (undefined one-item Grams and non-finite activations, left out of the means;
     eps-dominated Theorem 1 checks, whose gaps are in the means).
     """
@@ -589,11 +607,23 @@ def format_table(records: Iterable[Record]) -> str:
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
+def _index_label(names: Sequence[str]) -> str:
+    """What the integers of the x ticks are: a layer (block) index where sites sit inside the
+    numbered modules (``transformer.h.3.ln_1``); a module index where the numbered modules are
+    the sites themselves (an ``nn.Sequential`` of layers and activations: ``"2"``, ``"features.5"``)."""
+    numbered = [(m, name) for name in names if (m := _LAYER.search(name))]
+    ends = [(m, name) for m, name in numbered if m.end() == len(name)]
+    if not ends or len(ends) < len(numbered) / 2:
+        return "layer index"
+    container = ends[0][1][: ends[0][0].start()]
+    return f"module index in {container if container else 'the model'}"
+
+
 def _layer_ticks(units: Sequence[tuple[str, int]]) -> tuple[list[float], list[str]]:
     """x ticks: the first site of every layer index (the first integer in the site's name),
     labelled by it; a site without one by the first part of its name after the prefix all sites
     share (``transformer.ln_f`` → ``ln_f``, ``embeddings.LayerNorm`` → ``embeddings``).
-    At most about 14 labelled layers: every k-th beyond."""
+    At most about 14 labelled layers: every k-th beyond (:func:`_index_label` names them)."""
     names = [site for site, _ in units]
     prefix = names[0].split(".")[0] + "." if names else ""
     strip = len(prefix) if len(names) > 1 and all(n.startswith(prefix) for n in names) else 0
@@ -662,9 +692,20 @@ def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
 
     def gap(unit: tuple[str, int], point: str) -> float | None:
         row = rows.get((*unit, point))
-        return None if row is None else row["gap_mean"]
+        if row is None:
+            return None
+        return math.inf if row["gap_mean"] is None and row["singular"] else row["gap_mean"]
 
-    scale, bottom, top = _y_range([g for u in units for p in POINTS if (g := gap(u, p)) is not None])
+    def spread(unit: tuple[str, int], point: str) -> float:
+        row = rows.get((*unit, point))
+        return math.nan if row is None or row["gap_std"] is None else row["gap_std"]
+
+    values = [g for u in units for p in POINTS if (g := gap(u, p)) is not None]
+    bands = [
+        gap(u, p) + k * s for u in units for p in ("pre", "post") for k in (-1, 1) if math.isfinite(s := spread(u, p))
+    ]
+    bands = [b for b in bands if b > 0]
+    scale, bottom, top = _y_range(values + bands)
 
     def y(g: float | None) -> float:
         return math.nan if g is None else top if math.isinf(g) else max(g, bottom)
@@ -681,11 +722,18 @@ def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
         if is_norm:
             ax.axvspan(2 * i - 0.2, 2 * i + 1.2, color="C3", alpha=0.15, lw=0)
         kind = rows[(*unit, "pre")]["kind"]
+        color = {"norm": "C3", "activation": "C0"}.get(kind, "C2")
+        mean, std = [y(pre), y(post)], [spread(unit, "pre"), spread(unit, "post")]
+        if all(math.isfinite(v) for v in mean + std):
+            low = [max(m - s, bottom) for m, s in zip(mean, std)]
+            ax.fill_between(
+                [2 * i, 2 * i + 1], low, [min(m + s, top) for m, s in zip(mean, std)], color=color, alpha=0.2, lw=0
+            )
         draw(
             [2 * i, 2 * i + 1],
             [y(pre), y(post)],
             f"{kind}: input → output",
-            color={"norm": "C3", "activation": "C0"}.get(kind, "C2"),
+            color=color,
             marker="o",
             ms=2,
             lw=1.2,
@@ -728,11 +776,14 @@ def _label_axes(fig: Any, ax: Any, rows: _Rows, units: list[tuple[str, int]], ti
         if len(label.get_text()) > 4:
             label.set_rotation(90)
     ax.tick_params(axis="y", labelsize=6)
-    ax.set_xlabel("layer index (sites in forward order)", fontsize=7)
+    ax.set_xlabel(f"{_index_label([site for site, _ in units])} (sites in forward order)", fontsize=7)
     ax.set_ylabel("isometry gap  −log I", fontsize=7)
     title = textwrap.shorten(title or "isometry gap along depth", 104, placeholder="…")
     ax.set_title(textwrap.fill(title, 52), fontsize=7.5)  # at most two lines over the axes
     handles, names = ax.get_legend_handles_labels()
+    if any(row["gap_std"] for row in rows.values()):
+        handles.append(Patch(color="0.5", alpha=0.2, lw=0))
+        names.append("± 1 std over items and steps")
     if any(rows[(*u, "pre")]["kind"] == "norm" for u in units):
         handles.append(Patch(color="C3", alpha=0.15, lw=0))
         names.append("norm layer (shaded band)")
