@@ -146,7 +146,7 @@ from isoprobe.sites import NormSpec, Site, discover_sites, no_site_message, sele
 from isoprobe.stacks import DECODER, ENCODER, Streams, encoder_decoder
 from isoprobe.windows import WindowLayout, window_layout, windowed
 
-__all__ = ["NormSpec", "Probe", "SingularGramWarning", "Site", "discover_sites", "select_sites"]
+__all__ = ["NormSpec", "Probe", "SingularGramWarning", "Site", "discover_sites", "rank_bounds", "select_sites"]
 
 View = Literal["auto", "token", "sample", "feature"]
 
@@ -1286,3 +1286,22 @@ class Probe:
         """Save the gap-along-depth plot (Joudaki et al. 2023, Fig. C.5 style) of the records as
         an image at ``path`` (format from its suffix; :func:`isoprobe.records.plot_records`)."""
         return _rec.plot_records(self.records, path, title)
+
+
+def rank_bounds(model: nn.Module, inputs: dict[str, Any], sites: str | Sequence[str] | None = None) -> dict[str, int]:
+    """The most tokens a token Gram of each token-view site can have and still be full rank:
+    the narrowest width of its points, one less at a centring norm's ``centered`` and
+    ``normalized`` points (centred items are orthogonal to the ones vector). Keys are site
+    labels (``site@k`` for a module's k-th call). One forward ``model(**inputs)`` under a
+    :class:`Probe` (a two-token input suffices; nothing is kept)."""
+    with torch.no_grad(), warnings.catch_warnings(), Probe(model, sites=sites) as probe:
+        warnings.simplefilter("ignore")
+        model(**inputs)
+    by_name = {site.name: site for site in probe.sites}
+    bounds: dict[str, int] = {}
+    for r in probe.records:
+        if r.view == "token":
+            bound = _centered_dim(by_name[r.site], r.dim) if r.point in ("centered", "normalized") else r.dim
+            label = _rec.site_label(r.site, r.call)
+            bounds[label] = min(bounds.get(label, bound), bound)
+    return bounds

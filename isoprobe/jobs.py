@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,10 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from isoprobe.hooks import Probe
+from isoprobe.hooks import Probe, SingularGramWarning, rank_bounds
 from isoprobe.models import ByteTokenizer, HFTokenizer, LoadedModel, first_line, load_gpt2, load_model, read_texts
 from isoprobe.records import NONFINITE, Record, csv_text, format_table, json_text, plot_records, theorem1_counts, to_csv
+from isoprobe.windows import window_sizes
 
 __all__ = [
     "TextJob",
@@ -68,6 +70,7 @@ class TextJob:
     dtype: str = "float32"
     sites: str | None = None
     stride: int | None = None
+    window: int | None = None
     batch_size: int = 8
     train_mode: bool = False
     gram_dtype: str = "float64"
@@ -177,6 +180,7 @@ def run(job: TextJob, notify: Notify = _stderr) -> TextProbeReport:
         texts,
         sites=sites,
         stride=job.stride,
+        window=job.window,
         batch_size=job.batch_size,
         train_mode=job.train_mode,
         seed=job.seed,
@@ -205,9 +209,11 @@ def _text_table(report: TextProbeReport) -> str:
         f"{t1['checked'] - t1['violations']}/{t1['checked']} checks held"
         if t1["checked"]
         else "nothing decided"
-        if t1["eps_dominated"]
+        if t1["eps_dominated"] or t1["singular"]
         else "nothing to check (no sequence of at least 2 tokens)"
     )
+    if t1["singular"]:
+        footer += f"; {t1['singular']} not checked (singular centred Gram: the bound is 0, true of anything)"
     if t1["eps_dominated"]:
         footer += f"; {t1['eps_dominated']} undecided (eps-dominated: the norm's eps explains the gap above the bound)"
     count = len(report.tokens)
@@ -285,6 +291,7 @@ def probe_texts(
     *,
     sites: str | Sequence[str] | None = None,
     stride: int | None = None,
+    window: int | None = None,
     batch_size: int = 8,
     train_mode: bool = False,
     seed: int = 0,
@@ -297,12 +304,16 @@ def probe_texts(
     ``train_mode`` runs with dropout on (as the paper's GPT-2 notebook did; seeded by
     ``seed``); eval mode is the default. ``progress``: a bar on stderr over the sequences
     (texts, or windows with ``stride``) and batches; ``None``: only when stderr is a terminal.
+    ``window``: token Grams over consecutive windows of at most that many tokens
+    (:mod:`isoprobe.windows`). Sites whose token Grams the texts make singular by construction
+    are named before the texts run (:func:`singular_sites`).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     sequences = encode_texts(loaded.tokenizer, texts, loaded.context, stride, notify)
     model = loaded.model
     model.train(train_mode)
+    _warn_singular(loaded, sites, sequences, window, notify)
     torch.manual_seed(seed)
     batches = range(0, len(sequences), batch_size)
     bar = tqdm(
@@ -315,7 +326,13 @@ def probe_texts(
         disable=not (sys.stderr.isatty() if progress is None else progress),
         desc="probing",
     )
-    with bar, torch.no_grad(), Probe(model, sites=sites, gram_dtype=gram_dtype) as probe:
+    with (
+        bar,
+        torch.no_grad(),
+        warnings.catch_warnings(),
+        Probe(model, sites=sites, gram_dtype=gram_dtype, window=window) as probe,
+    ):
+        warnings.simplefilter("ignore", SingularGramWarning)  # said before the run
         for k, start in enumerate(batches):
             batch = sequences[start : start + batch_size]
             ids, mask = _pad(batch, loaded.tokenizer.pad_id, loaded.device)
@@ -333,6 +350,40 @@ def probe_texts(
             "their records are flagged 'non-finite'"
         )
     return TextProbeReport(loaded.name, [len(s) for s in sequences], records)
+
+
+def singular_sites(loaded: LoadedModel, sites: str | Sequence[str] | None, tokens: int) -> list[tuple[str, int]]:
+    """``(site, rank bound)`` of the sites whose token Grams of ``tokens`` tokens are singular by
+    construction (more tokens than the bound: :func:`isoprobe.hooks.rank_bounds`), found on a
+    two-token forward (cheap: before the texts run)."""
+    ids = torch.full((1, 2), loaded.tokenizer.pad_id, dtype=torch.long, device=loaded.device)
+    bounds = rank_bounds(loaded.model, {"input_ids": ids}, sites)
+    return [(site, bound) for site, bound in bounds.items() if tokens > bound]
+
+
+def _warn_singular(
+    loaded: LoadedModel,
+    sites: str | Sequence[str] | None,
+    sequences: list[list[int]],
+    window: int | None,
+    notify: Notify,
+) -> None:
+    """Name the sites whose token Grams the longest sequence (or window) makes singular by
+    construction, and the ``--window`` that fits them, before any text runs."""
+    tokens = max(max(window_sizes(len(s), window or len(s) or 1)) for s in sequences)
+    short = singular_sites(loaded, sites, tokens)
+    if not short:
+        return
+    fit = min(bound for _, bound in short)
+    listed = ", ".join(f"{site} ({bound})" for site, bound in short[:3]) + (
+        f" and {len(short) - 3} more" if len(short) > 3 else ""
+    )
+    notify(
+        f"warning: Grams of {tokens} tokens{' (--window)' if window else ''} are singular by construction at "
+        f"{len(short)} site{'s' * (len(short) != 1)}, whose token Grams have rank at most (in parentheses: the width, "
+        f"one less after a norm's centring) {listed}: gap inf, no Theorem 1 check. --window {fit} measures "
+        f"Grams over consecutive windows of at most {fit} tokens instead"
+    )
 
 
 def _pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

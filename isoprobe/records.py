@@ -332,12 +332,24 @@ def summarize(records: Iterable[Record]) -> Summary:
 
 
 def theorem1_counts(records: Iterable[Record]) -> dict[str, int]:
-    """``{"checked": k, "violations": v, "eps_dominated": u}``: ``k`` decided Theorem 1 checks,
-    ``v`` of them failed, and ``u`` undecided because the norm's eps decides them (:data:`EPS_DOMINATED`)."""
+    """``{"checked": k, "violations": v, "eps_dominated": u, "singular": s}``: ``k`` decided
+    Theorem 1 checks, ``v`` of them failed, ``u`` undecided because the norm's eps decides them
+    (:data:`EPS_DOMINATED`), and ``s`` normalized records with no check because their centred Gram
+    is singular (the bound is 0, true of anything; :data:`SINGULAR` where by construction)."""
     records = list(records)
     checks = [r.theorem1_holds for r in records if r.theorem1_holds is not None]
     dominated = sum(1 for r in records if r.flag == EPS_DOMINATED)
-    return {"checked": len(checks), "violations": sum(1 for c in checks if not c), "eps_dominated": dominated}
+    singular = sum(
+        1
+        for r in records
+        if r.point == "normalized" and r.norm_factor is not None and r.theorem1_bound is None and r.flag != NONFINITE
+    )
+    return {
+        "checked": len(checks),
+        "violations": sum(1 for c in checks if not c),
+        "eps_dominated": dominated,
+        "singular": singular,
+    }
 
 
 def csv_text(records: Iterable[Record]) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["WindowLayout", "window_layout", "windowed"]
+__all__ = ["WindowLayout", "window_layout", "window_sizes", "windowed"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,12 @@ def _bounds(n: int, size: int) -> list[int]:
     """Start of each of the ``k = max(1, ceil(n / size))`` windows of ``n`` tokens, then ``n``."""
     k = max(1, -(-n // size))
     return [-(-j * n // k) for j in range(k)] + [n]
+
+
+def window_sizes(n: int, size: int) -> list[int]:
+    """The sizes of the windows of at most ``size`` tokens of a sequence of ``n`` tokens."""
+    bounds = _bounds(n, size)
+    return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
 def window_layout(mask: torch.Tensor | None, batch: int, seq: int, size: int, device: torch.device) -> WindowLayout:
