@@ -13,6 +13,30 @@ however many steps are probed; ``probe.summary()`` then gives those running summ
 :func:`isoprobe.records.read_records` reads the file back. Without a sink, ``pop_records()`` in
 the loop hands the new records over and keeps the Probe's own list empty.
 
+**Training steps.** Every record carries the ``step`` of its forward and the model's ``mode``
+(``"train"``/``"eval"``). By default ``step`` is the number of training-mode forwards before
+this one, and ``every`` counts those: training forwards ``0, every, 2·every, ...`` are recorded.
+An eval-mode forward *after* the first training-mode one neither counts nor is recorded, unless
+``probe_eval=True``: then every such forward is recorded at the current step (the training steps
+done so far) with ``mode="eval"``, so evaluation between training steps neither shifts the
+steps nor is probed by accident. A model only ever run in eval mode (inference) counts each
+forward as a step, so ``every`` samples its forwards; its first training-mode forward then
+starts the count again at step 0 (eval forwards before it, e.g. an evaluation at
+initialisation, keep their own steps and ``mode="eval"``). ``step=`` a function (e.g.
+``lambda: trainer.state.global_step``: :class:`isoprobe.integrations.ProbeCallback` does this)
+replaces the count: ``every`` then applies to its value and every training forward of a
+recorded step is recorded (with gradient accumulation, several per step); ``probe.step = k``
+resumes the default count at ``k``. :func:`isoprobe.records.plot_steps` draws the gap against
+the step.
+
+**Tokens per Gram.** ``Probe(model, window=N)``: token Grams over consecutive windows of at
+most ``N`` real tokens of each sequence (:mod:`isoprobe.windows`: equal windows, none shorter
+than ``N/2`` for a sequence longer than ``N``; records keep the sequence's ``item`` and add the
+``window`` index). A Gram of more tokens than its items' rank (the width; one less at a
+centring norm's ``centered`` and ``normalized`` points) is singular by construction: its
+records are flagged (:data:`isoprobe.records.SINGULAR`), get no Theorem 1 check, and the Probe
+warns once (:class:`SingularGramWarning`) naming the sites and the ``window`` that fits.
+
 **Sites** (:mod:`isoprobe.sites`) are found without changing the model: norms and activations
 by what the modules do (torch's norm and activation classes, modules declaring an
 ``isoprobe_site`` attribute as isoprobe's own networks do, and any other module that behaves as
@@ -124,7 +148,7 @@ import functools
 import inspect
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -734,7 +758,7 @@ def _by_construction(f: _Finished, point: str, n: int) -> bool:
     return n > (_centered_dim(f.site, f.dim) if point in ("centered", "normalized") else f.dim)
 
 
-def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
+def _records(f: _Finished, table: list[list[float]], mode: str | None = None) -> list[Record]:
     out = []
     ns = table[0]
     groups = f.groups or [(i, None) for i in range(len(ns))]
@@ -750,6 +774,7 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
                 view=f.view,
                 item=groups[i][0] if f.token_items else None,
                 window=groups[i][1],
+                mode=mode,
                 step=f.step,
                 call=f.call,
                 n=n,
@@ -853,7 +878,8 @@ class Probe:
     model: the model; nothing in it is changed (hooks are added on enter, removed on exit).
     sites: ``None`` (all), ``"norm"``, ``"activation"``, a glob on site names, or a list of these.
     view: ``"auto"``, ``"token"``, ``"sample"`` or ``"feature"`` (module docstring).
-    every: record every ``every``-th forward call of ``model`` (calls 0, every, 2·every, ...).
+    every: record every ``every``-th training step (steps 0, every, 2·every, ...; "Training
+        steps" above: the forwards of a model only run in eval mode, else its training forwards).
     attention_mask: ``(batch, seq)`` mask (1 = real token) used for the token view instead of
         the one the model's forward receives (in an encoder-decoder model: the encoder's; its
         decoder sites take the ``decoder_attention_mask`` the forward receives, if any).
@@ -872,6 +898,12 @@ class Probe:
         :class:`~isoprobe.records.RecordSink`; every record is written there as it is made and
         only per-(site, call, point) running summaries stay in memory (``summary()``), while
         ``records``/``pop_records()``/``probe[key]`` refuse (the records are in the file).
+    window: token view: Grams over consecutive windows of at most ``window`` tokens (at least
+        2) instead of whole sequences ("Tokens per Gram" above); ``None``: whole sequences.
+    step: a function giving the current training step (``lambda: trainer.state.global_step``),
+        which replaces the Probe's own count of training forwards ("Training steps" above).
+    probe_eval: record eval-mode forwards made after the first training-mode one too (at the
+        current step, ``mode="eval"``); by default they are not recorded.
     sink_mode: what a ``sink`` path that exists and is not empty gets: ``"new"`` (default) a
         ``FileExistsError`` naming it, ``"append"`` the new records after the old ones,
         ``"overwrite"`` a fresh file.
@@ -899,6 +931,8 @@ class Probe:
         sink: str | Path | RecordSink | None = None,
         sink_mode: str = "new",
         window: int | None = None,
+        step: Callable[[], int] | None = None,
+        probe_eval: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -926,6 +960,10 @@ class Probe:
         self.gather = gather
         self.equal_batches = equal_batches
         self.window = window
+        self.probe_eval = probe_eval
+        if step is not None and not callable(step):
+            raise TypeError(f"step must be a function giving the current training step (or None), got {step!r}")
+        self._step_fn = step
         self._tol = math.sqrt(torch.finfo(gram_dtype).eps)
         self._forward_sig = _mask_signature(model)
         stacks = encoder_decoder(model)
@@ -937,8 +975,11 @@ class Probe:
         self._running = RunningSummary()
         self._pending: list[_Pending | _Finished] = []
         self._pending_bytes = 0
-        self._calls = 0
-        self._step = 0
+        self._calls = 0  # training steps counted (forwards, before the first training-mode one)
+        self._step = 0  # the step of the current (or last) forward
+        self._mode = "eval"  # and its mode
+        self._trained = False  # has a training-mode forward run?
+        self._step_set = False  # has the user set probe.step?
         self._recording = False
         self._masks: dict[str | None, torch.Tensor | None] = {}  # stream -> its mask (None: a single stack)
         self._masks_by_device: dict[tuple[str | None, torch.device], torch.Tensor] = {}
@@ -995,9 +1036,7 @@ class Probe:
 
     # -- hooks
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._step = self._calls
-        self._calls += 1
-        self._recording = self._step % self.every == 0
+        self._count_step(bool(self.model.training))
         self._site_calls = {}
         self._masks_by_device = {}
         self._layouts = {}
@@ -1008,6 +1047,34 @@ class Probe:
             return
         self._masks = {ENCODER: mask, DECODER: _as_mask(passed.get("decoder_attention_mask"))}
         self._streams.start(passed.get("encoder_outputs"))
+
+    def _count_step(self, training: bool) -> None:
+        """This forward's step and mode, and whether it is recorded ("Training steps" above)."""
+        if training and not self._trained and not self._step_set:
+            self._calls = 0  # eval forwards before training were inference: training starts at step 0
+        self._trained = self._trained or training
+        counted = training or not self._trained
+        self._step = int(self._step_fn()) if self._step_fn is not None else self._calls
+        self._mode = "train" if training else "eval"
+        self._recording = self._step % self.every == 0 if counted else self.probe_eval
+        if counted and self._step_fn is None:
+            self._calls += 1
+
+    @property
+    def step(self) -> int:
+        """The training step the next training-mode forward is recorded at (module docstring,
+        "Training steps"); set it to resume a count, e.g. ``probe.step = 1000``. With a ``step``
+        function given to the Probe, that function's value (and setting it is an error)."""
+        return int(self._step_fn()) if self._step_fn is not None else self._calls
+
+    @step.setter
+    def step(self, value: int) -> None:
+        if self._step_fn is not None:
+            raise AttributeError("this Probe takes its step from the step function it was given; set that instead")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"step must be a non-negative integer, got {value!r}")
+        self._calls = value
+        self._step_set = True
 
     def _passed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The forward's arguments by name: its keywords, and its positional arguments where its
@@ -1201,7 +1268,7 @@ class Probe:
         if not finished:
             return
         for f, table in zip(finished, _to_host([f.table for f in finished])):
-            self._store(_records(f, table))
+            self._store(_records(f, table, self._mode))
 
     def _store(self, records: list[Record]) -> None:
         """Keep ``records``, or (with a sink) write them out and fold them into running summaries."""
@@ -1286,6 +1353,11 @@ class Probe:
         """Save the gap-along-depth plot (Joudaki et al. 2023, Fig. C.5 style) of the records as
         an image at ``path`` (format from its suffix; :func:`isoprobe.records.plot_records`)."""
         return _rec.plot_records(self.records, path, title)
+
+    def plot_steps(self, path: str | Path, title: str | None = None, mode: str | None = "train") -> Path:
+        """Save the gap against training step, one axis per point, one line per site coloured by
+        depth (:func:`isoprobe.records.plot_steps`; ``mode``: which forwards, ``None`` all)."""
+        return _rec.plot_steps(self.records, path, title, mode)
 
 
 def rank_bounds(model: nn.Module, inputs: dict[str, Any], sites: str | Sequence[str] | None = None) -> dict[str, int]:

@@ -43,10 +43,12 @@ __all__ = [
     "format_table",
     "json_text",
     "plot_records",
+    "plot_steps",
     "read_json",
     "read_records",
     "record_key",
     "site_label",
+    "step_curves",
     "summarize",
     "theorem1_counts",
     "to_csv",
@@ -74,7 +76,10 @@ class Record:
     ``sqrt(var + eps)`` with the module's own eps, before the affine part; norms only) or
     ``"post"`` (module output); ``view``: ``"token"``, ``"sample"`` or
     ``"feature"``; ``item``: sequence index in the batch for the token view, else ``None``;
-    ``step``: forward-call counter of the probed model; ``call``: 0, 1, ... for the k-th call of
+    ``step``: the training step of the forward (:class:`~isoprobe.hooks.Probe`: by default the
+    number of training-mode forwards before it; each forward of a model only run in eval mode;
+    a ``Trainer``'s global step under ``ProbeCallback``); ``mode``: ``"train"`` or ``"eval"``, the
+    model's mode in that forward (``None`` in files written before it was recorded); ``call``: 0, 1, ... for the k-th call of
     the site's module within that forward (a module applied twice, e.g. one activation module
     shared by two layers); ``n``: items in the Gram; ``dim``: entries per item.
 
@@ -121,6 +126,7 @@ class Record:
     gap_error: float | None = None
     call: int = 0
     window: int | None = None
+    mode: str | None = None
 
     @property
     def key(self) -> str:
@@ -800,3 +806,68 @@ def _label_axes(fig: Any, ax: Any, rows: _Rows, units: list[tuple[str, int]], ti
         handles.append(Patch(color="C3", alpha=0.15, lw=0))
         names.append("norm layer (shaded band)")
     fig.legend(handles, names, loc="outside lower center", ncol=2, fontsize=6, frameon=False)
+
+
+# ---------------------------------------------------------------- the gap against training step
+
+
+def step_curves(records: Iterable[Record], mode: str | None = "train") -> dict[tuple[str, int, str], dict[int, float]]:
+    """``{(site, call, point): {step: mean gap}}`` over the finite gaps of each step's records
+    (items, windows), in forward order; only records of ``mode`` (``"train"``, ``"eval"``; ``None``:
+    all; records without a mode, from older files, always count). A step whose Grams are all
+    singular has no value."""
+    sums: dict[tuple[str, int, str], dict[int, list[float]]] = {}
+    for r in records:
+        if mode is not None and r.mode not in (None, mode):
+            continue
+        steps = sums.setdefault((r.site, r.call, r.point), {})
+        if r.isometry_gap is not None and math.isfinite(r.isometry_gap):
+            acc = steps.setdefault(r.step, [0.0, 0])
+            acc[0] += r.isometry_gap
+            acc[1] += 1
+    return {key: {s: total / k for s, (total, k) in sorted(steps.items())} for key, steps in sums.items()}
+
+
+def plot_steps(
+    records: Iterable[Record], path: str | Path, title: str | None = None, mode: str | None = "train"
+) -> Path:
+    """Isometry gap against training step (``Record.step``), one axis per point (``pre``, a
+    norm's ``normalized``, ``post``), one line per site coloured by its depth (dark: first site,
+    yellow: last; the colour bar names them). y: mean gap ``−log I`` over the step's items,
+    shared by the axes (log scale when it spans more than a factor 20). ``mode``: the forwards
+    drawn (:func:`step_curves`). Drawn on a bare matplotlib ``Figure``, 300 dpi."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    curves = step_curves(records, mode)
+    units = list(dict.fromkeys((site, call) for site, call, _ in curves))
+    points = [p for p in ("pre", "normalized", "post") if any(key[2] == p for key in curves)]
+    values = [g for c in curves.values() for g in c.values()]
+    if not values:
+        raise ValueError(f"no finite gap to plot{f' in {mode}-mode forwards' if mode else ''}")
+    fig = Figure(figsize=(2.3 * len(points) + 0.9, 2.6), layout="constrained")
+    axes = fig.subplots(1, len(points), sharey=True, squeeze=False)[0]
+    scale, bottom, top = _y_range(values)
+    cmap, norm = colormaps["viridis"], Normalize(0, max(len(units) - 1, 1))
+    for ax, point in zip(axes, points):
+        for i, unit in enumerate(units):
+            curve = curves.get((*unit, point))
+            if curve:
+                ax.plot(list(curve), list(curve.values()), color=cmap(norm(i)), lw=1, marker="o", ms=1.5)
+        ax.set_title(point if point != "normalized" else "normalized (norms)", fontsize=7)
+        ax.set_xlabel("training step", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.set_yscale(scale)
+        ax.set_ylim(bottom, top)
+    axes[0].set_ylabel("isometry gap  −log I", fontsize=7)
+    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=list(axes), pad=0.01, aspect=30)
+    names = [site_label(site, call) for site, call in units]
+    ticks = sorted({round(k * (len(units) - 1) / 5) for k in range(6)}) if len(units) > 6 else range(len(units))
+    bar.set_ticks(list(ticks), labels=[textwrap.shorten(names[t], 28, placeholder="…") for t in ticks], fontsize=5)
+    bar.set_label("site, in forward order", fontsize=6)
+    fig.suptitle(textwrap.shorten(title or "isometry gap against training step", 90, placeholder="…"), fontsize=7.5)
+    path = Path(path)
+    fig.savefig(path, dpi=300)
+    return path
