@@ -31,7 +31,17 @@ from tqdm import tqdm
 
 from isoprobe.hooks import Probe, SingularGramWarning, rank_bounds
 from isoprobe.models import ByteTokenizer, HFTokenizer, LoadedModel, first_line, load_gpt2, load_model, read_texts
-from isoprobe.records import NONFINITE, Record, csv_text, format_table, json_text, plot_records, theorem1_counts, to_csv
+from isoprobe.records import (
+    NONFINITE,
+    Record,
+    csv_text,
+    format_table,
+    json_text,
+    plot_records,
+    theorem1_counts,
+    theorem1_unchecked,
+    to_csv,
+)
 from isoprobe.windows import window_sizes
 
 __all__ = [
@@ -204,16 +214,16 @@ def _hub_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def _text_table(report: TextProbeReport) -> str:
-    t1 = report.theorem1
+    t1, unchecked = report.theorem1, theorem1_unchecked(report.records)
     footer = "Theorem 1 (I(normalized) >= I(centered) * norm-variation factor): " + (
         f"{t1['checked'] - t1['violations']}/{t1['checked']} checks held"
         if t1["checked"]
         else "nothing decided"
-        if t1["eps_dominated"] or t1["singular"]
+        if t1["eps_dominated"] or unchecked
         else "nothing to check (no sequence of at least 2 tokens)"
     )
-    if t1["singular"]:
-        footer += f"; {t1['singular']} not checked (singular centred Gram: the bound is 0, true of anything)"
+    if unchecked:
+        footer += f"; {unchecked} not checked (singular centred Gram: the bound is 0, true of anything)"
     if t1["eps_dominated"]:
         footer += f"; {t1['eps_dominated']} undecided (eps-dominated: the norm's eps explains the gap above the bound)"
     count = len(report.tokens)

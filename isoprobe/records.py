@@ -51,6 +51,7 @@ __all__ = [
     "step_curves",
     "summarize",
     "theorem1_counts",
+    "theorem1_unchecked",
     "to_csv",
     "to_json",
 ]
@@ -338,24 +339,23 @@ def summarize(records: Iterable[Record]) -> Summary:
 
 
 def theorem1_counts(records: Iterable[Record]) -> dict[str, int]:
-    """``{"checked": k, "violations": v, "eps_dominated": u, "singular": s}``: ``k`` decided
-    Theorem 1 checks, ``v`` of them failed, ``u`` undecided because the norm's eps decides them
-    (:data:`EPS_DOMINATED`), and ``s`` normalized records with no check because their centred Gram
-    is singular (the bound is 0, true of anything; :data:`SINGULAR` where by construction)."""
+    """``{"checked": k, "violations": v, "eps_dominated": u}``: ``k`` decided Theorem 1 checks,
+    ``v`` of them failed, and ``u`` undecided because the norm's eps decides them (:data:`EPS_DOMINATED`)."""
     records = list(records)
     checks = [r.theorem1_holds for r in records if r.theorem1_holds is not None]
     dominated = sum(1 for r in records if r.flag == EPS_DOMINATED)
-    singular = sum(
+    return {"checked": len(checks), "violations": sum(1 for c in checks if not c), "eps_dominated": dominated}
+
+
+def theorem1_unchecked(records: Iterable[Record]) -> int:
+    """The ``normalized`` records of norms with no Theorem 1 check because their centred Gram is
+    singular (the bound ``I(centered) · factor`` is 0, true of anything; by construction where
+    there are more items than entries, :data:`SINGULAR`)."""
+    return sum(
         1
         for r in records
         if r.point == "normalized" and r.norm_factor is not None and r.theorem1_bound is None and r.flag != NONFINITE
     )
-    return {
-        "checked": len(checks),
-        "violations": sum(1 for c in checks if not c),
-        "eps_dominated": dominated,
-        "singular": singular,
-    }
 
 
 def csv_text(records: Iterable[Record]) -> str:

@@ -79,7 +79,7 @@ def test_summarize_means_and_flags():
     act = rows[("b.act", "pre")]
     assert act["gap_mean"] is None and act["gap_std"] is None  # no finite gap
     assert (act["count"], act["singular"], act["nonfinite"], act["isometry_mean"]) == (2, 1, 1, 0.0)
-    assert theorem1_counts(sample_records()) == {"checked": 2, "violations": 1, "eps_dominated": 0, "singular": 0}
+    assert theorem1_counts(sample_records()) == {"checked": 2, "violations": 1, "eps_dominated": 0}
 
 
 def test_csv_rows():

@@ -121,7 +121,7 @@ def test_summary_csv_json_and_sink_keep_eps_dominated_records(tmp_path, gram_dty
     records = probe.records
     normalized = [r for r in records if r.point == "normalized"]
     assert [(r.theorem1_holds, r.flag) for r in normalized] == [(None, EPS_DOMINATED)] * 2
-    assert theorem1_counts(records) == {"checked": 0, "violations": 0, "eps_dominated": 2, "singular": 0}
+    assert theorem1_counts(records) == {"checked": 0, "violations": 0, "eps_dominated": 2}
     row = next(r for r in summarize(records) if r["point"] == "normalized")
     assert (row["theorem1_checked"], row["eps_dominated"], row["count"]) == (0, 2, 2)
     assert row["gap_mean"] == pytest.approx(np.mean([r.isometry_gap for r in normalized]), rel=1e-12)
