@@ -870,6 +870,28 @@ def _check_sites_argument(sites: object) -> None:
         raise TypeError(f"sites must be {_SITES_ACCEPTS}; the list holds {type(bad[0]).__name__} {bad[0]!r}")
 
 
+def _check_options(model: object, view: object, every: object, gram_dtype: object, attention_mask: Any) -> None:
+    """The Probe's arguments, each a ``TypeError``/``ValueError`` saying what it accepts."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if view not in _VIEWS:
+        raise ValueError(f"view must be one of {', '.join(_VIEWS)}; got {view!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive integer, got {every!r}")
+    if gram_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
+    if attention_mask is not None and attention_mask.ndim != 2:
+        raise ValueError(f"attention_mask must be shaped (batch, seq), got {tuple(attention_mask.shape)}")
+
+
+def _check_training_options(window: object, step: object) -> None:
+    """``window``: None or an integer of at least 2 tokens; ``step``: None or a function."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 2):
+        raise ValueError(f"window must be an integer number of tokens, at least 2, or None; got {window!r}")
+    if step is not None and not callable(step):
+        raise TypeError(f"step must be a function giving the current training step (or None), got {step!r}")
+
+
 class Probe:
     """Measure the isometry of a model's representations at its norm and activation sites.
 
@@ -934,18 +956,8 @@ class Probe:
         step: Callable[[], int] | None = None,
         probe_eval: bool = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if view not in _VIEWS:
-            raise ValueError(f"view must be one of {', '.join(_VIEWS)}; got {view!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 2):
-            raise ValueError(f"window must be an integer number of tokens, at least 2, or None; got {window!r}")
-        if gram_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
-        if attention_mask is not None and attention_mask.ndim != 2:
-            raise ValueError(f"attention_mask must be shaped (batch, seq), got {tuple(attention_mask.shape)}")
+        _check_options(model, view, every, gram_dtype, attention_mask)
+        _check_training_options(window, step)
         _check_sites_argument(sites)
         model = eager_module(model)
         found = discover_sites(model)
@@ -961,8 +973,6 @@ class Probe:
         self.equal_batches = equal_batches
         self.window = window
         self.probe_eval = probe_eval
-        if step is not None and not callable(step):
-            raise TypeError(f"step must be a function giving the current training step (or None), got {step!r}")
         self._step_fn = step
         self._tol = math.sqrt(torch.finfo(gram_dtype).eps)
         self._forward_sig = _mask_signature(model)

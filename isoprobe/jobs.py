@@ -314,10 +314,8 @@ def probe_texts(
     ``train_mode`` runs with dropout on (as the paper's GPT-2 notebook did; seeded by
     ``seed``); eval mode is the default. ``progress``: a bar on stderr over the sequences
     (texts, or windows with ``stride``) and batches; ``None``: only when stderr is a terminal.
-    ``window``: token Grams over consecutive windows of at most that many tokens
-    (:mod:`isoprobe.windows`). Sites whose token Grams the texts make singular by construction
-    are named before the texts run (:func:`singular_sites`).
-    """
+    ``window``: Grams over windows of at most that many tokens (:mod:`isoprobe.windows`); sites
+    the texts make singular by construction are named before they run (:func:`singular_sites`)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     sequences = encode_texts(loaded.tokenizer, texts, loaded.context, stride, notify)
@@ -336,12 +334,8 @@ def probe_texts(
         disable=not (sys.stderr.isatty() if progress is None else progress),
         desc="probing",
     )
-    with (
-        bar,
-        torch.no_grad(),
-        warnings.catch_warnings(),
-        Probe(model, sites=sites, gram_dtype=gram_dtype, window=window) as probe,
-    ):
+    probe = Probe(model, sites=sites, gram_dtype=gram_dtype, window=window)
+    with bar, torch.no_grad(), warnings.catch_warnings(), probe:
         warnings.simplefilter("ignore", SingularGramWarning)  # said before the run
         for k, start in enumerate(batches):
             batch = sequences[start : start + batch_size]

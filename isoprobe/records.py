@@ -705,25 +705,35 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str | None 
 _Rows = dict[tuple[str, int, str], dict[str, Any]]
 
 
+def _row_gap(row: dict[str, Any] | None) -> float | None:
+    """The mean gap a summary row plots: ``+inf`` where every Gram was singular."""
+    if row is None:
+        return None
+    return math.inf if row["gap_mean"] is None and row["singular"] else row["gap_mean"]
+
+
+def _row_spread(row: dict[str, Any] | None) -> float:
+    return math.nan if row is None or row["gap_std"] is None else row["gap_std"]
+
+
+def _depth_y_range(rows: _Rows, units: list[tuple[str, int]]) -> tuple[str, float, float]:
+    """:func:`_y_range` of the plotted means and of their ± 1 std bands."""
+    values = [g for u in units for p in POINTS if (g := _row_gap(rows.get((*u, p)))) is not None]
+    for u in units:
+        for p in ("pre", "post"):
+            g, s = _row_gap(rows.get((*u, p))), _row_spread(rows.get((*u, p)))
+            if g is not None and math.isfinite(s):
+                values += [v for v in (g - s, g + s) if v > 0]
+    return _y_range(values)
+
+
 def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
     """The curve of :func:`plot_records`: segments, bands, markers, and the y axis."""
 
     def gap(unit: tuple[str, int], point: str) -> float | None:
-        row = rows.get((*unit, point))
-        if row is None:
-            return None
-        return math.inf if row["gap_mean"] is None and row["singular"] else row["gap_mean"]
+        return _row_gap(rows.get((*unit, point)))
 
-    def spread(unit: tuple[str, int], point: str) -> float:
-        row = rows.get((*unit, point))
-        return math.nan if row is None or row["gap_std"] is None else row["gap_std"]
-
-    values = [g for u in units for p in POINTS if (g := gap(u, p)) is not None]
-    bands = [
-        gap(u, p) + k * s for u in units for p in ("pre", "post") for k in (-1, 1) if math.isfinite(s := spread(u, p))
-    ]
-    bands = [b for b in bands if b > 0]
-    scale, bottom, top = _y_range(values + bands)
+    scale, bottom, top = _depth_y_range(rows, units)
 
     def y(g: float | None) -> float:
         return math.nan if g is None else top if math.isinf(g) else max(g, bottom)
@@ -741,12 +751,8 @@ def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
             ax.axvspan(2 * i - 0.2, 2 * i + 1.2, color="C3", alpha=0.15, lw=0)
         kind = rows[(*unit, "pre")]["kind"]
         color = {"norm": "C3", "activation": "C0"}.get(kind, "C2")
-        mean, std = [y(pre), y(post)], [spread(unit, "pre"), spread(unit, "post")]
-        if all(math.isfinite(v) for v in mean + std):
-            low = [max(m - s, bottom) for m, s in zip(mean, std)]
-            ax.fill_between(
-                [2 * i, 2 * i + 1], low, [min(m + s, top) for m, s in zip(mean, std)], color=color, alpha=0.2, lw=0
-            )
+        std = [_row_spread(rows.get((*unit, p))) for p in ("pre", "post")]
+        _band(ax, 2 * i, [y(pre), y(post)], std, (bottom, top), color)
         draw(
             [2 * i, 2 * i + 1],
             [y(pre), y(post)],
@@ -781,6 +787,14 @@ def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
             draw(singular, [top] * len(singular), "singular Gram (gap = ∞)", color="k", marker="^", ms=3, ls="none")
     ax.set_yscale(scale)
     ax.set_ylim(bottom, top)
+
+
+def _band(ax: Any, x: int, mean: list[float], std: list[float], limits: tuple[float, float], color: str) -> None:
+    """The ± 1 std band of a site from its input (at ``x``) to its output (``x + 1``), inside the axis limits."""
+    if all(math.isfinite(v) for v in mean + std):
+        low = [max(m - s, limits[0]) for m, s in zip(mean, std)]
+        high = [min(m + s, limits[1]) for m, s in zip(mean, std)]
+        ax.fill_between([x, x + 1], low, high, color=color, alpha=0.2, lw=0)
 
 
 def _label_axes(fig: Any, ax: Any, rows: _Rows, units: list[tuple[str, int]], title: str | None) -> None:
