@@ -1099,7 +1099,7 @@ class Probe:
         if self._recording and self.sites and not self._site_calls:
             self._warn_once(
                 "no-site",
-                f"no site of this Probe ran in forward {self._step}, so it has no records. Either the "
+                f"no site of this Probe ran in the forward at step {self._step}, so it has no records. Either the "
                 "selected modules do not run inside the model's forward (generate() runs an encoder-decoder's "
                 "encoder outside it: probe the encoder itself), or the model is compiled and runs code that "
                 "torch.compile traced without this Probe's hooks (dynamo does not trace again when hooks are "

@@ -361,7 +361,10 @@ def singular_sites(loaded: LoadedModel, sites: str | Sequence[str] | None, token
     construction (more tokens than the bound: :func:`isoprobe.hooks.rank_bounds`), found on a
     two-token forward (cheap: before the texts run)."""
     ids = torch.full((1, 2), loaded.tokenizer.pad_id, dtype=torch.long, device=loaded.device)
-    bounds = rank_bounds(loaded.model, {"input_ids": ids}, sites)
+    try:
+        bounds = rank_bounds(loaded.model, {"input_ids": ids}, sites)
+    except Exception:  # a forward that fails fails again on the texts, where it is reported
+        return []
     return [(site, bound) for site, bound in bounds.items() if tokens > bound]
 
 

@@ -5,8 +5,9 @@ A :class:`Record` is one isometry measurement: one Gram matrix ``G = X Xᵀ`` of
 *site* (a module of the model) for one *item group* (a sequence in the token view, the whole batch
 in the sample and feature views) at one forward call (*step*). Everything here reads plain lists of
 records: a :class:`Summary` (a table object, also kept as a :class:`RunningSummary` in bounded
-memory), a text table, CSV, JSON, a streaming :class:`RecordSink` and a plot in the style of
-Joudaki et al. 2023, Fig. C.5 (isometry gap along depth, before and after every LayerNorm). No
+memory), a text table, CSV, JSON, a streaming :class:`RecordSink`, a plot in the style of
+Joudaki et al. 2023, Fig. C.5 (isometry gap along depth, before and after every LayerNorm) and
+one of the gap against training step (:func:`plot_steps`). No
 torch in this module.
 
 JSON encodes ``+inf`` (the gap of a singular Gram) as the string ``"inf"`` so that the file stays
