@@ -90,3 +90,26 @@ def test_without_window_long_sequences_are_singular_and_warned_once_naming_the_w
 def test_window_must_be_a_number_of_tokens(bad):
     with pytest.raises(ValueError, match="window must be an integer number of tokens, at least 2"):
         Probe(tokenwise_model(), window=bad)
+
+
+@pytest.mark.parametrize("path", ["deferred", "float32"])
+def test_windows_survive_the_deferred_and_float32_paths(monkeypatch, path):
+    """Off the CPU, statistics finish at the forward's end; float32 Grams may be redone in float64."""
+    model = tokenwise_model().float()
+    x = torch.randn(2, 30, 24, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[0, 25:] = 0
+    with torch.no_grad(), Probe(model, attention_mask=mask, window=12) as probe:
+        model(x)
+    reference = {(r.key, r.item, r.window): r.isometry_gap for r in probe.records}
+    options = {}
+    if path == "deferred":
+        monkeypatch.setattr("isoprobe.hooks._defer", lambda device: True)
+    else:
+        options["gram_dtype"] = torch.float32
+    with torch.no_grad(), Probe(model, attention_mask=mask, window=12, **options) as probe:
+        model(x)
+    got = {(r.key, r.item, r.window): r.isometry_gap for r in probe.records}
+    assert got.keys() == reference.keys() and len(got) == 6 * 6  # windows of 9+8+8 and 10+10+10 tokens
+    for key, gap in reference.items():
+        assert got[key] == pytest.approx(gap, rel=1e-9 if path == "deferred" else 1e-3), key
