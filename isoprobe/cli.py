@@ -309,6 +309,14 @@ def _text_probe_options(command):
             help="Probe texts longer than the context in windows starting every STRIDE "
             "tokens (default: truncate, with a warning).",
         ),
+        click.option(
+            "--window",
+            type=click.IntRange(min=2),
+            default=None,
+            help="Token Grams over consecutive windows of at most WINDOW tokens (each sequence cut into "
+            "equal windows; default: one Gram per sequence). Use it when texts have more tokens than a "
+            "site's width, which makes its Grams singular by construction.",
+        ),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
         click.option(
             "--gram-dtype",

@@ -253,7 +253,11 @@ def run_corpus(job: TextJob, notify: Notify = _stderr) -> CorpusResult | None:
         disable=rank != 0 or job.quiet or not sys.stderr.isatty(),
         desc=f"probing (rank 0 of {world})",
     )
-    with bar, torch.no_grad(), Probe(loaded.model.eval(), sites=sites, gram_dtype=gram_dtype) as probe:
+    with (
+        bar,
+        torch.no_grad(),
+        Probe(loaded.model.eval(), sites=sites, gram_dtype=gram_dtype, calls=job.calls, window=job.window) as probe,
+    ):
         for k in mine:
             digest = _digest(batches[k])
             got = parts.load(k, digest) if parts is not None else None

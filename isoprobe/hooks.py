@@ -13,6 +13,30 @@ however many steps are probed; ``probe.summary()`` then gives those running summ
 :func:`isoprobe.records.read_records` reads the file back. Without a sink, ``pop_records()`` in
 the loop hands the new records over and keeps the Probe's own list empty.
 
+**Training steps.** Every record carries the ``step`` of its forward and the model's ``mode``
+(``"train"``/``"eval"``). By default ``step`` is the number of training-mode forwards before
+this one, and ``every`` counts those: training forwards ``0, every, 2·every, ...`` are recorded.
+An eval-mode forward *after* the first training-mode one neither counts nor is recorded, unless
+``probe_eval=True``: then every such forward is recorded at the current step (the training steps
+done so far) with ``mode="eval"``, so evaluation between training steps neither shifts the
+steps nor is probed by accident. A model only ever run in eval mode (inference) counts each
+forward as a step, so ``every`` samples its forwards; its first training-mode forward then
+starts the count again at step 0 (eval forwards before it, e.g. an evaluation at
+initialisation, keep their own steps and ``mode="eval"``). ``step=`` a function (e.g.
+``lambda: trainer.state.global_step``: :class:`isoprobe.integrations.ProbeCallback` does this)
+replaces the count: ``every`` then applies to its value and every training forward of a
+recorded step is recorded (with gradient accumulation, several per step); ``probe.step = k``
+resumes the default count at ``k``. :func:`isoprobe.records.plot_steps` draws the gap against
+the step.
+
+**Tokens per Gram.** ``Probe(model, window=N)``: token Grams over consecutive windows of at
+most ``N`` real tokens of each sequence (:mod:`isoprobe.windows`: equal windows, none shorter
+than ``N/2`` for a sequence longer than ``N``; records keep the sequence's ``item`` and add the
+``window`` index). A Gram of more tokens than its items' rank (the width; one less at a
+centring norm's ``centered`` and ``normalized`` points) is singular by construction: its
+records are flagged (:data:`isoprobe.records.SINGULAR`), get no Theorem 1 check, and the Probe
+warns once (:class:`SingularGramWarning`) naming the sites and the ``window`` that fits.
+
 **Sites** (:mod:`isoprobe.sites`) are found without changing the model: norms and activations
 by what the modules do (torch's norm and activation classes, modules declaring an
 ``isoprobe_site`` attribute as isoprobe's own networks do, and any other module that behaves as
@@ -169,10 +193,18 @@ from isoprobe.records import Record, RecordSink, RunningSummary, Summary
 from isoprobe.sharded import is_dtensor, whole
 from isoprobe.sites import NormSpec, Site, discover_sites, no_site_message, select_sites
 from isoprobe.stacks import DECODER, ENCODER, Streams, encoder_decoder
+from isoprobe.windows import WindowLayout, window_layout, windowed
 
-__all__ = ["NormSpec", "Probe", "Site", "discover_sites", "select_sites"]
+__all__ = ["NormSpec", "Probe", "SingularGramWarning", "Site", "discover_sites", "rank_bounds", "select_sites"]
 
 View = Literal["auto", "token", "sample", "feature", "spatial"]
+
+
+class SingularGramWarning(UserWarning):
+    """Token Grams with more tokens than their items' rank allows: singular by construction
+    (warned once per :class:`Probe`, naming the sites and the ``window`` that fits)."""
+
+
 _VIEWS = ("auto", "token", "sample", "feature", "spatial")
 
 
@@ -394,6 +426,7 @@ class _Pending:
     factor: torch.Tensor | None = None  # (g,) norm-variation factor of the centred items
     eps_effect: torch.Tensor | None = None  # (g,) δ = gap(normalized) - gap(x_c / ‖x_c‖), float64
     gram_normalized: torch.Tensor | None = None  # (g, N, N) D G_c D, for a singular G_c
+    groups: list[tuple[int, int]] | None = None  # (item, window) of each group (isoprobe.windows)
 
 
 @dataclass
@@ -410,19 +443,20 @@ class _Finished:
     token_items: bool
     points: tuple[str, ...]
     table: torch.Tensor
+    groups: list[tuple[int, int]] | None = None  # (item, window) of each group (isoprobe.windows)
 
 
 @dataclass
 class _Call:
     """A site call begun (:meth:`Probe._site_hooks`): its input as given (its ``_version`` tells
     whether the module changed it in place) and the measurements begun on it, each with
-    ``(view, mask, points, channels-last)``."""
+    ``(view, mask, points, channels-last, windows)``."""
 
     call: int
     x: torch.Tensor | None
     version: int | None
-    parts: list[tuple[_Pending, tuple[str, torch.Tensor | None, tuple[str, ...], bool]]] = dataclasses.field(
-        default_factory=list
+    parts: list[tuple[_Pending, tuple[str, torch.Tensor | None, tuple[str, ...], bool, WindowLayout | None]]] = (
+        dataclasses.field(default_factory=list)
     )
 
 
@@ -653,7 +687,9 @@ def _finish(p: _Pending, tol: float) -> _Finished:
         rows += [gaps[q].to(torch.float64), p.og[q].to(torch.float64)]
         rows += extra.get(q, [nan, nan, nan, nan])
         rows.append(errors.get(q, nan))
-    return _Finished(p.site, p.view, p.step, p.call, p.dim, p.post_dim, p.token_items, p.points, torch.stack(rows))
+    return _Finished(
+        p.site, p.view, p.step, p.call, p.dim, p.post_dim, p.token_items, p.points, torch.stack(rows), p.groups
+    )
 
 
 # float32 Grams. Worst-case rounding bounds (an entry of a Gram formed from m float32 products
@@ -771,7 +807,8 @@ def _theorem1(p: _Pending, gaps: dict[str, torch.Tensor], tol: float) -> list[to
     """Sets ``gaps["normalized"]``; returns the rows ``(bound, holds, factor, eps-dominated)``.
 
     The check: ``gap(normalized) ≤ gap(centered) - log factor + t``, ``t = tol · max(1,
-    |gap(centered)|)`` for rounding (trivially true for a singular ``G_c``: the bound is 0).
+    |gap(centered)|)`` for rounding. A singular ``G_c`` makes the bound 0, true of every
+    ``G_norm``: no check there (bound and holds NaN), so a singular Gram never counts as a pass.
     Theorem 1 is about ``x_c / ‖x_c‖``, whose gap is ``gap(normalized) - δ`` exactly
     (:func:`_eps_effect`). The verdict is decided where eps cannot have made it: *holds* when the
     normalized point meets the bound (the projection, ``δ`` lower, then does too); *fails* when
@@ -788,7 +825,7 @@ def _theorem1(p: _Pending, gaps: dict[str, torch.Tensor], tol: float) -> list[to
         gn[ask] = _gap(p.gram_normalized[ask], p.n[ask], pad).to(gn.dtype)
     gaps["normalized"] = gn
     log_factor = p.factor.to(gc.dtype).log()
-    bound = torch.where(singular, torch.zeros_like(gc), torch.exp(log_factor - gc))
+    bound = torch.where(singular, torch.full_like(gc, math.nan), torch.exp(log_factor - gc))  # 0: no check
     limit = gc - log_factor + tol * gc.abs().clamp_min(1)
     meets = singular | (gn <= limit)
     dominated = ~meets & (gn - p.eps_effect.to(gc.dtype) <= limit)
@@ -835,9 +872,23 @@ def _none_if_nan(v: float) -> float | None:
     return None if math.isnan(v) else v
 
 
-def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
+def _centered_dim(site: Site, dim: int) -> int:
+    """The rank bound of a norm's centred items: ``dim - 1`` where it subtracts each item's mean
+    over its ``dim`` entries (they are orthogonal to the ones vector), else ``dim``."""
+    return dim - 1 if site.norm is not None and site.norm.centers else dim
+
+
+def _by_construction(f: _Finished, point: str, n: int) -> bool:
+    """More items than the rank bound of ``point``'s items: the Gram is singular by construction."""
+    if point == "post":
+        return n > f.post_dim
+    return n > (_centered_dim(f.site, f.dim) if point in ("centered", "normalized") else f.dim)
+
+
+def _records(f: _Finished, table: list[list[float]], mode: str | None = None) -> list[Record]:
     out = []
     ns = table[0]
+    groups = f.groups or [(i, None) for i in range(len(ns))]
     for j, point in enumerate(f.points):
         first = 1 + _ROWS_PER_POINT * j
         gap_row, og_row, bound_row, holds_row, factor_row, eps_row, err_row = table[first : first + _ROWS_PER_POINT]
@@ -848,7 +899,9 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
                 kind=f.site.kind,
                 point=point,
                 view=f.view,
-                item=i if f.token_items else None,
+                item=groups[i][0] if f.token_items else None,
+                window=groups[i][1],
+                mode=mode,
                 step=f.step,
                 call=f.call,
                 n=n,
@@ -881,7 +934,11 @@ def _records(f: _Finished, table: list[list[float]]) -> list[Record]:
                     theorem1_bound=_none_if_nan(bound_row[i]),
                     theorem1_holds=None if math.isnan(holds) else bool(holds),
                     norm_factor=_none_if_nan(factor_row[i]),
-                    flag=_rec.EPS_DOMINATED if eps_row[i] == 1 else None,
+                    flag=_rec.EPS_DOMINATED
+                    if eps_row[i] == 1
+                    else _rec.SINGULAR
+                    if math.isinf(gap) and _by_construction(f, point, n)
+                    else None,
                     gap_error=_none_if_nan(err_row[i]),
                 )
             )
@@ -974,6 +1031,28 @@ def _check_sites_argument(sites: object) -> None:
         raise TypeError(f"sites must be {_SITES_ACCEPTS}; the list holds {type(bad[0]).__name__} {bad[0]!r}")
 
 
+def _check_options(model: object, view: object, every: object, gram_dtype: object, attention_mask: Any) -> None:
+    """The Probe's arguments, each a ``TypeError``/``ValueError`` saying what it accepts."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if view not in _VIEWS:
+        raise ValueError(f"view must be one of {', '.join(_VIEWS)}; got {view!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive integer, got {every!r}")
+    if gram_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
+    if attention_mask is not None and attention_mask.ndim != 2:
+        raise ValueError(f"attention_mask must be shaped (batch, seq), got {tuple(attention_mask.shape)}")
+
+
+def _check_training_options(window: object, step: object) -> None:
+    """``window``: None or an integer of at least 2 tokens; ``step``: None or a function."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 2):
+        raise ValueError(f"window must be an integer number of tokens, at least 2, or None; got {window!r}")
+    if step is not None and not callable(step):
+        raise TypeError(f"step must be a function giving the current training step (or None), got {step!r}")
+
+
 class Probe:
     """Measure the isometry of a model's representations at its norm and activation sites.
 
@@ -983,7 +1062,8 @@ class Probe:
     sites: ``None`` (all), ``"norm"``, ``"activation"``, a glob on site names, or a list of these
         (kinds and ``None`` pick functional sites too: ``calls``).
     view: ``"auto"``, ``"token"``, ``"sample"``, ``"feature"`` or ``"spatial"`` (module docstring).
-    every: record every ``every``-th forward call of ``model`` (calls 0, every, 2·every, ...).
+    every: record every ``every``-th training step (steps 0, every, 2·every, ...; "Training
+        steps" above: the forwards of a model only run in eval mode, else its training forwards).
     attention_mask: ``(batch, seq)`` mask (1 = real token) used for the token view instead of
         the one the model's forward receives (in an encoder-decoder model: the encoder's; its
         decoder sites take the ``decoder_attention_mask`` the forward receives, if any).
@@ -1007,6 +1087,15 @@ class Probe:
         ``"owner:function@index"`` (:mod:`isoprobe.calls`); ``False`` records module sites only.
         A ``sites`` glob with a ``:`` selects functional sites (``"*:relu"``, ``"layer1.**:*"``);
         it is matched as the forward runs (a warning names one that matched no call).
+    window: token view: Grams over consecutive windows of at most ``window`` tokens (at least
+        2) instead of whole sequences ("Tokens per Gram" above); ``None``: whole sequences.
+    step: a function giving the current training step (``lambda: trainer.state.global_step``),
+        which replaces the Probe's own count of training forwards ("Training steps" above).
+    probe_eval: record eval-mode forwards made after the first training-mode one too (at the
+        current step, ``mode="eval"``); by default they are not recorded.
+    sink_mode: what a ``sink`` path that exists and is not empty gets: ``"new"`` (default) a
+        ``FileExistsError`` naming it, ``"append"`` the new records after the old ones,
+        ``"overwrite"`` a fresh file.
 
     Records are made during calls of ``model``; ``probe.records`` lists them in forward order.
     Use as a context manager, or ``attach()``/``detach()`` (e.g. from a training callback).
@@ -1030,17 +1119,13 @@ class Probe:
         equal_batches: bool = False,
         sink: str | Path | RecordSink | None = None,
         calls: bool = True,
+        sink_mode: str = "new",
+        window: int | None = None,
+        step: Callable[[], int] | None = None,
+        probe_eval: bool = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if view not in _VIEWS:
-            raise ValueError(f"view must be one of {', '.join(_VIEWS)}; got {view!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
-        if gram_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"gram_dtype must be torch.float64 or torch.float32, got {gram_dtype}")
-        if attention_mask is not None and attention_mask.ndim != 2:
-            raise ValueError(f"attention_mask must be shaped (batch, seq), got {tuple(attention_mask.shape)}")
+        _check_options(model, view, every, gram_dtype, attention_mask)
+        _check_training_options(window, step)
         _check_sites_argument(sites)
         model = eager_module(model)
         found = discover_sites(model)
@@ -1059,6 +1144,9 @@ class Probe:
         self.gram_dtype = gram_dtype
         self.gather = gather
         self.equal_batches = equal_batches
+        self.window = window
+        self.probe_eval = probe_eval
+        self._step_fn = step
         self._tol = math.sqrt(torch.finfo(gram_dtype).eps)
         self._forward_sig = _mask_signature(model)
         stacks = encoder_decoder(model)
@@ -1066,12 +1154,15 @@ class Probe:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._tokens: list[tuple[int, str, int]] = []  # its hooks' slots (isoprobe.compiled)
         self._records: list[Record] = []
-        self._sink = sink if isinstance(sink, RecordSink) or sink is None else RecordSink(sink)
+        self._sink = sink if isinstance(sink, RecordSink) or sink is None else RecordSink(sink, sink_mode)
         self._running = RunningSummary()
         self._pending: list[_Pending | _Finished] = []
         self._pending_bytes = 0
-        self._calls = 0
-        self._step = 0
+        self._calls = 0  # training steps counted (forwards, before the first training-mode one)
+        self._step = 0  # the step of the current (or last) forward
+        self._mode = "eval"  # and its mode
+        self._trained = False  # has a training-mode forward run?
+        self._step_set = False  # has the user set probe.step?
         self._recording = False
         self._masks: dict[str | None, torch.Tensor | None] = {}  # stream -> its mask (None: a single stack)
         self._masks_by_device: dict[tuple[str | None, torch.device], torch.Tensor] = {}
@@ -1080,6 +1171,8 @@ class Probe:
         self._site_calls: dict[str, int] = {}  # site -> calls of its module in this forward
         self._open: dict[str, list[_Call | None]] = {}  # site -> its calls begun and not yet ended
         self._layouts: dict[tuple[int, ...], bool] = {}  # (B, H, W) of a spatial map -> channels-last
+        self._windows: dict[tuple[Any, ...], WindowLayout] = {}  # this forward's windows (isoprobe.windows)
+        self._singular: dict[str, tuple[int, int]] = {}  # site -> (tokens, rank bound): singular token Grams
         self._raised_before: BaseException | None = None  # the exception being handled when the forward began
 
     @property
@@ -1145,14 +1238,13 @@ class Probe:
 
     # -- hooks
     def _on_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._step = self._calls
-        self._calls += 1
-        self._recording = self._step % self.every == 0
+        self._count_step(bool(self.model.training))
         self._site_calls = {}
         self._open = {}
         self._layouts = {}
         self._raised_before = sys.exc_info()[1]
         self._masks_by_device = {}
+        self._windows = {}
         passed = self._passed(args, kwargs)
         mask = _as_mask(self.attention_mask if self.attention_mask is not None else passed.get("attention_mask"))
         if self._streams is None:
@@ -1160,6 +1252,34 @@ class Probe:
             return
         self._masks = {ENCODER: mask, DECODER: _as_mask(passed.get("decoder_attention_mask"))}
         self._streams.start(passed.get("encoder_outputs"))
+
+    def _count_step(self, training: bool) -> None:
+        """This forward's step and mode, and whether it is recorded ("Training steps" above)."""
+        if training and not self._trained and not self._step_set:
+            self._calls = 0  # eval forwards before training were inference: training starts at step 0
+        self._trained = self._trained or training
+        counted = training or not self._trained
+        self._step = int(self._step_fn()) if self._step_fn is not None else self._calls
+        self._mode = "train" if training else "eval"
+        self._recording = self._step % self.every == 0 if counted else self.probe_eval
+        if counted and self._step_fn is None:
+            self._calls += 1
+
+    @property
+    def step(self) -> int:
+        """The training step the next training-mode forward is recorded at (module docstring,
+        "Training steps"); set it to resume a count, e.g. ``probe.step = 1000``. With a ``step``
+        function given to the Probe, that function's value (and setting it is an error)."""
+        return int(self._step_fn()) if self._step_fn is not None else self._calls
+
+    @step.setter
+    def step(self, value: int) -> None:
+        if self._step_fn is not None:
+            raise AttributeError("this Probe takes its step from the step function it was given; set that instead")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"step must be a non-negative integer, got {value!r}")
+        self._calls = value
+        self._step_set = True
 
     def _passed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The forward's arguments by name: its keywords, and its positional arguments where its
@@ -1180,6 +1300,7 @@ class Probe:
         self._recording = False
         if self._streams is not None:
             self._streams.stop()
+        self._warn_singular()
         self._flush()
 
     def _is_recording(self) -> bool:
@@ -1203,7 +1324,7 @@ class Probe:
         else:
             self._warn_once(
                 "no-site",
-                f"no site of this Probe ran in forward {self._step}, so it has no records. Either the "
+                f"no site of this Probe ran in the forward at step {self._step}, so it has no records. Either the "
                 "selected modules do not run inside the model's forward (generate() runs an encoder-decoder's "
                 "encoder outside it: probe the encoder itself), or the model is compiled and runs code that "
                 "torch.compile traced without this Probe's hooks (dynamo does not trace again when hooks are "
@@ -1263,10 +1384,14 @@ class Probe:
                     gathered = all_gather_features(x, same_size=self.equal_batches)
                 z = gathered if self.gather and view != "token" else x
                 mask = self._mask_for(site, z) if view == "token" else None
+                layout = None
+                if view == "token" and self.window is not None:
+                    z, mask, layout = self._windowed(z, mask)
                 pending = _measure_input(
                     site, z.detach(), view, mask, self.gram_dtype, self._step, call, self._work, points, last
                 )
-                begun.parts.append((pending, (view, mask, points, last)))
+                pending.groups = None if layout is None else layout.groups
+                begun.parts.append((pending, (view, mask, points, last, layout)))
         return begun
 
     def _end(self, site: Site, begun: _Call, x: torch.Tensor | None, y: torch.Tensor | None) -> None:
@@ -1289,11 +1414,18 @@ class Probe:
             return self._measure_whole(site, x, y, begun.call)
         with torch.no_grad(), _no_autocast(y.device), suspended():
             gathered = None
-            for pending, (view, mask, points, last) in begun.parts:
+            for pending, (view, mask, points, last, layout) in begun.parts:
                 if self.gather and view != "token" and gathered is None:
                     gathered = all_gather_features(y, same_size=self.equal_batches)
                 z = gathered if self.gather and view != "token" else y
-                args = None if changed else (site, x_now.detach(), z.detach(), view, mask, points, last)
+                if layout is not None:
+                    z = windowed(z, layout)
+                if view == "token" and "singular" not in self._warned:
+                    self._note_singular(site, begun.call, z.shape[1], x_now.shape[-1], z.shape[-1], mask)
+                args = None  # a float64 measurement is never redone; an input changed in place is gone
+                if not changed and self.gram_dtype == torch.float32:
+                    x_in = x_now if layout is None else windowed(x_now, layout)
+                    args = (site, x_in.detach(), z.detach(), view, mask, points, last)
                 self._queue(_measure_output(pending, z.detach()), args, begun.call)
 
     def _measure_whole(self, site: Site, x: torch.Tensor | None, y: torch.Tensor | None, call: int) -> None:
@@ -1306,9 +1438,17 @@ class Probe:
                 x = all_gather_features(x, same_size=self.equal_batches)
                 y = all_gather_features(y, same_size=self.equal_batches)
             mask = self._mask_for(site, x) if view == "token" else None
+            groups = None
+            if view == "token" and self.window is not None and x.shape[:2] == y.shape[:2]:
+                x, mask, layout = self._windowed(x, mask)
+                y, groups = windowed(y, layout), layout.groups
+            if view == "token" and "singular" not in self._warned:
+                self._note_singular(site, call, x.shape[1], x.shape[-1], y.shape[-1], mask)
             last = view == "spatial" and self._layouts.get(tuple(x.shape[:3]), False)
             args = (site, x.detach(), y.detach(), view, mask, None, last)
-            self._queue(_measure(*args[:5], self.gram_dtype, self._step, call, self._work, None, last), args, call)
+            pending = _measure(*args[:5], self.gram_dtype, self._step, call, self._work, None, last)
+            pending.groups = groups
+            self._queue(pending, args, call)
 
     def _queue(self, pending: _Pending, args: tuple | None, call: int) -> None:
         """Finish ``pending`` now (CPU, float32 Grams) or at the end of the forward; ``args``
@@ -1435,10 +1575,53 @@ class Probe:
             self._masks_by_device[key] = mask.to(x.device, non_blocking=True) != 0
         return self._masks_by_device[key]
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _windowed(
+        self, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, WindowLayout]:
+        """``x`` and its mask cut into windows of at most ``window`` tokens, and the layout that
+        cuts the output alike (:mod:`isoprobe.windows`; one layout per mask and shape in a forward)."""
+        key = (None if mask is None else id(mask), *x.shape[:2], x.device)
+        layout = self._windows.get(key)
+        if layout is None:
+            layout = self._windows[key] = window_layout(mask, x.shape[0], x.shape[1], self.window, x.device)
+        return windowed(x, layout), layout.mask, layout
+
+    def _note_singular(
+        self, site: Site, call: int, length: int, width_in: int, width_out: int, mask: torch.Tensor | None
+    ) -> None:
+        """Note a site whose token Grams (of ``length`` tokens, padding included; items
+        ``width_in`` wide before the call and ``width_out`` after) have more tokens than their rank
+        bound (warned at the forward's end, once per Probe); a host sync only where the padded
+        length exceeds it."""
+        bound = min(_centered_dim(site, width_in), width_out)
+        if length <= bound:
+            return
+        tokens = length if mask is None else int(mask.sum(-1).max())
+        if tokens > bound:
+            self._singular[_rec.site_label(site.name, call)] = (tokens, bound)
+
+    def _warn_singular(self) -> None:
+        if not self._singular or "singular" in self._warned:
+            return
+        sites = list(self._singular.items())
+        fit = min(bound for _, (_, bound) in sites)
+        listed = ", ".join(f"{name} ({tokens} tokens > {bound})" for name, (tokens, bound) in sites[:4])
+        more = f" and {len(sites) - 4} more" if len(sites) > 4 else ""
+        self._warn_once(
+            "singular",
+            f"token Grams singular by construction at {len(sites)} site{'s' * (len(sites) != 1)}: more tokens "
+            f"than the rank of their items allows (their width; one less after a norm's centring): {listed}{more}. "
+            f"Their gap is +inf whatever the model does and they get no Theorem 1 check; "
+            f"{'a smaller ' if self.window else ''}Probe(..., window={fit}) (isoprobe gpt2/inspect --window {fit}) "
+            "measures Grams over consecutive windows of at most that many tokens, which can be full rank",
+            SingularGramWarning,
+        )
+        self._singular = {}
+
+    def _warn_once(self, key: str, message: str, category: type[Warning] = UserWarning) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, category, stacklevel=3)
 
     def _finish_pending(self) -> None:
         self._pending = [p if isinstance(p, _Finished) else _finish(p, self._tol) for p in self._pending]
@@ -1449,7 +1632,7 @@ class Probe:
         finished, self._pending = self._pending, []
         if not finished:
             return
-        made = [_records(f, table) for f, table in zip(finished, _to_host([f.table for f in finished]))]
+        made = [_records(f, table, self._mode) for f, table in zip(finished, _to_host([f.table for f in finished]))]
         self._store(_in_point_order(made))
 
     def _store(self, records: list[Record]) -> None:
@@ -1491,7 +1674,13 @@ class Probe:
 
         A part after the last ``:`` that is neither one of ``pre, centered, normalized, post``
         nor a function of a functional site (nor a glob), or a key that matches none of the
-        records made, is a ``KeyError`` that says what there is."""
+        records made, is a ``KeyError`` that says what there is; a key that is no string
+        (``probe[0]``) a ``TypeError``."""
+        if not isinstance(key, str):
+            raise TypeError(
+                f"Probe keys are site names or glob patterns, such as 'transformer.h.3.ln_1:pre' or '*.ln_1:post', "
+                f"not {type(key).__name__} {key!r}; probe.records is the list of all records"
+            )
         tail = key.rpartition(":")[2] if ":" in key else "*"
         known = tail in _rec.POINTS or tail.partition("@")[0] in FUNCTIONS or any(c in tail for c in "*?[")
         if not known:
@@ -1535,3 +1724,27 @@ class Probe:
         """Save the gap-along-depth plot (Joudaki et al. 2023, Fig. C.5 style) of the records as
         an image at ``path`` (format from its suffix; :func:`isoprobe.records.plot_records`)."""
         return _rec.plot_records(self.records, path, title)
+
+    def plot_steps(self, path: str | Path, title: str | None = None, mode: str | None = "train") -> Path:
+        """Save the gap against training step, one axis per point, one line per site coloured by
+        depth (:func:`isoprobe.records.plot_steps`; ``mode``: which forwards, ``None`` all)."""
+        return _rec.plot_steps(self.records, path, title, mode)
+
+
+def rank_bounds(model: nn.Module, inputs: dict[str, Any], sites: str | Sequence[str] | None = None) -> dict[str, int]:
+    """The most tokens a token Gram of each token-view site can have and still be full rank:
+    the narrowest width of its points, one less at a centring norm's ``centered`` and
+    ``normalized`` points (centred items are orthogonal to the ones vector). Keys are site
+    labels (``site@k`` for a module's k-th call). One forward ``model(**inputs)`` under a
+    :class:`Probe` (a two-token input suffices; nothing is kept)."""
+    with torch.no_grad(), warnings.catch_warnings(), Probe(model, sites=sites) as probe:
+        warnings.simplefilter("ignore")
+        model(**inputs)
+    by_name = {site.name: site for site in probe.sites}
+    bounds: dict[str, int] = {}
+    for r in probe.records:
+        if r.view == "token":
+            bound = _centered_dim(by_name[r.site], r.dim) if r.point in ("centered", "normalized") else r.dim
+            label = _rec.site_label(r.site, r.call)
+            bounds[label] = min(bounds.get(label, bound), bound)
+    return bounds

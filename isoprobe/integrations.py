@@ -3,11 +3,14 @@
     from isoprobe.integrations import ProbeCallback, tensorboard_writer
     callback = ProbeCallback(sites="norm", every=50, writer=tensorboard_writer("runs/iso"))
     Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
-    callback.history   # one row per (recorded step, site, call, point): mean/std of the isometry gap
+    callback.history   # one row per (recorded step, mode, site, call, point): mean/std of the isometry gap
 
-``every`` counts forward calls of the model (with gradient accumulation, several per optimizer
-step; evaluation forwards count too and are probed as well). TensorBoard is optional:
-:func:`tensorboard_writer` says how to install it when it is missing.
+``every`` counts the Trainer's optimizer steps (``state.global_step``, the step every record
+carries: 0 for the forwards of the first step, on the initial weights); every training forward
+of a recorded step is probed (with gradient accumulation, several). Evaluation forwards during
+training are not probed unless ``probe_eval=True``; then they are recorded at the current step
+with ``mode="eval"``, in rows of their own (TensorBoard tags under ``{prefix}/eval``).
+TensorBoard is optional: :func:`tensorboard_writer` says how to install it when it is missing.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from isoprobe.hooks import Probe, View
-from isoprobe.records import site_label, summarize
+from isoprobe.records import Record, site_label, summarize
 
 __all__ = ["ProbeCallback", "log_summary", "tensorboard_writer"]
 
@@ -75,11 +78,12 @@ class ProbeCallback(TrainerCallback):
     """Probe the model while a HuggingFace ``Trainer`` trains it.
 
     On train begin a :class:`~isoprobe.hooks.Probe` (``sites``, ``view``, ``every``,
-    ``gram_dtype``) is attached to the model; after every optimizer step its new records are
-    popped (the probe keeps none between steps, so memory stays bounded however long the run),
-    summarised per (site, call, point) (:func:`records.summarize`) and appended to ``history`` with
-    the ``global_step``, and written to ``writer`` if one is given; on train end the hooks are
-    removed. Call :meth:`close` yourself if training stops with an exception.
+    ``gram_dtype``, ``probe_eval``) is attached to the model, its step the Trainer's
+    ``global_step``; after every optimizer step its new records are popped (the probe keeps none
+    between steps, so memory stays bounded however long the run), summarised per (step, mode,
+    site, call, point) (:func:`records.summarize`) and appended to ``history`` (``global_step``:
+    the records' step; ``mode``), and written to ``writer`` if one is given; on train end the
+    hooks are removed. Call :meth:`close` yourself if training stops with an exception.
     """
 
     def __init__(
@@ -89,8 +93,9 @@ class ProbeCallback(TrainerCallback):
         every: int = 50,
         gram_dtype: torch.dtype = torch.float64,
         writer: ScalarWriter | None = None,
+        probe_eval: bool = False,
     ) -> None:
-        self.probe_options = dict(sites=sites, view=view, every=every, gram_dtype=gram_dtype)
+        self.probe_options = dict(sites=sites, view=view, every=every, gram_dtype=gram_dtype, probe_eval=probe_eval)
         self.writer = writer
         self.history: list[dict[str, Any]] = []
         self.probe: Probe | None = None
@@ -101,13 +106,16 @@ class ProbeCallback(TrainerCallback):
         if model is None:
             raise ValueError("ProbeCallback needs the model: the Trainer passes it to on_train_begin")
         self.close()
-        self.probe = Probe(model, **self.probe_options).attach()
+        self.probe = Probe(model, step=lambda: state.global_step, **self.probe_options).attach()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._collect(state.global_step)
+        self._collect()
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._collect()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._collect(state.global_step)
+        self._collect()
         self.close()
 
     def close(self) -> None:
@@ -116,13 +124,14 @@ class ProbeCallback(TrainerCallback):
             self.probe.detach()
             self.probe = None
 
-    def _collect(self, step: int) -> None:
+    def _collect(self) -> None:
         if self.probe is None:
             return
-        records = self.probe.pop_records()
-        if not records:
-            return
-        rows = summarize(records)
-        self.history += [{"global_step": step, **row} for row in rows]
-        if self.writer is not None:
-            log_summary(self.writer, rows, step)
+        groups: dict[tuple[int, str | None], list[Record]] = {}
+        for r in self.probe.pop_records():
+            groups.setdefault((r.step, r.mode), []).append(r)
+        for (step, mode), records in groups.items():
+            rows = summarize(records)
+            self.history += [{"global_step": step, "mode": mode, **row} for row in rows]
+            if self.writer is not None:
+                log_summary(self.writer, rows, step, "isoprobe/eval" if mode == "eval" else "isoprobe")

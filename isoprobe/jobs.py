@@ -25,6 +25,7 @@ import io
 import json
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from isoprobe.compare import (
     format_comparison,
     plot_comparison,
 )
-from isoprobe.hooks import Probe
+from isoprobe.hooks import Probe, SingularGramWarning, rank_bounds
 from isoprobe.models import (
     ByteTokenizer,
     HFTokenizer,
@@ -53,7 +54,17 @@ from isoprobe.models import (
     read_texts,
 )
 from isoprobe.placement import describe, dispatch_options
-from isoprobe.records import NONFINITE, Record, csv_text, format_table, json_text, plot_records, theorem1_counts
+from isoprobe.records import (
+    NONFINITE,
+    Record,
+    csv_text,
+    format_table,
+    json_text,
+    plot_records,
+    theorem1_counts,
+    theorem1_unchecked,
+)
+from isoprobe.windows import window_sizes
 
 __all__ = [
     "TextJob",
@@ -92,6 +103,7 @@ class TextJob:
     dtype: str = "float32"
     sites: str | None = None
     stride: int | None = None
+    window: int | None = None
     batch_size: int = 8
     train_mode: bool = False
     gram_dtype: str = "float64"
@@ -261,6 +273,7 @@ def run(job: TextJob, notify: Notify = _stderr) -> TextProbeReport:
         texts=texts,
         sites=sites,
         stride=job.stride,
+        window=job.window,
         batch_size=job.batch_size,
         train_mode=job.train_mode,
         seed=job.seed,
@@ -293,14 +306,16 @@ _THEOREM1 = "Theorem 1 (I(normalized) >= I(centered) * norm-variation factor): "
 
 
 def _theorem1_line(report: TextProbeReport) -> str:
-    t1 = report.theorem1
+    t1, unchecked = report.theorem1, theorem1_unchecked(report.records)
     footer = (
         f"{t1['checked'] - t1['violations']}/{t1['checked']} checks held"
         if t1["checked"]
         else "nothing decided"
-        if t1["eps_dominated"]
+        if t1["eps_dominated"] or unchecked
         else "nothing to check (no sequence of at least 2 tokens)"
     )
+    if unchecked:
+        footer += f"; {unchecked} not checked (singular centred Gram: the bound is 0, true of anything)"
     if t1["eps_dominated"]:
         footer += f"; {t1['eps_dominated']} undecided (eps-dominated: the norm's eps explains the gap above the bound)"
     return footer
@@ -448,6 +463,7 @@ def probe_texts(
     *,
     sites: str | Sequence[str] | None = None,
     stride: int | None = None,
+    window: int | None = None,
     batch_size: int = 8,
     train_mode: bool = False,
     seed: int = 0,
@@ -462,13 +478,15 @@ def probe_texts(
     ``seed``); eval mode is the default. ``progress``: a bar on stderr over the sequences
     (texts, or windows with ``stride``) and batches; ``None``: only when stderr is a terminal.
     ``calls``: also record functional sites (``Probe(calls=...)``).
-    """
+    ``window``: Grams over windows of at most that many tokens (:mod:`isoprobe.windows`); sites
+    the texts make singular by construction are named before they run (:func:`singular_sites`)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     origins: list[tuple[int, int]] = []
     sequences = encode_texts(loaded.tokenizer, texts, loaded.context, stride, notify, origins)
     model = loaded.model
     model.train(train_mode)
+    _warn_singular(loaded, sites, sequences, window, notify)
     torch.manual_seed(seed)
     batches = range(0, len(sequences), batch_size)
     bar = tqdm(
@@ -481,7 +499,9 @@ def probe_texts(
         disable=not (sys.stderr.isatty() if progress is None else progress),
         desc="probing",
     )
-    with bar, torch.no_grad(), Probe(model, sites=sites, gram_dtype=gram_dtype, calls=calls) as probe:
+    probe = Probe(model, sites=sites, gram_dtype=gram_dtype, calls=calls, window=window)
+    with bar, torch.no_grad(), warnings.catch_warnings(), probe:
+        warnings.simplefilter("ignore", SingularGramWarning)  # said before the run
         for k, start in enumerate(batches):
             batch = sequences[start : start + batch_size]
             ids, mask = _pad(batch, loaded.tokenizer.pad_id, loaded.device)
@@ -510,6 +530,43 @@ def tokenizer_fields(loaded: LoadedModel) -> dict:
         "tokenizer_fallback": isinstance(tokenizer, ByteTokenizer),
         "tokenizer_class": type(getattr(tokenizer, "tokenizer", tokenizer)).__name__,
     }
+
+
+def singular_sites(loaded: LoadedModel, sites: str | Sequence[str] | None, tokens: int) -> list[tuple[str, int]]:
+    """``(site, rank bound)`` of the sites whose token Grams of ``tokens`` tokens are singular by
+    construction (more tokens than the bound: :func:`isoprobe.hooks.rank_bounds`), found on a
+    two-token forward (cheap: before the texts run)."""
+    ids = torch.full((1, 2), loaded.tokenizer.pad_id, dtype=torch.long, device=loaded.device)
+    try:
+        bounds = rank_bounds(loaded.model, {"input_ids": ids}, sites)
+    except Exception:  # a forward that fails fails again on the texts, where it is reported
+        return []
+    return [(site, bound) for site, bound in bounds.items() if tokens > bound]
+
+
+def _warn_singular(
+    loaded: LoadedModel,
+    sites: str | Sequence[str] | None,
+    sequences: list[list[int]],
+    window: int | None,
+    notify: Notify,
+) -> None:
+    """Name the sites whose token Grams the longest sequence (or window) makes singular by
+    construction, and the ``--window`` that fits them, before any text runs."""
+    tokens = max(max(window_sizes(len(s), window or len(s) or 1)) for s in sequences)
+    short = singular_sites(loaded, sites, tokens)
+    if not short:
+        return
+    fit = min(bound for _, bound in short)
+    listed = ", ".join(f"{site} ({bound})" for site, bound in short[:3]) + (
+        f" and {len(short) - 3} more" if len(short) > 3 else ""
+    )
+    notify(
+        f"warning: Grams of {tokens} tokens{' (--window)' if window else ''} are singular by construction at "
+        f"{len(short)} site{'s' * (len(short) != 1)}, whose token Grams have rank at most (in parentheses: the width, "
+        f"one less after a norm's centring) {listed}: gap inf, no Theorem 1 check. --window {fit} measures "
+        f"Grams over consecutive windows of at most {fit} tokens instead"
+    )
 
 
 def _pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

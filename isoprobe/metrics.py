@@ -24,9 +24,14 @@ convention of ``numpy.linalg.matrix_rank``) is below ``n``; a singular ``G`` (``
 them) has isometry exactly 0 and gap exactly ``+inf``, never NaN nor a huge finite number.
 A zero Gram (all items zero) counts as singular too.
 
-Inputs are checked. Every function taking ``G`` reads it as a symmetric matrix and raises
-``ValueError`` when a matrix is not symmetric beyond rounding (``max |G - Gᵀ| > sqrt(eps) ·
-max |G|``, eps of ``G``'s dtype: one pass over ``G``). Non-finite in, NaN out: a matrix (or
+Inputs are checked, by one check shared by every function taking ``G``: a ``torch.Tensor`` or
+a numpy array of real numbers (integer or floating; bool is a ``TypeError``, complex a
+``ValueError``), square ``(..., n, n)`` with ``n >= 1`` (``n >= 2`` for :func:`lyapunov_gamma`,
+a maximum over pairs of items), symmetric beyond rounding (``max |G - Gᵀ| ≤ sqrt(eps) ·
+max |G|``) and positive semi-definite within rounding (``λ_min(G) ≥ -100 · n · eps · max_i
+G_ii``), eps of ``G``'s dtype; a violation is a ``ValueError`` naming it (and the matrix of a
+batch). One item is answered where the quantity is defined: ``I = 1``, gap 0, effective and
+numerical rank 1, orthogonality gap 0 for a nonzero ``1 × 1`` Gram. Non-finite in, NaN out: a matrix (or
 feature block) with a NaN or inf entry gives NaN from every function (``numerical_rank``
 included, hence its float64 result), the other matrices of a batch are unaffected; that is the
 one documented source of NaN and callers that record statistics flag it.
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -56,30 +62,81 @@ __all__ = [
 _CHOLESKY_MARGIN = 100.0
 
 
-def _require_tensor(x: object, what: str) -> torch.Tensor:
+def _as_tensor(x: object, what: str) -> torch.Tensor:
+    """``x`` as a real numeric tensor (a numpy array is converted, sharing its memory); else a
+    ``TypeError`` (not an array; bool or non-numeric dtype) or ``ValueError`` (complex)."""
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.bool_ or x.dtype.kind not in "iufc":
+            raise TypeError(f"{what} must hold real numbers, got a numpy array of dtype {x.dtype}")
+        x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{what} must be a torch.Tensor or a numpy array, got {type(x).__name__}")
+    if x.dtype == torch.bool:
+        raise TypeError(f"{what} must hold real numbers, got dtype torch.bool; convert it first, e.g. {what}.double()")
     if x.is_complex():
         raise ValueError(f"{what} must be real, got dtype {x.dtype}")
     return x
 
 
-def _check_features(X: torch.Tensor) -> torch.Tensor:
-    X = _require_tensor(X, "X")
-    if X.ndim < 2:
-        raise ValueError(f"X must be shaped (..., n, d) with items as rows, got shape {tuple(X.shape)}")
-    if X.shape[-2] < 2:
-        raise ValueError(f"isometry needs at least n = 2 items, got X of shape {tuple(X.shape)} (n = {X.shape[-2]})")
+def _check_features(X: object) -> torch.Tensor:
+    """Items as rows ``(..., n, d)``, ``n >= 1``, real and numeric (:func:`_as_tensor`)."""
+    X = _as_tensor(X, "X")
+    if X.ndim < 2 or X.shape[-2] < 1:
+        raise ValueError(f"X must be shaped (..., n, d) with n >= 1 items as rows, got shape {tuple(X.shape)}")
     return X
 
 
-def _check_gram(G: torch.Tensor) -> torch.Tensor:
-    G = _require_tensor(G, "G")
+#: A Gram counts as positive semi-definite when ``λ_min(G) ≥ -_PSD_SLACK · n · eps · max_i G_ii``.
+_PSD_SLACK = 100.0
+
+
+def _check_gram(G: object, min_n: int = 1, factorised: bool = False) -> torch.Tensor:
+    """The one input check of every function taking a Gram ``G`` (module docstring).
+
+    ``G`` as a tensor (:func:`_as_tensor`: numpy arrays accepted, bool refused), square
+    ``(..., n, n)`` with ``n >= min_n``, symmetric beyond rounding (:func:`_check_symmetric`)
+    and positive semi-definite within rounding: ``λ_min(G) ≥ -100 · n · eps · max_i G_ii`` (eps
+    of G's dtype), tested by a Cholesky factorisation of ``G + 100 · n · eps · max_i G_ii · I``.
+    A matrix with a NaN or inf entry passes (it gives NaN out). ``factorised``: the caller
+    factorises ``G`` itself (:func:`_spectral_stats`: a Cholesky factor proves ``G`` positive
+    definite, its eigenvalue path applies this tolerance), so the PSD test is left to it."""
+    G = _as_tensor(G, "G")
     if G.ndim < 2 or G.shape[-1] != G.shape[-2]:
         raise ValueError(f"G must be square, shaped (..., n, n); got shape {tuple(G.shape)}")
-    if G.shape[-1] < 2:
-        raise ValueError(f"isometry needs at least n = 2 items, got G of shape {tuple(G.shape)}")
+    if G.shape[-1] < min_n:
+        raise ValueError(
+            f"G must have at least n = {min_n} item{'s' * (min_n > 1)}, got shape {tuple(G.shape)} (n = {G.shape[-1]})"
+        )
+    G = _check_symmetric(G)
+    return G if factorised else _check_psd(G)
+
+
+def _check_psd(G: torch.Tensor) -> torch.Tensor:
+    """``G`` unchanged, or ``ValueError`` if a finite matrix of it has an eigenvalue below
+    ``-_PSD_SLACK · n · eps · max_i G_ii`` (a Cholesky factorisation of the shifted matrix)."""
+    if G.numel() == 0:
+        return G
+    G64, finite = _finite_or_eye(G)
+    n = G64.shape[-1]
+    diag = G64.diagonal(dim1=-2, dim2=-1)
+    shift = _PSD_SLACK * _default_rtol(G) * diag.amax(-1).clamp_min(0)
+    shift = shift.clamp_min(torch.finfo(torch.float64).tiny ** 0.5)
+    eye = torch.eye(n, dtype=G64.dtype, device=G64.device)
+    info = torch.linalg.cholesky_ex(G64 + shift[..., None, None] * eye).info
+    bad = (info != 0) & finite
+    if bool(bad.any()):
+        worst = int(torch.nonzero(bad.flatten())[0].item())
+        lam = torch.linalg.eigvalsh(G64.reshape(-1, n, n)[worst])[0].item()
+        _not_psd(lam, worst if bad.numel() > 1 else None)
     return G
+
+
+def _not_psd(lam: float, index: int | None) -> None:
+    raise ValueError(
+        f"G is not positive semi-definite: eigenvalue {lam:.3e} below zero beyond rounding"
+        + ("" if index is None else f" (matrix {index} of the batch)")
+        + "; pass a Gram matrix X Xᵀ (isoprobe.gram(X))"
+    )
 
 
 def _check_symmetric(G: torch.Tensor) -> torch.Tensor:
@@ -145,17 +202,14 @@ class SpectralStats(NamedTuple):
     rank: torch.Tensor
 
 
-def _eigen_stats(G64: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean log eigenvalue, numerical rank) from eigenvalues; -inf where rank < n."""
+def _eigen_stats(G64: torch.Tensor, rtol: float, psd_rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean log eigenvalue, numerical rank) from eigenvalues; -inf where rank < n.
+    ``ValueError`` where ``λ_min < -_PSD_SLACK · psd_rtol · max_i G_ii`` (:func:`_check_gram`)."""
     eig = torch.linalg.eigvalsh(G64)
-    lam_max = eig[..., -1:].clamp_min(0)
-    tol = rtol * lam_max
-    if bool((eig < -tol * _CHOLESKY_MARGIN).any()):
-        worst = eig[..., 0].min().item()
-        raise ValueError(
-            f"G is not positive semi-definite (eigenvalue {worst:.3e} below zero beyond rounding); "
-            "pass a Gram matrix X Xᵀ"
-        )
+    tol = rtol * eig[..., -1:].clamp_min(0)
+    floor = _PSD_SLACK * psd_rtol * G64.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(0)
+    if bool((eig[..., 0] < -floor).any()):
+        _not_psd(eig[..., 0].min().item(), None)
     above = eig > tol
     rank = above.sum(-1)
     n = G64.shape[-1]
@@ -193,8 +247,9 @@ def _spectral_stats(G: torch.Tensor, rtol: float | None = None) -> tuple[Spectra
     """:func:`spectral_stats` of a Gram shaped ``(..., n, n)``, ``n >= 2`` (not checked again)
     and its Cholesky part: ``(stats, trusted, L)`` (``L`` is valid where ``trusted``), for
     callers that reuse the factor (rank-one updates of ``G``). ``rank`` is int64, finite or not."""
+    psd_rtol = _default_rtol(G)
     if rtol is None:
-        rtol = _default_rtol(G)
+        rtol = psd_rtol
     G64 = G.to(torch.float64)
     n = G64.shape[-1]
     finite = _finite_matrices(G64)
@@ -206,7 +261,7 @@ def _spectral_stats(G: torch.Tensor, rtol: float | None = None) -> tuple[Spectra
 
     untrusted = ~trusted
     if bool(untrusted.any()):
-        eig_mean_log, eig_rank = _eigen_stats(G64[untrusted], rtol)
+        eig_mean_log, eig_rank = _eigen_stats(G64[untrusted], rtol, psd_rtol)
         mean_log = mean_log.masked_scatter(untrusted, eig_mean_log)
         rank = rank.masked_scatter(untrusted, eig_rank)
 
@@ -223,7 +278,7 @@ def spectral_stats(G: torch.Tensor, rtol: float | None = None) -> SpectralStats:
     with a smallest pivot well above the rank tolerance, eigenvalues elsewhere. ``G`` is checked
     (module docstring): not symmetric is a ``ValueError``, not finite gives NaN in all three.
     """
-    G = _check_symmetric(_check_gram(G))
+    G = _check_gram(G, factorised=True)
     stats, _, _ = _spectral_stats(G, rtol)
     return stats._replace(rank=_nan_unless(stats.rank.to(torch.float64), _finite_matrices(G)))
 
@@ -234,7 +289,8 @@ def isometry_gap(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
     ``(..., n, n) -> (...)`` float64, in ``[0, +inf]``; ``+inf`` exactly when ``G`` is singular
     (numerical rank below ``n``, see the module docstring for ``rtol``).
     """
-    return _gap_of(_spectral_stats(_check_symmetric(_check_gram(G)), rtol)[0], G.shape[-1])
+    G = _check_gram(G, factorised=True)
+    return _gap_of(_spectral_stats(G, rtol)[0], G.shape[-1])
 
 
 def _gap_of(stats: SpectralStats, n: int) -> torch.Tensor:
@@ -253,7 +309,7 @@ def isometry(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
 def numerical_rank(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
     """Number of eigenvalues of ``G`` above ``rtol · λ_max`` (default ``rtol = n · eps``), as
     float64 (a whole number; NaN for a matrix with a NaN or inf entry)."""
-    G = _check_symmetric(_check_gram(G))
+    G = _check_gram(G)
     if rtol is None:
         rtol = _default_rtol(G)
     G64, finite = _finite_or_eye(G)
@@ -264,7 +320,7 @@ def numerical_rank(G: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
 def orthogonality_gap(G: torch.Tensor) -> torch.Tensor:
     """Orthogonality gap ``‖G/tr(G) - I_n/n‖_F`` (Daneshmand et al. 2021). NaN for a zero G
     and for non-finite entries."""
-    G64, finite = _finite_or_eye(_check_symmetric(_check_gram(G)))
+    G64, finite = _finite_or_eye(_check_gram(G))
     return _nan_unless(_orthogonality_gap(G64), finite)
 
 
@@ -280,10 +336,10 @@ def _orthogonality_gap(G: torch.Tensor) -> torch.Tensor:
 def lyapunov_gamma(G: torch.Tensor) -> torch.Tensor:
     """Lyapunov potential ``γ(G) = max_{i≠j} |Ĝ_ij| / (1 - |Ĝ_ij|)`` (Joudaki et al., Def. 4).
 
-    ``Ĝ`` is the cosine matrix. Two parallel items give ``+inf``; a zero item or a non-finite
+    ``Ĝ`` is the cosine matrix; ``n >= 2`` (a maximum over pairs of items). Two parallel items give ``+inf``; a zero item or a non-finite
     entry gives NaN.
     """
-    G64, finite = _finite_or_eye(_check_symmetric(_check_gram(G)))
+    G64, finite = _finite_or_eye(_check_gram(G, min_n=2))
     n = G64.shape[-1]
     d = G64.diagonal(dim1=-2, dim2=-1).sqrt()
     cos = (G64 / (d[..., :, None] * d[..., None, :])).abs()
@@ -304,10 +360,16 @@ def norm_variation_factor(X: torch.Tensor) -> torch.Tensor:
 
 
 def effective_rank(G: torch.Tensor) -> torch.Tensor:
-    """Effective rank ``exp(-Σ p_i log p_i)``, ``p = λ / Σλ`` (Roy & Vetterli 2007), in [1, n];
-    NaN for a matrix with a NaN or inf entry."""
-    G64, finite = _finite_or_eye(_check_symmetric(_check_gram(G)))
+    """Effective rank ``exp(-Σ p_i log p_i)``, ``p = λ / Σλ`` (Roy & Vetterli 2007), in [1, n]
+    for a nonzero ``G``; NaN for a matrix with a NaN or inf entry.
+
+    A zero ``G`` has no spectrum to normalise (``p`` is 0/0); its effective rank is 0, its rank
+    (:func:`numerical_rank` says 0 as well): the effective rank never exceeds the rank, and a
+    batch holding one zero Gram (a dead layer) still gets an answer for the others."""
+    G64, finite = _finite_or_eye(_check_gram(G))
     eig = torch.linalg.eigvalsh(G64).clamp_min(0)
-    p = eig / eig.sum(-1, keepdim=True)
+    total = eig.sum(-1, keepdim=True)
+    p = eig / total.clamp_min(torch.finfo(torch.float64).tiny)
     plogp = torch.where(p > 0, p * p.log(), torch.zeros_like(p))
-    return _nan_unless(torch.exp(-plogp.sum(-1)), finite)
+    erank = torch.where(total[..., 0] > 0, torch.exp(-plogp.sum(-1)), torch.zeros_like(total[..., 0]))
+    return _nan_unless(erank, finite)

@@ -5,8 +5,9 @@ A :class:`Record` is one isometry measurement: one Gram matrix ``G = X Xᵀ`` of
 *site* (a module of the model) for one *item group* (a sequence in the token view, the whole batch
 in the sample and feature views) at one forward call (*step*). Everything here reads plain lists of
 records: a :class:`Summary` (a table object, also kept as a :class:`RunningSummary` in bounded
-memory), a text table, CSV, JSON, a streaming :class:`RecordSink` and a plot in the style of
-Joudaki et al. 2023, Fig. C.5 (isometry gap along depth, before and after every LayerNorm). No
+memory), a text table, CSV, JSON, a streaming :class:`RecordSink`, a plot in the style of
+Joudaki et al. 2023, Fig. C.5 (isometry gap along depth, before and after every LayerNorm) and
+one of the gap against training step (:func:`plot_steps`). No
 torch in this module.
 
 JSON encodes ``+inf`` (the gap of a singular Gram) as the string ``"inf"`` so that the file stays
@@ -36,19 +37,24 @@ __all__ = [
     "Record",
     "RecordSink",
     "RunningSummary",
+    "SINGULAR",
+    "SINK_MODES",
     "Summary",
     "csv_text",
     "format_summary",
     "format_table",
     "json_text",
     "plot_records",
+    "plot_steps",
     "read_json",
     "read_records",
     "record_key",
     "site_label",
     "split_key",
+    "step_curves",
     "summarize",
     "theorem1_counts",
+    "theorem1_unchecked",
     "to_csv",
     "to_json",
 ]
@@ -58,6 +64,7 @@ POINTS = ("pre", "centered", "normalized", "post")
 
 UNDEFINED = "undefined: fewer than 2 items"
 NONFINITE = "non-finite"
+SINGULAR = "singular by construction: more items than entries per item (rank ≤ entries), gap +inf, no Theorem 1 check"
 EPS_DOMINATED = (
     "eps-dominated: the norm's eps, not small against these items' variances, explains the gap above Theorem 1's bound"
 )
@@ -75,7 +82,10 @@ class Record:
     ``"spatial"`` (a norm's ``centered`` and ``normalized`` points may be in another view than
     its ``pre`` and ``post``: the one where Theorem 1 is checked); ``item``: sequence index in
     the batch for the token view, image index for the spatial view, else ``None``;
-    ``step``: forward-call counter of the probed model; ``call``: 0, 1, ... for the k-th call of
+    ``step``: the training step of the forward (:class:`~isoprobe.hooks.Probe`: by default the
+    number of training-mode forwards before it; each forward of a model only run in eval mode;
+    a ``Trainer``'s global step under ``ProbeCallback``); ``mode``: ``"train"`` or ``"eval"``, the
+    model's mode in that forward (``None`` in files written before it was recorded); ``call``: 0, 1, ... for the k-th call of
     the site's module within that forward (a module applied twice, e.g. one activation module
     shared by two layers); ``n``: items in the Gram; ``dim``: entries per item.
 
@@ -90,7 +100,13 @@ class Record:
     NaN or inf in the activations) or why the check is undecided (``"eps-dominated: ..."``:
     Theorem 1 is about ``x / ‖x‖``, and the normalized point misses the bound by no more than the
     norm's eps lifts its gap; the values stay, only ``theorem1_holds`` is ``None``); values a
-    record does not have are ``None``. ``gap_error``, for float32 Grams
+    record does not have are ``None``; ``"singular by construction"`` (:data:`SINGULAR`) marks a Gram
+    of more items than its items' rank bound (``n > dim``; ``n > dim - 1`` at a centring norm's
+    ``centered`` and ``normalized`` points): its gap is ``+inf`` whatever the model does, and a
+    ``normalized`` record then has no Theorem 1 check (its bound would be 0). ``window``: with
+    ``Probe(window=N)``, the index of the window of at most ``N`` tokens of sequence ``item`` that
+    the Gram is over (:mod:`isoprobe.windows`); ``None`` for a Gram over the whole sequence.
+    ``gap_error``, for float32 Grams
     (``Probe(gram_dtype=torch.float32)``): an estimate (probabilistic rounding model) of the
     isometry gap's error against the exact Gram of the same items (``0.0``: the value is exact:
     the estimate exceeded the Probe's ``float32_tolerance`` and the record was recomputed with
@@ -115,6 +131,8 @@ class Record:
     flag: str | None = None
     gap_error: float | None = None
     call: int = 0
+    window: int | None = None
+    mode: str | None = None
 
     @property
     def key(self) -> str:
@@ -219,7 +237,7 @@ class _Group:
 
     def __init__(self, r: Record) -> None:
         self.first = r
-        self.count = self.singular = self.undefined = self.nonfinite = self.eps_dominated = 0
+        self.count = self.singular = self.by_construction = self.undefined = self.nonfinite = self.eps_dominated = 0
         self.checked = self.violations = 0
         self.n_min, self.n_max, self.n_sum = r.n, r.n, 0
         self.isometry, self.gap, self.bound = _Moments(), _Moments(), _Moments()
@@ -238,6 +256,7 @@ class _Group:
         if r.isometry_gap is not None:
             if math.isinf(r.isometry_gap):
                 self.singular += 1
+                self.by_construction += r.flag == SINGULAR or r.n > r.dim
             else:
                 self.gap.add(r.isometry_gap)
         if r.theorem1_bound is not None:
@@ -262,10 +281,7 @@ class _Group:
     def row(self) -> dict[str, Any]:
         r = self.first
         iso, gap = self.isometry, self.gap
-        if self.singular:
-            gap_mean, gap_std = math.inf, None
-        else:
-            gap_mean, gap_std = (gap.mean, gap.std) if gap.count else (None, None)
+        gap_mean, gap_std = (gap.mean, gap.std) if gap.count else (None, None)
         return {
             "site": r.site,
             "call": r.call,
@@ -282,6 +298,7 @@ class _Group:
             "gap_mean": gap_mean,
             "gap_std": gap_std,
             "singular": self.singular,
+            "singular_by_construction": self.by_construction,
             "undefined": self.undefined,
             "nonfinite": self.nonfinite,
             "bound_mean": self.bound.mean if self.bound.count else None,
@@ -369,9 +386,11 @@ def summarize(records: Iterable[Record]) -> Summary:
 
     The calls of a module used more than once in a forward are kept apart (``call`` 0, 1, ...).
     Row keys: ``site, call, point, key`` (:func:`record_key`), ``kind, view, count`` (records),
-    ``n_min, n_max, n_mean`` (items per Gram), ``isometry_mean/std``, ``gap_mean/std``
-    (population std; ``gap_mean`` is ``inf`` and ``gap_std`` ``None`` when one Gram is singular),
-    ``singular`` (records with an infinite gap), ``undefined`` and ``nonfinite`` (flagged
+    ``n_min, n_max, n_mean`` (items per Gram), ``isometry_mean/std`` (over every Gram, a singular
+    one's isometry 0 included), ``gap_mean/std`` (population std over the *finite* gaps; ``None``
+    when no gap is finite), ``singular`` (records with an infinite gap, left out of ``gap_mean``),
+    ``singular_by_construction`` (those of them with more items than entries, :data:`SINGULAR`),
+    ``undefined`` and ``nonfinite`` (flagged
     records, left out of the means), ``bound_mean`` (Theorem 1 bound, normalized points),
     ``theorem1_checked``, ``theorem1_violations`` (decided checks), ``eps_dominated`` (undecided
     checks, :data:`EPS_DOMINATED`; their values are in the means). Returns a :class:`Summary`.
@@ -388,6 +407,17 @@ def theorem1_counts(records: Iterable[Record]) -> dict[str, int]:
     checks = [r.theorem1_holds for r in records if r.theorem1_holds is not None]
     dominated = sum(1 for r in records if r.flag == EPS_DOMINATED)
     return {"checked": len(checks), "violations": sum(1 for c in checks if not c), "eps_dominated": dominated}
+
+
+def theorem1_unchecked(records: Iterable[Record]) -> int:
+    """The ``normalized`` records of norms with no Theorem 1 check because their centred Gram is
+    singular (the bound ``I(centered) · factor`` is 0, true of anything; by construction where
+    there are more items than entries, :data:`SINGULAR`)."""
+    return sum(
+        1
+        for r in records
+        if r.point == "normalized" and r.norm_factor is not None and r.theorem1_bound is None and r.flag != NONFINITE
+    )
 
 
 def csv_text(records: Iterable[Record]) -> str:
@@ -434,7 +464,7 @@ def read_json(path: str | Path) -> tuple[list[Record], dict[str, Any]]:
     return [_from_json_row(row) for row in rows], obj
 
 
-_INT_FIELDS = ("item", "step", "n", "dim", "call")
+_INT_FIELDS = ("item", "step", "n", "dim", "call", "window")
 _FLOAT_FIELDS = ("isometry", "isometry_gap", "orthogonality_gap", "theorem1_bound", "norm_factor", "gap_error")
 
 
@@ -457,27 +487,46 @@ def _from_json_row(row: dict[str, Any]) -> Record:
     return Record.from_dict({k: (float(v) if v in ("inf", "-inf") else v) for k, v in row.items()})
 
 
+SINK_MODES = ("new", "append", "overwrite")
+
+
 class RecordSink:
     """Records streamed to a file as they are made: CSV (``.csv``, the columns of :func:`csv_text`)
     or JSON lines (``.jsonl``, ``.json``, ``.ndjson``: one record per line, ``+inf`` as ``"inf"``).
 
-    The file is created (emptied) when the sink is made, so a path that cannot be written fails
-    before any work; each :meth:`write` appends and flushes; :meth:`close` closes the file, and a
-    later write reopens it for appending. :func:`read_records` reads it back.
+    ``mode``: ``"new"`` (default) refuses an existing non-empty file with ``FileExistsError``
+    naming it (a rerun never loses an earlier run's records); ``"append"`` continues such a file
+    (a CSV's header must then be this version's columns); ``"overwrite"`` empties it. The file is
+    opened when the sink is made, so a path that cannot be written fails before any work; each
+    :meth:`write` appends and flushes; :meth:`close` closes the file, and a later write reopens
+    it for appending. :func:`read_records` reads it back.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, mode: str = "new") -> None:
         self.path = Path(path)
         suffix = self.path.suffix.lower()
         if suffix not in (".csv", ".jsonl", ".json", ".ndjson"):
             raise ValueError(
                 f"sink {str(path)!r}: give a .csv or .jsonl file (JSON lines), not {suffix or 'no suffix'}"
             )
+        if mode not in SINK_MODES:
+            raise ValueError(f"sink_mode must be one of {', '.join(SINK_MODES)}; got {mode!r}")
         if not self.path.parent.is_dir():
             raise FileNotFoundError(2, "the sink's folder does not exist", str(self.path.parent))
         self.csv = suffix == ".csv"
-        self._file: io.TextIOBase | None = self.path.open("w", newline="", encoding="utf-8")
-        if self.csv:
+        full = self.path.is_file() and self.path.stat().st_size > 0
+        if full and mode == "new":
+            raise FileExistsError(
+                17,
+                "the sink file exists and is not empty; pass sink_mode='append' to continue it or "
+                "sink_mode='overwrite' to replace it",
+                str(self.path),
+            )
+        if full and mode == "append" and self.csv:
+            _check_csv_header(self.path)
+        keep = full and mode == "append"
+        self._file: io.TextIOBase | None = self.path.open("a" if keep else "w", newline="", encoding="utf-8")
+        if self.csv and not keep:
             csv.writer(self._file, lineterminator="\n").writerow(FIELDS)
 
     def write(self, records: Iterable[Record]) -> None:
@@ -498,13 +547,55 @@ class RecordSink:
             self._file = None
 
 
+def _check_csv_header(path: Path) -> None:
+    """``ValueError`` unless ``path``'s first line is this version's CSV header (:data:`FIELDS`)."""
+    with path.open(newline="", encoding="utf-8") as file:
+        header = next(csv.reader(file), [])
+    if tuple(header) != FIELDS:
+        raise ValueError(
+            f"cannot append to {str(path)!r}: its header ({', '.join(header[:4])}, ...) is not the columns of "
+            "these records; use another file or sink_mode='overwrite'"
+        )
+
+
 def read_records(path: str | Path) -> list[Record]:
-    """The records of a :class:`RecordSink` file (``.csv`` or JSON lines), or of :func:`to_csv`."""
+    """The records of a :class:`RecordSink` file (``.csv`` or JSON lines), or of :func:`to_csv`.
+
+    A damaged file (a line that is no JSON object of a record, a CSV row whose values do not
+    parse) is a ``ValueError`` naming the file and the line, and what was expected there."""
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as file:
         if path.suffix.lower() == ".csv":
-            return [_from_csv_row(row) for row in csv.DictReader(file)]
-        return [_from_json_row(json.loads(line)) for line in file if line.strip()]
+            reader = csv.DictReader(file)
+            if reader.fieldnames is not None and not {"site", "point", "step"} <= set(reader.fieldnames):
+                raise ValueError(
+                    f"{path}, line 1: expected a CSV header of record fields ({', '.join(FIELDS[:5])}, ...), "
+                    f"got {', '.join(reader.fieldnames[:5])}"
+                )
+            return [_parsed(path, reader.line_num, "a CSV row of record fields", _from_csv_row, row) for row in reader]
+        return [
+            _parsed(path, k, "one JSON object per line, a record's fields", _from_json_line, line)
+            for k, line in enumerate(file, start=1)
+            if line.strip()
+        ]
+
+
+def _from_json_line(line: str) -> Record:
+    row = json.loads(line)
+    if not isinstance(row, dict):
+        raise ValueError(f"a JSON {type(row).__name__}, not an object")
+    missing = [k for k in ("site", "point", "step") if k not in row]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+    return _from_json_row(row)
+
+
+def _parsed(path: Path, line: int, expected: str, parse: Any, text: Any) -> Record:
+    """``parse(text)``, or a ``ValueError`` naming ``path`` and ``line`` and what was expected."""
+    try:
+        return parse(text)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}, line {line}: expected {expected} ({error})") from None
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -521,13 +612,16 @@ def _n_cell(row: dict[str, Any]) -> str:
 
 
 def _gap_cell(row: dict[str, Any]) -> str:
+    singular, by_construction = row["singular"], row.get("singular_by_construction", 0)
     if row["gap_mean"] is None:
+        if by_construction and by_construction == singular:
+            return f"singular by construction ×{singular} (n > dim)"
+        if singular:
+            return f"inf ({singular} singular)"
         return "non-finite" if row["nonfinite"] else "undefined"
-    if math.isinf(row["gap_mean"]):
-        return f"inf ({row['singular']} singular)"
-    if row["count"] - row["undefined"] - row["nonfinite"] == 1:  # one Gram: no spread to show
-        return _fmt(row["gap_mean"])
-    return _mean_std(row["gap_mean"], row["gap_std"])
+    finite = row["count"] - row["undefined"] - row["nonfinite"] - singular
+    cell = _fmt(row["gap_mean"]) if finite == 1 else _mean_std(row["gap_mean"], row["gap_std"])
+    return cell + (f" (+{singular} singular)" if singular else "")
 
 
 def _mean_std(mean: float, std: float | None) -> str:
@@ -544,7 +638,9 @@ def _mean_std(mean: float, std: float | None) -> str:
 def _theorem1_cell(row: dict[str, Any]) -> str:
     k, v = row["theorem1_checked"], row["theorem1_violations"]
     if k == 0:
-        return "undecided" if row.get("eps_dominated") else "-"
+        if row.get("eps_dominated"):
+            return "undecided"
+        return "n/a: singular" if row["point"] == "normalized" and row["singular"] else "-"
     return f"yes {k}/{k}" if v == 0 else f"NO {v}/{k}"
 
 
@@ -561,11 +657,14 @@ def format_summary(rows: Iterable[dict[str, Any]]) -> str:
     Columns: ``site`` (``site@k`` for the k-th call of a module called more than once per
     forward), ``point``, ``view``, ``n`` (items per Gram: one number, or the range ``min–max``
     where the Grams differ, e.g. sequences of different lengths), ``gap mean ± std`` (isometry
-    gap ``−log I``, population std over items and steps, the mean alone for a single Gram;
-    ``inf`` when a Gram is singular),
+    gap ``−log I`` over the finite gaps, population std over items and steps, the mean alone
+    for a single Gram; ``(+k singular)`` counts the singular Grams left out; ``singular by
+    construction ×k (n > dim)`` when every Gram has more items than entries, ``inf (k
+    singular)`` when every Gram is singular),
     ``Theorem 1`` (on the ``normalized`` point of a norm: ``yes k/k`` when
     ``I(normalized) ≥ I(centered) · norm-variation factor`` held for all k decided Grams, ``NO
-    v/k`` when it failed v times, ``undecided`` when every check was eps-dominated) and
+    v/k`` when it failed v times, ``undecided`` when every check was eps-dominated, ``n/a:
+    singular`` when every Gram was singular by construction: the bound is 0, nothing to check) and
     ``flagged`` (undefined one-item Grams and non-finite activations, left out of the means;
     eps-dominated Theorem 1 checks, whose gaps are in the means).
     """
@@ -599,11 +698,23 @@ def format_table(records: Iterable[Record]) -> str:
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
+def _index_label(names: Sequence[str]) -> str:
+    """What the integers of the x ticks are: a layer (block) index where sites sit inside the
+    numbered modules (``transformer.h.3.ln_1``); a module index where the numbered modules are
+    the sites themselves (an ``nn.Sequential`` of layers and activations: ``"2"``, ``"features.5"``)."""
+    numbered = [(m, name) for name in names if (m := _LAYER.search(name))]
+    ends = [(m, name) for m, name in numbered if m.end() == len(name)]
+    if not ends or len(ends) < len(numbered) / 2:
+        return "layer index"
+    container = ends[0][1][: ends[0][0].start()]
+    return f"module index in {container if container else 'the model'}"
+
+
 def _layer_ticks(units: Sequence[tuple[str, int]]) -> tuple[list[float], list[str]]:
     """x ticks: the first site of every layer index (the first integer in the site's name),
     labelled by it; a site without one by the first part of its name after the prefix all sites
     share (``transformer.ln_f`` → ``ln_f``, ``embeddings.LayerNorm`` → ``embeddings``).
-    At most about 14 labelled layers: every k-th beyond."""
+    At most about 14 labelled layers: every k-th beyond (:func:`_index_label` names them)."""
     names = [site for site, _ in units]
     prefix = names[0].split(".")[0] + "." if names else ""
     strip = len(prefix) if len(names) > 1 and all(n.startswith(prefix) for n in names) else 0
@@ -667,14 +778,35 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str | None 
 _Rows = dict[tuple[str, int, str], dict[str, Any]]
 
 
+def _row_gap(row: dict[str, Any] | None) -> float | None:
+    """The mean gap a summary row plots: ``+inf`` where every Gram was singular."""
+    if row is None:
+        return None
+    return math.inf if row["gap_mean"] is None and row["singular"] else row["gap_mean"]
+
+
+def _row_spread(row: dict[str, Any] | None) -> float:
+    return math.nan if row is None or row["gap_std"] is None else row["gap_std"]
+
+
+def _depth_y_range(rows: _Rows, units: list[tuple[str, int]]) -> tuple[str, float, float]:
+    """:func:`_y_range` of the plotted means and of their ± 1 std bands."""
+    values = [g for u in units for p in POINTS if (g := _row_gap(rows.get((*u, p)))) is not None]
+    for u in units:
+        for p in ("pre", "post"):
+            g, s = _row_gap(rows.get((*u, p))), _row_spread(rows.get((*u, p)))
+            if g is not None and math.isfinite(s):
+                values += [v for v in (g - s, g + s) if v > 0]
+    return _y_range(values)
+
+
 def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
     """The curve of :func:`plot_records`: segments, bands, markers, and the y axis."""
 
     def gap(unit: tuple[str, int], point: str) -> float | None:
-        row = rows.get((*unit, point))
-        return None if row is None else row["gap_mean"]
+        return _row_gap(rows.get((*unit, point)))
 
-    scale, bottom, top = _y_range([g for u in units for p in POINTS if (g := gap(u, p)) is not None])
+    scale, bottom, top = _depth_y_range(rows, units)
 
     def y(g: float | None) -> float:
         return math.nan if g is None else top if math.isinf(g) else max(g, bottom)
@@ -691,11 +823,14 @@ def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
         if is_norm:
             ax.axvspan(2 * i - 0.2, 2 * i + 1.2, color="C3", alpha=0.15, lw=0)
         kind = rows[(*unit, "pre")]["kind"]
+        color = {"norm": "C3", "activation": "C0"}.get(kind, "C2")
+        std = [_row_spread(rows.get((*unit, p))) for p in ("pre", "post")]
+        _band(ax, 2 * i, [y(pre), y(post)], std, (bottom, top), color)
         draw(
             [2 * i, 2 * i + 1],
             [y(pre), y(post)],
             f"{kind}: input → output",
-            color={"norm": "C3", "activation": "C0"}.get(kind, "C2"),
+            color=color,
             marker="o",
             ms=2,
             lw=1.2,
@@ -727,6 +862,14 @@ def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
     ax.set_ylim(bottom, top)
 
 
+def _band(ax: Any, x: int, mean: list[float], std: list[float], limits: tuple[float, float], color: str) -> None:
+    """The ± 1 std band of a site from its input (at ``x``) to its output (``x + 1``), inside the axis limits."""
+    if all(math.isfinite(v) for v in mean + std):
+        low = [max(m - s, limits[0]) for m, s in zip(mean, std)]
+        high = [min(m + s, limits[1]) for m, s in zip(mean, std)]
+        ax.fill_between([x, x + 1], low, high, color=color, alpha=0.2, lw=0)
+
+
 def _label_axes(fig: Any, ax: Any, rows: _Rows, units: list[tuple[str, int]], title: str | None) -> None:
     """Ticks by layer index, axis labels, a title of at most two lines, the legend under the axes."""
     from matplotlib.patches import Patch
@@ -738,12 +881,80 @@ def _label_axes(fig: Any, ax: Any, rows: _Rows, units: list[tuple[str, int]], ti
         if len(label.get_text()) > 4:
             label.set_rotation(90)
     ax.tick_params(axis="y", labelsize=6)
-    ax.set_xlabel("layer index (sites in forward order)", fontsize=7)
+    ax.set_xlabel(f"{_index_label([site for site, _ in units])} (sites in forward order)", fontsize=7)
     ax.set_ylabel("isometry gap  −log I", fontsize=7)
     title = textwrap.shorten(title or "isometry gap along depth", 104, placeholder="…")
     ax.set_title(textwrap.fill(title, 52), fontsize=7.5)  # at most two lines over the axes
     handles, names = ax.get_legend_handles_labels()
+    if any(row["gap_std"] for row in rows.values()):
+        handles.append(Patch(color="0.5", alpha=0.2, lw=0))
+        names.append("± 1 std over items and steps")
     if any(rows[(*u, "pre")]["kind"] == "norm" for u in units):
         handles.append(Patch(color="C3", alpha=0.15, lw=0))
         names.append("norm layer (shaded band)")
     fig.legend(handles, names, loc="outside lower center", ncol=2, fontsize=6, frameon=False)
+
+
+# ---------------------------------------------------------------- the gap against training step
+
+
+def step_curves(records: Iterable[Record], mode: str | None = "train") -> dict[tuple[str, int, str], dict[int, float]]:
+    """``{(site, call, point): {step: mean gap}}`` over the finite gaps of each step's records
+    (items, windows), in forward order; only records of ``mode`` (``"train"``, ``"eval"``; ``None``:
+    all; records without a mode, from older files, always count). A step whose Grams are all
+    singular has no value."""
+    sums: dict[tuple[str, int, str], dict[int, list[float]]] = {}
+    for r in records:
+        if mode is not None and r.mode not in (None, mode):
+            continue
+        steps = sums.setdefault((r.site, r.call, r.point), {})
+        if r.isometry_gap is not None and math.isfinite(r.isometry_gap):
+            acc = steps.setdefault(r.step, [0.0, 0])
+            acc[0] += r.isometry_gap
+            acc[1] += 1
+    return {key: {s: total / k for s, (total, k) in sorted(steps.items())} for key, steps in sums.items()}
+
+
+def plot_steps(
+    records: Iterable[Record], path: str | Path, title: str | None = None, mode: str | None = "train"
+) -> Path:
+    """Isometry gap against training step (``Record.step``), one axis per point (``pre``, a
+    norm's ``normalized``, ``post``), one line per site coloured by its depth (dark: first site,
+    yellow: last; the colour bar names them). y: mean gap ``−log I`` over the step's items,
+    shared by the axes (log scale when it spans more than a factor 20). ``mode``: the forwards
+    drawn (:func:`step_curves`). Drawn on a bare matplotlib ``Figure``, 300 dpi."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    curves = step_curves(records, mode)
+    units = list(dict.fromkeys((site, call) for site, call, _ in curves))
+    points = [p for p in ("pre", "normalized", "post") if any(key[2] == p for key in curves)]
+    values = [g for c in curves.values() for g in c.values()]
+    if not values:
+        raise ValueError(f"no finite gap to plot{f' in {mode}-mode forwards' if mode else ''}")
+    fig = Figure(figsize=(2.3 * len(points) + 0.9, 2.6), layout="constrained")
+    axes = fig.subplots(1, len(points), sharey=True, squeeze=False)[0]
+    scale, bottom, top = _y_range(values)
+    cmap, norm = colormaps["viridis"], Normalize(0, max(len(units) - 1, 1))
+    for ax, point in zip(axes, points):
+        for i, unit in enumerate(units):
+            curve = curves.get((*unit, point))
+            if curve:
+                ax.plot(list(curve), list(curve.values()), color=cmap(norm(i)), lw=1, marker="o", ms=1.5)
+        ax.set_title(point if point != "normalized" else "normalized (norms)", fontsize=7)
+        ax.set_xlabel("training step", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.set_yscale(scale)
+        ax.set_ylim(bottom, top)
+    axes[0].set_ylabel("isometry gap  −log I", fontsize=7)
+    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=list(axes), pad=0.01, aspect=30)
+    names = [site_label(site, call) for site, call in units]
+    ticks = sorted({round(k * (len(units) - 1) / 5) for k in range(6)}) if len(units) > 6 else range(len(units))
+    bar.set_ticks(list(ticks), labels=[textwrap.shorten(names[t], 28, placeholder="…") for t in ticks], fontsize=5)
+    bar.set_label("site, in forward order", fontsize=6)
+    fig.suptitle(textwrap.shorten(title or "isometry gap against training step", 90, placeholder="…"), fontsize=7.5)
+    path = Path(path)
+    fig.savefig(path, dpi=300)
+    return path

@@ -154,7 +154,7 @@ def test_probes_attached_again_run_in_the_graph_traced_before(tiny_gpt2, eager_r
     assert len(first.records) == 2 * len(eager)
     with torch.no_grad():
         compiled(**data[0])  # traced again, without hooks
-    with pytest.warns(UserWarning, match="no site of this Probe ran in forward 0.*torch.compiler.reset"):
+    with pytest.warns(UserWarning, match="no site of this Probe ran in the forward at step 0.*torch.compiler.reset"):
         assert probed(Probe(compiled)) == []
     torch.compiler.reset()
     assert probed(Probe(compiled)) == eager

@@ -41,7 +41,8 @@ def test_callback_records_every_nth_forward_and_removes_hooks():
         callback.on_step_end(None, state, control)
     callback.on_train_end(None, state, control)
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
-    assert sorted({row["global_step"] for row in callback.history}) == [1, 3, 5]
+    # the step of the probed forward: optimizer steps before it (0: the initial weights)
+    assert sorted({row["global_step"] for row in callback.history}) == [0, 2, 4]
     assert {(row["site"], row["point"]) for row in callback.history} == {
         ("1", p) for p in ("pre", "centered", "normalized", "post")
     }
@@ -50,7 +51,7 @@ def test_callback_records_every_nth_forward_and_removes_hooks():
         key = f"{row['site']}:{row['point']}"
         assert logged[(f"isoprobe/isometry/{key}", row["global_step"])] == row["isometry_mean"]
         assert logged[(f"isoprobe/gap/{key}", row["global_step"])] == row["gap_mean"]
-    assert logged[("isoprobe/theorem1_violations/1", 5)] == 0
+    assert logged[("isoprobe/theorem1_violations/1", 4)] == 0
 
 
 def test_log_summary_skips_infinite_gaps():
@@ -122,7 +123,7 @@ def test_callback_under_a_real_trainer_logs_to_tensorboard(tmp_path):
     Trainer(model=tiny_lm(), args=args, train_dataset=data, callbacks=[callback, check]).train()
     writer.close()
     assert check.seen == [0, 0, 0] and callback.probe is None  # popped every step, detached at the end
-    assert sorted({row["global_step"] for row in callback.history}) == [1, 2, 3]
+    assert sorted({row["global_step"] for row in callback.history}) == [0, 1, 2]
     assert {row["key"] for row in callback.history} == {
         f"transformer.h.0.{ln}:{p}" for ln in ("ln_1", "ln_2") for p in ("pre", "centered", "normalized", "post")
     }

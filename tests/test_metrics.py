@@ -120,9 +120,10 @@ def test_not_psd_is_rejected():
     [
         (torch.ones(4), ip.isometry_gap),
         (torch.ones(3, 4), ip.isometry_gap),
-        (torch.ones(1, 1), ip.isometry),
+        (torch.ones(0, 0), ip.isometry),
+        (torch.ones(1, 1), ip.lyapunov_gamma),
         (torch.ones(5), ip.gram),
-        (torch.ones(1, 5), ip.norm_variation_factor),
+        (torch.ones(0, 5), ip.norm_variation_factor),
     ],
 )
 def test_bad_shapes_name_the_shape(bad, fn):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,3 +101,63 @@ def test_spectral_stats_rank_is_the_numerical_rank_as_float64():
     stats = ip.spectral_stats(G)
     assert stats.rank.dtype == torch.float64 and torch.equal(stats.rank, ip.numerical_rank(G))
     assert stats.rank.tolist() == [3.0, 5.0, 0.0]
+
+
+# ---- one input check for every Gram function (issue 21, item 4)
+
+CHECKED = [ip.isometry, ip.isometry_gap, ip.orthogonality_gap, ip.effective_rank, ip.numerical_rank, spectral_rank]
+
+
+@pytest.mark.parametrize("metric", CHECKED + [ip.lyapunov_gamma], ids=lambda f: f.__name__)
+def test_not_psd_is_refused_by_every_gram_function(metric):
+    with pytest.raises(ValueError, match="not positive semi-definite: eigenvalue -1"):
+        metric(-torch.eye(3, dtype=torch.float64))
+    G = torch.eye(3, dtype=torch.float64).repeat(3, 1, 1)
+    G[2, 0, 0] = -1e-3
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        metric(G)
+
+
+@pytest.mark.parametrize("metric", CHECKED + [ip.lyapunov_gamma], ids=lambda f: f.__name__)
+def test_psd_tolerance_passes_rounding_below_zero(metric):
+    # λ_min = -n·eps·max G_ii: rounding, inside the stated tolerance of 100·n·eps·max G_ii
+    lam = -3 * torch.finfo(torch.float64).eps
+    Q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    G = Q @ torch.diag(torch.tensor([lam, 1.0, 1.0], dtype=torch.float64)) @ Q.T
+    metric((G + G.T) / 2)  # no error
+
+
+@pytest.mark.parametrize("metric", CHECKED + [ip.lyapunov_gamma], ids=lambda f: f.__name__)
+def test_bool_gram_is_a_type_error_saying_what_to_pass(metric):
+    with pytest.raises(TypeError, match=r"real numbers, got dtype torch.bool.*G.double\(\)"):
+        metric(torch.eye(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="real numbers, got a numpy array of dtype bool"):
+        metric(np.eye(3, dtype=bool))
+
+
+@pytest.mark.parametrize("metric", CHECKED + [ip.lyapunov_gamma], ids=lambda f: f.__name__)
+def test_numpy_grams_give_the_tensor_answer(metric):
+    X = torch.randn(4, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    G = ip.gram(X)
+    torch.testing.assert_close(metric(G.numpy()), metric(G), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="torch.Tensor or a numpy array, got list"):
+        metric(G[0].tolist())
+
+
+def test_one_item_is_answered_where_defined():
+    one = torch.tensor([[2.5]], dtype=torch.float64)
+    assert ip.isometry(one).item() == 1.0 and ip.isometry_gap(one).item() == 0.0
+    assert ip.effective_rank(one).item() == 1.0 and ip.numerical_rank(one).item() == 1.0
+    assert ip.orthogonality_gap(one).item() == 0.0
+    assert ip.norm_variation_factor(torch.ones(1, 4)).item() == 1.0
+    zero = torch.zeros(1, 1, dtype=torch.float64)
+    assert ip.isometry_gap(zero).item() == math.inf and ip.numerical_rank(zero).item() == 0.0
+    with pytest.raises(ValueError, match="at least n = 2 items"):  # a maximum over pairs i ≠ j
+        ip.lyapunov_gamma(one)
+
+
+def test_effective_rank_of_a_zero_gram_agrees_with_the_numerical_rank():
+    Z = torch.zeros(2, 3, 3, dtype=torch.float64)
+    Z[1] = torch.diag(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
+    assert ip.effective_rank(Z).tolist() == [0.0, pytest.approx(2.0, rel=1e-12)]
+    assert ip.numerical_rank(Z).tolist() == [0.0, 2.0]

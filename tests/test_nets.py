@@ -109,4 +109,6 @@ def test_probe_sees_the_norm_sites():
         net(_x(20).float())
     sites = {r.site for r in probe.records}
     assert sites == {"input_norm", "layers.0.norm", "layers.1.norm"}
-    assert all(r.theorem1_holds for r in probe.records if r.point == "normalized")
+    holds = {r.site: r.theorem1_holds for r in probe.records if r.point == "normalized"}
+    # 20 inputs of 12 entries: the input norm's Gram is singular by construction, so no check
+    assert holds == {"input_norm": None, "layers.0.norm": True, "layers.1.norm": True}

@@ -160,3 +160,78 @@ def test_a_lookup_that_names_no_point_or_matches_nothing_says_what_there_is():
         probe["1:bogus"]
     with pytest.raises(KeyError, match=r"no record matches 'h\.\*'; recorded sites: 1, 2"):
         probe["h.*"]
+
+
+# ---- sinks never clobber; clean errors (issue 21, items 5 and 6)
+
+
+def _run(model, path, **options):
+    with torch.no_grad(), Probe(model, sink=path, **options) as probe:
+        model(torch.randn(5, 6, generator=torch.Generator().manual_seed(0)))
+    return probe
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_an_existing_sink_file_is_refused_appended_or_overwritten_as_asked(tmp_path, suffix):
+    model, path = tiny_model(), tmp_path / f"run{suffix}"
+    _run(model, path)
+    first = read_records(path)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match=r"not empty.*sink_mode='append'") as info:
+        Probe(model, sink=path)
+    assert info.value.filename == str(path)
+    assert path.read_bytes() == before  # untouched
+    _run(model, path, sink_mode="append")
+    assert read_records(path) == first + first  # the forward counter restarts with a new Probe
+    _run(model, path, sink_mode="overwrite")
+    assert read_records(path) == first
+    with pytest.raises(ValueError, match="sink_mode must be one of new, append, overwrite"):
+        Probe(model, sink=tmp_path / "other.jsonl", sink_mode="keep")
+
+
+def test_an_empty_existing_sink_file_is_a_new_file(tmp_path):
+    path = tmp_path / "run.csv"
+    path.touch()
+    _run(tiny_model(), path)
+    assert len(read_records(path)) == 6
+
+
+def test_appending_to_a_csv_of_other_columns_is_refused(tmp_path):
+    path = tmp_path / "run.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="cannot append to .*run.csv.*header"):
+        Probe(tiny_model(), sink=path, sink_mode="append")
+
+
+def test_probe_index_by_position_is_a_type_error_about_keys():
+    model = tiny_model()
+    with torch.no_grad(), Probe(model) as probe:
+        model(torch.randn(5, 6))
+    with pytest.raises(TypeError, match=r"keys are site names or glob patterns.*not int 0.*probe.records"):
+        probe[0]
+
+
+@pytest.mark.parametrize(
+    "name, text, line, what",
+    [
+        ("r.jsonl", '{"site": "a", "point": "pre", "step": 0}\n{"site": "a", "po\n', 2, "one JSON object per line"),
+        ("r.jsonl", "\n[1, 2]\n", 2, "not an object"),
+        ("r.jsonl", '{"point": "pre"}\n', 1, "no site, step"),
+        ("r.csv", "x,y\n1,2\n", 1, "a CSV header of record fields"),
+    ],
+)
+def test_a_damaged_records_file_names_the_file_and_the_line(tmp_path, name, text, line, what):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"{name}, line {line}: expected .*{what}"):
+        read_records(path)
+
+
+def test_a_damaged_csv_row_names_its_line(tmp_path):
+    model, path = tiny_model(), tmp_path / "r.csv"
+    _run(model, path)
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3].replace(",0,", ",zero,", 1)  # the step column of the third record
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"r.csv, line 4: expected a CSV row of record fields"):
+        read_records(path)

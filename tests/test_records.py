@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from isoprobe.records import (
+    SINGULAR,
     Record,
     RecordSink,
     RunningSummary,
@@ -76,7 +77,7 @@ def test_summarize_means_and_flags():
     norm = rows[("a.ln", "normalized")]
     assert (norm["theorem1_checked"], norm["theorem1_violations"], norm["bound_mean"]) == (2, 1, 0.6)
     act = rows[("b.act", "pre")]
-    assert act["gap_mean"] == math.inf and act["gap_std"] is None
+    assert act["gap_mean"] is None and act["gap_std"] is None  # no finite gap
     assert (act["count"], act["singular"], act["nonfinite"], act["isometry_mean"]) == (2, 1, 1, 0.0)
     assert theorem1_counts(sample_records()) == {"checked": 2, "violations": 1, "eps_dominated": 0}
 
@@ -247,3 +248,33 @@ def test_a_single_gram_prints_its_gap_without_a_spread():
     lines = format_table(one + two).splitlines()
     assert "0.25 " in lines[2] and "±" not in lines[2]  # one text: no "± 0"
     assert "0.80 ± 0.10" in lines[3]
+
+
+def test_one_singular_gram_leaves_the_mean_over_the_finite_gaps_and_is_counted():
+    records = [rec(gap=0.9, item=0), rec(gap=0.5, item=1), rec(gap=math.inf, item=2)]
+    row = summarize(records)[0]
+    assert row["gap_mean"] == pytest.approx(0.7) and row["gap_std"] == pytest.approx(0.2)
+    assert (row["singular"], row["singular_by_construction"]) == (1, 0)
+    assert row["isometry_mean"] == pytest.approx((math.exp(-0.9) + math.exp(-0.5)) / 3)
+    assert "0.70 ± 0.20 (+1 singular)" in format_table(records).splitlines()[2]
+
+
+def test_grams_singular_by_construction_are_marked_and_not_theorem1_checks():
+    short = dict(n=40, dim=16, flag=SINGULAR)
+    records = [
+        dataclasses.replace(rec(point="pre", gap=math.inf), **short),
+        dataclasses.replace(rec(point="normalized", gap=math.inf), **short),
+    ]
+    lines = format_table(records).splitlines()
+    assert "singular by construction ×1 (n > dim)" in lines[2] and "inf" not in lines[2].split("(")[0]
+    assert "n/a: singular" in lines[3]
+    assert theorem1_counts(records)["checked"] == 0
+    # a file written before the flag existed: n > dim decides
+    old = summarize([dataclasses.replace(records[0], flag=None)])[0]
+    assert old["singular_by_construction"] == 1
+
+
+def test_window_field_roundtrips_through_csv_and_json(tmp_path):
+    records = [rec(item=3, window=2), rec(item=3, window=None)]
+    assert read_records(to_csv(records, tmp_path / "r.csv")) == records
+    assert read_json(to_json(records, tmp_path / "r.json"))[0] == records
