@@ -161,6 +161,15 @@ def build(name: str) -> tuple[nn.Module, dict]:
     return model, batch
 
 
+# Functions applied outside module sites (isoprobe.calls), as the Probe names them; in the other
+# models every activation and norm function runs inside a module site. Gemma2: attention-logit
+# soft-capping (torch.tanh); Mamba's mixer (slow path): F.silu twice and F.softplus.
+FUNCTIONAL = {
+    "gemma2": ["layers.0.self_attn:tanh@0", "layers.1.self_attn:tanh@0"],
+    "mamba": [f"layers.{i}.mixer:{f}" for i in (0, 1) for f in ("silu@0", "silu@1", "softplus@0")],
+}
+
+
 @pytest.mark.parametrize("name", list(ZOO))
 def test_probe_records_every_norm_and_activation_that_runs(name, zoo_table):
     start = time.perf_counter()
@@ -171,6 +180,7 @@ def test_probe_records_every_norm_and_activation_that_runs(name, zoo_table):
     found = check(model, batch)
     assert not found["missed"] and not found["extra"] and not found["wrong_kind"], f"{name}: {found}"
     assert not found["above"], f"{name}: sites above leaf modules {found['above']}"
+    assert found["functional"] == FUNCTIONAL.get(name, []), f"{name}: functional sites {found['functional']}"
     assert not found["theorem1_differs"], f"{name}: Theorem 1 verdicts {found['theorem1_differs']}"
     assert not found["failed"], f"{name}: Theorem 1 itself fails at {found['failed']}"
     zoo_table.append(

@@ -162,8 +162,8 @@ def centres(module, args, kwargs) -> bool:
 
 def check(model: nn.Module, batch: dict) -> dict:
     """One forward under the Probe and a :class:`RunCapture`: the oracle's norms/activations,
-    what the Probe recorded (``missed``/``extra`` against the oracle, ``above``: sites that are
-    no leaf module that ran), and its Theorem 1 verdicts at the first call of each norm against
+    what the Probe recorded (``missed``/``extra`` against the oracle, ``above``: module sites
+    that are no leaf module that ran; ``functional``: the functional sites), and its Theorem 1 verdicts at the first call of each norm against
     :func:`theorem1_expected` (``theorem1_differs``; ``failed``: Grams where the theorem itself
     fails; ``eps_dominated``: Grams where only the exact projection meets the bound)."""
     capture = RunCapture(model)
@@ -196,7 +196,8 @@ def check(model: nn.Module, batch: dict) -> dict:
         "missed": described(set(truth) - set(leaf)),
         "extra": described(set(leaf) - set(truth)),
         "wrong_kind": sorted(n for n in set(truth) & set(leaf) if truth[n] != leaf[n]),
-        "above": sorted(set(recorded) - set(leaf)),
+        "above": sorted(n for n in set(recorded) - set(leaf) if ":" not in n),
+        "functional": sorted(n for n in recorded if ":" in n),  # functional sites (isoprobe.calls)
         "theorem1_holds": sum(1 for v, _ in expected.values() if v),
         "eps_dominated": sum(1 for v, _ in expected.values() if v is None),
         "failed": sorted({site for (site, _), (v, _) in expected.items() if v is False}),
