@@ -458,17 +458,21 @@ def test_compiled_model_records_module_sites_in_one_graph():
 
 
 class Aten(nn.Module):
-    """The ATen entry points, whose arguments come in another order than F's."""
+    """The ATen entry points, whose arguments come in another order than F's. Widths such that
+    both Theorem 1 checks are decided on a batch of 6: the layer norm's sample Gram has 6 rows of
+    16 entries, the batch norm's feature Gram 4 channels of 6 entries (centred: rank ≤ 5)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 16)
+        self.narrow = nn.Linear(16, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         tap(self, "layer_norm@0", "pre", h)
-        a = torch.layer_norm(h, (8,), None, None, 1e-3, False)
+        a = torch.layer_norm(h, (16,), None, None, 1e-3, False)
         tap(self, "layer_norm@0", "post", a)
+        a = self.narrow(a)
         tap(self, "batch_norm@0", "pre", a)
         b = torch.batch_norm(a, None, None, None, None, True, 0.1, 1e-4, False)
         tap(self, "batch_norm@0", "post", b)

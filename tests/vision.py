@@ -25,7 +25,7 @@ forward was running. From that capture:
   aten norm operation to its input (the input itself, its channels-last permutation or a
   reshape of it);
 - a **module activation site** is a leaf module that ``zoo.truth_kind`` finds entrywise and
-  nonlinear;
+  nonlinear (in eval mode, where dropout and stochastic depth are the identity);
 - a **functional site** is an aten norm or activation operation whose owner is not a module
   site of that kind (``F.relu`` inside Inception's ``BasicConv2d``), named
   ``owner:op#j`` (the j-th such operation in one call of the owner). ``F.rms_norm`` decomposes
@@ -41,8 +41,8 @@ before. Every record of the Probe is recomputed in float64 (numpy eigenvalues) f
 oracle's tensor for its site, call and point in the record's view: ``pre`` (the true input),
 ``post``, and for norms ``centered`` and ``normalized`` from the aten operation's input with its
 own dimensions and eps (batch statistics for batch norms); a gap must agree to relative 1e-6
-(both infinite for a singular Gram; a Gram whose smallest eigenvalue is within a factor 100
-of the rank threshold is ``borderline`` and not compared). ``theorem1_holds`` must never be
+(both infinite for a singular Gram; none for a Gram of one item; a Gram whose smallest
+eigenvalue is within a factor 100 of the rank threshold is ``borderline`` and not compared). ``theorem1_holds`` must never be
 ``False``, and the bound must equal ``I(centered)`` times the norm-variation factor of the
 centred items (not compared where the centred Gram is borderline). ``view_breaks``: a site's ``post`` and the next site's ``pre`` that are the
 same tensor (bit-for-bit) but are measured in different views.
@@ -275,6 +275,18 @@ def functional_in(call: dict, kind: str | None) -> list[dict]:
     return [op for op in call["ops"] if op is not own and not (kind == "activation" and op["op"] in ACT_OPS)]
 
 
+def _truth_in_eval(call: dict) -> str | None:
+    """``zoo.truth_kind`` of a leaf module in eval mode: dropout and stochastic depth then do
+    nothing (in train mode their random masks can pass the entrywise test by chance); no
+    activation depends on the mode, and a batch norm is a norm in both."""
+    module, mode = call["module"], call["module"].training
+    module.train(False)
+    try:
+        return truth_kind(module, (call["pre"], *call["args"][1:]), call["kwargs"], call["post"])
+    finally:
+        module.train(mode)
+
+
 def oracle_sites(capture: Oracle) -> tuple[dict[str, str], dict[str, list[str]]]:
     """``(module sites, functional sites)``: module name -> kind, and owner -> the operations
     of its functional sites in one call of the owner, in order (module docstring)."""
@@ -286,7 +298,7 @@ def oracle_sites(capture: Oracle) -> tuple[dict[str, str], dict[str, list[str]]]
         if _input_norm_op(call) is not None:
             modules[name] = "norm"
         elif not any(True for _ in call["module"].children()):
-            kind = truth_kind(call["module"], (call["pre"], *call["args"][1:]), call["kwargs"], call["post"])
+            kind = _truth_in_eval(call)
             if kind:
                 modules[name] = kind
     functional = {}
@@ -348,6 +360,9 @@ def compare_records(records, capture: Oracle, modules: dict[str, str]) -> dict:
         out["points"] += 1
         if borderline:
             out["borderline"] += 1
+        elif rows.shape[0] < 2:  # the Probe's "undefined: fewer than 2 items"
+            if r.isometry_gap is not None:
+                out["disagree"].append((f"{r.key} [{r.view}]", f"Probe {r.isometry_gap} for one item"))
         elif not _agree(r.isometry_gap, mine) or rows.shape[0] != r.n:
             out["disagree"].append(
                 (f"{r.key} [{r.view}]", f"Probe {r.isometry_gap} (n={r.n}), oracle {mine} (n={rows.shape[0]})")
