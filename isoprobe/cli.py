@@ -460,12 +460,19 @@ def inspect_command(**options) -> None:
 
 def _run_corpus(**options) -> None:
     """``inspect`` under torchrun: every rank probes its share; rank 0 prints and writes."""
-    from isoprobe import corpus, distributed, jobs, models
+    from isoprobe import corpus, distributed, jobs, models, outlock
+
+    def notify(message: str) -> None:
+        click.echo(message, err=True)
 
     job = jobs.TextJob(family="auto", **options)
     with distributed.torchrun_group() as (rank, _world):
+        held = distributed.hold_folder_on_root(job.out, rank, _command_line(), notify) if job.out else None
         try:
-            result = corpus.run_corpus(job, lambda message: click.echo(message, err=True))
+            with held or contextlib.nullcontext():
+                result = corpus.run_corpus(job, notify)
+        except outlock.FolderBusy as error:
+            raise FolderInUse(str(error)) from None
         except (ValueError, models.ModelLoadError) as error:
             raise click.UsageError(str(error)) from None
         except OSError as error:

@@ -55,12 +55,13 @@ from isoprobe.jobs import (
     check_outputs,
     encode_texts,
     tokenizer_fields,
+    warn_singular,
     write_outputs,
 )
 from isoprobe.models import ModelLoadError, first_line, hub_reachable, load_model, read_texts
 from isoprobe.records import Record, RunningSummary, Summary, json_text, read_json
 
-__all__ = ["CorpusResult", "run_corpus", "stream_texts", "write_corpus_outputs"]
+__all__ = ["CorpusResult", "run_corpus", "run_options", "stream_texts", "write_corpus_outputs"]
 
 Notify = Callable[[str], None]
 
@@ -203,8 +204,10 @@ def _rank_device(device: str) -> str:
     return device
 
 
-def _run_options(job: TextJob) -> dict[str, Any]:
-    keys = ("model", "sites", "batch_size", "stride", "dtype", "gram_dtype")
+def run_options(job: TextJob) -> dict[str, Any]:
+    """The options that shape a corpus run's records: a resumed ``--out`` must have been made
+    with the same ones (its finished batches are refused otherwise)."""
+    keys = ("model", "sites", "batch_size", "stride", "window", "calls", "dtype", "gram_dtype")
     return {k: getattr(job, k) for k in keys}
 
 
@@ -220,6 +223,10 @@ def _checked_options(job: TextJob) -> tuple[list[str] | None, torch.dtype]:
             "--device-map splits one model over this machine's devices, while each torchrun rank holds "
             "its own copy: use one or the other"
         )
+    if job.baseline is not None:
+        raise ValueError(
+            "--baseline probes a second model on the same texts: run it in one process, not under torchrun"
+        )
     if job.fmt not in ("table", "json", "csv"):
         raise ValueError(f"format must be table, json or csv; got {job.fmt!r}")
     return _sites_option(job.sites), _gram_dtype(job.gram_dtype)
@@ -233,7 +240,7 @@ def run_corpus(job: TextJob, notify: Notify = _stderr) -> CorpusResult | None:
     say = notify if rank == 0 else _silent
     sites, gram_dtype = _checked_options(job)
     check_outputs(job.out, job.plot)
-    parts = _Parts(job.out, _run_options(job)) if job.out else None
+    parts = _Parts(job.out, run_options(job)) if job.out else None
     if parts is not None:
         parts.check_run(rank)
     texts = _texts(job)
@@ -241,6 +248,8 @@ def run_corpus(job: TextJob, notify: Notify = _stderr) -> CorpusResult | None:
     origins: list[tuple[int, int]] = []
     sequences = encode_texts(loaded.tokenizer, texts, loaded.context, job.stride, say, origins)
     lengths = [len(s) for s in sequences]
+    if rank == 0:  # sites the texts make singular by construction, named before any work
+        warn_singular(loaded, sites, sequences, job.window, say)
     empty = TextProbeReport(loaded.name, lengths, [], list(texts), origins, job.batch_size, **tokenizer_fields(loaded))
     batches = [sequences[s : s + job.batch_size] for s in range(0, len(sequences), job.batch_size)]
     mine = range(rank, len(batches), world)

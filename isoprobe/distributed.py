@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from isoprobe import outlock
 from isoprobe.metrics import gram
 from isoprobe.records import RunningSummary
 
@@ -50,6 +51,7 @@ __all__ = [
     "gather_to_root",
     "gather_rows",
     "global_sample_gram",
+    "hold_folder_on_root",
     "launched_by_torchrun",
     "local_only",
     "merge_summaries",
@@ -148,6 +150,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@contextmanager
+def hold_folder_on_root(folder: Any, rank: int, command: str, notify: Any) -> Iterator[None]:
+    """Rank 0 holds ``folder`` (:func:`isoprobe.outlock.hold_folder`) for the block; a refusal
+    reaches every rank as :class:`~isoprobe.outlock.FolderBusy` (collective, like every call here)."""
+    with ExitStack() as stack:
+        refusal = None
+        if rank == 0:
+            try:
+                stack.enter_context(outlock.hold_folder(folder, command, notify))
+            except outlock.FolderBusy as error:
+                refusal = str(error)
+        refusal = broadcast_object(refusal)
+        if refusal is not None:
+            raise outlock.FolderBusy(refusal)
+        yield
 
 
 def agree_min(value: int) -> int:

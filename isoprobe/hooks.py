@@ -650,8 +650,13 @@ def _measure_aligned(spec: NormSpec, X: torch.Tensor, x_dtype: torch.dtype, comm
 
 
 def _point_dim(p: _Pending, point: str) -> int:
-    """Entries per item at ``point``: the output's at ``post``, the input's elsewhere."""
-    return p.post_dim if point == "post" else p.dim
+    """The rank bound of ``point``'s items: the output's entries per item at ``post``, the
+    input's elsewhere, one less at ``centered``/``normalized`` of a centring norm measured in the
+    view whose items it normalises (each item minus its own mean is orthogonal to the ones vector)."""
+    if point == "post":
+        return p.post_dim
+    centred = point in ("centered", "normalized") and p.log_ratio is not None and p.site.norm is not None
+    return p.dim - 1 if centred and p.site.norm.centers else p.dim
 
 
 def _finish(p: _Pending, tol: float) -> _Finished:
@@ -819,7 +824,7 @@ def _theorem1(p: _Pending, gaps: dict[str, torch.Tensor], tol: float) -> list[to
     gc = gaps["centered"]
     gn = (gc + p.log_ratio.to(gc.dtype)).clamp_min(0)
     singular = torch.isinf(gc)
-    ask = singular & ~_short(p.dim, p.n)  # D G_c D has G_c's rank: singular by construction stays so
+    ask = singular & ~_short(_point_dim(p, "centered"), p.n)  # D G_c D has G_c's rank: singular stays so
     if bool(ask.any()):  # G_c numerically singular: D G_c D may not be, ask it directly
         pad = None if p.pad is None else p.pad[ask]
         gn[ask] = _gap(p.gram_normalized[ask], p.n[ask], pad).to(gn.dtype)
@@ -945,6 +950,16 @@ def _records(f: _Finished, table: list[list[float]], mode: str | None = None) ->
     return out
 
 
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Do ``a`` and ``b`` hold the same values in the same memory? (Under ``torch.compile`` a hook
+    pair may see two tensor objects for one input, so identity alone would say "changed".)"""
+    if a is b:
+        return True
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
 def _version(x: torch.Tensor | None) -> int | None:
     """``x``'s version counter (bumped by every in-place change), ``None`` for no tensor or an
     inference tensor (``torch.inference_mode``), which has none."""
@@ -1045,10 +1060,13 @@ def _check_options(model: object, view: object, every: object, gram_dtype: objec
         raise ValueError(f"attention_mask must be shaped (batch, seq), got {tuple(attention_mask.shape)}")
 
 
-def _check_training_options(window: object, step: object) -> None:
-    """``window``: None or an integer of at least 2 tokens; ``step``: None or a function."""
+def _check_training_options(window: object, step: object, view: object) -> None:
+    """``window``: None or an integer of at least 2 tokens, for the token view; ``step``: None or
+    a function."""
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 2):
         raise ValueError(f"window must be an integer number of tokens, at least 2, or None; got {window!r}")
+    if window is not None and view not in ("auto", "token"):
+        raise ValueError(f"window cuts token Grams: it needs view='token' or 'auto', not view={view!r}")
     if step is not None and not callable(step):
         raise TypeError(f"step must be a function giving the current training step (or None), got {step!r}")
 
@@ -1125,7 +1143,7 @@ class Probe:
         probe_eval: bool = False,
     ) -> None:
         _check_options(model, view, every, gram_dtype, attention_mask)
-        _check_training_options(window, step)
+        _check_training_options(window, step, view)
         _check_sites_argument(sites)
         model = eager_module(model)
         found = discover_sites(model)
@@ -1401,7 +1419,7 @@ class Probe:
         if begun.version is None:  # an inference tensor has no version counter: the module's word
             changed = getattr(site.module, "inplace", False) is True
         else:
-            changed = x is not x_now or _version(x_now) != begun.version
+            changed = not _same_tensor(x, x_now) or _version(x_now) != begun.version
         if not begun.parts:
             if changed:
                 why = "it changed its input in place, so that input is gone"
@@ -1425,6 +1443,8 @@ class Probe:
                 args = None  # a float64 measurement is never redone; an input changed in place is gone
                 if not changed and self.gram_dtype == torch.float32:
                     x_in = x_now if layout is None else windowed(x_now, layout)
+                    if self.gather and view != "token":  # the redo pairs the global input with z
+                        x_in = all_gather_features(x_now, same_size=self.equal_batches)
                     args = (site, x_in.detach(), z.detach(), view, mask, points, last)
                 self._queue(_measure_output(pending, z.detach()), args, begun.call)
 
@@ -1740,7 +1760,7 @@ def rank_bounds(model: nn.Module, inputs: dict[str, Any], sites: str | Sequence[
     with torch.no_grad(), warnings.catch_warnings(), Probe(model, sites=sites) as probe:
         warnings.simplefilter("ignore")
         model(**inputs)
-    by_name = {site.name: site for site in probe.sites}
+    by_name = {site.name: site for site in (*probe.sites, *probe.functional_sites)}
     bounds: dict[str, int] = {}
     for r in probe.records:
         if r.view == "token":

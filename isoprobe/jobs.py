@@ -70,6 +70,7 @@ __all__ = [
     "TextJob",
     "TextProbeReport",
     "tokenizer_fields",
+    "warn_singular",
     "check_outputs",
     "encode_texts",
     "probe_texts",
@@ -486,7 +487,7 @@ def probe_texts(
     sequences = encode_texts(loaded.tokenizer, texts, loaded.context, stride, notify, origins)
     model = loaded.model
     model.train(train_mode)
-    _warn_singular(loaded, sites, sequences, window, notify)
+    warn_singular(loaded, sites, sequences, window, notify)
     torch.manual_seed(seed)
     batches = range(0, len(sequences), batch_size)
     bar = tqdm(
@@ -544,7 +545,7 @@ def singular_sites(loaded: LoadedModel, sites: str | Sequence[str] | None, token
     return [(site, bound) for site, bound in bounds.items() if tokens > bound]
 
 
-def _warn_singular(
+def warn_singular(
     loaded: LoadedModel,
     sites: str | Sequence[str] | None,
     sequences: list[list[int]],

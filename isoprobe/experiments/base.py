@@ -47,7 +47,6 @@ representation (``gap = +inf``) is counted, never dropped.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -55,7 +54,7 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from isoprobe import distributed, outlock
+from isoprobe import distributed
 from isoprobe.data import IMAGE_SOURCES, DataUnavailable, ImageBatch, is_image_source, load_images
 
 __all__ = [
@@ -780,28 +779,12 @@ def run_reproductions(
         options.device if options.device == "cpu" or world == 1 else f"cuda:{torch.cuda.current_device()}"
     )
     summaries = []
-    with _holding(out_dir, rank, command or shlex.join(sys.argv), echo):
+    with distributed.hold_folder_on_root(out_dir, rank, command or shlex.join(sys.argv), echo):
         for name in selected:
             st = stem(name, options.protocol)
             env = Env(st, out_dir, device, rank, world, show_progress, echo)
             summaries.append(_run_declared(REGISTRY[name], options, out_dir, env))
     return summaries
-
-
-@contextlib.contextmanager
-def _holding(out_dir: Path, rank: int, command: str, echo: Callable[[str], None]) -> Iterator[None]:
-    """Rank 0 holds ``out_dir`` for the block; a refusal reaches every rank as :class:`~isoprobe.outlock.FolderBusy`."""
-    with contextlib.ExitStack() as stack:
-        refusal = None
-        if rank == 0:
-            try:
-                stack.enter_context(outlock.hold_folder(out_dir, command, echo))
-            except outlock.FolderBusy as error:
-                refusal = str(error)
-        refusal = distributed.broadcast_object(refusal)
-        if refusal is not None:
-            raise outlock.FolderBusy(refusal)
-        yield
 
 
 def summarize(summaries: Sequence[dict], out_dir: str | Path = "") -> str:

@@ -1,0 +1,132 @@
+"""Edges found in review of the merged Probe: the float32 redo under a gathered batch, functional
+sites in the rank bounds, windows outside the token view, named modules under torch.compile, and
+corpus runs (a held --out, options a corpus run cannot take or must remember)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import isoprobe.hooks as hooks
+from isoprobe import Probe, corpus, distributed, outlock
+from isoprobe.hooks import rank_bounds
+from isoprobe.jobs import TextJob
+
+
+def gap_of(Z: np.ndarray) -> float:
+    """−log I of the rows' Gram, float64 eigenvalues (an independent reference)."""
+    lam = np.linalg.eigvalsh(Z @ Z.T)
+    return float(np.log(lam.mean()) - np.log(lam).mean())
+
+
+def test_float32_redo_under_gather_uses_the_gathered_input(monkeypatch):
+    """With gather=True the sample Grams are over the global batch; a float32 record redone in
+    float64 must pair the gathered input with the gathered output (it paired the rank's own
+    input with the gathered output: a wrong Gram, here a crash)."""
+
+    def doubled(x, same_size=False):  # a stand-in for a second rank: the batch and a transform of it
+        return torch.cat([x, torch.tanh(1.7 * x + 0.3)])
+
+    monkeypatch.setattr(hooks, "all_gather_features", doubled)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Tanh()).double()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    probe = Probe(model, sites="norm", view="sample", gather=True, gram_dtype=torch.float32)
+    probe.float32_tolerance = 0.0  # every record redone in float64
+    with torch.no_grad(), probe:
+        model(x)
+    h = model[0](x)
+    pre = doubled(h).detach().numpy()
+    by_point = {r.point: r for r in probe.records}
+    assert by_point["pre"].n == 10
+    assert by_point["pre"].isometry_gap == pytest.approx(gap_of(pre), rel=1e-6)
+    centered = pre - pre.mean(axis=1, keepdims=True)
+    assert by_point["centered"].isometry_gap == pytest.approx(gap_of(centered), rel=1e-6)
+
+
+class FunctionalNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(F.layer_norm(self.lin(self.emb(input_ids)), (8,)))
+
+
+def test_rank_bounds_include_functional_sites():
+    """The pre-run check of singular token Grams sees functional norms too (it raised KeyError,
+    and the CLI then said nothing)."""
+    bounds = rank_bounds(FunctionalNorm(), {"input_ids": torch.zeros(1, 2, dtype=torch.long)})
+    assert bounds[":layer_norm@0"] == 7  # centred: one less than the width
+    assert bounds[":tanh@0"] == 8
+
+
+def test_window_needs_the_token_view():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(ValueError, match="window cuts token Grams"):
+        Probe(model, window=4, view="sample")
+    Probe(model, window=4, view="token")
+
+
+def test_named_module_site_is_recorded_under_torch_compile():
+    """Under torch.compile the two hooks of a call may see two tensor objects for one input:
+    that is not an in-place change (the named module was skipped with a false warning)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 8))
+    x = torch.randn(6, 8)
+    with torch.no_grad(), Probe(model, sites=["3"]) as eager:
+        model(x)
+    torch.compiler.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad(), warnings.catch_warnings(), Probe(model, sites=["3"]) as probe:
+        warnings.simplefilter("error")  # no "is not measured" warning
+        compiled(x)
+    torch.compiler.reset()
+    got = {r.point: r.isometry_gap for r in probe.records}
+    want = {r.point: r.isometry_gap for r in eager.records}
+    assert got.keys() == {"pre", "post"} and all(math.isclose(got[k], want[k], rel_tol=1e-6) for k in want)
+
+
+def test_corpus_refuses_baseline_and_remembers_window_and_calls(tmp_path):
+    with pytest.raises(ValueError, match="--baseline"):
+        corpus.run_corpus(TextJob(family="auto", model="unused", texts=("a text",), baseline="random"))
+    plain = corpus.run_options(TextJob(family="auto", model="m", texts=("t",)))
+    windowed = corpus.run_options(TextJob(family="auto", model="m", texts=("t",), window=64))
+    no_calls = corpus.run_options(TextJob(family="auto", model="m", texts=("t",), calls=False))
+    assert plain != windowed and plain != no_calls  # a resumed run with other options is refused
+
+
+def test_a_held_folder_is_refused_on_every_rank(tmp_path):
+    with (
+        outlock.hold_folder(tmp_path, "first run", lambda m: None),
+        pytest.raises(outlock.FolderBusy, match="first run"),
+        distributed.hold_folder_on_root(tmp_path, 0, "second run", lambda m: None),
+    ):
+        pass
+    with distributed.hold_folder_on_root(tmp_path, 0, "third run", lambda m: None):
+        assert (tmp_path / outlock.LOCK_NAME).exists()
+    assert not (tmp_path / outlock.LOCK_NAME).exists()
+
+
+def test_centred_gram_as_wide_as_its_items_is_singular_by_construction():
+    """Centring leaves each item orthogonal to the ones vector: n items of n entries give a
+    singular centred Gram, whose gap is +inf exactly (it was factorised and came out finite)."""
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(6, elementwise_affine=False).double()
+    x = torch.randn(2, 6, 6, dtype=torch.float64)  # 6 tokens of 6 entries
+    with torch.no_grad(), Probe(norm) as probe:
+        norm(x)
+    by_point = {}
+    for r in probe.records:
+        by_point.setdefault(r.point, []).append(r)
+    assert all(math.isinf(r.isometry_gap) for r in by_point["centered"] + by_point["normalized"])
+    assert all(r.theorem1_holds is None for r in by_point["normalized"])
+    for r in by_point["pre"]:  # rank 6 with the mean: full rank, finite
+        assert r.isometry_gap == pytest.approx(gap_of(x[r.item].numpy()), rel=1e-9)
