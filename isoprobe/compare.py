@@ -8,7 +8,9 @@ A *run* is the output of ``isoprobe gpt2``/``inspect --out`` (a folder holding
 :func:`~isoprobe.records.summarize`; the gap compared is the summary's ``gap_mean`` (the mean of
 ``−log I`` over items and steps, Joudaki et al. 2023, arXiv:2310.02012, Definition 1). The
 difference is each run's gap minus the first run's. Runs are compared on the (site, call,
-point) they all have; what some lack is reported, and no shared point at all is an error.
+point) they all have; what some lack is reported, and no shared point at all is an error. Only
+like is differenced: a point measured in different views (token vs sample Grams) is listed, not
+differenced, and runs over different token windows (``--window``) are refused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from isoprobe.records import (
     Record,
     _layer_ticks,
+    _row_gap,
     _y_range,
     read_json,
     read_records,
@@ -83,10 +86,13 @@ def load_run(path: str | Path) -> ProbeRun:
 class Comparison:
     """The gaps of several runs on the (site, call, point) they share, in the first run's order.
 
-    ``gaps[k][key]``: run ``k``'s mean gap at ``key`` (``inf`` for a singular Gram, ``None``
-    where undefined); ``missing[k]``: the keys of the union run ``k`` lacks; ``kinds`` and
-    ``views``: each shared key's site kind (``"norm"``, ``"activation"``, ...) and view
-    (``"token"``, ``"sample"``, ...) in the first run.
+    ``gaps[k][key]``: run ``k``'s mean gap over its finite Grams at ``key`` (``inf`` where every
+    Gram was singular, ``None`` where undefined); ``singular[k][key]``: how many of run ``k``'s
+    Grams at ``key`` were singular (left out of a finite mean); ``missing[k]``: the keys of the
+    union run ``k`` lacks; ``kinds`` and ``views``: each shared key's site kind (``"norm"``,
+    ``"activation"``, ...) and view (``"token"``, ``"sample"``, ...), the same in every run;
+    ``mixed_views``: the keys all runs have but measure in different views, with each run's view
+    (not in ``keys``: not differenced).
     """
 
     runs: list[ProbeRun]
@@ -95,6 +101,8 @@ class Comparison:
     missing: list[list[_Key]]
     kinds: dict[_Key, str]
     views: dict[_Key, str]
+    singular: list[dict[_Key, int]] = field(default_factory=list)
+    mixed_views: dict[_Key, list[str]] = field(default_factory=dict)
 
     def difference(self, k: int, key: _Key) -> float | None:
         """Run ``k``'s gap minus the first run's at ``key`` (``None`` when either is undefined
@@ -114,31 +122,81 @@ class Comparison:
                 lines.append(f"{letter} ({run.label}) lacks {len(lacks)}: {shown}{more}")
         return "\n".join(lines)
 
+    def mixed_views_text(self, prefix: str = "measured in different views, not differenced") -> str:
+        """``prefix (k): site:point (A token, B sample), ...``: the points measured in different
+        views, not differenced (``""`` when none is)."""
+        if not self.mixed_views:
+            return ""
+        letters = _letters(len(self.runs))
+        shown = [
+            f"{record_key(s, p, c)} ({', '.join(f'{x} {v}' for x, v in zip(letters, views))})"
+            for (s, c, p), views in list(self.mixed_views.items())[:4]
+        ]
+        more = f" and {len(self.mixed_views) - 4} more" if len(self.mixed_views) > 4 else ""
+        return f"{prefix} ({len(self.mixed_views)}): {', '.join(shown)}{more}"
+
 
 def _letters(count: int) -> list[str]:
     return [chr(ord("A") + i) if i < 26 else f"R{i + 1}" for i in range(count)]
 
 
-def compare_runs(runs: Sequence[ProbeRun]) -> Comparison:
-    """Align ``runs`` (two or more) on the (site, call, point) all of them have.
+def _window_size(records: Sequence[Record]) -> int | None:
+    """The token window of a run: ``None`` when no record has a ``window`` (Grams over whole
+    sequences), else the most tokens in one windowed Gram (``--window N`` gives at most ``N``)."""
+    sizes = [r.n for r in records if r.window is not None]
+    return max(sizes) if sizes else None
 
-    ``ValueError`` with fewer than two runs, or when they share no point (naming what each has).
+
+def _check_windows(runs: Sequence[ProbeRun]) -> None:
+    """``ValueError`` unless all ``runs`` are whole-sequence or all have one window size: a gap
+    over windows of ``w`` tokens and one over other spans measure different Grams."""
+    sizes = [_window_size(run.records) for run in runs]
+    if len(set(sizes)) > 1:
+        each = "; ".join(
+            f"{letter} ({run.label}): " + ("whole sequences" if w is None else f"windows of up to {w} tokens")
+            for letter, run, w in zip(_letters(len(runs)), runs, sizes)
+        )
+        raise ValueError(f"the runs' Grams span different tokens, their gaps are not comparable: {each}")
+
+
+def compare_runs(runs: Sequence[ProbeRun]) -> Comparison:
+    """Align ``runs`` (two or more) on the (site, call, point) all of them have and measure in
+    one view; points in different views are kept in ``mixed_views``.
+
+    ``ValueError`` with fewer than two runs, runs over different token windows, or when they
+    share no point in one view (naming what each has).
     """
     if len(runs) < 2:
         raise ValueError("compare needs two or more runs")
+    _check_windows(runs)
     rows = [{(r["site"], r["call"], r["point"]): r for r in summarize(run.records)} for run in runs]
     union = list(dict.fromkeys(k for table in rows for k in table))
-    keys = [k for k in rows[0] if all(k in table for table in rows)]
+    shared = [k for k in rows[0] if all(k in table for table in rows)]
     missing = [[k for k in union if k not in table] for table in rows]
-    if not keys:
+    if not shared:
         have = "; ".join(
             f"{letter} ({run.label}) has {', '.join(sorted({site_label(s, c) for s, c, _ in table})[:3])}…"
             for letter, run, table in zip(_letters(len(runs)), runs, rows)
         )
         raise ValueError(f"the runs share no site and point: {have}")
-    gaps = [{k: table[k]["gap_mean"] for k in keys} for table in rows]
-    kinds, views = ({k: rows[0][k][col] for k in keys} for col in ("kind", "view"))
-    return Comparison(list(runs), keys, gaps, missing, kinds, views)
+    views_of = {k: [table[k]["view"] for table in rows] for k in shared}
+    mixed = {k: v for k, v in views_of.items() if len(set(v)) > 1}
+    keys = [k for k in shared if k not in mixed]
+    comparison = Comparison(
+        list(runs),
+        keys,
+        [{k: _row_gap(table[k]) for k in keys} for table in rows],
+        missing,
+        {k: rows[0][k]["kind"] for k in keys},
+        {k: rows[0][k]["view"] for k in keys},
+        [{k: table[k]["singular"] for k in keys} for table in rows],
+        mixed,
+    )
+    if not keys:
+        raise ValueError(
+            comparison.mixed_views_text("the runs measure every shared point in different views, nothing to compare")
+        )
+    return comparison
 
 
 def _cell(value: float | None, signed: bool = False) -> str:
@@ -147,6 +205,18 @@ def _cell(value: float | None, signed: bool = False) -> str:
     if math.isinf(value):
         return "+inf" if value > 0 and signed else "inf" if value > 0 else "-inf"
     return f"{value:+.4g}" if signed else f"{value:.4g}"
+
+
+def _gap_cell(value: float | None, singular: int) -> str:
+    """A run's mean gap, with how many of its Grams were singular: ``inf (k singular)`` when all
+    were, ``g (+k singular)`` when ``k`` were left out of the mean ``g``."""
+    if not singular:
+        return _cell(value)
+    return (
+        f"inf ({singular} singular)"
+        if value is not None and math.isinf(value)
+        else f"{_cell(value)} (+{singular} singular)"
+    )
 
 
 def format_comparison(comparison: Comparison) -> str:
@@ -162,7 +232,7 @@ def format_comparison(comparison: Comparison) -> str:
     lines = [header]
     for key in comparison.keys:
         site, call, point = key
-        gaps = [_cell(g[key]) for g in comparison.gaps]
+        gaps = [_gap_cell(g[key], n.get(key, 0)) for g, n in zip(comparison.gaps, comparison.singular)]
         diffs = [_cell(comparison.difference(k, key), signed=True) for k in range(1, len(letters))]
         lines.append([site_label(site, call), point, *gaps, *diffs])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -171,10 +241,11 @@ def format_comparison(comparison: Comparison) -> str:
         for line in lines
     ]
     table.insert(1, "  ".join("-" * w for w in widths))
-    lacks = comparison.missing_text()
+    lacks, mixed = comparison.missing_text(), comparison.mixed_views_text()
     footer = (
         [f"compared on the {len(comparison.keys)} site points all runs have; the others:\n{lacks}"] if lacks else []
     )
+    footer += [mixed] if mixed else []
     return "\n".join([*legend, "", *table, *footer])
 
 
@@ -263,7 +334,9 @@ def _label_comparison(
 
 
 def comparison_json(comparison: Comparison) -> str:
-    """The comparison as JSON: runs, and per shared key each run's gap and difference (inf as ``"inf"``)."""
+    """The comparison as JSON: ``runs``; ``rows``, per differenced key each run's ``gaps``, its
+    ``singular`` Gram count and the ``differences`` (inf as ``"inf"``); ``mixed_views``, the keys
+    measured in different views with each run's view."""
 
     def safe(v: float | None) -> float | str | None:
         return v if v is None or math.isfinite(v) else ("inf" if v > 0 else "-inf")
@@ -274,9 +347,11 @@ def comparison_json(comparison: Comparison) -> str:
             "call": c,
             "point": p,
             "gaps": [safe(g[(s, c, p)]) for g in comparison.gaps],
+            "singular": [n.get((s, c, p), 0) for n in comparison.singular],
             "differences": [safe(comparison.difference(k, (s, c, p))) for k in range(1, len(comparison.runs))],
         }
         for s, c, p in comparison.keys
     ]
     runs = [{"label": r.label, "source": r.source} for r in comparison.runs]
-    return json.dumps({"runs": runs, "rows": rows}, indent=1, allow_nan=False)
+    mixed = [{"site": s, "call": c, "point": p, "views": v} for (s, c, p), v in comparison.mixed_views.items()]
+    return json.dumps({"runs": runs, "rows": rows, "mixed_views": mixed}, indent=1, allow_nan=False)

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from isoprobe import jobs
 from isoprobe.cli import main
-from isoprobe.compare import compare_runs, load_run
+from isoprobe.compare import ProbeRun, compare_runs, comparison_json, format_comparison, load_run
 from isoprobe.models import load_model
-from isoprobe.records import read_json, summarize
+from isoprobe.records import Record, read_json, summarize
 
 TEXTS = ("Layer normalization makes tokens more isometric.", "A second, shorter text.")
 
@@ -153,3 +153,62 @@ def test_pretrained_minilm_against_its_random_baseline(minilm_path, tmp_path):
     assert "BertModel" in lines[0] and "random init" in lines[1]
     assert any(line.startswith("encoder.layer.5.output.LayerNorm") for line in lines)
     assert plot.stat().st_size > 10_000
+
+
+def _record(point, gap, view="token", item=0, window=None, n=4):
+    """One synthetic record of site ``m`` (closed-form isometry ``exp(−gap)``)."""
+    iso = 0.0 if math.isinf(gap) else math.exp(-gap)
+    return Record("m", "activation", point, view, item, 0, n, 16, iso, gap, None, window=window)
+
+
+def test_compare_differences_only_points_measured_in_one_view():
+    """A point a run measures in another view (sample vs token Grams) is listed, not differenced;
+    when no point is left the comparison is refused."""
+    a = ProbeRun("A", [_record("pre", 1.0), _record("post", 2.0)])
+    b = ProbeRun("B", [_record("pre", 1.5), _record("post", 0.5, view="sample")])
+    comparison = compare_runs([a, b])
+    assert comparison.keys == [("m", 0, "pre")] and comparison.difference(1, ("m", 0, "pre")) == pytest.approx(0.5)
+    assert comparison.mixed_views == {("m", 0, "post"): ["token", "sample"]}
+    text = format_comparison(comparison)
+    assert "measured in different views, not differenced (1): m:post (A token, B sample)" in text
+    assert "-1.5" not in text  # the post gaps (2.0 token vs 0.5 sample) are not differenced
+    obj = json.loads(comparison_json(comparison))
+    assert [r["point"] for r in obj["rows"]] == ["pre"] and obj["mixed_views"][0]["views"] == ["token", "sample"]
+    only_mixed = ProbeRun("C", [_record("pre", 1.0, view="sample")])
+    with pytest.raises(
+        ValueError,
+        match=r"every shared point in different views, nothing to compare \(1\): m:pre \(A token, B sample\)",
+    ):
+        compare_runs([ProbeRun("A", [_record("pre", 1.0)]), only_mixed])
+
+
+def test_compare_refuses_runs_over_different_token_windows():
+    whole = ProbeRun("whole", [_record("pre", 1.0, n=9)])
+    win3 = ProbeRun("w3", [_record("pre", 0.5, window=w, n=3) for w in range(3)])
+    win4 = ProbeRun("w4", [_record("pre", 0.5, window=w, n=n) for w, n in ((0, 4), (1, 4), (2, 1))])
+    with pytest.raises(ValueError, match=r"A \(whole\): whole sequences; B \(w3\): windows of up to 3 tokens"):
+        compare_runs([whole, win3])
+    with pytest.raises(ValueError, match="windows of up to 4 tokens"):
+        compare_runs([win3, win4])
+    same = compare_runs([win3, ProbeRun("w3'", [_record("pre", 0.75, window=w, n=3) for w in range(3)])])
+    assert same.difference(1, ("m", 0, "pre")) == pytest.approx(0.25)
+
+
+def test_compare_shows_singular_grams_as_inf_and_counts_them():
+    """Every Gram singular: ``inf (k singular)`` and inf − finite = +inf, inf − inf undefined;
+    some singular: the finite mean with ``(+k singular)``."""
+    inf = math.inf
+    a = ProbeRun("A", [_record("pre", 1.0), _record("post", inf), _record("out", 1.0), _record("out", 3.0, item=1)])
+    b = ProbeRun("B", [_record("pre", inf), _record("pre", inf, item=1), _record("post", inf), _record("out", inf)])
+    b.records.append(_record("out", 2.0, item=1))
+    comparison = compare_runs([a, b])
+    pre, post, out = (("m", 0, p) for p in ("pre", "post", "out"))
+    assert comparison.gaps[1][pre] == inf and comparison.difference(1, pre) == inf
+    assert comparison.difference(1, post) is None
+    assert comparison.gaps[1][out] == 2.0 and comparison.difference(1, out) == pytest.approx(0.0)
+    rows = {line.split()[1]: line for line in format_comparison(comparison).splitlines()[3:]}
+    assert "inf (2 singular)" in rows["pre"] and rows["pre"].rstrip().endswith("+inf")
+    assert rows["post"].count("inf (1 singular)") == 2 and rows["post"].rstrip().endswith("-")
+    assert "2 (+1 singular)" in rows["out"]
+    obj = json.loads(comparison_json(comparison))
+    assert obj["rows"][0]["gaps"] == [1.0, "inf"] and obj["rows"][0]["singular"] == [0, 2]

@@ -161,13 +161,19 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _separated(low: np.ndarray, high: np.ndarray) -> bool:
-    """The final-layer mean of ``high`` exceeds that of ``low`` by Welch's one-sided t test at level
-    :data:`~isoprobe.experiments.stats.ALPHA` over runs (a collapsed, +inf, ``high`` run against a
-    finite ``low``: separated)."""
+    """The final-layer gaps of ``high`` exceed those of ``low`` over runs, at false-separation rate
+    at most :data:`~isoprobe.experiments.stats.ALPHA` when both have one law.
+
+    All finite: Welch's one-sided t test at level ALPHA (at least 2 runs each). With collapsed
+    (+inf) runs: separated only when *every* ``high`` run collapsed, no ``low`` run did, and each
+    side has at least 3 runs. Under the null each run collapses with one probability ``q`` on both
+    sides, so this happens with probability ``q^n (1 − q)^m ≤ n^n m^m / (n + m)^(n + m)`` for
+    ``n`` high and ``m`` low runs, at most 1/64 ≈ 0.016 for ``n, m ≥ 3`` (1e-5 at q = 0.1,
+    n = m = 5). Any other mix of collapsed and finite runs: not separated (undecided)."""
     a, b = low[:, -1], high[:, -1]
-    if np.isinf(b).any() and np.isfinite(a).all():
-        return True
-    if min(len(a), len(b)) < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
+    if np.isinf(a).any() or np.isinf(b).any():
+        return bool(np.isinf(b).all() and np.isfinite(a).all() and min(len(a), len(b)) >= 3)
+    if min(len(a), len(b)) < 2:
         return False
     return welch(a, b).direction() == "up"
 
