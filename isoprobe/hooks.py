@@ -950,6 +950,16 @@ def _records(f: _Finished, table: list[list[float]], mode: str | None = None) ->
     return out
 
 
+def _running_statistics(site: Site) -> bool:
+    """Is ``site`` a batch norm module in eval mode that normalises with its running statistics?
+    Then it applies a fixed per-channel affine map, not a normalisation of the batch: its
+    ``centered``/``normalized`` points (and Corollary 3) would describe an operation that does not
+    run, so only ``pre`` and ``post`` are measured."""
+    module, spec = site.module, site.norm
+    batch = spec is not None and spec.rule in ("batch", "batch-rms")
+    return batch and not module.training and getattr(module, "running_mean", None) is not None
+
+
 def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     """Do ``a`` and ``b`` hold the same values in the same memory? (Under ``torch.compile`` a hook
     pair may see two tensor objects for one input, so identity alone would say "changed".)"""
@@ -1511,7 +1521,7 @@ class Probe:
         elif view == "spatial":
             last = self._spatial_layout(site, x)
         spec = site.norm
-        if spec is None:
+        if spec is None or _running_statistics(site):
             return [(view, last, ("pre", "post"))]
         check = _check_view(spec, x.ndim) if self.view == "auto" else None
         if check is None or check == (view, last):

@@ -19,6 +19,7 @@ parent's) with the architecture and layer count, never the whole path.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
 import socket
@@ -78,6 +79,28 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def _import_torchvision() -> None:
+    import torchvision  # noqa: F401
+
+
+def check_torchvision() -> None:
+    """A clear :class:`ModelLoadError` where torchvision is installed but cannot be imported.
+
+    transformers imports torchvision, when it is installed, to build its model classes; a
+    torchvision built for another torch (PyPI's CUDA build of torchvision 0.28 beside a CPU torch
+    2.13: its operators fail to register) then breaks every model with a long traceback."""
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        _import_torchvision()
+    except Exception as error:
+        raise ModelLoadError(
+            f"torchvision is installed but cannot be imported ({first_line(error)}), and transformers "
+            f"imports it to build models: uninstall it (pip uninstall torchvision) or install the "
+            f"torchvision built for torch {torch.__version__}"
+        ) from None
 
 
 def _load(loader: Callable[..., Any], name: str, what: str, hint: str) -> Any:
@@ -264,6 +287,7 @@ def load_gpt2(
     ``init="random"``: GPT-2 small's config (or ``model``'s, for another name) with random
     weights seeded by ``seed``; needs no network.
     """
+    check_torchvision()
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
     if init not in ("pretrained", "random"):
@@ -329,6 +353,7 @@ def load_model(
     """Any transformers ``AutoModel`` (BERT, GPT-2, Llama-style, ...) and its own tokenizer.
     ``split``: ``from_pretrained`` keywords that place it over several devices with accelerate
     (:func:`isoprobe.placement.dispatch_options`); ``device`` is then unused."""
+    check_torchvision()
     from transformers import AutoModel
 
     dev = resolve_device(device)

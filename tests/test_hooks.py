@@ -251,6 +251,10 @@ def test_feature_view_batchnorm_corollary3(train):
     capture.close()
     records = probe.records
     bn = [r for r in records if r.kind == "norm"]
+    if not train:  # running statistics: a per-channel affine map, measured at pre and post only
+        assert {r.point for r in bn} == {"pre", "post"} and all(r.view == "sample" for r in bn)
+        assert check_records(records, capture, {}) == 0
+        return
     # auto: one view along depth (sample, as the batch-norm papers plot) at pre and post; the
     # centered and normalized points in the feature view that Corollary 3 concerns
     inner = [r for r in bn if r.point in ("centered", "normalized")]

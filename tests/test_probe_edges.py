@@ -130,3 +130,35 @@ def test_centred_gram_as_wide_as_its_items_is_singular_by_construction():
     assert all(r.theorem1_holds is None for r in by_point["normalized"])
     for r in by_point["pre"]:  # rank 6 with the mean: full rank, finite
         assert r.isometry_gap == pytest.approx(gap_of(x[r.item].numpy()), rel=1e-9)
+
+
+def test_a_broken_torchvision_is_named_before_a_model_loads(monkeypatch):
+    """PyPI's CUDA build of torchvision beside a CPU torch fails at import, and transformers then
+    fails to import every model class with a long traceback: say what is wrong instead."""
+    from isoprobe import models
+
+    def broken() -> None:
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(models, "_import_torchvision", broken)
+    with pytest.raises(models.ModelLoadError, match="torchvision is installed but cannot be imported"):
+        models.load_gpt2("gpt2", init="random")
+
+
+def test_eval_mode_batch_norm_has_no_normalisation_points():
+    """In eval mode a BatchNorm with running statistics is a per-channel affine map: a
+    ``normalized`` point from the batch's own statistics would report an operation that did not
+    run (with a Corollary 3 'yes'); only pre and post are measured, and they are the real ones."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(8).double().eval()
+    x = torch.randn(16, 8, 6, 6, dtype=torch.float64) * torch.linspace(0.5, 3, 8).view(1, 8, 1, 1).double()
+    with torch.no_grad(), Probe(bn) as probe:
+        y = bn(x)
+    by_point = {r.point: r for r in probe.records}
+    assert set(by_point) == {"pre", "post"}
+    assert by_point["post"].isometry_gap == pytest.approx(gap_of(y.flatten(1).numpy()), rel=1e-9)
+    bn.train()
+    with torch.no_grad(), Probe(bn) as probe:
+        bn(x)
+    assert {r.point for r in probe.records} == {"pre", "centered", "normalized", "post"}
