@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from vision_env import import_torchvision
@@ -9,6 +12,9 @@ from vision_env import import_torchvision
 # timm imports torchvision, and so do transformers' timm-backed model types: on the CPU torch,
 # PyPI's torchvision needs two op schemas defined first (tests/vision_env.py). Nothing if absent.
 import_torchvision()
+# ... and in the processes the tests spawn (torchrun, python -m isoprobe): tests/subprocess_site
+_SITE = str(Path(__file__).resolve().parent / "subprocess_site")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SITE, os.environ.get("PYTHONPATH")) if p)
 
 
 def _random_gpt2(**config):
