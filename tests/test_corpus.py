@@ -171,7 +171,8 @@ def _free_port() -> int:
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
     command += [f"--master_port={_free_port()}", "-m", "isoprobe", "inspect", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(cwd)}
+    path = os.pathsep.join(p for p in (str(cwd), os.environ.get("PYTHONPATH")) if p)  # keep conftest's entry
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     return subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=cwd)
 
 
