@@ -232,12 +232,14 @@ def test_a_run_interrupted_mid_forward_resumes_with_what_it_finished(tiny_bert, 
     def interrupted_at_batch_3(*args, **kwargs):
         loaded = load(*args, **kwargs)
 
-        def stop(module, inputs):
+        def stop(module, args, kwargs):
+            if tuple(kwargs["input_ids"].shape) == (1, 2):  # the two-token run that names singular sites
+                return
             calls[0] += 1
-            if calls[0] == 4:  # Ctrl-C inside the fourth forward
+            if calls[0] == 4:  # Ctrl-C inside the fourth forward over the texts
                 raise KeyboardInterrupt
 
-        loaded.model.register_forward_pre_hook(stop)
+        loaded.model.register_forward_pre_hook(stop, with_kwargs=True)
         return loaded
 
     monkeypatch.setattr(corpus, "load_model", interrupted_at_batch_3)
