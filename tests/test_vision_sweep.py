@@ -7,7 +7,8 @@ never failing, outputs, gradients, buffers, RNG state and hooks bit-for-bit as w
 ``data/vision_sweep.json`` is the full sweep (``python tests/vision.py SCRATCH.jsonl``, about
 20-40 minutes on two busy cores, then ``python tests/vision.py --commit SCRATCH.jsonl
 tests/data/vision_sweep.json``), one row per type: checked (both modes' results) or skipped
-(with the reason). The CI part re-checks a fixed selection: the checked types in order of their
+(with the reason). Some types again: ``python tests/vision.py SCRATCH.jsonl TYPE=MODEL ...`` (the
+row's model), then the same ``--commit``, which replaces only their rows. The CI part re-checks a fixed selection: the checked types in order of their
 sweep CPU time within ``_CI_BUDGET_S`` seconds, plus every type the installed timm and
 torchvision have that the file lacks (checked, with a warning asking to regenerate the file).
 ``ISOPROBE_VISION_ALL=1`` checks every type. Needs timm (the ``test`` extra).
@@ -764,6 +765,20 @@ def test_committed_sweep_is_current():
             "regenerate it as the docstring of tests/test_vision_sweep.py says",
             stacklevel=1,
         )
+
+
+def test_commit_replaces_only_the_swept_rows(tmp_path):
+    """``--commit`` of a rerun keeps the other types' rows (of the same versions), so the file
+    still covers every type; rows of other versions are not kept."""
+    out, scratch = tmp_path / "sweep.json", tmp_path / "scratch.jsonl"
+    old = [{"type": "timm:a", "status": "checked", "cpu_s": 1.0}, {"type": "timm:b", "status": "skipped"}]
+    out.write_text(json.dumps(vision.versions() | {"rows": old}))
+    scratch.write_text(json.dumps({"type": "timm:a", "status": "skipped", "versions": vision.versions()}) + "\n")
+    vision.commit(str(scratch), str(out))
+    assert json.loads(out.read_text())["rows"] == [{"type": "timm:a", "status": "skipped"}, old[1]]
+    out.write_text(json.dumps(vision.versions() | {"timm": "0.0", "rows": old}))
+    vision.commit(str(scratch), str(out))
+    assert json.loads(out.read_text())["rows"] == [{"type": "timm:a", "status": "skipped"}]
 
 
 def _assert_clean(model_type: str, result: dict, known: dict) -> None:
