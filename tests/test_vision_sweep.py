@@ -7,7 +7,8 @@ never failing, outputs, gradients, buffers, RNG state and hooks bit-for-bit as w
 ``data/vision_sweep.json`` is the full sweep (``python tests/vision.py SCRATCH.jsonl``, about
 20-40 minutes on two busy cores, then ``python tests/vision.py --commit SCRATCH.jsonl
 tests/data/vision_sweep.json``), one row per type: checked (both modes' results) or skipped
-(with the reason). The CI part re-checks a fixed selection: the checked types in order of their
+(with the reason). Some types again: ``python tests/vision.py SCRATCH.jsonl TYPE=MODEL ...`` (the
+row's model), then the same ``--commit``, which replaces only their rows. The CI part re-checks a fixed selection: the checked types in order of their
 sweep CPU time within ``_CI_BUDGET_S`` seconds, plus every type the installed timm and
 torchvision have that the file lacks (checked, with a warning asking to regenerate the file).
 ``ISOPROBE_VISION_ALL=1`` checks every type. Needs timm (the ``test`` extra).
@@ -461,74 +462,17 @@ KNOWN: dict[str, dict] = {
             ],
         },
     },
-    # B. A centred Gram singular by construction that the Probe reports finite: centring each item
-    #    over its m entries leaves rank <= m - 1, so with m = n (a BatchNorm's feature view with
-    #    batch x positions = channels, a LayerNorm's spatial view with positions = channels) the
-    #    centred and normalized Grams are singular; the Probe's rank test passes rounding-level
-    #    eigenvalues and gives a finite gap (and a bound from it). Only n > m counts as singular there.
-    "timm:densenet": {
-        "eval": {
-            "bound_differs": [
-                "features.denseblock1.denselayer3.norm2:normalized: Probe 0.14207738415485435, oracle 0.0",
-                "features.denseblock2.denselayer2.norm2:normalized: Probe 0.03738632624282067, oracle 0.0",
-                "features.denseblock2.denselayer5.norm1:normalized: Probe 0.06760623755921762, oracle 0.0",
-            ],
-            "disagree": [
-                "features.denseblock2.denselayer5.norm1:centered [feature]",
-                "features.denseblock2.denselayer5.norm1:normalized [feature]",
-            ],
-        }
-    },
-    "timm:dla": {
-        "eval": {
-            "bound_differs": [
-                "level2.tree2.bn3:normalized: Probe 0.046565593243770714, oracle 0.0",
-                "level3.tree1.tree1.bn3:normalized: Probe 0.048885447877618136, oracle 0.0",
-            ]
-        }
-    },
-    "timm:maxxvit": {
-        "eval": {
-            "bound_differs": ["stages.2.blocks.0.norm1.norm:normalized: Probe 0.016722699552969886, oracle 0.0"],
-            "disagree": [
-                "stages.2.blocks.0.norm1.norm:centered [spatial]",
-                "stages.2.blocks.0.norm1.norm:normalized [spatial]",
-            ],
-        }
-    },
-    # eval: found by the test on the final merge (two torch threads), not in the one-thread sweep
-    # row: the pre Gram of a BatchNorm at the rank threshold; not investigated yet.
-    "timm:starnet": {
-        "eval": {"disagree": ["stages.3.1.g.bn:pre [sample]"]},
-        "train": {"disagree": ["stages.2.3.dwconv.bn:normalized [feature]"]},
-    },
-    "torchvision:densenet": {
-        "eval": {
-            "bound_differs": [
-                "features.denseblock1.denselayer3.norm2:normalized: Probe 0.14207738415485435, oracle 0.0",
-                "features.denseblock2.denselayer2.norm2:normalized: Probe 0.03738632624282067, oracle 0.0",
-                "features.denseblock2.denselayer5.norm1:normalized: Probe 0.06760623755921762, oracle 0.0",
-            ],
-            "disagree": [
-                "features.denseblock2.denselayer5.norm1:centered [feature]",
-                "features.denseblock2.denselayer5.norm1:normalized [feature]",
-            ],
-        }
-    },
-    "torchvision:googlenet": {
-        "train": {
-            "bound_differs": ["inception4c.branch4.1.bn:normalized: Probe 0.04773562330024296, oracle 0.0"],
-            "disagree": [
-                "inception4c.branch4.1.bn:centered [feature]",
-                "inception4c.branch4.1.bn:normalized [feature]",
-            ],
-        }
-    },
-    "torchvision:regnet": {
-        "eval": {
-            "bound_differs": ["trunk_output.block2.block2-0.f.c.1:normalized: Probe 0.08136045417484046, oracle 0.0"]
-        }
-    },
+    # B. (fixed) A centred Gram singular by construction that the Probe reported finite: centring
+    #    each item over its m entries leaves rank <= m - 1, so with m = n (a BatchNorm's feature view
+    #    with batch x positions = channels, a LayerNorm's spatial view with positions = channels) the
+    #    centred and normalized Grams are singular, yet the rank test passed rounding-level
+    #    eigenvalues and gave a finite gap (and a bound from it). isoprobe.hooks._point_dim now takes
+    #    m - 1 as the rank bound at centered/normalized of a centring norm, so n >= m is +inf (exact)
+    #    as the oracle has it. The rerun agrees on every check for timm densenet, dla, maxxvit, starnet (train)
+    #    and torchvision densenet, googlenet, regnet; their entries are gone.
+    # starnet eval, not B: found by the test on the final merge (two torch threads), not in the
+    # one-thread sweep row: the pre Gram of a BatchNorm at the rank threshold; not investigated yet.
+    "timm:starnet": {"eval": {"disagree": ["stages.3.1.g.bn:pre [sample]"]}},
     # C. Ill-conditioned Grams (gaps 15-21, smallest eigenvalue near rounding): two float64
     #    computations (Cholesky in the Probe, numpy's eigvalsh here) differ by 1e-6 to 1e-5 relative.
     "timm:convmixer": {
@@ -764,6 +708,20 @@ def test_committed_sweep_is_current():
             "regenerate it as the docstring of tests/test_vision_sweep.py says",
             stacklevel=1,
         )
+
+
+def test_commit_replaces_only_the_swept_rows(tmp_path):
+    """``--commit`` of a rerun keeps the other types' rows (of the same versions), so the file
+    still covers every type; rows of other versions are not kept."""
+    out, scratch = tmp_path / "sweep.json", tmp_path / "scratch.jsonl"
+    old = [{"type": "timm:a", "status": "checked", "cpu_s": 1.0}, {"type": "timm:b", "status": "skipped"}]
+    out.write_text(json.dumps(vision.versions() | {"rows": old}))
+    scratch.write_text(json.dumps({"type": "timm:a", "status": "skipped", "versions": vision.versions()}) + "\n")
+    vision.commit(str(scratch), str(out))
+    assert json.loads(out.read_text())["rows"] == [{"type": "timm:a", "status": "skipped"}, old[1]]
+    out.write_text(json.dumps(vision.versions() | {"timm": "0.0", "rows": old}))
+    vision.commit(str(scratch), str(out))
+    assert json.loads(out.read_text())["rows"] == [{"type": "timm:a", "status": "skipped"}]
 
 
 def _assert_clean(model_type: str, result: dict, known: dict) -> None:

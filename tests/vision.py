@@ -49,7 +49,8 @@ same tensor (bit-for-bit) but are measured in different views.
 
 Run as a script: ``python tests/vision.py OUT.jsonl [TYPE ...]`` sweeps types (``timm:NAME``,
 ``torchvision:NAME``; default: all) into JSON lines, ``python tests/vision.py --commit
-OUT.jsonl tests/data/vision_sweep.json`` writes the file ``test_vision_sweep.py`` reads.
+OUT.jsonl tests/data/vision_sweep.json`` writes the file ``test_vision_sweep.py`` reads (the
+swept types' rows replace theirs; the other types' rows stay where the versions are the same).
 """
 
 from __future__ import annotations
@@ -653,11 +654,18 @@ def _worker(out: str, types: list[str]) -> None:
 
 
 def commit(scratch: str, out: str) -> None:
-    """The rows of ``scratch`` (JSON lines; the last row of a type wins), by type, as ``out``."""
+    """The rows of ``scratch`` (JSON lines; the last row of a type wins), by type, as ``out``,
+    replacing those types' rows where ``out`` exists and was made with the same versions (a rerun
+    of some types keeps the others' rows; of other versions, only ``scratch``'s rows are kept)."""
     import platform
 
+    rows = {}
+    if Path(out).exists():
+        previous = json.loads(Path(out).read_text())
+        if all(previous.get(k) == v for k, v in versions().items()):
+            rows = {row["type"]: row for row in previous["rows"]}
     with open(scratch) as lines:
-        rows = {row["type"]: row for row in map(json.loads, lines)}
+        rows |= {row["type"]: row for row in map(json.loads, lines)}
     made = [row.pop("versions", None) for row in rows.values()]
     assert all(v in (None, versions()) for v in made), "rows of other timm/torchvision versions"
     document = versions() | {
