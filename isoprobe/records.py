@@ -755,7 +755,8 @@ def plot_records(records: Iterable[Record], path: str | Path, title: str | None 
     first integer of the site name). Inside a norm site the line is red on a red band (shaded:
     the norm, input → output), inside an activation blue, inside a named module (kind ``"module"``) green; a dotted grey line joins one site's
     output to the next site's input of the same view (the layers between sites: attention, linear maps). Crosses
-    mark a norm's ``normalized`` point (before its affine part); triangles at the top a singular
+    mark a norm's ``normalized`` point (before its affine part) where it is in the curve's view (a
+    BatchNorm's is in the feature view, off the sample-view curve: not drawn); triangles at the top a singular
     Gram (gap ``+inf``). y: mean gap ``−log I`` over items and steps (log scale when it spans
     more than a factor 20). Sized for one column (3.5 in wide, 300 dpi), legend under the axes.
     Drawn on a bare matplotlib ``Figure``: pyplot and the user's backend are left alone.
@@ -835,7 +836,8 @@ def _draw_sites(ax: Any, rows: _Rows, units: list[tuple[str, int]]) -> None:
             ms=2,
             lw=1.2,
         )
-        if is_norm and gap(unit, "normalized") is not None:
+        inner = rows.get((*unit, "normalized"))
+        if is_norm and gap(unit, "normalized") is not None and inner["view"] == rows[(*unit, "pre")]["view"]:
             draw(
                 [2 * i + 0.5],
                 [y(gap(unit, "normalized"))],

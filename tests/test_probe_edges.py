@@ -162,3 +162,24 @@ def test_eval_mode_batch_norm_has_no_normalisation_points():
     with torch.no_grad(), Probe(bn) as probe:
         bn(x)
     assert {r.point for r in probe.records} == {"pre", "centered", "normalized", "post"}
+
+
+def test_depth_plot_draws_only_points_of_the_curves_view(tmp_path, monkeypatch):
+    """A BatchNorm's normalized point is in the feature view: drawn on the sample-view curve it
+    read as if the affine part changed the gap a hundredfold. A LayerNorm's is in the curve's view."""
+    from matplotlib.figure import Figure
+
+    drawn: list[Figure] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), save(self, *a, **k)))
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    tokens = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU())
+    with torch.no_grad(), Probe(cnn) as conv, Probe(tokens) as seq:
+        cnn(torch.randn(4, 3, 6, 6))
+        tokens(torch.randn(2, 5, 8))
+    conv.plot(tmp_path / "cnn.png")
+    seq.plot(tmp_path / "seq.png")
+    labels = [set(fig.axes[0].get_legend_handles_labels()[1]) for fig in drawn]
+    assert "norm, before its affine part" not in labels[0]
+    assert "norm, before its affine part" in labels[1]
