@@ -64,6 +64,7 @@ from isoprobe.records import (
     theorem1_counts,
     theorem1_unchecked,
 )
+from isoprobe.sites import discover_sites
 from isoprobe.windows import window_sizes
 
 __all__ = [
@@ -503,6 +504,7 @@ def probe_texts(
     probe = Probe(model, sites=sites, gram_dtype=gram_dtype, calls=calls, window=window)
     with bar, torch.no_grad(), warnings.catch_warnings(), probe:
         warnings.simplefilter("ignore", SingularGramWarning)  # said before the run
+        warnings.filterwarnings("ignore", message="no site")  # an error below says it plainly
         for k, start in enumerate(batches):
             batch = sequences[start : start + batch_size]
             ids, mask = _pad(batch, loaded.tokenizer.pad_id, loaded.device)
@@ -513,6 +515,14 @@ def probe_texts(
             bar.set_postfix_str(f"batch {k + 1}/{len(batches)}", refresh=False)
             bar.update(len(batch))
     records = probe.records
+    if not records:
+        found = discover_sites(model)  # only on this error path: the behaviour trials again
+        named = ", ".join(s.name for s in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ValueError(
+            f"--sites {sites!r} selected no site that ran, so nothing was measured (the model's sites "
+            f"include {named or 'no module site'}; functional sites are activations and norms called as "
+            "functions, e.g. '*:gelu'; softmax and other functions are not recorded)"
+        )
     bad = sorted({r.site for r in records if r.flag == NONFINITE})
     if bad:
         notify(

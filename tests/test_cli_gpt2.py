@@ -324,3 +324,11 @@ def test_calls_flag_and_gpt2_has_no_functional_site_of_its_own(tiny_gpt2_dir, mo
     for flag in ("--calls", "--no-calls"):
         assert run("gpt2", "--model", str(tiny_gpt2_dir), "--text", TEXT, flag).exit_code == 0
     assert [kw["calls"] for kw in made] == [True, False]
+
+
+def test_a_selection_that_matches_no_site_is_a_usage_error(tiny_gpt2_dir):
+    """It printed an empty table, 'nothing to check (no sequence of at least 2 tokens)' and a
+    warning that the model had no site at all, with exit status 0."""
+    result = run("gpt2", "--model", str(tiny_gpt2_dir), "--text", TEXT, "--sites", "*:softmax")
+    assert result.exit_code == 2, result.output
+    assert "selected no site that ran" in result.output and "transformer.h.0.ln_1" in result.output
