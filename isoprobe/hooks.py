@@ -1752,13 +1752,23 @@ class Probe:
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """Save the gap-along-depth plot (Joudaki et al. 2023, Fig. C.5 style) of the records as
-        an image at ``path`` (format from its suffix; :func:`isoprobe.records.plot_records`)."""
-        return _rec.plot_records(self.records, path, title)
+        an image at ``path`` (format from its suffix; :func:`isoprobe.records.plot_records`); with
+        a ``sink``, of the records in its file."""
+        return _rec.plot_records(self._to_plot(), path, title)
 
     def plot_steps(self, path: str | Path, title: str | None = None, mode: str | None = "train") -> Path:
         """Save the gap against training step, one axis per point, one line per site coloured by
-        depth (:func:`isoprobe.records.plot_steps`; ``mode``: which forwards, ``None`` all)."""
-        return _rec.plot_steps(self.records, path, title, mode)
+        depth (:func:`isoprobe.records.plot_steps`; ``mode``: which forwards, ``None`` all); with a
+        ``sink``, of the records in its file."""
+        return _rec.plot_steps(self._to_plot(), path, title, mode)
+
+    def _to_plot(self) -> list[Record]:
+        """The records to draw: those kept, or with a sink every record in its file."""
+        if self._sink is None:
+            return self.records
+        if not self._recording:
+            self._flush()
+        return _rec.read_records(self._sink.path)
 
 
 def rank_bounds(model: nn.Module, inputs: dict[str, Any], sites: str | Sequence[str] | None = None) -> dict[str, int]:

@@ -183,3 +183,14 @@ def test_depth_plot_draws_only_points_of_the_curves_view(tmp_path, monkeypatch):
     labels = [set(fig.axes[0].get_legend_handles_labels()[1]) for fig in drawn]
     assert "norm, before its affine part" not in labels[0]
     assert "norm, before its affine part" in labels[1]
+
+
+def test_a_probe_with_a_sink_plots_from_its_file(tmp_path):
+    """The setup the README recommends for training runs (a sink) could not plot at all."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Tanh())
+    with Probe(model, sink=tmp_path / "run.jsonl") as probe:
+        for _ in range(3):
+            model.train()(torch.randn(6, 8)).sum().backward()
+    assert probe.plot(tmp_path / "depth.png").stat().st_size > 0
+    assert probe.plot_steps(tmp_path / "steps.png").stat().st_size > 0
