@@ -249,89 +249,92 @@ def beta_command(activations: tuple[str, ...], gains: tuple[float, ...], as_json
 # --- gpt2 and inspect: isometry of a transformer's tokens at every norm and activation --------
 
 
+# Options shared by ``gpt2`` and ``inspect`` (the fields of isoprobe.jobs.TextJob), in --help order.
+_TEXT_PROBE_OPTIONS = (
+    click.option("--text", "texts", multiple=True, help="A text to probe (repeatable)."),
+    click.option(
+        "--text-file",
+        "text_files",
+        multiple=True,
+        type=click.Path(dir_okay=False),
+        help="A file of texts, separated by blank lines (repeatable).",
+    ),
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
+    click.option(
+        "--dtype",
+        type=click.Choice(["float32", "float16", "bfloat16"]),
+        default="float32",
+        show_default=True,
+        help="The model's dtype.",
+    ),
+    click.option(
+        "--sites",
+        default=None,
+        help="Comma-separated: norm, activation, or globs on module names "
+        "(e.g. 'transformer.h.*.ln_*'), or with a ':' on functional sites (e.g. '*:gelu'). Default: all.",
+    ),
+    click.option(
+        "--calls/--no-calls",
+        default=True,
+        show_default=True,
+        help="Also record activations and norms that a forward calls as functions (F.gelu, "
+        "torch.tanh, x.relu_(), F.layer_norm...) as sites named 'module:function@index'; "
+        "--no-calls: module sites only.",
+    ),
+    click.option(
+        "--out",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Write table.txt, records.csv, records.json and plot.png to this folder.",
+    ),
+    click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["table", "json", "csv"]),
+        default="table",
+        show_default=True,
+        help="What to print.",
+    ),
+    click.option(
+        "--plot", type=click.Path(dir_okay=False), default=None, help="Save the gap-along-depth plot (PNG) here."
+    ),
+    click.option(
+        "--train-mode", is_flag=True, help="Run with dropout on, as the paper's notebook did (default: eval mode)."
+    ),
+    click.option(
+        "--stride",
+        type=int,
+        default=None,
+        help="Probe texts longer than the context in windows starting every STRIDE "
+        "tokens (default: truncate, with a warning).",
+    ),
+    click.option(
+        "--window",
+        type=click.IntRange(min=2),
+        default=None,
+        help="Token Grams over consecutive windows of at most WINDOW tokens (each sequence cut into "
+        "equal windows; default: one Gram per sequence). Use it when texts have more tokens than a "
+        "site's width, which makes its Grams singular by construction.",
+    ),
+    click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+    click.option(
+        "--gram-dtype",
+        type=click.Choice(["float64", "float32"]),
+        default="float64",
+        show_default=True,
+        help="Gram dtype (float32: cheaper, half the Gram products' cost; each record then "
+        "states gap_error, an estimate of its gap's error, and item groups near collapse are "
+        "measured again in float64).",
+    ),
+    click.option(
+        "--quiet", is_flag=True, help="No progress bar on stderr (it is off anyway when stderr is not a terminal)."
+    ),
+)
+
+
 def _text_probe_options(command):
-    """Options shared by ``gpt2`` and ``inspect`` (the fields of isoprobe.jobs.TextJob)."""
-    options = [
-        click.option("--text", "texts", multiple=True, help="A text to probe (repeatable)."),
-        click.option(
-            "--text-file",
-            "text_files",
-            multiple=True,
-            type=click.Path(dir_okay=False),
-            help="A file of texts, separated by blank lines (repeatable).",
-        ),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
-        click.option(
-            "--dtype",
-            type=click.Choice(["float32", "float16", "bfloat16"]),
-            default="float32",
-            show_default=True,
-            help="The model's dtype.",
-        ),
-        click.option(
-            "--sites",
-            default=None,
-            help="Comma-separated: norm, activation, or globs on module names "
-            "(e.g. 'transformer.h.*.ln_*'), or with a ':' on functional sites (e.g. '*:gelu'). Default: all.",
-        ),
-        click.option(
-            "--calls/--no-calls",
-            default=True,
-            show_default=True,
-            help="Also record activations and norms that a forward calls as functions (F.gelu, "
-            "torch.tanh, x.relu_(), F.layer_norm...) as sites named 'module:function@index'; "
-            "--no-calls: module sites only.",
-        ),
-        click.option(
-            "--out",
-            type=click.Path(file_okay=False),
-            default=None,
-            help="Write table.txt, records.csv, records.json and plot.png to this folder.",
-        ),
-        click.option(
-            "--format",
-            "fmt",
-            type=click.Choice(["table", "json", "csv"]),
-            default="table",
-            show_default=True,
-            help="What to print.",
-        ),
-        click.option(
-            "--plot", type=click.Path(dir_okay=False), default=None, help="Save the gap-along-depth plot (PNG) here."
-        ),
-        click.option(
-            "--train-mode", is_flag=True, help="Run with dropout on, as the paper's notebook did (default: eval mode)."
-        ),
-        click.option(
-            "--stride",
-            type=int,
-            default=None,
-            help="Probe texts longer than the context in windows starting every STRIDE "
-            "tokens (default: truncate, with a warning).",
-        ),
-        click.option(
-            "--window",
-            type=click.IntRange(min=2),
-            default=None,
-            help="Token Grams over consecutive windows of at most WINDOW tokens (each sequence cut into "
-            "equal windows; default: one Gram per sequence). Use it when texts have more tokens than a "
-            "site's width, which makes its Grams singular by construction.",
-        ),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
-        click.option(
-            "--gram-dtype",
-            type=click.Choice(["float64", "float32"]),
-            default="float64",
-            show_default=True,
-            help="Gram dtype (float32: cheaper, half the Gram products' cost; each record then "
-            "states gap_error, an estimate of its gap's error, and item groups near collapse are "
-            "measured again in float64).",
-        ),
-        click.option(
-            "--quiet", is_flag=True, help="No progress bar on stderr (it is off anyway when stderr is not a terminal)."
-        ),
-    ]
-    for option in reversed(options):
+    """Add :data:`_TEXT_PROBE_OPTIONS` to ``command``."""
+    for option in reversed(_TEXT_PROBE_OPTIONS):
         command = option(command)
     return command
 

